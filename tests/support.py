@@ -1,0 +1,294 @@
+"""Test support: real SquashFS images, a real `uenvfs serve` process, and leak checks.
+
+The daemon always runs as a separate process: a blocking `os.stat` from the test into the FUSE
+mount would deadlock a daemon sharing the test's event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from uenvfs.backend import MountEntry, read_mountinfo
+
+DEADLINE = 20.0
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = DEADLINE, what: str = "condition"
+) -> Any:
+    """Poll *predicate* until it returns something true; fail the test after *timeout*."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
+
+
+# -- images --------------------------------------------------------------------------------
+
+
+def build_image(dest: Path, files: Mapping[str, bytes | str], mode: int = 0o644) -> Path:
+    """A SquashFS image at *dest* holding *files* (relative path → content)."""
+    src = dest.parent / (dest.name + ".src")
+    shutil.rmtree(src, ignore_errors=True)
+    for rel, content in files.items():
+        path = src / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        path.chmod(mode)
+    if not files:
+        src.mkdir(parents=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["gensquashfs", "-q", "-f", "-k", "-c", "gzip", "-D", str(src), str(dest)],
+                   check=True)
+    shutil.rmtree(src)
+    return dest
+
+
+def build_from_pack(dest: Path, pack: str, root: Path, xattrs: str | None = None) -> Path:
+    """A SquashFS image from a gensquashfs pack file (paths in it relative to *root*)."""
+    pack_file = dest.parent / (dest.name + ".pack")
+    pack_file.write_text(pack)
+    command = ["gensquashfs", "-q", "-f", "-c", "gzip", "-F", str(pack_file), "-D", str(root)]
+    if xattrs is not None:
+        xattr_file = dest.parent / (dest.name + ".xattrs")
+        xattr_file.write_text(xattrs)
+        command += ["-A", str(xattr_file)]
+    subprocess.run([*command, str(dest)], check=True)
+    return dest
+
+
+# -- mounts and loop devices ---------------------------------------------------------------
+
+
+def mounts_under(prefix: Path) -> list[MountEntry]:
+    root = str(prefix)
+    return [e for e in read_mountinfo() if e.mount_point == root
+            or e.mount_point.startswith(root + "/")]
+
+
+def loops_for(prefix: Path) -> list[str]:
+    """Loop devices whose backing file lies under *prefix*."""
+    out = subprocess.run(["losetup", "-a", "-O", "NAME,BACK-FILE", "-n", "-l"],
+                         capture_output=True, text=True, check=False).stdout
+    found = []
+    for line in out.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[1].strip().startswith(str(prefix)):
+            found.append(parts[0])
+    return found
+
+
+def loop_count() -> int:
+    out = subprocess.run(["losetup", "-a", "-n", "-O", "NAME"], capture_output=True, text=True,
+                         check=False).stdout
+    return len(out.split())
+
+
+def clean_up(prefix: Path) -> list[str]:
+    """Unmount everything under *prefix* and detach its loop devices. Returns what was left."""
+    left = []
+    for entry in reversed(mounts_under(prefix)):
+        left.append(f"{entry.fstype} on {entry.mount_point}")
+        subprocess.run(["umount", "-l", entry.mount_point], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for device in loops_for(prefix):
+        left.append(f"loop device {device}")
+        subprocess.run(["losetup", "-d", device], check=False, stderr=subprocess.DEVNULL)
+    return left
+
+
+# -- the daemon ----------------------------------------------------------------------------
+
+# Log lines a test may produce on purpose are declared with Daemon.expect().
+_BAD_LOG = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback")
+
+
+@dataclass
+class Daemon:
+    """A `uenvfs serve` process on a mountpoint inside the test's tmp_path."""
+
+    root: Path
+    hold_time: float = 60.0
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    expected: list[re.Pattern[str]] = field(default_factory=list)
+    allow_leftovers: bool = False
+    log_offset: int = 0
+
+    @property
+    def mountpoint(self) -> Path:
+        return self.root / "mnt"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def backing_root(self) -> Path:
+        return self.state_dir / "mnt"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "uenvfs.log"
+
+    def image(self, name: str, files: Mapping[str, bytes | str], mode: int = 0o644) -> Path:
+        return build_image(self.images / f"{name}.sqfs", files, mode)
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "uenvfs", "serve",
+            "--mountpoint", str(self.mountpoint), "--images", str(self.images),
+            "--state-dir", str(self.state_dir), "--hold-time", str(self.hold_time),
+            "--log-level", "DEBUG" if os.environ.get("UENVFS_TEST_DEBUG") else "INFO",
+            "--config", str(self._config_file()),
+            *self.extra_args,
+        ]
+
+    def _config_file(self) -> Path:
+        # An empty config, so that a /etc/uenvfs.toml on the machine cannot change the test.
+        path = self.root / "uenvfs.toml"
+        if not path.exists():
+            path.write_text("")
+        return path
+
+    def start(self) -> Daemon:
+        self.images.mkdir(parents=True, exist_ok=True)
+        self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = self.log_path.open("ab")
+        env = {**os.environ, **self.env}
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=log, env=env,
+                                        stdin=subprocess.DEVNULL)
+        log.close()
+        self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        """Wait for our FUSE mount. (Mount ids are reused, so a stale mount of a killed daemon
+        cannot be told from ours in mountinfo: the daemon's log says when it mounted.)"""
+
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"uenvfs serve exited {self.process.returncode}:\n"
+                                     + self.log())
+            with self.log_path.open("rb") as f:
+                f.seek(self.log_offset)
+                serving = b" serving " in f.read()
+            return serving and any(e.fstype == "fuse.uenvfs" and e.mount_point == str(
+                self.mountpoint) for e in mounts_under(self.mountpoint))
+
+        wait_until(ready, what="the FUSE mount")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = DEADLINE) -> int:
+        """Signal the daemon and wait for it; returns its exit code (SIGKILL after timeout)."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError("uenvfs serve did not stop in time:\n" + self.log())
+        return self.process.returncode
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def expect(self, pattern: str) -> None:
+        """A log line matching *pattern* is wanted by the test, even at WARNING or ERROR."""
+        self.expected.append(re.compile(pattern))
+
+    def unexpected_log_lines(self) -> list[str]:
+        return [line for line in self.log().splitlines()
+                if _BAD_LOG.search(line) and not any(p.search(line) for p in self.expected)]
+
+    # -- talking to it --------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        document: dict[str, Any] = json.loads((self.mountpoint / ".status").read_bytes())
+        return document
+
+    def mount_status(self, name: str) -> dict[str, Any] | None:
+        return next((m for m in self.status()["mounts"] if m["name"] == name), None)
+
+    def control(self, line: str) -> None:
+        """Write a command to .control; raises OSError with the daemon's errno."""
+        fd = os.open(self.mountpoint / ".control", os.O_WRONLY)
+        try:
+            os.write(fd, line.encode() + b"\n")
+        finally:
+            os.close(fd)
+
+    def backing_mounted(self, name: str) -> bool:
+        target = str(self.backing_root / name)
+        return any(e.mount_point == target for e in read_mountinfo())
+
+    def backing_mounts(self) -> list[MountEntry]:
+        return [e for e in mounts_under(self.backing_root)]
+
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "uenvfs", *args, "--mountpoint", str(self.mountpoint)]
+        return subprocess.run(command, capture_output=True, text=True, check=check, timeout=60)
+
+
+def run_in(cwd: Path | str, script: str, env: Mapping[str, str] | None = None,
+           timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a shell *script* in *cwd*, as a job would."""
+    return subprocess.run(["sh", "-c", script], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout, check=False)
+
+
+def spawn_holder(path: Path, alloc: str | None = None,
+                 extra_env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+    """A process that opens *path* and holds it open until its stdin closes."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PACT_ALLOCATION_ID", "SLURM_JOB_ID")}
+    if alloc is not None:
+        env["PACT_ALLOCATION_ID"] = alloc
+    env.update(extra_env or {})
+    code = ("import sys; f = open(sys.argv[1], 'rb'); f.read(1); print('open', flush=True); "
+            "sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.strip() == "open", f"holder failed to open {path}"
+    return proc
+
+
+def release_holder(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.wait(DEADLINE)
+
+
+def all_names(items: Iterable[MountEntry]) -> list[str]:
+    return [e.mount_point for e in items]

@@ -1,0 +1,3 @@
+"""uenvfs: a lazy-mounting FUSE filesystem for uenv SquashFS images on HPC compute nodes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,184 @@
+"""Backing mounts: the kernel's squashfs on a loop device, or squashfuse, and the mount table.
+
+Every mount tool runs through `run_tool` (trio.run_process with a timeout), and every failure
+becomes a `MountFailed` or `UnmountFailed` that carries the command and its stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from .errors import MountError, MountFailed, UnmountFailed
+
+log = logging.getLogger(__name__)
+
+MOUNT_OPTIONS = "ro,nosuid,nodev"
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo, the parts uenvfs needs."""
+
+    mount_id: int
+    mount_point: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes blanks, tabs, newlines and backslashes as octal `\\ooo`."""
+    if "\\" not in field:
+        return field
+    out = bytearray()
+    raw = field.encode("utf-8", "surrogateescape")
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 3 < len(raw) and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    entries = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields = left.split()
+        tail = right.split()
+        if len(fields) < 5 or len(tail) < 2:
+            continue
+        entries.append(
+            MountEntry(int(fields[0]), _unescape(fields[4]), tail[0], _unescape(tail[1]))
+        )
+    return entries
+
+
+def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        return parse_mountinfo(f.read())
+
+
+def mount_at(target: Path | str, entries: Sequence[MountEntry] | None = None) -> MountEntry | None:
+    """The topmost mount at *target*, or None."""
+    target = str(target)
+    found = None
+    for entry in read_mountinfo() if entries is None else entries:
+        if entry.mount_point == target:
+            found = entry
+    return found
+
+
+async def run_tool(
+    command: Sequence[str], time_limit: float, error: type[MountError] = MountFailed
+) -> str:
+    """Run a mount tool; return its stdout. Raises *error* with the command and its stderr.
+
+    A tool still running after *time_limit* seconds is killed, and that is an error too.
+    """
+    argv = [str(a) for a in command]
+    log.debug("running %s", " ".join(argv))
+    try:
+        with trio.fail_after(time_limit):
+            result = await trio.run_process(
+                argv, check=False, capture_stdout=True, capture_stderr=True,
+                stdin=subprocess.DEVNULL, deliver_cancel=_kill,
+            )
+    except trio.TooSlowError:
+        raise error(f"{argv[0]} killed after {time_limit:g} s without finishing", argv) from None
+    except OSError as exc:
+        raise error(f"cannot run {argv[0]}: {exc.strerror}", argv) from exc
+    stderr = result.stderr.decode("utf-8", "replace")
+    if result.returncode != 0:
+        raise error(f"{' '.join(argv)} exited {result.returncode}", argv, stderr)
+    return result.stdout.decode("utf-8", "replace")
+
+
+async def _kill(process: trio.Process) -> None:
+    process.send_signal(signal.SIGKILL)
+
+
+class MountBackend(Protocol):
+    """A way of mounting an image read-only at a directory."""
+
+    name: str
+    fstype: str
+
+    def missing_tools(self) -> list[str]: ...
+
+    async def mount(self, image: Path, target: Path) -> None: ...
+
+    async def unmount(self, target: Path, *, lazy: bool = False) -> None: ...
+
+
+def _missing(*tools: str) -> list[str]:
+    return [t for t in tools if shutil.which(t) is None]
+
+
+@dataclass
+class KernelBackend:
+    """The kernel's squashfs on a loop device (root only); umount detaches the loop device."""
+
+    timeout: float = 30.0
+    name: str = "kernel"
+    fstype: str = "squashfs"
+
+    def missing_tools(self) -> list[str]:
+        return _missing("mount", "umount")
+
+    async def mount(self, image: Path, target: Path) -> None:
+        await run_tool(["mount", "-t", "squashfs", "-o", f"{MOUNT_OPTIONS},loop", "--",
+                        str(image), str(target)], self.timeout)
+
+    async def unmount(self, target: Path, *, lazy: bool = False) -> None:
+        flags = ["-l"] if lazy else []
+        await run_tool(["umount", *flags, "--", str(target)], self.timeout, UnmountFailed)
+
+
+@dataclass
+class SquashfuseBackend:
+    """squashfuse_ll (or squashfuse) in user space: works without root."""
+
+    timeout: float = 30.0
+    name: str = "squashfuse"
+    fstype: str = "fuse.squashfuse_ll"
+
+    def __post_init__(self) -> None:
+        self.program = "squashfuse_ll" if shutil.which("squashfuse_ll") else "squashfuse"
+        self.fstype = f"fuse.{self.program}"
+
+    def missing_tools(self) -> list[str]:
+        return _missing(self.program, "fusermount3")
+
+    async def mount(self, image: Path, target: Path) -> None:
+        await run_tool([self.program, "-o", MOUNT_OPTIONS, str(image), str(target)],
+                       self.timeout)
+
+    async def unmount(self, target: Path, *, lazy: bool = False) -> None:
+        flags = ["-u", "-z"] if lazy else ["-u"]
+        await run_tool(["fusermount3", *flags, str(target)], self.timeout, UnmountFailed)
+
+
+def make_backend(kind: str, timeout: float) -> MountBackend:
+    """`auto` is the kernel when running as root (faster on metadata), else squashfuse."""
+    if kind == "auto":
+        kind = "kernel" if os.geteuid() == 0 else "squashfuse"
+    if kind == "kernel":
+        return KernelBackend(timeout)
+    if kind == "squashfuse":
+        return SquashfuseBackend(timeout)
+    raise ValueError(f"unknown backend {kind!r} (expected auto, kernel or squashfuse)")

@@ -1,0 +1,177 @@
+"""Image sources, autofs-style: image directories, map files and a program map.
+
+Each source turns a name into the path of a SquashFS image. The first source that knows a
+name wins, in this order: image directories (in the order given), map files, program map.
+A name that is not one plain path component, or that no source knows, does not exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from .names import valid_name
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".sqfs", ".squashfs")
+
+
+def name_of(filename: str) -> str | None:
+    """The image name of a file in an image directory, or None if it is not an image file."""
+    for suffix in SUFFIXES:
+        if filename.endswith(suffix):
+            name = filename[: -len(suffix)]
+            return name if valid_name(name) else None
+    return None
+
+
+def parse_map(text: str, origin: str = "map") -> dict[str, Path]:
+    """Parse a map file: `name  /path/to/image.sqfs` per line, `#` starts a comment."""
+    entries: dict[str, Path] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        words = line.split()
+        if len(words) != 2 or not valid_name(words[0]) or not words[1].startswith("/"):
+            log.warning("%s:%d: ignored, expected 'name /absolute/image.sqfs': %r",
+                        origin, number, raw)
+            continue
+        entries.setdefault(words[0], Path(words[1]))
+    return entries
+
+
+def _is_image_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+@dataclass
+class Catalog:
+    """name → image path, from every source. `refresh` re-reads the listable sources."""
+
+    image_dirs: Sequence[Path] = ()
+    map_files: Sequence[Path] = ()
+    program_map: Path | None = None
+    program_timeout: float = 10.0
+    _listing: dict[str, Path] = field(default_factory=dict)
+    _stamps: dict[Path, int] = field(default_factory=dict)
+
+    def refresh(self, *, force: bool = True) -> bool:
+        """Re-read directories and map files. Unless *force*, only those that changed (mtime).
+
+        Returns whether the listing changed. Never raises: an unreadable source is logged
+        and contributes nothing.
+        """
+        sources = [*self.image_dirs, *self.map_files]
+        stamps = {p: _mtime(p) for p in sources}
+        if not force and stamps == self._stamps:
+            return False
+        self._stamps = stamps
+        listing: dict[str, Path] = {}
+        for directory in self.image_dirs:
+            for name, path in self._scan_dir(directory).items():
+                listing.setdefault(name, path)
+        for map_file in self.map_files:
+            try:
+                text = map_file.read_text(errors="replace")
+            except OSError as exc:
+                log.warning("map file %s unreadable: %s", map_file, exc)
+                continue
+            for name, path in parse_map(text, str(map_file)).items():
+                listing.setdefault(name, path)
+        changed = listing != self._listing
+        if changed:
+            added = listing.keys() - self._listing.keys()
+            removed = self._listing.keys() - listing.keys()
+            log.info("image sources: %d images (%d added, %d removed)",
+                     len(listing), len(added), len(removed))
+        self._listing = listing
+        return changed
+
+    @staticmethod
+    def _scan_dir(directory: Path) -> dict[str, Path]:
+        found: dict[str, Path] = {}
+        try:
+            with os.scandir(directory) as it:
+                for entry in it:
+                    name = name_of(entry.name)
+                    if name is None or name in found:
+                        continue
+                    try:
+                        if entry.is_file():  # follows a symlink to an image, as autofs would
+                            found[name] = Path(entry.path)
+                    except OSError:
+                        continue
+        except OSError as exc:
+            log.warning("image directory %s unreadable: %s", directory, exc)
+        return found
+
+    def listing(self) -> dict[str, Path]:
+        """The names that can be listed (the program map cannot be enumerated)."""
+        return dict(self._listing)
+
+    def lookup_listed(self, name: str) -> Path | None:
+        """A name from the listable sources, picking up an image file added since the scan."""
+        if not valid_name(name):
+            return None
+        path = self._listing.get(name)
+        if path is not None:
+            return path
+        for directory in self.image_dirs:
+            for suffix in SUFFIXES:
+                candidate = directory / (name + suffix)
+                if _is_image_file(candidate):
+                    self._listing[name] = candidate
+                    return candidate
+        return None
+
+    async def resolve(self, name: str) -> Path | None:
+        """The image path for *name*, or None if no source knows it."""
+        path = self.lookup_listed(name)
+        if path is None and self.program_map is not None and valid_name(name):
+            path = await self._ask_program(name)
+        return path
+
+    async def _ask_program(self, name: str) -> Path | None:
+        assert self.program_map is not None
+        command = [str(self.program_map), name]
+        try:
+            with trio.fail_after(self.program_timeout):
+                result = await trio.run_process(
+                    command, capture_stdout=True, capture_stderr=True, check=False,
+                    stdin=b"",
+                )
+        except trio.TooSlowError:
+            log.warning("program map %s %s: no answer after %.1f s",
+                        self.program_map, name, self.program_timeout)
+            return None
+        except OSError as exc:
+            log.warning("program map %s cannot run: %s", self.program_map, exc)
+            return None
+        if result.returncode != 0:
+            log.debug("program map %s %s: exit %d", self.program_map, name, result.returncode)
+            return None
+        lines = result.stdout.decode("utf-8", "replace").split()
+        if len(lines) != 1 or not lines[0].startswith("/"):
+            log.warning("program map %s %s: expected one absolute path, got %r",
+                        self.program_map, name, result.stdout[:200])
+            return None
+        path = Path(lines[0])
+        return path if _is_image_file(path) else None
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return -1

@@ -1,0 +1,124 @@
+"""Defaults, /etc/uenvfs.toml and command-line flags, merged into one frozen `Config`.
+
+Precedence: a flag beats the file, the file beats the built-in default. Every key of the file
+has the name of its flag with `_` for `-`:
+
+    mountpoint = "/run/pact/uenv"
+    images = ["/images"]            # or one string
+    maps = ["/etc/uenvfs/site.map"]
+    program_map = "/etc/uenvfs/lookup"
+    hold_time = 60.0
+    state_dir = "/run/pact/uenvfs"
+    backend = "auto"                # auto | kernel | squashfuse
+    negative_cache = 10.0
+    mount_timeout = 30.0
+    program_timeout = 10.0
+    log_level = "INFO"
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_FILE = Path("/etc/uenvfs.toml")
+DEFAULT_MOUNTPOINT = Path("/run/pact/uenv")
+BACKENDS = ("auto", "kernel", "squashfuse")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Config:
+    mountpoint: Path = DEFAULT_MOUNTPOINT
+    images: tuple[Path, ...] = (Path("/images"),)
+    maps: tuple[Path, ...] = ()
+    program_map: Path | None = None
+    hold_time: float = 60.0
+    state_dir: Path = Path("/run/pact/uenvfs")
+    backend: str = "auto"
+    negative_cache: float = 10.0
+    mount_timeout: float = 30.0
+    program_timeout: float = 10.0
+    log_level: str = "INFO"
+
+    @property
+    def backing_root(self) -> Path:
+        """Where the backing mounts live: `<state-dir>/mnt/<name>`."""
+        return self.state_dir / "mnt"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_dir / "journal.json"
+
+    def validate(self) -> Config:
+        for name in ("hold_time", "negative_cache", "mount_timeout", "program_timeout"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, not {value!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        for name in ("mountpoint", "state_dir"):
+            if not getattr(self, name).is_absolute():
+                raise ConfigError(f"{name} must be an absolute path")
+        mp, sd = self.mountpoint, self.state_dir
+        if mp == sd or mp in sd.parents or sd in mp.parents:
+            # The daemon would stat its own mountpoint when managing its backing mounts.
+            raise ConfigError(f"state_dir {sd} and mountpoint {mp} must not contain each other")
+        return self
+
+
+_PATH_LISTS = {"images", "maps"}
+_PATHS = {"mountpoint", "state_dir", "program_map"}
+_FLOATS = {"hold_time", "negative_cache", "mount_timeout", "program_timeout"}
+
+
+def _convert(key: str, value: Any) -> Any:
+    if key in _PATH_LISTS:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{key} must be a path or a list of paths")
+        return tuple(Path(i) for i in items)
+    if key in _PATHS:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a path")
+        return Path(value)
+    if key in _FLOATS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string")
+    return value
+
+
+def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """The configuration from *path* (default /etc/uenvfs.toml if it exists) and *overrides*.
+
+    *overrides* holds flag values; None means "not given on the command line".
+    """
+    values: dict[str, Any] = {}
+    known = {f.name for f in fields(Config)}
+    file = path if path is not None else DEFAULT_CONFIG_FILE
+    if path is not None or file.exists():
+        try:
+            data = tomllib.loads(file.read_text())
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file}: {exc}") from exc
+        for key, value in data.items():
+            key = key.replace("-", "_")
+            if key not in known:
+                raise ConfigError(f"{file}: unknown key {key!r}")
+            values[key] = _convert(key, value)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    return replace(Config(), **values).validate()

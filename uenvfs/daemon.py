@@ -1,0 +1,156 @@
+"""Wiring of `uenvfs serve`: start-up, the trio nursery, signals, and shutdown.
+
+Start-up clears a FUSE mount left by a killed daemon, mounts the filesystem (it is ready from
+then on), and serves until SIGTERM/SIGINT or an external unmount. SIGHUP re-reads the image
+sources, SIGUSR1 expires idle mounts. Shutdown unmounts the FUSE filesystem and every idle
+backing mount; a mount still in use stays for the next daemon to adopt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import socket
+import stat
+
+import pyfuse3
+import trio
+
+from .allocation import AllocationResolver
+from .backend import make_backend, mount_at, run_tool
+from .catalog import Catalog
+from .config import Config
+from .errors import MountError
+from .fs import UenvFS
+from .manager import Manager
+
+log = logging.getLogger(__name__)
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why (one line for the operator)."""
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _raise_fd_limit() -> None:
+    """Every open file in every image holds one backing fd: allow as many as the system does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state, if it asked."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", address, exc)
+
+
+async def clear_stale_mount(config: Config) -> None:
+    """A killed daemon leaves its FUSE mount behind ("Transport endpoint is not connected")."""
+    entry = mount_at(config.mountpoint)
+    if entry is None:
+        return
+    if not entry.fstype.startswith("fuse"):
+        raise StartupError(f"{config.mountpoint} already has a {entry.fstype} mount on it")
+    log.warning("clearing a FUSE mount left at %s by an earlier daemon (%s)",
+                config.mountpoint, entry.source)
+    try:
+        await run_tool(["umount", "-l", str(config.mountpoint)], config.mount_timeout)
+    except MountError as exc:
+        raise StartupError(f"cannot clear the stale mount at {config.mountpoint}: {exc}") from exc
+
+
+def _prepare_dirs(config: Config) -> None:
+    for directory in (config.state_dir, config.backing_root, config.mountpoint):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot create {directory}: {exc.strerror}") from exc
+        if not stat.S_ISDIR(directory.stat().st_mode):
+            raise StartupError(f"{directory} is not a directory")
+
+
+async def _signals(manager: Manager, stop: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(*HANDLED_SIGNALS) as received:
+        async for signum in received:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                stop.cancel()
+                return
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: reload: %s", manager.reload())
+            elif signum == signal.SIGUSR1:
+                log.info("SIGUSR1: %s", await manager.expire_idle())
+
+
+async def run(config: Config) -> None:
+    """Serve until a signal or an external unmount, then shut down cleanly."""
+    backend = make_backend(config.backend, config.mount_timeout)
+    missing = backend.missing_tools()
+    if missing:
+        raise StartupError(f"backend {backend.name} needs {', '.join(missing)} (not found in PATH)")
+    catalog = Catalog(config.images, config.maps, config.program_map, config.program_timeout)
+    catalog.refresh()
+    manager = Manager(config, backend, catalog)
+    resolver = AllocationResolver()
+    fs = UenvFS(manager, resolver)
+
+    await clear_stale_mount(config)
+    _prepare_dirs(config)
+    _raise_fd_limit()
+    options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    options |= {"fsname=uenvfs", "subtype=uenvfs", "allow_other"}
+    try:
+        pyfuse3.init(fs, str(config.mountpoint), options)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot mount FUSE at {config.mountpoint}: {exc}") from exc
+    log.info("serving %s (images from %s, backend %s, hold time %g s)", config.mountpoint,
+             ", ".join(map(str, catalog.image_dirs)) or "-", backend.name, config.hold_time)
+    fuse_open = True
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            with trio.CancelScope() as serving:
+                nursery.start_soon(_signals, manager, serving, name="signals")
+                _sd_notify("READY=1")
+                await pyfuse3.main()
+                log.info("%s was unmounted from outside; shutting down", config.mountpoint)
+            _sd_notify("STOPPING=1")
+            pyfuse3.close(unmount=True)
+            fuse_open = False
+            await manager.shutdown()
+            resolver.close()
+            nursery.cancel_scope.cancel()
+    finally:
+        if fuse_open:
+            pyfuse3.close(unmount=True)
+    log.info("stopped")
+
+
+def serve(config: Config) -> int:
+    setup_logging(config.log_level)
+    try:
+        trio.run(run, config)
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0

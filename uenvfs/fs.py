@@ -1,0 +1,587 @@
+"""The pyfuse3 adapter: inodes, passthrough to the backing mounts, and the control files.
+
+Inode numbers::
+
+    1                      the root (pyfuse3.ROOT_INODE)
+    2, 3, 4                .control, .status, .metrics
+    slot << 44             the directory of an image name (its slot is fixed per name)
+    slot << 44 | ino       a file inside an image: `slot` is the tree (image version) it was
+                           found in, `ino` its inode number in the backing mount
+
+so an image that is unmounted and mounted again keeps its inode numbers and the kernel's cached
+dentries stay valid, while a replaced image file gets new numbers: the old ones answer ESTALE,
+which makes the kernel look the path up again.
+
+Every request inside an image is answered from its backing mount, which is mounted first if
+needed (on the first access, or again after the hold timer unmounted it). Every open file or
+directory handle is counted for the caller's allocation (see state.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
+
+from . import control
+from .allocation import AllocationResolver
+from .errors import CommandError, MountError, errno_of
+from .manager import Manager, Mount
+from .names import valid_name
+from .state import Use
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+CONTROL, STATUS, METRICS = InodeT(2), InodeT(3), InodeT(4)
+SPECIAL_NAMES = {b".control": CONTROL, b".status": STATUS, b".metrics": METRICS}
+SLOT_SHIFT = 44
+INO_MASK = (1 << SLOT_SHIFT) - 1
+# Images never change while mounted: the kernel may cache names and attributes for long.
+TIMEOUT = 3600.0
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def fuse_errors(
+    fn: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Turn every error of a handler into the `FUSEError` pyfuse3 expects (the one place)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except MountError as exc:
+            log.debug("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno_of(exc)) from exc
+        except OSError as exc:
+            raise pyfuse3.FUSEError(errno_of(exc)) from exc
+        except Exception as exc:
+            log.exception("%s failed unexpectedly", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+
+    return wrapper
+
+
+def fail(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+@dataclass(eq=False)
+class Node:
+    """An inode the kernel knows inside an image. `rel` is its path in the image."""
+
+    ino: int
+    name: str  # the image
+    slot: int  # the tree it belongs to; 0 for the image directory itself
+    rel: bytes
+    lookups: int = 0
+
+    def child(self, name: bytes) -> bytes:
+        return self.rel + b"/" + name if self.rel else name
+
+
+@dataclass(eq=False)
+class Counted:
+    """A handle counted as a use of an image by an allocation (released exactly once)."""
+
+    name: str
+    use: Use
+
+
+@dataclass(eq=False)
+class FileHandle(Counted):
+    fd: int = -1  # -1 once the image was force-unmounted: reads fail with EIO
+
+
+@dataclass(eq=False)
+class DirHandle(Counted):
+    node: Node
+    entries: list[tuple[bytes, pyfuse3.EntryAttributes]]
+    dead: bool = False  # the image was force-unmounted
+
+
+@dataclass(eq=False)
+class RootDirHandle:
+    entries: list[tuple[bytes, pyfuse3.EntryAttributes]]
+
+
+@dataclass(eq=False)
+class DataHandle:
+    """An open `.status` or `.metrics`: a snapshot taken at open, so reads are consistent."""
+
+    data: bytes
+
+
+@dataclass(eq=False)
+class ControlHandle:
+    pid: int
+    uid: int
+    alloc: str
+
+
+Handle = FileHandle | DirHandle | RootDirHandle | DataHandle | ControlHandle
+
+
+class UenvFS(pyfuse3.Operations):
+    """Serves the root (image names and control files) and every image by passthrough."""
+
+    supports_dot_lookup = False  # no NFS export: the kernel resolves . and .. itself
+    enable_writeback_cache = False
+
+    def __init__(
+        self,
+        manager: Manager,
+        resolver: AllocationResolver | None = None,
+        metrics: Callable[[], bytes] = lambda: b"",
+    ) -> None:
+        super().__init__()
+        self.manager = manager
+        self.resolver = resolver or AllocationResolver()
+        self.render_metrics = metrics
+        self.nodes: dict[int, Node] = {}
+        self.image_inos: dict[str, int] = {}
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self.started = time.time()
+        manager.on_force_unmount = self._kill_handles
+        manager.on_replaced = self._forget_entry
+        manager.on_listing_changed = self._listing_changed
+
+    # -- inodes and attributes ----------------------------------------------------------
+
+    def _image_ino(self, name: str) -> int:
+        ino = self.image_inos.get(name)
+        if ino is None:
+            ino = self.image_inos[name] = self.manager.new_slot() << SLOT_SHIFT
+            self.nodes[ino] = Node(ino, name, 0, b"")
+        return ino
+
+    def _node(self, inode: int) -> Node:
+        node = self.nodes.get(inode)
+        if node is None:
+            raise fail(errno.ESTALE)
+        return node
+
+    async def _backing(self, node: Node) -> tuple[Mount, bytes]:
+        """The mount serving *node* and its path there, mounting the image if needed."""
+        mount = await self.manager.ensure_mounted(node.name)
+        if node.slot and node.slot != mount.tree.slot:
+            raise fail(errno.ESTALE)  # the image file was replaced since the kernel saw it
+        root = os.fsencode(mount.backing)
+        return mount, root + b"/" + node.rel if node.rel else root
+
+    @staticmethod
+    def _attrs(st: os.stat_result, ino: int, timeout: float = TIMEOUT) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = InodeT(ino)
+        attrs.generation = 0
+        attrs.entry_timeout = timeout
+        attrs.attr_timeout = timeout
+        attrs.st_mode = ModeT(st.st_mode)
+        attrs.st_nlink = st.st_nlink
+        attrs.st_uid = st.st_uid
+        attrs.st_gid = st.st_gid
+        attrs.st_rdev = st.st_rdev
+        attrs.st_size = st.st_size
+        attrs.st_blksize = st.st_blksize
+        attrs.st_blocks = st.st_blocks
+        attrs.st_atime_ns = st.st_atime_ns
+        attrs.st_mtime_ns = st.st_mtime_ns
+        attrs.st_ctime_ns = st.st_ctime_ns
+        return attrs
+
+    def _synthetic(self, ino: int, mode: int, timeout: float = TIMEOUT) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = InodeT(ino)
+        attrs.entry_timeout = timeout
+        attrs.attr_timeout = timeout
+        attrs.st_mode = ModeT(mode)
+        attrs.st_nlink = 2 if stat.S_ISDIR(mode) else 1
+        attrs.st_uid = 0
+        attrs.st_gid = 0
+        attrs.st_blksize = 4096
+        now = int(self.started * 1e9)
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = now
+        return attrs
+
+    def _special_attrs(self, ino: int) -> pyfuse3.EntryAttributes:
+        if ino == ROOT:
+            return self._synthetic(ino, stat.S_IFDIR | 0o755, timeout=1.0)
+        mode = 0o200 if ino == CONTROL else 0o444
+        # Size 0 with direct_io: readers read until EOF; the content changes all the time.
+        return self._synthetic(ino, stat.S_IFREG | mode, timeout=1.0)
+
+    @staticmethod
+    def _child_ino(mount: Mount, st: os.stat_result) -> int:
+        if st.st_ino > INO_MASK:
+            raise fail(errno.EOVERFLOW)
+        return mount.tree.slot << SLOT_SHIFT | st.st_ino
+
+    def _remember(self, ino: int, parent: Node, slot: int, name: bytes) -> None:
+        """The kernel now knows *ino* once more (a lookup, or an entry of readdirplus)."""
+        node = self.nodes.get(ino)
+        if node is None:
+            node = self.nodes[ino] = Node(ino, parent.name, slot, parent.child(name))
+        node.lookups += 1
+
+    # -- lookups --------------------------------------------------------------------------
+
+    @fuse_errors
+    async def lookup(
+        self, parent_inode: InodeT, name: FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if name in (b".", b"..") or b"/" in name:
+            raise fail(errno.ENOENT)
+        if parent_inode == ROOT:
+            return await self._lookup_image(name)
+        parent = self._node(parent_inode)
+        mount, path = await self._backing(parent)
+        st = os.lstat(path + b"/" + name)
+        ino = self._child_ino(mount, st)
+        self._remember(ino, parent, mount.tree.slot, name)
+        return self._attrs(st, ino)
+
+    async def _lookup_image(self, raw: bytes) -> pyfuse3.EntryAttributes:
+        special = SPECIAL_NAMES.get(raw)
+        if special is not None:
+            return self._special_attrs(special)
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise fail(errno.ENOENT) from None
+        if not valid_name(name) or not await self.manager.known(name):
+            raise fail(errno.ENOENT)
+        return self._image_attrs(name)
+
+    def _image_attrs(self, name: str) -> pyfuse3.EntryAttributes:
+        """The attributes of an image's directory, without mounting it.
+
+        Like autofs in browse mode, `stat` or `ls -l` of the mount root mounts nothing; looking
+        inside does. While unmounted the attributes are synthetic and not cached, so that the
+        real ones show as soon as the image is mounted.
+        """
+        ino = self._image_ino(name)
+        mount = self.manager.mounted(name)
+        if mount is not None:
+            return self._attrs(os.lstat(mount.backing), ino)
+        attrs = self._synthetic(ino, stat.S_IFDIR | 0o755, timeout=0)
+        attrs.entry_timeout = TIMEOUT
+        return attrs
+
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
+        for ino, count in inode_list:
+            node = self.nodes.get(ino)
+            if node is None or not node.slot:
+                continue  # the root, control files and image directories live forever
+            node.lookups -= count
+            if node.lookups <= 0:
+                del self.nodes[ino]
+
+    @fuse_errors
+    async def getattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode <= METRICS:
+            return self._special_attrs(inode)
+        node = self._node(inode)
+        if not node.slot:
+            return self._image_attrs(node.name)
+        _, path = await self._backing(node)
+        return self._attrs(os.lstat(path), inode)
+
+    @fuse_errors
+    async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileNameT:
+        _, path = await self._backing(self._node(inode))
+        return FileNameT(os.readlink(path))
+
+    @fuse_errors
+    async def access(self, inode: InodeT, mode: ModeT, ctx: pyfuse3.RequestContext) -> bool:
+        return True  # default_permissions: the kernel checks the modes itself
+
+    @fuse_errors
+    async def getxattr(
+        self, inode: InodeT, name: XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        node = self._node(inode) if inode > METRICS else None
+        if node is None or self._browsing(node):
+            raise fail(pyfuse3.ENOATTR)
+        _, path = await self._backing(node)
+        try:
+            return os.getxattr(path, name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise fail(pyfuse3.ENOATTR) from None
+            raise
+
+    @fuse_errors
+    async def listxattr(
+        self, inode: InodeT, ctx: pyfuse3.RequestContext
+    ) -> Sequence[XAttrNameT]:
+        node = self._node(inode) if inode > METRICS else None
+        if node is None or self._browsing(node):
+            return []
+        _, path = await self._backing(node)
+        return [XAttrNameT(os.fsencode(n)) for n in os.listxattr(path, follow_symlinks=False)]
+
+    def _browsing(self, node: Node) -> bool:
+        """An unmounted image's directory: `ls -l` asks for its ACLs, which must not mount it."""
+        return not node.slot and self.manager.mounted(node.name) is None
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_namemax = 255
+        return data
+
+    # -- directories --------------------------------------------------------------------
+
+    def _new_handle(self, handle: Handle) -> FileHandleT:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = handle
+        return FileHandleT(fh)
+
+    def _alloc(self, ctx: pyfuse3.RequestContext) -> str:
+        return self.resolver.resolve(ctx.pid, ctx.uid)
+
+    @fuse_errors
+    async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
+        if inode == ROOT:
+            return self._new_handle(RootDirHandle(self._root_entries()))
+        if inode <= METRICS:
+            raise fail(errno.ENOTDIR)
+        node = self._node(inode)
+        mount, path = await self._backing(node)
+        alloc = self._alloc(ctx)
+        # No await from here on: the listing and the count see the same mount.
+        entries = self._list(node, mount, path)
+        use = self.manager.open(node.name, alloc)
+        return self._new_handle(DirHandle(node.name, use, node, entries))
+
+    def _root_entries(self) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        self.manager.catalog.refresh(force=False)
+        entries = [(b".", self._special_attrs(ROOT)), (b"..", self._special_attrs(ROOT))]
+        entries += [(n, self._special_attrs(i)) for n, i in SPECIAL_NAMES.items()]
+        names = set(self.manager.catalog.listing()) | set(self.manager.mounts)
+        entries += [(name.encode(), self._image_attrs(name)) for name in sorted(names)]
+        return entries
+
+    def _list(
+        self, node: Node, mount: Mount, path: bytes
+    ) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        here = self._attrs(os.lstat(path), node.ino)
+        entries = [(b".", here), (b"..", here)]
+        with os.scandir(path) as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                ino = self._child_ino(mount, st)
+                entries.append((os.fsencode(entry.name), self._attrs(st, ino)))
+        return entries
+
+    @fuse_errors
+    async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self.handles.get(fh)
+        if isinstance(handle, DirHandle) and handle.dead:
+            raise fail(errno.EIO)
+        if not isinstance(handle, (DirHandle, RootDirHandle)):
+            raise fail(errno.EBADF)
+        entries = handle.entries
+        for index in range(start_id, len(entries)):
+            name, attrs = entries[index]
+            if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
+                break
+            if isinstance(handle, DirHandle) and name not in (b".", b".."):
+                # readdirplus makes the kernel know the entry, as a lookup would.
+                self._remember(attrs.st_ino, handle.node, attrs.st_ino >> SLOT_SHIFT, name)
+
+    @fuse_errors
+    async def releasedir(self, fh: FileHandleT) -> None:
+        self._release(fh)
+
+    # -- files --------------------------------------------------------------------------
+
+    @fuse_errors
+    async def open(
+        self, inode: InodeT, flags: FlagT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        writing = flags & WRITE_FLAGS
+        if inode == CONTROL:
+            if ctx.uid != 0:
+                raise fail(errno.EACCES)
+            if not flags & (os.O_WRONLY | os.O_RDWR):
+                raise fail(errno.EACCES)
+            handle: Handle = ControlHandle(ctx.pid, ctx.uid, self._alloc(ctx))
+            return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True)
+        if inode in (STATUS, METRICS):
+            if writing:
+                raise fail(errno.EROFS)
+            data = (control.render_status(self.manager.status()) if inode == STATUS
+                    else self.render_metrics())
+            return pyfuse3.FileInfo(fh=self._new_handle(DataHandle(data)), direct_io=True)
+        if inode == ROOT:
+            raise fail(errno.EISDIR)
+        if writing:
+            raise fail(errno.EROFS)
+        node = self._node(inode)
+        _, path = await self._backing(node)
+        alloc = self._alloc(ctx)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        use = self.manager.open(node.name, alloc)
+        # The image cannot change while mounted: keep the page cache across opens.
+        return pyfuse3.FileInfo(fh=self._new_handle(FileHandle(node.name, use, fd)),
+                                keep_cache=True)
+
+    @fuse_errors
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
+        handle = self.handles.get(fh)
+        if isinstance(handle, FileHandle):
+            if handle.fd < 0:
+                raise fail(errno.EIO)
+            return os.pread(handle.fd, size, off)
+        if isinstance(handle, DataHandle):
+            return handle.data[off : off + size]
+        raise fail(errno.EBADF)
+
+    @fuse_errors
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+        handle = self.handles.get(fh)
+        if not isinstance(handle, ControlHandle):
+            raise fail(errno.EBADF)
+        await self._control(handle, buf)
+        return len(buf)
+
+    async def _control(self, caller: ControlHandle, data: bytes) -> None:
+        who = f"pid {caller.pid} uid {caller.uid} alloc {caller.alloc}"
+        try:
+            commands = control.parse(data)
+        except CommandError as exc:
+            log.warning("control from %s: rejected %r: %s", who, data[:200], exc)
+            raise fail(exc.errno) from None
+        for command in commands:
+            try:
+                outcome = await self.manager.execute(command)
+            except CommandError as exc:
+                log.warning("control from %s: %s: failed: %s (%s)", who, command, exc,
+                            errno.errorcode.get(exc.errno, exc.errno))
+                raise fail(exc.errno) from None
+            log.info("control from %s: %s: %s", who, command, outcome)
+
+    @fuse_errors
+    async def release(self, fh: FileHandleT) -> None:
+        self._release(fh)
+
+    def _release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if isinstance(handle, FileHandle) and handle.fd >= 0:
+            os.close(handle.fd)
+        if isinstance(handle, Counted):
+            self.manager.close(handle.name, handle.use)
+
+    def _kill_handles(self, name: str) -> None:
+        """After a force-unmount: every handle into *name* fails with EIO from now on."""
+        killed = 0
+        for handle in self.handles.values():
+            if isinstance(handle, FileHandle) and handle.name == name and handle.fd >= 0:
+                os.close(handle.fd)
+                handle.fd = -1
+                killed += 1
+            elif isinstance(handle, DirHandle) and handle.name == name:
+                handle.dead = True
+                killed += 1
+        if killed:
+            log.warning("%s: %d open handles now fail with EIO", name, killed)
+
+    def _forget_entry(self, name: str) -> None:
+        """Make the kernel look *name* up again (its image file changed or went away)."""
+        pyfuse3.invalidate_entry_async(ROOT, FileNameT(name.encode()), ignore_enoent=True)
+
+    def _listing_changed(self, names: Any) -> None:
+        for name in names:
+            if name not in self.manager.mounts:
+                self._forget_entry(name)
+
+    # -- everything that would write -------------------------------------------------------
+
+    @fuse_errors
+    async def setattr(
+        self,
+        inode: InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        if inode == CONTROL and attr.st_size == 0 and fields.update_size and not (
+            fields.update_mode or fields.update_uid or fields.update_gid
+        ):
+            return self._special_attrs(inode)  # `echo cmd > .control` truncates first
+        raise fail(errno.EROFS)
+
+    async def mknod(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        raise fail(errno.EROFS)
+
+    async def mkdir(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise fail(errno.EROFS)
+
+    async def unlink(
+        self, parent_inode: InodeT, name: FileNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        raise fail(errno.EROFS)
+
+    async def rmdir(
+        self, parent_inode: InodeT, name: FileNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        raise fail(errno.EROFS)
+
+    async def symlink(
+        self, parent_inode: InodeT, name: FileNameT, target: FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        raise fail(errno.EROFS)
+
+    async def rename(
+        self, parent_inode_old: InodeT, name_old: FileNameT, parent_inode_new: InodeT,
+        name_new: FileNameT, flags: FlagT, ctx: pyfuse3.RequestContext,
+    ) -> None:
+        raise fail(errno.EROFS)
+
+    async def link(
+        self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        raise fail(errno.EROFS)
+
+    async def create(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise fail(errno.EROFS)
+
+    async def setxattr(
+        self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        raise fail(errno.EROFS)
+
+    async def removexattr(
+        self, inode: InodeT, name: XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        raise fail(errno.EROFS)

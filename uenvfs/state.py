@@ -1,0 +1,289 @@
+"""The pure refcount and lifecycle machine of every image (the contract's WI2 and WI3).
+
+No trio, no pyfuse3, no clock: every event takes the time as an argument, so the rules are
+tested in microseconds without a mount. The manager drives it and does the I/O.
+
+Lifecycle of one image::
+
+    UNMOUNTED ─begin_mount─► MOUNTING ─mounted─► HOLDING ◄─last release─ MOUNTED
+        ▲                       │               (refcount 0, ─first use─►  (refcount > 0)
+        │                       │                timer runs)
+        │                       └─mount_failed─► FAILED        │ expire (timer or command)
+        │                                                      ▼
+        └──────────────────────── unmounted ◄──────────── UNMOUNTING
+
+`force_unmount` takes MOUNTED or HOLDING straight to UNMOUNTING and drops every user; the image
+is then FAILED ("force-unmounted") until it is next used.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from .errors import RefcountInconsistency
+
+log = logging.getLogger(__name__)
+
+FORCE_UNMOUNTED = "force-unmounted"
+
+
+class Phase(enum.Enum):
+    """Where an image is in its lifecycle. The value is what `.status` shows."""
+
+    UNMOUNTED = "unmounted"
+    MOUNTING = "mounting"
+    MOUNTED = "mounted"
+    HOLDING = "holding"
+    UNMOUNTING = "unmounting"
+    FAILED = "failed"
+
+
+class IllegalTransition(RuntimeError):
+    """An event that the current phase does not allow: a bug in the caller."""
+
+
+@dataclass(eq=False)
+class Use:
+    """One allocation's use of one image.
+
+    Its identity matters: a file handle keeps the `Use` it was counted in, and its release
+    only counts while that very object is still the allocation's use of the image. After
+    `release` or `reconcile` forgot the allocation, a late close is then a no-op instead of
+    a second decrement.
+    """
+
+    alloc: str
+    opens: int = 0
+    acquired: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.opens > 0 or self.acquired
+
+
+class Image:
+    """The state of one image.
+
+    Invariants (checked by `check`):
+      - refcount == len(users) >= 0, and every user is active (opens > 0 or acquired);
+      - users is non-empty only while MOUNTED, and MOUNTED always has users;
+      - idle_since is set (the hold timer runs) exactly while HOLDING.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.phase = Phase.UNMOUNTED
+        self.users: dict[str, Use] = {}
+        self.idle_since: float | None = None
+        self.hold_time: float | None = None  # per-image override of the global hold time
+        self.error: str | None = None
+        self.retry_at = 0.0
+        self._forced = False
+
+    # -- queries -------------------------------------------------------------------------
+
+    @property
+    def refcount(self) -> int:
+        return len(self.users)
+
+    @property
+    def is_mounted(self) -> bool:
+        """Whether the backing mount exists and may serve requests."""
+        return self.phase in (Phase.MOUNTED, Phase.HOLDING)
+
+    def check(self) -> None:
+        """Raise `RefcountInconsistency` if an invariant does not hold."""
+        if any(not u.active or u.opens < 0 for u in self.users.values()):
+            raise RefcountInconsistency(f"{self.name}: inactive or negative use {self.users}")
+        if (self.phase is Phase.MOUNTED) != bool(self.users):
+            raise RefcountInconsistency(
+                f"{self.name}: phase {self.phase.value} with refcount {self.refcount}"
+            )
+        if (self.phase is Phase.HOLDING) != (self.idle_since is not None):
+            raise RefcountInconsistency(f"{self.name}: hold timer wrong in {self.phase.value}")
+
+    # -- events --------------------------------------------------------------------------
+
+    def _require(self, event: str, *phases: Phase) -> None:
+        if self.phase not in phases:
+            raise IllegalTransition(f"{self.name}: {event} while {self.phase.value}")
+
+    def may_mount(self, now: float) -> bool:
+        """Whether `begin_mount` is allowed now (a failure is retried after its negative cache)."""
+        if self.phase is Phase.UNMOUNTED:
+            return True
+        return self.phase is Phase.FAILED and now >= self.retry_at
+
+    def begin_mount(self, now: float) -> None:
+        if not self.may_mount(now):
+            raise IllegalTransition(f"{self.name}: begin_mount while {self.phase.value}")
+        self.phase = Phase.MOUNTING
+        self.error = None
+        self._forced = False
+
+    def mounted(self, now: float) -> None:
+        """The backing mount is there; nobody uses it yet, so the hold timer starts."""
+        self._require("mounted", Phase.MOUNTING)
+        self.phase = Phase.HOLDING
+        self.idle_since = now
+
+    def mount_failed(self, now: float, error: str, retry_after: float) -> None:
+        self._require("mount_failed", Phase.MOUNTING)
+        self.phase = Phase.FAILED
+        self.error = error
+        self.retry_at = now + retry_after
+
+    def _add_use(self, alloc: str) -> Use:
+        self._require("use", Phase.MOUNTED, Phase.HOLDING)
+        use = self.users.get(alloc)
+        if use is None:
+            use = self.users[alloc] = Use(alloc)
+            if len(self.users) == 1:
+                log.info("%s: refcount 0 -> 1 (%s), hold timer stopped", self.name, alloc)
+        self.phase = Phase.MOUNTED
+        self.idle_since = None
+        return use
+
+    def _drop_if_idle(self, use: Use, now: float) -> None:
+        if not use.active:
+            del self.users[use.alloc]
+            if not self.users:
+                self.phase = Phase.HOLDING
+                self.idle_since = now
+                log.info("%s: refcount 1 -> 0 (%s left), hold timer started", self.name, use.alloc)
+
+    def open(self, alloc: str, now: float) -> Use:
+        """A file or directory handle of *alloc* opened. Returns the use to close later."""
+        use = self._add_use(alloc)
+        use.opens += 1
+        return use
+
+    def close(self, use: Use, now: float) -> bool:
+        """A handle counted in *use* was released. False if that use was forgotten already."""
+        if self.users.get(use.alloc) is not use:
+            return False
+        if use.opens <= 0:
+            raise RefcountInconsistency(
+                f"{self.name}: close by {use.alloc} with {use.opens} opens would go negative"
+            )
+        use.opens -= 1
+        self._drop_if_idle(use, now)
+        return True
+
+    def acquire(self, alloc: str, now: float) -> bool:
+        """*alloc* uses the image until released. False if it had acquired it already."""
+        use = self._add_use(alloc)
+        already = use.acquired
+        use.acquired = True
+        return not already
+
+    def release(self, alloc: str, now: float) -> bool:
+        """*alloc* no longer uses the image; its open handles are forgotten too."""
+        use = self.users.get(alloc)
+        if use is None:
+            return False
+        use.opens = 0
+        use.acquired = False
+        self._drop_if_idle(use, now)
+        return True
+
+    def due(self, now: float, hold_time: float) -> bool:
+        return self.idle_since is not None and now >= self.idle_since + hold_time
+
+    def expire(self, now: float, hold_time: float, *, force: bool = False) -> bool:
+        """Start unmounting if idle and the hold time is over (or *force*). True if it did."""
+        if self.phase is not Phase.HOLDING or not (force or self.due(now, hold_time)):
+            return False
+        self.phase = Phase.UNMOUNTING
+        self.idle_since = None
+        return True
+
+    def force_unmount(self, now: float) -> list[str]:
+        """Emergency: unmount whatever the refcount. Returns the allocations dropped."""
+        self._require("force_unmount", Phase.MOUNTED, Phase.HOLDING)
+        dropped = list(self.users)
+        self.users.clear()
+        self.phase = Phase.UNMOUNTING
+        self.idle_since = None
+        self._forced = True
+        return dropped
+
+    def unmounted(self, now: float) -> None:
+        self._require("unmounted", Phase.UNMOUNTING)
+        if self._forced:
+            self.phase = Phase.FAILED
+            self.error = FORCE_UNMOUNTED
+            self.retry_at = now
+        else:
+            self.phase = Phase.UNMOUNTED
+            self.error = None
+
+    def unmount_failed(self, now: float, error: str) -> None:
+        """The backing mount is still there: hold it again, the timer retries later."""
+        self._require("unmount_failed", Phase.UNMOUNTING)
+        self.phase = Phase.HOLDING
+        self.idle_since = now
+        self.error = error
+        self._forced = False
+
+
+class Registry:
+    """Every image's state, and the global hold time. Pure, like `Image`."""
+
+    def __init__(self, hold_time: float) -> None:
+        self.hold_time = hold_time
+        self.images: dict[str, Image] = {}
+
+    def __getitem__(self, name: str) -> Image:
+        image = self.images.get(name)
+        if image is None:
+            image = self.images[name] = Image(name)
+        return image
+
+    def __iter__(self) -> Iterator[Image]:
+        return iter(list(self.images.values()))
+
+    def hold_time_of(self, image: Image) -> float:
+        return self.hold_time if image.hold_time is None else image.hold_time
+
+    def deadline(self, image: Image) -> float | None:
+        if image.idle_since is None:
+            return None
+        return image.idle_since + self.hold_time_of(image)
+
+    def next_deadline(self) -> float | None:
+        """When the next hold timer runs out, or None if no timer runs."""
+        deadlines = [d for d in map(self.deadline, self.images.values()) if d is not None]
+        return min(deadlines, default=None)
+
+    def due(self, now: float) -> list[Image]:
+        """The images whose hold timer ran out."""
+        return [i for i in self.images.values() if i.due(now, self.hold_time_of(i))]
+
+    def users_of(self, alloc: str) -> list[Image]:
+        return [i for i in self.images.values() if alloc in i.users]
+
+    def allocations(self) -> set[str]:
+        return {a for i in self.images.values() for a in i.users}
+
+    def release(self, alloc: str, now: float, names: Iterable[str] | None = None) -> list[str]:
+        """Release *alloc* from *names* (default: everywhere). Returns the images it left."""
+        images = self.users_of(alloc) if names is None else [self[n] for n in names]
+        return [i.name for i in images if i.release(alloc, now)]
+
+    def reconcile(self, live: Iterable[str], now: float) -> list[tuple[str, str]]:
+        """Only *live* allocations exist: release every other one. Returns (image, alloc)."""
+        keep = set(live)
+        dropped = []
+        for image in self.images.values():
+            for alloc in [a for a in image.users if a not in keep]:
+                image.release(alloc, now)
+                dropped.append((image.name, alloc))
+        return dropped
+
+    def check(self) -> None:
+        for image in self.images.values():
+            image.check()
