@@ -209,7 +209,7 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-                raise AssertionError("uenvfs serve did not stop in time:\n" + self.log())
+                raise AssertionError("uenvfs serve did not stop in time:\n" + self.log()) from None
         return self.process.returncode
 
     def kill(self) -> None:
@@ -258,6 +258,15 @@ class Daemon:
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "uenvfs", *args, "--mountpoint", str(self.mountpoint)]
         return subprocess.run(command, capture_output=True, text=True, check=check, timeout=60)
+
+
+def errno_of(action: Callable[[], object]) -> int:
+    """The errno of the OSError that *action* raises (failing the test if it raises none)."""
+    try:
+        action()
+    except OSError as exc:
+        return exc.errno or 0
+    raise AssertionError("expected an OSError, got none")
 
 
 def run_in(cwd: Path | str, script: str, env: Mapping[str, str] | None = None,

@@ -8,11 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from .support import Daemon, loop_count, mounts_under, run_in, wait_until
+from .support import Daemon, errno_of, loop_count, mounts_under, run_in, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -88,9 +87,7 @@ def test_everything_that_writes_is_erofs(daemon: Daemon, what: str, action: obje
     daemon.image("ro", {"file": "content", "sub/x": "y"})
     daemon.start()
     image = daemon.mountpoint / "ro"
-    with pytest.raises(OSError) as info:
-        action(image)  # type: ignore[operator]
-    assert info.value.errno == errno.EROFS, what
+    assert errno_of(lambda: action(image)) == errno.EROFS, what  # type: ignore[operator]
     assert (image / "file").read_text() == "content"
 
 
@@ -127,9 +124,7 @@ def test_corrupt_image_is_eio_with_the_reason_logged(daemon: Daemon) -> None:
     daemon.image("good", {"f": "fine"})
     daemon.expect(r"broken: mount failed")
     daemon.start()
-    with pytest.raises(OSError) as info:
-        os.listdir(daemon.mountpoint / "broken")
-    assert info.value.errno == errno.EIO
+    assert errno_of(lambda: os.listdir(daemon.mountpoint / "broken")) == errno.EIO
     log = daemon.log()
     assert "broken: mount failed" in log
     assert "mount -t squashfs" in log  # the failing command and its stderr
@@ -180,9 +175,7 @@ def test_stale_fuse_mount_of_a_killed_daemon_is_cleared(daemon: Daemon) -> None:
     daemon.image("one", {"f": "1"})
     daemon.start()
     daemon.kill()
-    with pytest.raises(OSError) as info:
-        os.listdir(daemon.mountpoint)
-    assert info.value.errno == errno.ENOTCONN
+    assert errno_of(lambda: os.listdir(daemon.mountpoint)) == errno.ENOTCONN
     daemon.expect("clearing a FUSE mount left at")
     daemon.expect("a stale mount sits at")
     daemon.start()
