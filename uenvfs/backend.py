@@ -120,9 +120,18 @@ class MountBackend(Protocol):
 
     def missing_tools(self) -> list[str]: ...
 
+    def mounted(self, target: Path) -> str | None:
+        """The source of the mount at *target* (e.g. its loop device), or None."""
+        ...
+
     async def mount(self, image: Path, target: Path) -> None: ...
 
     async def unmount(self, target: Path, *, lazy: bool = False) -> None: ...
+
+
+def _mounted(target: Path) -> str | None:
+    entry = mount_at(target)
+    return None if entry is None else entry.source
 
 
 def _missing(*tools: str) -> list[str]:
@@ -139,6 +148,9 @@ class KernelBackend:
 
     def missing_tools(self) -> list[str]:
         return _missing("mount", "umount")
+
+    def mounted(self, target: Path) -> str | None:
+        return _mounted(target)
 
     async def mount(self, image: Path, target: Path) -> None:
         await run_tool(["mount", "-t", "squashfs", "-o", f"{MOUNT_OPTIONS},loop", "--",
@@ -163,6 +175,9 @@ class SquashfuseBackend:
 
     def missing_tools(self) -> list[str]:
         return _missing(self.program, "fusermount3")
+
+    def mounted(self, target: Path) -> str | None:
+        return _mounted(target)
 
     async def mount(self, image: Path, target: Path) -> None:
         await run_tool([self.program, "-o", MOUNT_OPTIONS, str(image), str(target)],

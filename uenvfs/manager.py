@@ -20,7 +20,7 @@ from pathlib import Path
 import trio
 
 from . import control
-from .backend import MountBackend, mount_at
+from .backend import MountBackend
 from .catalog import Catalog
 from .config import Config
 from .control import Command, MountStatus
@@ -189,14 +189,14 @@ class Manager:
             target.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise MountFailed(f"cannot create {target}: {exc.strerror}") from exc
-        if mount_at(target) is not None:
+        if self.backend.mounted(target) is not None:
             log.warning("%s: a stale mount sits at %s; detaching it first", name, target)
             await self.backend.unmount(target, lazy=True)
         await self.backend.mount(path, target)
-        entry = mount_at(target)
-        if entry is None:
+        source = self.backend.mounted(target)
+        if source is None:
             raise MountFailed(f"{self.backend.name} reported success but {target} is not mounted")
-        return Mount(name, path, target, self._tree(name, identity), entry.source)
+        return Mount(name, path, target, self._tree(name, identity), source)
 
     def _tree(self, name: str, identity: Identity) -> Tree:
         tree = self._trees.get(name)
@@ -226,7 +226,7 @@ class Manager:
             except Exception as exc:
                 if not isinstance(exc, MountError):
                     log.exception("%s: unexpected error while unmounting", name)
-                if mount_at(mount.backing) is not None:
+                if self.backend.mounted(mount.backing) is not None:
                     image.unmount_failed(self.clock(), str(exc))
                     log.error("%s: unmount failed, retried after the hold time: %s", name, exc)
                     return

@@ -1,0 +1,124 @@
+"""pid → allocation id: cgroup first, then environment, then uid; cached per live thread."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from uenvfs.allocation import AllocationResolver, from_cgroup, from_environ, parse_environ
+
+PACT_V2 = "0::/workload.slice/alloc-42.scope\n"
+SLURM_V2 = "0::/system.slice/slurmstepd.scope/job_1234/step_0/user/task_0\n"
+SLURM_V1 = """12:pids:/slurm/uid_1000/job_77/step_batch
+4:memory:/slurm/uid_1000/job_77/step_batch/task_0
+1:name=systemd:/system.slice/slurmd.service
+0::/
+"""
+PLAIN = "0::/user.slice/user-1000.slice/session-3.scope\n"
+HYBRID_PACT = """9:name=systemd:/
+4:memory:/process_api/f39cd874
+0::/workload.slice/job-abc_1.scope
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "alloc"),
+    [
+        (PACT_V2, "alloc-42"),
+        (SLURM_V2, "slurm-1234"),
+        (SLURM_V1, "slurm-77"),
+        (HYBRID_PACT, "job-abc_1"),
+        (PLAIN, None),
+        ("", None),
+        ("0::/workload.slice\n", None),
+        ("0::/workload.slice/not-a-scope\n", None),
+        ("0::/workload.slice/bad id.scope\n", None),
+        ("garbage without colons", None),
+    ],
+)
+def test_from_cgroup(text: str, alloc: str | None) -> None:
+    assert from_cgroup(text) == alloc
+
+
+@pytest.mark.parametrize(
+    ("env", "alloc"),
+    [
+        ({b"PACT_ALLOCATION_ID": b"alloc-9", b"SLURM_JOB_ID": b"5"}, "alloc-9"),
+        ({b"SLURM_JOB_ID": b"5"}, "slurm-5"),
+        ({b"SLURM_JOB_ID": b"5x"}, None),
+        ({b"PACT_ALLOCATION_ID": b"has space"}, None),
+        ({b"PACT_ALLOCATION_ID": b""}, None),
+        ({}, None),
+    ],
+)
+def test_from_environ(env: dict[bytes, bytes], alloc: str | None) -> None:
+    assert from_environ(env) == alloc
+
+
+def test_parse_environ() -> None:
+    assert parse_environ(b"A=1\0B=x=y\0junk\0\0") == {b"A": b"1", b"B": b"x=y"}
+
+
+def fake_proc(root: Path, pid: int, cgroup: str, environ: bytes = b"", tgid: int | None = None
+              ) -> None:
+    d = root / str(pid)
+    d.mkdir(parents=True)
+    (d / "cgroup").write_text(cgroup)
+    (d / "status").write_text(f"Name:\tx\nTgid:\t{tgid or pid}\nPid:\t{pid}\n")
+    (d / "environ").write_bytes(environ)
+
+
+def test_resolver_order_on_a_fake_proc(tmp_path: Path) -> None:
+    fake_proc(tmp_path, 10, PACT_V2, b"PACT_ALLOCATION_ID=other\0")
+    fake_proc(tmp_path, 11, PLAIN, b"SLURM_JOB_ID=99\0")
+    fake_proc(tmp_path, 12, PLAIN, b"HOME=/\0")
+    fake_proc(tmp_path, 20, PLAIN, b"", tgid=21)  # a thread: environment of its process
+    fake_proc(tmp_path, 21, PLAIN, b"PACT_ALLOCATION_ID=threads\0")
+    resolver = AllocationResolver(tmp_path)
+    assert resolver.resolve(10, 1000) == "alloc-42"
+    assert resolver.resolve(11, 1000) == "slurm-99"
+    assert resolver.resolve(12, 1000) == "uid-1000"
+    assert resolver.resolve(20, 5) == "threads"
+    assert resolver.resolve(404, 7) == "uid-7"  # gone: falls back, never raises
+
+
+def _child(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                            stdin=subprocess.PIPE, env={**os.environ, **env})
+
+
+def test_cache_hit_reads_no_proc_and_reused_pid_is_not_mistaken() -> None:
+    resolver = AllocationResolver()
+    child = _child({"PACT_ALLOCATION_ID": "first"})
+    try:
+        assert resolver.resolve(child.pid, 0) == "first"
+        lookups = resolver.lookups
+        for _ in range(100):
+            assert resolver.resolve(child.pid, 0) == "first"
+        assert resolver.lookups == lookups  # served from the cache
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait()
+    # The process exited: its pidfd says so, and the entry is not trusted any more.
+    assert resolver.resolve(child.pid, 0) == "uid-0"
+    assert resolver.lookups == lookups + 1
+    assert resolver.sweep() == 0  # the dead entry was already replaced
+    resolver.close()
+
+
+def test_sweep_drops_exited_threads() -> None:
+    resolver = AllocationResolver()
+    children = [_child({"PACT_ALLOCATION_ID": f"a{i}"}) for i in range(3)]
+    for i, child in enumerate(children):
+        assert resolver.resolve(child.pid, 0) == f"a{i}"
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait()
+    assert resolver.sweep() == 3
+    resolver.close()

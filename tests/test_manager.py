@@ -1,0 +1,218 @@
+"""The mount manager's timers, concurrency and commands, in virtual time with a fake backend."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from uenvfs.catalog import Catalog
+from uenvfs.config import Config
+from uenvfs.control import parse_line
+from uenvfs.errors import CommandError, MountFailed
+from uenvfs.manager import Manager
+from uenvfs.state import Phase
+
+from .fakes import FakeBackend
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[tuple[Manager, FakeBackend]]:
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a", "b", "broken"):
+        (images / f"{name}.sqfs").write_bytes(b"hsqs" + name.encode())
+    backend = FakeBackend()
+    backend.broken.add("broken.sqfs")
+    catalog = Catalog([images])
+    catalog.refresh()
+    config = Config(images=(images,), state_dir=tmp_path / "state", hold_time=60.0)
+    manager = Manager(config, backend, catalog)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        yield manager, backend
+        nursery.cancel_scope.cancel()
+
+
+async def run(manager: Manager, line: str) -> str:
+    return await manager.execute(parse_line(line))
+
+
+async def test_hold_timer_unmounts_after_the_hold_time(
+    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+) -> None:
+    manager, backend = env
+    await run(manager, "acquire a alloc-1")
+    assert manager.registry["a"].phase is Phase.MOUNTED
+    await trio.sleep(3600)
+    assert manager.registry["a"].phase is Phase.MOUNTED  # in use: no timer
+    await run(manager, "release alloc-1")
+    released = trio.current_time()
+    await trio.sleep(59.9)
+    assert manager.registry["a"].phase is Phase.HOLDING
+    status = manager.status()["mounts"]
+    assert status[0]["hold_remaining"] == pytest.approx(0.1, abs=0.01)  # type: ignore[index]
+    await trio.sleep(0.2)
+    assert manager.registry["a"].phase is Phase.UNMOUNTED
+    assert backend.table == {}
+    assert trio.current_time() - released < 60.3
+
+
+async def test_new_use_cancels_the_timer(
+    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+) -> None:
+    manager, backend = env
+    await manager.ensure_mounted("a")  # a lookup: mounted, idle, timer runs
+    await trio.sleep(50)
+    use = manager.open("a", "alloc-1")
+    await trio.sleep(100)
+    assert manager.registry["a"].phase is Phase.MOUNTED
+    manager.close("a", use)
+    await trio.sleep(59)
+    assert backend.count("unmount") == 0
+    await trio.sleep(2)
+    assert backend.count("unmount") == 1
+
+
+async def test_concurrent_first_accesses_mount_once(
+    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+) -> None:
+    manager, backend = env
+    backend.delay = 1.0
+    mounts = []
+
+    async def access() -> None:
+        mounts.append(await manager.ensure_mounted("a"))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(50):
+            nursery.start_soon(access)
+    assert backend.count("mount") == 1
+    assert len({id(m) for m in mounts}) == 1
+
+
+async def test_cancelled_caller_leaves_no_half_mount(
+    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+) -> None:
+    manager, backend = env
+    backend.delay = 5.0
+    with trio.move_on_after(1):
+        await manager.ensure_mounted("a")
+    assert manager.registry["a"].phase is Phase.MOUNTING
+    await trio.sleep(10)
+    assert manager.registry["a"].phase is Phase.HOLDING  # the mount task finished anyway
+    assert (await manager.ensure_mounted("a")).source == "/dev/fake1"
+
+
+async def test_failed_mount_is_negatively_cached(
+    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+) -> None:
+    manager, backend = env
+    for _ in range(100):
+        with pytest.raises(MountFailed, match="bad magic"):
+            await manager.ensure_mounted("broken")
+    assert backend.count("mount") == 1
+    doc = manager.status()["mounts"][0]  # type: ignore[index]
+    assert doc["state"] == "failed"
+    assert "bad magic" in doc["error"]
+    await trio.sleep(10)
+    with pytest.raises(MountFailed):
+        await manager.ensure_mounted("broken")
+    assert backend.count("mount") == 2
+
+
+async def test_hold_time_change_applies_to_running_timers(
+    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+) -> None:
+    manager, backend = env
+    await manager.ensure_mounted("a")
+    await manager.ensure_mounted("b")
+    await run(manager, "hold-time 5 a")
+    await trio.sleep(6)
+    assert manager.registry["a"].phase is Phase.UNMOUNTED
+    assert manager.registry["b"].phase is Phase.HOLDING
+    await run(manager, "hold-time 1")
+    await trio.sleep(0.1)
+    assert manager.registry["b"].phase is Phase.UNMOUNTED
+
+
+async def test_expire_unmounts_idle_images_only(
+    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+) -> None:
+    manager, backend = env
+    await run(manager, "acquire a alloc-1")
+    await manager.ensure_mounted("b")
+    assert await run(manager, "expire") == "expired 1 images"
+    assert manager.registry["b"].phase is Phase.UNMOUNTED
+    assert manager.registry["a"].phase is Phase.MOUNTED
+    with pytest.raises(CommandError) as info:
+        await run(manager, "expire a")
+    assert info.value.errno == errno.EPERM
+    assert await run(manager, "expire b") == "expired 0 images"
+
+
+async def test_errors_of_commands(
+    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+) -> None:
+    manager, _ = env
+    cases = {
+        "acquire nosuch alloc-1": errno.ENOENT,
+        "acquire broken alloc-1": errno.EIO,
+        "release alloc-1": errno.ENOENT,
+        "release alloc-1 a": errno.ENOENT,
+        "expire nosuch": errno.ENOENT,
+        "hold-time 3 nosuch": errno.ENOENT,
+        "force-unmount a": errno.EPERM,
+    }
+    for line, code in cases.items():
+        with pytest.raises(CommandError) as info:
+            await run(manager, line)
+        assert info.value.errno == code, line
+    assert manager.registry.allocations() == set()
+
+
+async def test_force_unmount_in_emergency(
+    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+) -> None:
+    manager, backend = env
+    killed = []
+    manager.on_force_unmount = killed.append
+    await run(manager, "acquire a alloc-1")
+    manager.open("a", "alloc-2")
+    await run(manager, "emergency on")
+    assert manager.status()["emergency"] is True
+    await run(manager, "force-unmount a")
+    assert killed == ["a"]
+    assert backend.table == {}
+    doc = manager.status()["mounts"][0]  # type: ignore[index]
+    assert (doc["state"], doc["error"], doc["refcount"]) == ("failed", "force-unmounted", 0)
+    await manager.ensure_mounted("a")  # used again: mounts at once, no negative cache
+    assert manager.registry["a"].phase is Phase.HOLDING
+    assert manager.registry["a"].error is None
+
+
+async def test_busy_unmount_falls_back_to_lazy(
+    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+) -> None:
+    manager, backend = env
+    mount = await manager.ensure_mounted("a")
+    backend.busy.add(mount.backing)
+    await run(manager, "expire")
+    assert backend.calls[-2:] == [("unmount", "a"), ("unmount-lazy", "a")]
+    assert manager.registry["a"].phase is Phase.UNMOUNTED
+
+
+async def test_reconcile_keeps_only_live_allocations(
+    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+) -> None:
+    manager, _ = env
+    await run(manager, "acquire a alloc-1")
+    await run(manager, "acquire a alloc-2")
+    await run(manager, "acquire b alloc-3")
+    await run(manager, "reconcile alloc-2")
+    assert manager.registry.allocations() == {"alloc-2"}
+    assert manager.registry["b"].phase is Phase.HOLDING

@@ -1,0 +1,299 @@
+"""The pure refcount and lifecycle machine, without a mount: rules, errors and invariants."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from uenvfs.errors import RefcountInconsistency
+from uenvfs.state import FORCE_UNMOUNTED, IllegalTransition, Image, Phase, Registry, Use
+
+HOLD = 60.0
+
+
+def mounted_image(now: float = 0.0) -> Image:
+    image = Image("img")
+    image.begin_mount(now)
+    image.mounted(now)
+    return image
+
+
+def test_new_mount_holds_until_used() -> None:
+    image = mounted_image(10.0)
+    assert image.phase is Phase.HOLDING
+    assert image.refcount == 0
+    assert not image.due(69.9, HOLD)
+    assert image.due(70.0, HOLD)
+
+
+def test_refcount_counts_allocations_not_opens() -> None:
+    image = mounted_image()
+    a1 = image.open("alloc-a", 1)
+    a2 = image.open("alloc-a", 2)
+    b1 = image.open("alloc-b", 3)
+    assert a1 is a2
+    assert image.refcount == 2
+    assert image.users["alloc-a"].opens == 2
+    assert image.phase is Phase.MOUNTED
+    assert image.idle_since is None
+    assert image.close(a1, 4)
+    assert image.refcount == 2
+    assert image.close(a2, 5)
+    assert image.refcount == 1
+    assert image.close(b1, 6)
+    assert image.refcount == 0
+    assert image.phase is Phase.HOLDING
+    assert image.idle_since == 6
+
+
+def test_acquire_and_release() -> None:
+    image = mounted_image()
+    assert image.acquire("slurm-7", 1)
+    assert not image.acquire("slurm-7", 2)  # idempotent
+    use = image.open("slurm-7", 3)
+    assert image.refcount == 1
+    assert image.close(use, 4)
+    assert image.refcount == 1  # still acquired
+    assert image.release("slurm-7", 5)
+    assert image.refcount == 0
+    assert not image.release("slurm-7", 6)
+
+
+def test_release_forgets_open_handles_so_late_close_is_a_no_op() -> None:
+    image = mounted_image()
+    use = image.open("alloc-a", 1)
+    image.open("alloc-a", 1)
+    assert image.release("alloc-a", 2)
+    assert image.refcount == 0
+    assert not image.close(use, 3)  # forgotten: no decrement, no error
+    again = image.open("alloc-a", 4)  # a new use, not the old one
+    assert again is not use
+    assert not image.close(use, 5)
+    assert image.refcount == 1
+
+
+def test_negative_refcount_raises() -> None:
+    image = mounted_image()
+    use = image.open("alloc-a", 1)
+    image.open("alloc-b", 1)
+    use.opens = 0  # corrupt it, as a double close would
+    image.users["alloc-a"] = use
+    with pytest.raises(RefcountInconsistency):
+        image.close(use, 2)
+    assert use.opens == 0
+
+
+def test_expire_only_when_idle_and_due_unless_forced() -> None:
+    image = mounted_image(0)
+    use = image.open("a", 1)
+    assert not image.expire(1000, HOLD, force=True)  # in use: even `expire` leaves it
+    image.close(use, 10)
+    assert not image.expire(69, HOLD)
+    assert image.expire(70, HOLD)
+    assert image.phase is Phase.UNMOUNTING
+    image.unmounted(71)
+    assert image.phase is Phase.UNMOUNTED
+
+
+def test_uses_need_a_mount() -> None:
+    image = Image("img")
+    with pytest.raises(IllegalTransition):
+        image.open("a", 0)
+    with pytest.raises(IllegalTransition):
+        image.mounted(0)
+    image.begin_mount(0)
+    with pytest.raises(IllegalTransition):
+        image.begin_mount(0)
+    with pytest.raises(IllegalTransition):
+        image.acquire("a", 0)
+
+
+def test_failed_mount_is_negatively_cached() -> None:
+    image = Image("img")
+    image.begin_mount(0)
+    image.mount_failed(0, "bad magic", retry_after=10)
+    assert image.phase is Phase.FAILED
+    assert image.error == "bad magic"
+    assert not image.may_mount(9.9)
+    assert image.may_mount(10)
+    image.begin_mount(10)
+    assert image.error is None
+
+
+def test_force_unmount_drops_users_and_marks_failed() -> None:
+    image = mounted_image()
+    use = image.open("a", 1)
+    image.acquire("b", 1)
+    assert sorted(image.force_unmount(2)) == ["a", "b"]
+    assert image.refcount == 0
+    image.unmounted(3)
+    assert image.phase is Phase.FAILED
+    assert image.error == FORCE_UNMOUNTED
+    assert image.may_mount(3)  # "until it is next used": no negative cache
+    assert not image.close(use, 4)
+
+
+def test_unmount_failure_holds_again() -> None:
+    image = mounted_image()
+    assert image.expire(100, HOLD)
+    image.unmount_failed(101, "busy")
+    assert image.phase is Phase.HOLDING
+    assert image.idle_since == 101
+    assert image.error == "busy"
+
+
+def test_registry_deadlines_follow_hold_time_changes() -> None:
+    registry = Registry(hold_time=60)
+    a, b = registry["a"], registry["b"]
+    for image, t in ((a, 0.0), (b, 5.0)):
+        image.begin_mount(t)
+        image.mounted(t)
+    assert registry.next_deadline() == 60
+    b.hold_time = 1
+    assert registry.next_deadline() == 6
+    assert [i.name for i in registry.due(6)] == ["b"]
+    registry.hold_time = 2
+    assert [i.name for i in registry.due(6)] == ["a", "b"]
+
+
+def test_registry_release_and_reconcile() -> None:
+    registry = Registry(hold_time=60)
+    for name in ("x", "y"):
+        registry[name].begin_mount(0)
+        registry[name].mounted(0)
+    registry["x"].acquire("a1", 1)
+    registry["y"].acquire("a1", 1)
+    registry["y"].open("a2", 1)
+    registry["x"].open("a3", 1)
+    assert registry.release("a1", 2, ["x"]) == ["x"]
+    assert registry.allocations() == {"a1", "a2", "a3"}
+    dropped = registry.reconcile(["a2"], 3)
+    assert sorted(dropped) == [("x", "a3"), ("y", "a1")]
+    assert registry.allocations() == {"a2"}
+    registry.check()
+
+
+def test_pure_modules_import_neither_trio_nor_pyfuse3() -> None:
+    package = pathlib.Path(__file__).parent.parent / "uenvfs"
+    for module in ("state.py", "control.py", "names.py"):
+        tree = ast.parse((package / module).read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.level == 0}
+        assert not imported & {"trio", "pyfuse3"}, module
+
+
+# -- any sequence of events keeps the contract ---------------------------------------------
+
+ALLOCS = st.sampled_from(["alloc-1", "alloc-2", "slurm-3", "uid-0"])
+
+
+class ImageMachine(RuleBasedStateMachine):
+    """Random opens, closes, acquires, releases, reconciles, timer expiries and remounts.
+
+    A model counts independently: a handle counts while its allocation has not been released
+    since the handle opened (a per-allocation generation), so the refcount must equal the
+    number of allocations with a counting handle or an acquire.
+    """
+
+    @initialize()
+    def setup(self) -> None:
+        self.image = Image("img")
+        self.now = 0.0
+        self.hold = 5.0
+        self.handles: list[tuple[Use, str, int]] = []
+        self.generation: dict[str, int] = {}
+        self.acquired: set[str] = set()
+
+    def gen(self, alloc: str) -> int:
+        return self.generation.get(alloc, 0)
+
+    def forget(self, alloc: str) -> None:
+        self.generation[alloc] = self.gen(alloc) + 1
+        self.acquired.discard(alloc)
+
+    @rule(dt=st.floats(min_value=0, max_value=10))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+
+    @precondition(lambda self: self.image.may_mount(self.now))
+    @rule(ok=st.booleans())
+    def mount(self, ok: bool) -> None:
+        self.image.begin_mount(self.now)
+        if ok:
+            self.image.mounted(self.now)
+        else:
+            self.image.mount_failed(self.now, "corrupt", 1.0)
+
+    @precondition(lambda self: self.image.is_mounted)
+    @rule(alloc=ALLOCS)
+    def open(self, alloc: str) -> None:
+        self.handles.append((self.image.open(alloc, self.now), alloc, self.gen(alloc)))
+
+    @precondition(lambda self: self.handles)
+    @rule(data=st.data())
+    def close(self, data: st.DataObject) -> None:
+        index = data.draw(st.integers(0, len(self.handles) - 1))
+        use, alloc, gen = self.handles.pop(index)
+        counted = self.image.close(use, self.now)
+        assert counted == (gen == self.gen(alloc))
+
+    @precondition(lambda self: self.image.is_mounted)
+    @rule(alloc=ALLOCS)
+    def acquire(self, alloc: str) -> None:
+        self.image.acquire(alloc, self.now)
+        self.acquired.add(alloc)
+
+    @rule(alloc=ALLOCS)
+    def release(self, alloc: str) -> None:
+        self.image.release(alloc, self.now)
+        self.forget(alloc)
+
+    @rule(live=st.sets(ALLOCS))
+    def reconcile(self, live: set[str]) -> None:
+        registry = Registry(self.hold)
+        registry.images["img"] = self.image
+        registry.reconcile(live, self.now)
+        for alloc in {"alloc-1", "alloc-2", "slurm-3", "uid-0"} - live:
+            self.forget(alloc)
+
+    @rule(force=st.booleans())
+    def timer_or_expire(self, force: bool) -> None:
+        if self.image.expire(self.now, self.hold, force=force):
+            self.image.unmounted(self.now)
+
+    @precondition(lambda self: self.image.is_mounted)
+    @rule()
+    def force_unmount(self) -> None:
+        for alloc in self.image.force_unmount(self.now):
+            self.forget(alloc)
+        self.image.unmounted(self.now)
+
+    @invariant()
+    def refcount_is_exact(self) -> None:
+        if not hasattr(self, "image"):
+            return
+        counting = {alloc for _, alloc, gen in self.handles if gen == self.gen(alloc)}
+        users = {a for a in counting | self.acquired if self.image.is_mounted}
+        assert self.image.refcount == len(users) >= 0
+        assert set(self.image.users) == users
+        assert all(u.opens >= 0 for u in self.image.users.values())
+        self.image.check()
+
+    @invariant()
+    def timer_runs_exactly_when_idle_and_mounted(self) -> None:
+        if not hasattr(self, "image"):
+            return
+        idle_mounted = self.image.is_mounted and self.image.refcount == 0
+        assert (self.image.idle_since is not None) == idle_mounted
+
+
+ImageMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60,
+                                          deadline=None)
+TestImageMachine = ImageMachine.TestCase
