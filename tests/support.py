@@ -294,9 +294,12 @@ def spawn_holder(path: Path, alloc: str | None = None,
 
 
 def release_holder(proc: subprocess.Popen[str]) -> None:
+    """Let a holder close its file and exit."""
     assert proc.stdin is not None
+    assert proc.stdout is not None
     proc.stdin.close()
     proc.wait(DEADLINE)
+    proc.stdout.close()
 
 
 def all_names(items: Iterable[MountEntry]) -> list[str]:

@@ -55,7 +55,7 @@ async def test_hold_timer_unmounts_after_the_hold_time(
     await trio.sleep(59.9)
     assert manager.registry["a"].phase is Phase.HOLDING
     status = manager.status()["mounts"]
-    assert status[0]["hold_remaining"] == pytest.approx(0.1, abs=0.01)  # type: ignore[index]
+    assert status[0]["hold_remaining"] == pytest.approx(0.1, abs=0.01)
     await trio.sleep(0.2)
     assert manager.registry["a"].phase is Phase.UNMOUNTED
     assert backend.table == {}
@@ -116,7 +116,7 @@ async def test_failed_mount_is_negatively_cached(
         with pytest.raises(MountFailed, match="bad magic"):
             await manager.ensure_mounted("broken")
     assert backend.count("mount") == 1
-    doc = manager.status()["mounts"][0]  # type: ignore[index]
+    doc = manager.status()["mounts"][0]
     assert doc["state"] == "failed"
     assert "bad magic" in doc["error"]
     await trio.sleep(10)
@@ -128,7 +128,7 @@ async def test_failed_mount_is_negatively_cached(
 async def test_hold_time_change_applies_to_running_timers(
     env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
 ) -> None:
-    manager, backend = env
+    manager, _ = env
     await manager.ensure_mounted("a")
     await manager.ensure_mounted("b")
     await run(manager, "hold-time 5 a")
@@ -143,7 +143,7 @@ async def test_hold_time_change_applies_to_running_timers(
 async def test_expire_unmounts_idle_images_only(
     env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
 ) -> None:
-    manager, backend = env
+    manager, _ = env
     await run(manager, "acquire a alloc-1")
     await manager.ensure_mounted("b")
     assert await run(manager, "expire") == "expired 1 images"
@@ -179,7 +179,7 @@ async def test_force_unmount_in_emergency(
     env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
 ) -> None:
     manager, backend = env
-    killed = []
+    killed: list[str] = []
     manager.on_force_unmount = killed.append
     await run(manager, "acquire a alloc-1")
     manager.open("a", "alloc-2")
@@ -188,7 +188,7 @@ async def test_force_unmount_in_emergency(
     await run(manager, "force-unmount a")
     assert killed == ["a"]
     assert backend.table == {}
-    doc = manager.status()["mounts"][0]  # type: ignore[index]
+    doc = manager.status()["mounts"][0]
     assert (doc["state"], doc["error"], doc["refcount"]) == ("failed", "force-unmounted", 0)
     await manager.ensure_mounted("a")  # used again: mounts at once, no negative cache
     assert manager.registry["a"].phase is Phase.HOLDING

@@ -182,3 +182,20 @@ def test_stale_fuse_mount_of_a_killed_daemon_is_cleared(daemon: Daemon) -> None:
     assert (daemon.mountpoint / "one/f").read_text() == "1"
     fuse = [e for e in mounts_under(daemon.mountpoint) if e.fstype == "fuse.uenvfs"]
     assert len(fuse) == 1
+
+
+def test_squashfuse_backend(daemon: Daemon) -> None:
+    daemon.extra_args = ["--backend", "squashfuse"]
+    daemon.image("user", {"bin/tool": "#!/bin/sh\necho via squashfuse\n", "a/b": "deep"},
+                 mode=0o755)
+    daemon.start()
+    image = daemon.mountpoint / "user"
+    assert run_in(image, "./bin/tool").stdout == "via squashfuse\n"
+    ino = os.stat(image / "a/b").st_ino
+    (entry,) = daemon.backing_mounts()
+    assert entry.fstype.startswith("fuse.squashfuse")
+    daemon.control("expire")
+    assert daemon.backing_mounts() == []
+    assert (image / "a/b").read_text() == "deep"
+    assert os.stat(image / "a/b").st_ino == ino
+    assert [e.fstype for e in daemon.backing_mounts()] == [entry.fstype]

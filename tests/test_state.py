@@ -77,6 +77,18 @@ def test_release_forgets_open_handles_so_late_close_is_a_no_op() -> None:
     assert image.refcount == 1
 
 
+def test_transfer_moves_one_open_to_another_allocation() -> None:
+    image = mounted_image()
+    exe = image.open("uid-0", 1)
+    moved = image.transfer(exe, "alloc-9", 2)
+    assert moved is not None
+    assert set(image.users) == {"alloc-9"}
+    assert image.phase is Phase.MOUNTED  # never idle in between
+    assert image.transfer(exe, "alloc-10", 3) is None  # the old use is gone
+    assert image.close(moved, 4)
+    assert image.refcount == 0
+
+
 def test_negative_refcount_raises() -> None:
     image = mounted_image()
     use = image.open("alloc-a", 1)
@@ -244,6 +256,17 @@ class ImageMachine(RuleBasedStateMachine):
         counted = self.image.close(use, self.now)
         assert counted == (gen == self.gen(alloc))
 
+    @precondition(lambda self: self.handles)
+    @rule(data=st.data(), alloc=ALLOCS)
+    def transfer(self, data: st.DataObject, alloc: str) -> None:
+        index = data.draw(st.integers(0, len(self.handles) - 1))
+        use, old, gen = self.handles[index]
+        moved = self.image.transfer(use, alloc, self.now)
+        counting = gen == self.gen(old)
+        assert (moved is not None) == (counting and old != alloc)
+        if moved is not None:
+            self.handles[index] = (moved, alloc, self.gen(alloc))
+
     @precondition(lambda self: self.image.is_mounted)
     @rule(alloc=ALLOCS)
     def acquire(self, alloc: str) -> None:
@@ -294,6 +317,6 @@ class ImageMachine(RuleBasedStateMachine):
         assert (self.image.idle_since is not None) == idle_mounted
 
 
-ImageMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60,
+ImageMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=60,
                                           deadline=None)
 TestImageMachine = ImageMachine.TestCase

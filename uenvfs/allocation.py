@@ -101,7 +101,7 @@ class AllocationResolver:
             if entry.pidfd is not None and not _exited(entry.pidfd):
                 return entry.alloc
             self._forget(pid)
-        alloc = self._read(pid, uid)
+        alloc, _ = self._read(pid, uid)
         pidfd = self._pidfd(pid)
         if pidfd is not None:
             if len(self._cache) >= self.max_entries:
@@ -109,24 +109,39 @@ class AllocationResolver:
             self._cache[pid] = _Entry(alloc, pidfd)
         return alloc
 
-    def _read(self, pid: int, uid: int) -> str:
-        """Read the allocation from /proc. Any unreadable part falls through to the next source."""
+    def resolve_exec(self, pid: int, uid: int) -> tuple[str, bool]:
+        """The allocation of a thread in the middle of an execve, and whether it is final.
+
+        During execve its environment is still the old one, and it is about to change: nothing
+        about this thread is cached. Only a cgroup answer is final; otherwise the caller asks
+        again once the new program runs.
+        """
+        entry = self._cache.get(pid)
+        if entry is not None:
+            self._forget(pid)
+        return self._read(pid, uid)
+
+    def _read(self, pid: int, uid: int) -> tuple[str, bool]:
+        """Read the allocation from /proc, and whether it came from the cgroup.
+
+        Any unreadable part falls through to the next source.
+        """
         self.lookups += 1
         base = self.proc / str(pid)
         try:
             alloc = from_cgroup((base / "cgroup").read_text())
             if alloc:
-                return alloc
+                return alloc, True
         except (OSError, UnicodeDecodeError):
             pass
         try:
             tgid = tgid_of((base / "status").read_text()) or pid
             alloc = from_environ(parse_environ((self.proc / str(tgid) / "environ").read_bytes()))
             if alloc:
-                return alloc
+                return alloc, False
         except (OSError, UnicodeDecodeError, ValueError):
             pass
-        return f"uid-{uid}"
+        return f"uid-{uid}", False
 
     def _pidfd(self, pid: int) -> int | None:
         if self.proc != Path("/proc"):

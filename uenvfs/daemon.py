@@ -90,16 +90,23 @@ def _prepare_dirs(config: Config) -> None:
 
 
 async def _signals(manager: Manager, stop: trio.CancelScope) -> None:
+    """Handle signals until the daemon exits: a second SIGTERM must not cut a shutdown short."""
     with trio.open_signal_receiver(*HANDLED_SIGNALS) as received:
         async for signum in received:
             if signum in (signal.SIGTERM, signal.SIGINT):
+                if stop.cancel_called:
+                    log.info("%s: already shutting down", signal.Signals(signum).name)
+                    continue
                 log.info("%s: shutting down", signal.Signals(signum).name)
                 stop.cancel()
-                return
-            if signum == signal.SIGHUP:
+            elif signum == signal.SIGHUP:
                 log.info("SIGHUP: reload: %s", manager.reload())
             elif signum == signal.SIGUSR1:
-                log.info("SIGUSR1: %s", await manager.expire_idle())
+                manager.spawn(_expire_on_signal, manager, task="sigusr1-expire")
+
+
+async def _expire_on_signal(manager: Manager) -> None:
+    log.info("SIGUSR1: %s", await manager.expire_idle())
 
 
 async def run(config: Config) -> None:
@@ -129,8 +136,9 @@ async def run(config: Config) -> None:
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.run)
-            with trio.CancelScope() as serving:
-                nursery.start_soon(_signals, manager, serving, name="signals")
+            serving = trio.CancelScope()
+            nursery.start_soon(_signals, manager, serving, name="signals")
+            with serving:
                 _sd_notify("READY=1")
                 await pyfuse3.main()
                 log.info("%s was unmounted from outside; shutting down", config.mountpoint)

@@ -27,12 +27,13 @@ import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
-from . import control
+from . import control, metrics
 from .allocation import AllocationResolver
 from .errors import CommandError, MountError, errno_of
 from .manager import Manager, Mount
@@ -49,30 +50,37 @@ INO_MASK = (1 << SLOT_SHIFT) - 1
 # Images never change while mounted: the kernel may cache names and attributes for long.
 TIMEOUT = 3600.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+FMODE_EXEC = 0o40  # the kernel's __FMODE_EXEC: this open is execve loading a program
+EXEC_SETTLE = (0.05, 0.5)  # when to look at an executing program's allocation again
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
 def fuse_errors(
-    fn: Callable[P, Coroutine[Any, Any, T]],
-) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Turn every error of a handler into the `FUSEError` pyfuse3 expects (the one place)."""
+    fn: Callable[Concatenate[UenvFS, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[UenvFS, P], Coroutine[Any, Any, T]]:
+    """Count a handler's requests, and turn every error into the `FUSEError` that pyfuse3
+    expects: the one place where domain errors become errnos."""
+    op = fn.__name__
 
     @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+    async def wrapper(self: UenvFS, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        metrics = self.manager.metrics
+        metrics.requests[op] += 1
         try:
-            return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
+            return await fn(self, *args, **kwargs)
+        except pyfuse3.FUSEError as exc:
+            metrics.errors[op, errno.errorcode.get(exc.errno, str(exc.errno))] += 1
             raise
-        except MountError as exc:
-            log.debug("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(errno_of(exc)) from exc
-        except OSError as exc:
-            raise pyfuse3.FUSEError(errno_of(exc)) from exc
         except Exception as exc:
-            log.exception("%s failed unexpectedly", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from exc
+            if isinstance(exc, MountError):
+                log.debug("%s: %s", op, exc)
+            elif not isinstance(exc, OSError):
+                log.exception("%s failed unexpectedly", op)
+            code = errno_of(exc)
+            metrics.errors[op, errno.errorcode.get(code, str(code))] += 1
+            raise pyfuse3.FUSEError(code) from exc
 
     return wrapper
 
@@ -147,12 +155,10 @@ class UenvFS(pyfuse3.Operations):
         self,
         manager: Manager,
         resolver: AllocationResolver | None = None,
-        metrics: Callable[[], bytes] = lambda: b"",
     ) -> None:
         super().__init__()
         self.manager = manager
         self.resolver = resolver or AllocationResolver()
-        self.render_metrics = metrics
         self.nodes: dict[int, Node] = {}
         self.image_inos: dict[str, int] = {}
         self.handles: dict[int, Handle] = {}
@@ -430,7 +436,7 @@ class UenvFS(pyfuse3.Operations):
             if writing:
                 raise fail(errno.EROFS)
             data = (control.render_status(self.manager.status()) if inode == STATUS
-                    else self.render_metrics())
+                    else self._metrics())
             return pyfuse3.FileInfo(fh=self._new_handle(DataHandle(data)), direct_io=True)
         if inode == ROOT:
             raise fail(errno.EISDIR)
@@ -438,12 +444,40 @@ class UenvFS(pyfuse3.Operations):
             raise fail(errno.EROFS)
         node = self._node(inode)
         _, path = await self._backing(node)
-        alloc = self._alloc(ctx)
+        executing = bool(flags & FMODE_EXEC)
+        if executing:
+            alloc, final = self.resolver.resolve_exec(ctx.pid, ctx.uid)
+        else:
+            alloc, final = self._alloc(ctx), True
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         use = self.manager.open(node.name, alloc)
+        fh = self._new_handle(FileHandle(node.name, use, fd))
+        if not final:
+            self.manager.spawn(self._recount_exec, fh, ctx.pid, ctx.uid, task=f"exec:{ctx.pid}")
         # The image cannot change while mounted: keep the page cache across opens.
-        return pyfuse3.FileInfo(fh=self._new_handle(FileHandle(node.name, use, fd)),
-                                keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def _recount_exec(self, fh: int, pid: int, uid: int) -> None:
+        """An executable opened by execve counts for the allocation of the program it became.
+
+        Its environment is readable once the execve is over; look again shortly after.
+        """
+        for delay in EXEC_SETTLE:
+            await trio.sleep(delay)
+            handle = self.handles.get(fh)
+            if not isinstance(handle, FileHandle):
+                return  # released already: the program ended
+            alloc, _ = self.resolver.resolve_exec(pid, uid)
+            moved = self.manager.transfer(handle.name, handle.use, alloc)
+            if moved is not None:
+                handle.use = moved
+                return
+
+    def _metrics(self) -> bytes:
+        gauges = metrics.state_gauges(
+            self.manager.status(), len(self.manager.catalog.listing()),
+            sum(isinstance(h, Counted) for h in self.handles.values()))
+        return metrics.render(self.manager.metrics, gauges)
 
     @fuse_errors
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
@@ -466,18 +500,22 @@ class UenvFS(pyfuse3.Operations):
 
     async def _control(self, caller: ControlHandle, data: bytes) -> None:
         who = f"pid {caller.pid} uid {caller.uid} alloc {caller.alloc}"
+        count = self.manager.metrics.inc
         try:
             commands = control.parse(data)
         except CommandError as exc:
+            count("uenvfs_control_commands_total", command="invalid", outcome="EINVAL")
             log.warning("control from %s: rejected %r: %s", who, data[:200], exc)
             raise fail(exc.errno) from None
         for command in commands:
             try:
                 outcome = await self.manager.execute(command)
             except CommandError as exc:
-                log.warning("control from %s: %s: failed: %s (%s)", who, command, exc,
-                            errno.errorcode.get(exc.errno, exc.errno))
+                code = errno.errorcode.get(exc.errno, str(exc.errno))
+                count("uenvfs_control_commands_total", command=command.verb, outcome=code)
+                log.warning("control from %s: %s: failed: %s (%s)", who, command, exc, code)
                 raise fail(exc.errno) from None
+            count("uenvfs_control_commands_total", command=command.verb, outcome="ok")
             log.info("control from %s: %s: %s", who, command, outcome)
 
     @fuse_errors

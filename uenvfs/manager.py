@@ -13,9 +13,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -25,6 +26,7 @@ from .catalog import Catalog
 from .config import Config
 from .control import Command, MountStatus
 from .errors import CommandError, MountError, MountFailed, RefcountInconsistency, UnmountFailed
+from .metrics import Metrics
 from .state import Phase, Registry, Use
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class Manager:
         self.catalog = catalog
         self.clock = clock
         self.registry = Registry(config.hold_time)
+        self.metrics = Metrics()
         self.mounts: dict[str, Mount] = {}
         self.emergency = False
         self.paths: dict[str, Path] = {}  # last known image path of each name
@@ -129,9 +132,13 @@ class Manager:
         self._changed.pop(name, trio.Event()).set()
         self._wake()
 
-    def _spawn(self, fn: Callable[[str], object], name: str, task: str) -> None:
+    def _spawn(self, fn: Callable[[str], Awaitable[object]], name: str, task: str) -> None:
+        self.spawn(fn, name, task=f"{task}:{name}")
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object, task: str) -> None:
+        """Run *fn* as a task of the manager (it outlives the request that started it)."""
         assert self._nursery is not None, "Manager.run() is not running"
-        self._nursery.start_soon(fn, name, name=f"{task}:{name}")  # type: ignore[arg-type]
+        self._nursery.start_soon(fn, *args, name=task)
 
     # -- mounting ------------------------------------------------------------------------
 
@@ -160,14 +167,18 @@ class Manager:
 
     async def _mount(self, name: str) -> None:
         image = self.registry[name]
+        started = self.clock()
+        self.metrics.inc("uenvfs_mount_attempts_total", image=name)
         try:
             mount = await self._make_mount(name)
         except Exception as exc:
             if not isinstance(exc, MountError):
                 log.exception("%s: unexpected error while mounting", name)
             image.mount_failed(self.clock(), str(exc), self.config.negative_cache)
+            self.metrics.inc("uenvfs_mount_failures_total", image=name)
             log.error("%s: mount failed: %s", name, exc)
         else:
+            self.metrics.observe("uenvfs_mount_seconds", self.clock() - started)
             self.mounts[name] = mount
             image.mounted(self.clock())
             log.info("%s: mounted %s at %s (%s)", name, mount.image_path, mount.backing,
@@ -220,6 +231,7 @@ class Manager:
     async def _unmount(self, name: str) -> None:
         image = self.registry[name]
         mount = self.mounts[name]
+        started = self.clock()
         try:
             try:
                 await self._detach(mount)
@@ -232,6 +244,8 @@ class Manager:
                     return
             del self.mounts[name]
             image.unmounted(self.clock())
+            self.metrics.inc("uenvfs_unmounts_total", image=name)
+            self.metrics.observe("uenvfs_unmount_seconds", self.clock() - started)
             log.info("%s: unmounted %s", name, mount.backing)
         finally:
             self._notify(name)
@@ -256,10 +270,19 @@ class Manager:
         """Count a handle of *alloc*. The image must be mounted (just after ensure_mounted)."""
         return self.registry[name].open(alloc, self.clock())
 
+    def transfer(self, name: str, use: Use, alloc: str) -> Use | None:
+        """Count one open of *use* for *alloc* instead (see Image.transfer)."""
+        new = self.registry[name].transfer(use, alloc, self.clock())
+        if new is not None:
+            log.debug("%s: an executable of %s counts for %s now that it runs", name,
+                      use.alloc, alloc)
+        return new
+
     def close(self, name: str, use: Use) -> None:
         try:
             self.registry[name].close(use, self.clock())
         except RefcountInconsistency:
+            self.metrics.inc("uenvfs_refcount_errors_total")
             log.exception("refcount bug on %s; continuing", name)
         self._wake()
 
@@ -388,7 +411,7 @@ class Manager:
 
     # -- status and shutdown ---------------------------------------------------------------
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> dict[str, Any]:
         now = self.clock()
         mounts = []
         for image in self.registry:

@@ -173,6 +173,18 @@ class Image:
         self._drop_if_idle(use, now)
         return True
 
+    def transfer(self, use: Use, alloc: str, now: float) -> Use | None:
+        """Count one open of *use* for *alloc* instead; None if *use* was forgotten already.
+
+        For an executable: its allocation is only known once its execve is over.
+        """
+        if self.users.get(use.alloc) is not use or use.alloc == alloc:
+            return None
+        new = self._add_use(alloc)
+        new.opens += 1
+        self.close(use, now)
+        return new
+
     def acquire(self, alloc: str, now: float) -> bool:
         """*alloc* uses the image until released. False if it had acquired it already."""
         use = self._add_use(alloc)

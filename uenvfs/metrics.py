@@ -1,0 +1,134 @@
+"""The daemon's counters and histograms, and `.metrics` in the Prometheus text format.
+
+Pure: the manager and the filesystem count into a `Metrics`; `render` adds the current state
+(gauges) when `.metrics` is opened, so node_exporter's textfile collector or a scrape can read it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Labels = tuple[tuple[str, str], ...]
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+HELP = {
+    "uenvfs_images": ("gauge", "Images by lifecycle state (unmounted images are not counted)."),
+    "uenvfs_images_available": ("gauge", "Images named by the listable image sources."),
+    "uenvfs_refcount": ("gauge", "Allocations using each mounted image."),
+    "uenvfs_allocations": ("gauge", "Distinct allocations using any image."),
+    "uenvfs_open_handles": ("gauge", "Open file and directory handles into images."),
+    "uenvfs_hold_time_seconds": ("gauge", "Global hold time."),
+    "uenvfs_emergency": ("gauge", "1 while emergency mode is on."),
+    "uenvfs_mount_attempts_total": ("counter", "Mounts started, by image."),
+    "uenvfs_mount_failures_total": ("counter", "Mounts that failed, by image."),
+    "uenvfs_unmounts_total": ("counter", "Backing mounts unmounted, by image."),
+    "uenvfs_refcount_errors_total": ("counter", "RefcountInconsistency bugs caught."),
+    "uenvfs_fuse_requests_total": ("counter", "FUSE requests handled, by operation."),
+    "uenvfs_fuse_errors_total": ("counter", "FUSE requests answered with an error."),
+    "uenvfs_control_commands_total": ("counter", ".control commands, by command and outcome."),
+    "uenvfs_mount_seconds": ("histogram", "Time to mount an image (tool and checks)."),
+    "uenvfs_unmount_seconds": ("histogram", "Time to unmount an image."),
+}
+
+
+@dataclass
+class Histogram:
+    buckets: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+
+
+class Metrics:
+    """Counters and histograms, keyed by metric name and labels."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, dict[Labels, float]] = defaultdict(lambda: defaultdict(float))
+        self.histograms: dict[str, Histogram] = defaultdict(Histogram)
+        # Per FUSE request: plain dicts keyed by operation, cheaper than labelled counters.
+        self.requests: dict[str, int] = defaultdict(int)
+        self.errors: dict[tuple[str, str], int] = defaultdict(int)
+
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        self.counters[name][tuple(sorted(labels.items()))] += amount
+
+    def observe(self, name: str, value: float) -> None:
+        self.histograms[name].observe(value)
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.counters.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: Iterable[tuple[str, str]]) -> str:
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+    return "{" + inner + "}" if inner else ""
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def render(metrics: Metrics, gauges: Mapping[str, Mapping[Labels, float]]) -> bytes:
+    """The Prometheus text exposition of *gauges* (current state) and *metrics*."""
+    lines: list[str] = []
+    series: dict[str, Mapping[Labels, float]] = {**gauges, **metrics.counters}
+    series["uenvfs_fuse_requests_total"] = {
+        (("op", op),): n for op, n in metrics.requests.items()}
+    series["uenvfs_fuse_errors_total"] = {
+        (("errno", code), ("op", op)): n for (op, code), n in metrics.errors.items()}
+    for name in sorted(set(series) | set(metrics.histograms)):
+        kind, text = HELP.get(name, ("untyped", name))
+        lines.append(f"# HELP {name} {text}")
+        lines.append(f"# TYPE {name} {kind}")
+        if name in metrics.histograms:
+            hist = metrics.histograms[name]
+            cumulative = 0
+            for bound, count in zip(hist.buckets, hist.counts, strict=False):
+                cumulative += count
+                lines.append(f'{name}_bucket{{le="{bound:g}"}} {cumulative}')
+            cumulative += hist.counts[-1]
+            lines.append(f'{name}_bucket{{le="+Inf"}} {cumulative}')
+            lines.append(f"{name}_sum {_number(hist.total)}")
+            lines.append(f"{name}_count {cumulative}")
+            continue
+        for labels, value in sorted(series[name].items()):
+            lines.append(f"{name}{_labels(labels)} {_number(value)}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def gauge(value: float, **labels: str) -> dict[Labels, float]:
+    return {tuple(sorted(labels.items())): value}
+
+
+def state_gauges(status: Mapping[str, Any], available: int, handles: int
+                 ) -> dict[str, dict[Labels, float]]:
+    """Gauges from a `.status` document."""
+    by_state: dict[Labels, float] = {(("state", s),): 0.0
+                                     for s in ("mounting", "mounted", "holding", "failed")}
+    refcounts: dict[Labels, float] = {}
+    allocations: set[str] = set()
+    for mount in status["mounts"]:
+        by_state[(("state", mount["state"]),)] = by_state.get((("state", mount["state"]),), 0) + 1
+        refcounts[(("image", mount["name"]),)] = mount["refcount"]
+        allocations.update(mount["allocations"])
+    return {
+        "uenvfs_images": by_state,
+        "uenvfs_images_available": gauge(available),
+        "uenvfs_refcount": refcounts,
+        "uenvfs_allocations": gauge(len(allocations)),
+        "uenvfs_open_handles": gauge(handles),
+        "uenvfs_hold_time_seconds": gauge(status["hold_time"]),
+        "uenvfs_emergency": gauge(1 if status["emergency"] else 0),
+    }
