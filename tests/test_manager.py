@@ -180,7 +180,11 @@ async def test_force_unmount_in_emergency(
 ) -> None:
     manager, backend = env
     killed: list[str] = []
-    manager.on_force_unmount = killed.append
+
+    async def kill(name: str) -> None:
+        killed.append(name)
+
+    manager.on_force_unmount = kill
     await run(manager, "acquire a alloc-1")
     manager.open("a", "alloc-2")
     await run(manager, "emergency on")

@@ -113,6 +113,7 @@ class Counted:
 
 @dataclass(eq=False)
 class FileHandle(Counted):
+    ino: int = 0
     fd: int = -1  # -1 once the image was force-unmounted: reads fail with EIO
 
 
@@ -379,7 +380,6 @@ class UenvFS(pyfuse3.Operations):
         return self._new_handle(DirHandle(node.name, use, node, entries))
 
     def _root_entries(self) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
-        self.manager.catalog.refresh(force=False)
         entries = [(b".", self._special_attrs(ROOT)), (b"..", self._special_attrs(ROOT))]
         entries += [(n, self._special_attrs(i)) for n, i in SPECIAL_NAMES.items()]
         names = set(self.manager.catalog.listing()) | set(self.manager.mounts)
@@ -451,7 +451,7 @@ class UenvFS(pyfuse3.Operations):
             alloc, final = self._alloc(ctx), True
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         use = self.manager.open(node.name, alloc)
-        fh = self._new_handle(FileHandle(node.name, use, fd))
+        fh = self._new_handle(FileHandle(node.name, use, inode, fd))
         if not final:
             self.manager.spawn(self._recount_exec, fh, ctx.pid, ctx.uid, task=f"exec:{ctx.pid}")
         # The image cannot change while mounted: keep the page cache across opens.
@@ -529,19 +529,27 @@ class UenvFS(pyfuse3.Operations):
         if isinstance(handle, Counted):
             self.manager.close(handle.name, handle.use)
 
-    def _kill_handles(self, name: str) -> None:
-        """After a force-unmount: every handle into *name* fails with EIO from now on."""
+    async def _kill_handles(self, name: str) -> None:
+        """Force-unmount: every handle into *name* fails with EIO from now on.
+
+        Their cached pages go too, or a read (or a mapped program's page fault) would still
+        be served from the page cache of an image that is gone.
+        """
+        inodes = set()
         killed = 0
         for handle in self.handles.values():
             if isinstance(handle, FileHandle) and handle.name == name and handle.fd >= 0:
                 os.close(handle.fd)
                 handle.fd = -1
+                inodes.add(handle.ino)
                 killed += 1
             elif isinstance(handle, DirHandle) and handle.name == name:
                 handle.dead = True
                 killed += 1
         if killed:
             log.warning("%s: %d open handles now fail with EIO", name, killed)
+        if inodes:
+            await trio.to_thread.run_sync(_invalidate_pages, sorted(inodes))
 
     def _forget_entry(self, name: str) -> None:
         """Make the kernel look *name* up again (its image file changed or went away)."""
@@ -623,3 +631,13 @@ class UenvFS(pyfuse3.Operations):
         self, inode: InodeT, name: XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> None:
         raise fail(errno.EROFS)
+
+
+def _invalidate_pages(inodes: Sequence[int]) -> None:
+    """Drop the kernel's cached data of *inodes* (in a worker thread: it may wait for reads)."""
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(InodeT(ino), attr_only=False)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # the kernel had forgotten it: nothing cached
+                log.warning("cannot drop cached pages of inode %d: %s", ino, exc)

@@ -92,7 +92,7 @@ class Manager:
         self._wakeup = trio.Event()
         self._nursery: trio.Nursery | None = None
         # Hooks for the filesystem layer: an image's handles must die / its caches go stale.
-        self.on_force_unmount: Callable[[str], None] = lambda name: None
+        self.on_force_unmount: Callable[[str], Awaitable[None]] = _nothing
         self.on_replaced: Callable[[str], None] = lambda name: None
         self.on_listing_changed: Callable[[Iterable[str]], None] = lambda names: None
 
@@ -380,7 +380,10 @@ class Manager:
 
     async def _cmd_emergency(self, cmd: Command) -> str:
         self.emergency = bool(cmd.on)
-        log.warning("emergency mode %s", "ON" if self.emergency else "off")
+        if self.emergency:
+            log.warning("emergency mode ON: force-unmount is allowed")
+        else:
+            log.info("emergency mode off")
         return "emergency " + ("on" if self.emergency else "off")
 
     async def _cmd_force_unmount(self, cmd: Command) -> str:
@@ -394,7 +397,7 @@ class Manager:
             return f"{cmd.name} is not mounted"
         dropped = image.force_unmount(self.clock())
         log.warning("%s: FORCE-UNMOUNT, dropping allocations %s", cmd.name, dropped or "none")
-        self.on_force_unmount(cmd.name)
+        await self.on_force_unmount(cmd.name)
         self._start_unmount(cmd.name)
         await self._wait_settled(cmd.name)
         return f"force-unmounted {cmd.name}"
@@ -448,3 +451,6 @@ class Manager:
                 log.warning("%s: still used by %s; left mounted at %s for the next start",
                             image.name, ", ".join(image.users), self.mounts[image.name].backing)
 
+
+async def _nothing(name: str) -> None:
+    pass
