@@ -14,12 +14,14 @@ import resource
 import signal
 import socket
 import stat
+from pathlib import Path
 
 import pyfuse3
 import trio
 
+from . import journal, recovery
 from .allocation import AllocationResolver
-from .backend import make_backend, mount_at, run_tool
+from .backend import make_backend, mount_at, read_mountinfo, run_tool
 from .catalog import Catalog
 from .config import Config
 from .errors import MountError
@@ -89,6 +91,32 @@ def _prepare_dirs(config: Config) -> None:
             raise StartupError(f"{directory} is not a directory")
 
 
+async def recover(manager: Manager) -> None:
+    """Rebuild the state from the kernel's mount table and the journal (the contract's WI6)."""
+    config = manager.config
+    try:
+        found = journal.load(config.journal_path)
+    except journal.JournalError as exc:
+        log.warning("journal %s unreadable (%s): recovering from the mount table alone",
+                    config.journal_path, exc)
+        found = None
+    plan = recovery.plan(found, read_mountinfo(), config.backing_root,
+                         recovery.loop_backing_file)
+    for entry in plan.detach:
+        log.warning("detaching %s (%s): not a backing mount uenvfs can serve",
+                    entry.mount_point, entry.source)
+        try:
+            await manager.backend.unmount(Path(entry.mount_point), lazy=True)
+        except MountError as exc:
+            log.error("cannot detach %s: %s", entry.mount_point, exc)
+    for adoption in plan.adopt:
+        manager.adopt(adoption)
+    for name in plan.dropped:
+        log.info("%s: in the journal but no longer mounted; dropped", name)
+    manager.save_journal()
+    log.info("start-up recovery: %s", plan.summary())
+
+
 async def _signals(manager: Manager, stop: trio.CancelScope) -> None:
     """Handle signals until the daemon exits: a second SIGTERM must not cut a shutdown short."""
     with trio.open_signal_receiver(*HANDLED_SIGNALS) as received:
@@ -124,6 +152,7 @@ async def run(config: Config) -> None:
     await clear_stale_mount(config)
     _prepare_dirs(config)
     _raise_fd_limit()
+    await recover(manager)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     options |= {"fsname=uenvfs", "subtype=uenvfs", "allow_other"}
     try:

@@ -20,13 +20,15 @@ from typing import Any
 
 import trio
 
-from . import control
+from . import control, journal
 from .backend import MountBackend
 from .catalog import Catalog
 from .config import Config
 from .control import Command, MountStatus
 from .errors import CommandError, MountError, MountFailed, RefcountInconsistency, UnmountFailed
+from .journal import Journal, MountRecord
 from .metrics import Metrics
+from .recovery import Adoption
 from .state import Phase, Registry, Use
 
 log = logging.getLogger(__name__)
@@ -181,6 +183,7 @@ class Manager:
             self.metrics.observe("uenvfs_mount_seconds", self.clock() - started)
             self.mounts[name] = mount
             image.mounted(self.clock())
+            self.save_journal()
             log.info("%s: mounted %s at %s (%s)", name, mount.image_path, mount.backing,
                      mount.source)
         finally:
@@ -244,6 +247,7 @@ class Manager:
                     return
             del self.mounts[name]
             image.unmounted(self.clock())
+            self.save_journal()
             self.metrics.inc("uenvfs_unmounts_total", image=name)
             self.metrics.observe("uenvfs_unmount_seconds", self.clock() - started)
             log.info("%s: unmounted %s", name, mount.backing)
@@ -319,6 +323,7 @@ class Manager:
             if image.is_mounted:
                 new = image.acquire(cmd.alloc, self.clock())
                 self._wake()
+                self.save_journal()
                 return "acquired" if new else "already acquired"
 
     async def _cmd_release(self, cmd: Command) -> str:
@@ -330,6 +335,7 @@ class Manager:
         if not left:
             raise CommandError(errno.ENOENT, f"no image is used by {cmd.alloc}")
         self._wake()
+        self.save_journal()
         return "released from " + ", ".join(left)
 
     async def _cmd_reconcile(self, cmd: Command) -> str:
@@ -337,6 +343,7 @@ class Manager:
         for name, alloc in dropped:
             log.info("reconcile: %s no longer live, released from %s", alloc, name)
         self._wake()
+        self.save_journal()
         return f"released {len(dropped)} stale uses"
 
     async def _cmd_expire(self, cmd: Command) -> str:
@@ -400,6 +407,7 @@ class Manager:
         await self.on_force_unmount(cmd.name)
         self._start_unmount(cmd.name)
         await self._wait_settled(cmd.name)
+        self.save_journal()
         return f"force-unmounted {cmd.name}"
 
     async def _cmd_reload(self, cmd: Command) -> str:
@@ -411,6 +419,53 @@ class Manager:
         after = set(self.catalog.listing())
         self.on_listing_changed(before ^ after)
         return f"{len(after)} images ({len(after - before)} added, {len(before - after)} removed)"
+
+    # -- journal and recovery -------------------------------------------------------------
+
+    def journal_state(self) -> Journal:
+        """What must survive a crash: the backing mounts and the allocations that acquired them."""
+        records = {}
+        for name, mount in self.mounts.items():
+            acquired = tuple(a for a, u in self.registry[name].users.items() if u.acquired)
+            records[name] = MountRecord(str(mount.image_path), str(mount.backing),
+                                        mount.tree.identity, acquired, mount.mounted_at)
+        return Journal(records)
+
+    def save_journal(self) -> None:
+        """Write the journal now. A failure is logged, never fatal: the mount table remains."""
+        try:
+            journal.save(self.config.journal_path, self.journal_state())
+        except OSError as exc:
+            self.metrics.inc("uenvfs_journal_errors_total")
+            log.warning("cannot write the journal %s: %s", self.config.journal_path, exc)
+
+    def adopt(self, found: Adoption) -> None:
+        """Serve a backing mount found at start-up: refcount 0 and its hold timer, plus the
+        acquisitions the journal remembers."""
+        name, record = found.name, found.record
+        now = self.clock()
+        path = Path(found.image_path) if found.image_path else self.catalog.lookup_listed(name)
+        identity = record.identity if record and record.identity else None
+        if identity is None:
+            try:
+                identity = identity_of(path) if path else (0, 0, 0, 0)
+            except OSError:
+                identity = (0, 0, 0, 0)
+        image = self.registry[name]
+        image.begin_mount(now)
+        image.mounted(now)
+        if path is not None:
+            self.paths[name] = path
+        mounted_at = record.mounted_at if record and record.mounted_at else time.time()
+        self.mounts[name] = Mount(name, path or Path(), found.backing, self._tree(name, identity),
+                                  found.source, mounted_at)
+        for alloc in record.acquired if record else ():
+            image.acquire(alloc, now)
+        log.info("%s: adopted %s at %s (%s)%s", name, path or "an unknown image",
+                 found.backing, found.source,
+                 f", acquired by {', '.join(record.acquired)}" if record and record.acquired
+                 else "")
+        self._wake()
 
     # -- status and shutdown ---------------------------------------------------------------
 

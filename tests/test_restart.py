@@ -1,0 +1,166 @@
+"""Crash and restart (the contract's WI6): kill -9, start again, nothing lost, nothing leaked."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from .conftest import DaemonFactory
+from .support import (
+    Daemon,
+    errno_of,
+    loop_count,
+    loops_for,
+    release_holder,
+    spawn_holder,
+    wait_until,
+)
+
+pytestmark = pytest.mark.fuse
+
+
+def backing_names(daemon: Daemon) -> Counter[str]:
+    return Counter(Path(e.mount_point).name for e in daemon.backing_mounts())
+
+
+def restart(make_daemon: DaemonFactory, old: Daemon, **kwargs: object) -> Daemon:
+    """A new daemon process on the same directories as *old* (which was killed)."""
+    new = make_daemon(root=old.root, hold_time=kwargs.pop("hold_time", old.hold_time))
+    new.expected = old.expected
+    old.allow_leftovers = True  # its mounts were handed over, on purpose
+    return new.start()
+
+
+def test_kill_9_then_restart_restores_everything(make_daemon: DaemonFactory) -> None:
+    loops_at_start = loop_count()
+    first = make_daemon(hold_time=4.0)
+    for name in ("x", "y", "z"):
+        first.image(name, {"f": name})
+    first.expect("clearing a FUSE mount left at")
+    first.start()
+    first.control("acquire x alloc-1")
+    first.control("acquire y alloc-2")
+    holder = spawn_holder(first.mountpoint / "z/f", alloc="alloc-3")
+    assert backing_names(first) == Counter({"x": 1, "y": 1, "z": 1})
+    loops_before_kill = loop_count()
+    assert loops_before_kill == loops_at_start + 3
+    first.kill()
+    release_holder(holder)
+
+    second = restart(make_daemon, first)
+    status = {m["name"]: m for m in second.status()["mounts"]}
+    assert sorted(status) == ["x", "y", "z"]
+    assert status["x"]["allocations"] == {"alloc-1": {"opens": 0, "acquired": True}}
+    assert status["y"]["allocations"] == {"alloc-2": {"opens": 0, "acquired": True}}
+    assert (status["z"]["state"], status["z"]["refcount"]) == ("holding", 0)
+    assert status["x"]["image_path"] == str(second.images / "x.sqfs")
+    assert backing_names(second) == Counter({"x": 1, "y": 1, "z": 1})  # none mounted twice
+    assert loop_count() == loops_before_kill
+    log = second.log()
+    assert "start-up recovery: adopted 3 backing mounts (x, y, z)" in log
+    assert "2 acquisitions restored" in log
+    for name in ("x", "y", "z"):
+        assert (second.mountpoint / name / "f").read_text() == name
+    assert backing_names(second) == Counter({"x": 1, "y": 1, "z": 1})
+
+    second.control("reconcile alloc-2")
+    status = {m["name"]: m for m in second.status()["mounts"]}
+    assert status["x"]["refcount"] == 0
+    assert status["y"]["allocations"] == {"alloc-2": {"opens": 0, "acquired": True}}
+    second.control("release alloc-2")
+    wait_until(lambda: not second.backing_mounts(), what="every hold timer to run out")
+    wait_until(lambda: loop_count() == loops_at_start, what="the loop devices to be detached")
+    assert json.loads((second.state_dir / "journal.json").read_text())["mounts"] == {}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "ghost"])
+def test_damaged_journal_never_stops_the_daemon(make_daemon: DaemonFactory, damage: str) -> None:
+    first = make_daemon()
+    first.image("x", {"f": "x"})
+    first.expect("clearing a FUSE mount left at")
+    first.expect("journal .* unreadable")
+    first.start()
+    first.control("acquire x alloc-1")
+    first.kill()
+    journal = first.state_dir / "journal.json"
+    whole = journal.read_bytes()
+    if damage == "truncated":
+        journal.write_bytes(whole[: len(whole) // 2])
+    elif damage == "random":
+        journal.write_bytes(os.urandom(len(whole)))
+    else:
+        data = json.loads(whole)
+        data["mounts"]["ghost"] = dict(data["mounts"]["x"], backing="/nonexistent/ghost",
+                                       acquired=["alloc-9"])
+        journal.write_text(json.dumps(data))
+    second = restart(make_daemon, first)
+    log = second.log()
+    status = {m["name"]: m for m in second.status()["mounts"]}
+    assert list(status) == ["x"]  # adopted from the mount table in every case
+    if damage == "ghost":
+        assert "ghost: in the journal but no longer mounted; dropped" in log
+        assert status["x"]["allocations"] == {"alloc-1": {"opens": 0, "acquired": True}}
+    else:
+        assert "unreadable" in log
+        assert "recovering from the mount table alone" in log
+        assert status["x"]["refcount"] == 0  # the journal's acquisitions are lost with it
+        assert "1 not in the journal (x)" in log
+    assert (second.mountpoint / "x/f").read_text() == "x"
+    assert backing_names(second) == Counter({"x": 1})
+    second.control("reconcile")
+
+
+def test_ten_kill_restart_cycles_leak_nothing(make_daemon: DaemonFactory) -> None:
+    loops_at_start = loop_count()
+    names = ("p", "q", "r")
+    daemon = make_daemon(hold_time=300.0)
+    for name in names:
+        daemon.image(name, {"lib/data": name * 1000})
+    daemon.expect("clearing a FUSE mount left at")
+    daemon.start()
+    for cycle in range(10):
+        holders = [spawn_holder(daemon.mountpoint / n / "lib/data", alloc=f"job-{cycle}")
+                   for n in names[: 1 + cycle % 3]]
+        daemon.control(f"acquire {names[cycle % 3]} prolog-{cycle}")
+        for name in names:
+            assert (daemon.mountpoint / name / "lib/data").read_text() == name * 1000
+        assert backing_names(daemon) == Counter(dict.fromkeys(names, 1)), cycle
+        assert loop_count() == loops_at_start + len(names)
+        daemon.kill()
+        for holder in holders:
+            release_holder(holder)
+        daemon = restart(make_daemon, daemon)
+    # After the last restart: one mount per image, every image readable.
+    assert backing_names(daemon) == Counter(dict.fromkeys(names, 1))
+    assert loop_count() == loops_at_start + len(names)
+    for name in names:
+        assert (daemon.mountpoint / name / "lib/data").read_text() == name * 1000
+    status = {m["name"]: m for m in daemon.status()["mounts"]}
+    acquired = {n: list(m["allocations"]) for n, m in status.items()}
+    assert acquired == {"p": ["prolog-0", "prolog-3", "prolog-6", "prolog-9"],
+                        "q": ["prolog-1", "prolog-4", "prolog-7"],
+                        "r": ["prolog-2", "prolog-5", "prolog-8"]}
+    daemon.control("reconcile")
+    daemon.control("expire")
+    assert daemon.backing_mounts() == []
+    wait_until(lambda: loop_count() == loops_at_start, what="the loop devices to be detached")
+    assert not loops_for(daemon.images)
+
+
+def test_fuse_mount_gone_under_a_live_daemon(daemon: Daemon) -> None:
+    """An operator's `umount -l` of the FUSE mount: the daemon notices and stops cleanly."""
+    daemon.image("x", {"f": "x"})
+    daemon.start()
+    assert (daemon.mountpoint / "x/f").read_text() == "x"
+    os.system(f"umount -l {daemon.mountpoint}")
+    assert daemon.process is not None
+    daemon.process.wait(20)
+    assert daemon.process.returncode == 0
+    assert "unmounted from outside" in daemon.log()
+    assert daemon.backing_mounts() == []
+    assert errno_of(lambda: os.listdir(daemon.mountpoint / "x")) == errno.ENOENT
