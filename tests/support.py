@@ -130,6 +130,7 @@ class Daemon:
     expected: list[re.Pattern[str]] = field(default_factory=list)
     allow_leftovers: bool = False
     log_offset: int = 0
+    config: str = ""  # the text of the daemon's configuration file
 
     @property
     def mountpoint(self) -> Path:
@@ -165,10 +166,9 @@ class Daemon:
         ]
 
     def _config_file(self) -> Path:
-        # An empty config, so that a /etc/uenvfs.toml on the machine cannot change the test.
+        # Always a config file of the test's, so that /etc/uenvfs.toml cannot change the test.
         path = self.root / "uenvfs.toml"
-        if not path.exists():
-            path.write_text("")
+        path.write_text(self.config)
         return path
 
     def start(self) -> Daemon:

@@ -30,7 +30,8 @@ async def env(tmp_path: Path) -> AsyncIterator[tuple[Manager, FakeBackend]]:
     backend.broken.add("broken.sqfs")
     catalog = Catalog([images])
     catalog.refresh()
-    config = Config(images=(images,), state_dir=tmp_path / "state", hold_time=60.0)
+    config = Config(images=(images,), state_dir=tmp_path / "state", hold_time=60.0,
+                    validate=False)
     manager = Manager(config, backend, catalog)
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.run)

@@ -119,15 +119,21 @@ def test_non_utf8_name_is_enoent(daemon: Daemon) -> None:
         os.stat(os.fsencode(daemon.mountpoint) + b"/\xff\xfe")
 
 
-def test_corrupt_image_is_eio_with_the_reason_logged(daemon: Daemon) -> None:
+@pytest.mark.parametrize("validate", [True, False])
+def test_corrupt_image_is_eio_with_the_reason_logged(daemon: Daemon, validate: bool) -> None:
     (daemon.images / "broken.sqfs").write_bytes(os.urandom(64 * 1024))
     daemon.image("good", {"f": "fine"})
+    daemon.config = f"validate = {str(validate).lower()}\n"
     daemon.expect(r"broken: mount failed")
     daemon.start()
     assert errno_of(lambda: os.listdir(daemon.mountpoint / "broken")) == errno.EIO
     log = daemon.log()
     assert "broken: mount failed" in log
-    assert "mount -t squashfs" in log  # the failing command and its stderr
+    if validate:  # refused before the kernel sees it
+        assert "is not valid: not a SquashFS image (wrong magic number" in log
+    else:  # the kernel refused it: the failing command and its stderr are in the log
+        assert "mount -t squashfs -o ro,nosuid,nodev,loop" in log
+        assert "wrong fs type" in log
     assert (daemon.mountpoint / "good/f").read_text() == "fine"
     assert not daemon.backing_mounted("broken")
 

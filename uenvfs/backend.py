@@ -108,6 +108,26 @@ async def run_tool(
     return result.stdout.decode("utf-8", "replace")
 
 
+async def run_check(command: Sequence[str], time_limit: float) -> tuple[int, str]:
+    """Run a checking tool, its stdout discarded; return its exit status and stderr.
+
+    Raises `MountFailed` if it cannot run or is still running after *time_limit* seconds.
+    """
+    argv = [str(a) for a in command]
+    try:
+        with trio.fail_after(time_limit):
+            result = await trio.run_process(
+                argv, check=False, stdout=subprocess.DEVNULL, capture_stderr=True,
+                stdin=subprocess.DEVNULL, deliver_cancel=_kill,
+            )
+    except trio.TooSlowError:
+        raise MountFailed(f"{argv[0]} killed after {time_limit:g} s without finishing",
+                          argv) from None
+    except OSError as exc:
+        raise MountFailed(f"cannot run {argv[0]}: {exc.strerror}", argv) from exc
+    return result.returncode, result.stderr.decode("utf-8", "replace")
+
+
 async def _kill(process: trio.Process) -> None:
     process.send_signal(signal.SIGKILL)
 

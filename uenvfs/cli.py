@@ -14,16 +14,25 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import config as config_mod
-from . import control
+from . import control, meta
 from .errors import CommandError
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 
 EPILOG = """exit codes: 0 success; 1 the daemon refused the command or failed (the one-line
 message says why: 'Invalid argument', 'No such file or directory', 'Operation not permitted',
 'Permission denied', 'Input/output error'); 2 bad usage; 3 no uenvfs serving at the mountpoint"""
+
+IMAGE_EPILOG = """exit codes: 0 success; 1 failed: the image is not valid or cannot be read, the
+name is unknown, meta/env.json is missing or broken, no such view (the one-line message says
+why); 2 bad usage or configuration. These commands read the images themselves (with rdsquashfs from
+squashfs-tools-ng) and need no running daemon."""
 
 
 class CliError(Exception):
@@ -106,6 +115,116 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- images, check, env: read the images directly, no daemon needed ----------------------------
+
+
+def _image_config(args: argparse.Namespace) -> config_mod.Config:
+    """The configuration, with the flags of `images` and `env` (--images, --mountpoint)."""
+    overrides = {
+        "images": tuple(Path(p) for p in args.images) if getattr(args, "images", None) else None,
+        "mountpoint": Path(args.mountpoint) if getattr(args, "mountpoint", None) else None,
+    }
+    config_file = getattr(args, "config", None)
+    try:
+        return config_mod.load(Path(config_file) if config_file else None, overrides)
+    except config_mod.ConfigError as exc:
+        raise CliError(f"configuration: {exc}", EXIT_USAGE) from exc
+
+
+def _catalog(cfg: config_mod.Config, strict: bool) -> Catalog:
+    """The image sources of *cfg*, read. *strict*: a missing image directory is an error,
+    else it is skipped (it simply holds no image)."""
+    from . import catalog as catalog_mod
+
+    dirs = [d for d in cfg.images if d.is_dir()]
+    missing = [d for d in cfg.images if d not in dirs]
+    if strict and missing:
+        raise CliError(f"image directory {missing[0]}: not a directory")
+    catalog = catalog_mod.Catalog(image_dirs=dirs, map_files=cfg.maps,
+                                  program_map=cfg.program_map,
+                                  program_timeout=cfg.program_timeout)
+    catalog.refresh()
+    return catalog
+
+
+def _find_image(text: str, file_first: bool,
+                load_config: Callable[[], config_mod.Config]) -> tuple[str | None, Path]:
+    """(image name, image path) for *text*: a path to an image file (anything with a '/';
+    no name then), or an image name resolved through the image sources as the daemon does.
+    *file_first*: an existing file named *text* wins over an image name."""
+    from .names import valid_name
+
+    as_file = Path(text)
+    if "/" in text or (file_first and as_file.is_file()):
+        if not as_file.is_file():
+            raise CliError(f"{text}: no such image file")
+        return None, as_file
+    if valid_name(text):
+        import trio  # not at the top: a check of an image file need not pay for it
+
+        catalog = _catalog(load_config(), strict=False)
+        path = trio.run(catalog.resolve, text)
+        if path is not None:
+            return text, path
+    if as_file.is_file():
+        return None, as_file
+    raise CliError(f"{text}: no such image (not a name that the image sources know, "
+                   "nor an image file)")
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    catalog = _catalog(_image_config(args), strict=True)
+    infos = [meta.describe_image(name, path) for name, path in sorted(catalog.listing().items())]
+    if args.json:
+        print(json.dumps([info.as_json() for info in infos], indent=1))
+    else:
+        print(meta.format_images(infos), end="")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import time
+
+    _, path = _find_image(args.image, True, lambda: _image_config(args))
+    started = time.monotonic()
+    reason = meta.check_image(path, args.timeout)
+    elapsed = time.monotonic() - started
+    if reason is not None:
+        raise CliError(f"{args.image}: {reason}")
+    try:
+        superblock = meta.read_superblock(path)
+    except meta.ImageError as exc:  # replaced since the check
+        raise CliError(f"{args.image}: {exc}") from exc
+    print(f"{args.image}: ok ({superblock.inodes} inodes, {meta.human_size(superblock.bytes_used)}"
+          f", {superblock.compressor}, checked in {elapsed:.2f} s)")
+    return EXIT_OK
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from .catalog import name_of
+
+    cfg = _image_config(args)
+    name, path = _find_image(args.name, False, lambda: cfg)
+    if name is None:  # an image file: served under its file name without the suffix
+        name = name_of(path.name) or path.name
+    try:
+        uenv = meta.read_meta(path)
+        view = meta.choose_view(uenv, args.view)
+    except meta.NotInImage as exc:
+        raise CliError(f"{args.name}: {path} has no {meta.ENV_JSON}, so no views") from exc
+    except meta.ImageError as exc:
+        raise CliError(f"{args.name}: {exc}") from exc
+    if view.env is None:
+        raise CliError(f"{args.name}: view {view.name!r} has no env section (it only has an "
+                       "activation script, which uenvfs does not run)")
+    if not uenv.mount:
+        print(f"uenvfs env: warning: {meta.ENV_JSON} of {args.name} names no mount point: "
+              "paths are printed as they are", file=sys.stderr)
+    for line in meta.shell_lines(view.env, uenv.mount, str(cfg.mountpoint / name)):
+        print(line)
+    return EXIT_OK
+
+
 def _command(build: Callable[[argparse.Namespace], str]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         line = build(args)
@@ -171,6 +290,60 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", "show the mounted images, refcounts and hold timers", cmd_status)
     p.add_argument("--json", action="store_true", help="print the .status document")
     add("metrics", "print .metrics (Prometheus text format)", cmd_metrics)
+
+    p = add("images", "list the images of the image sources, with their uenv metadata",
+            cmd_images, mountpoint=False)
+    p.description = (
+        "List every image that the image directories and map files name (a program map cannot "
+        "be listed): name, image path, size, and from its meta/env.json the uenv name, views "
+        "and description. An image without meta/env.json, with a broken one, or that cannot "
+        "be read is listed too, with the reason in the last column. Default sources: those "
+        "of the configuration file (/etc/uenvfs.toml, else the directory /images).")
+    p.epilog = IMAGE_EPILOG
+    p.add_argument("--images", action="append", metavar="DIR",
+                   help="image directory (repeatable; replaces the configured ones)")
+    p.add_argument("--config", metavar="FILE", help="configuration file "
+                   "(default /etc/uenvfs.toml if it exists)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of objects: name, image_path, size (bytes), "
+                   "uenv_name, description, mount, views, problem")
+
+    p = add("check", "validate an image without mounting it", cmd_check, mountpoint=False)
+    p.description = (
+        "Validate IMAGE without mounting it: its superblock (SquashFS 4.0 magic, size not "
+        "truncated), then every inode and directory entry, the ID and fragment tables "
+        "(rdsquashfs -d; file data is not read). Prints 'IMAGE: ok (...)' or fails with the "
+        "reason. IMAGE is a path to an image file, or an image name of the configured sources.")
+    p.epilog = IMAGE_EPILOG
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--timeout", type=float, default=meta.CHECK_TIMEOUT, metavar="SECONDS",
+                   help="give up after this long (default %(default)g)")
+
+    p = add("env", "print the shell exports of a view of an image's meta/env.json", cmd_env,
+            mountpoint=False)
+    p.description = (
+        "Print the export/unset lines that a view of the image's meta/env.json defines, as "
+        "uenv applies them: scalars (null unsets), then each list operation in order "
+        "(prepend and append keep the current value, set replaces it, unset removes the "
+        "variable). Use: eval \"$(uenvfs env NAME)\". The paths in meta/env.json are those "
+        "of the mount point the image was built for (its 'mount' field, e.g. "
+        "/user-environment); uenvfs serves the image at MOUNTPOINT/NAME instead, so every "
+        "path under that mount point is rewritten to MOUNTPOINT/NAME. Software that has the "
+        "build mount point compiled in (RPATHs, scripts) may still need the image there. "
+        "${@VAR@} in a value becomes the shell's ${VAR-}. Unlike uenv, repeated entries of "
+        "a list are not removed (the first one still wins a lookup). "
+        "NAME is an image name of the image sources or a path to an image file (then NAME is "
+        "its file name without .sqfs).")
+    p.epilog = IMAGE_EPILOG
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--view", help="the view (default: the one named 'default', else the "
+                   "only one)")
+    p.add_argument("--images", action="append", metavar="DIR",
+                   help="image directory (repeatable; replaces the configured ones)")
+    p.add_argument("--config", metavar="FILE", help="configuration file "
+                   "(default /etc/uenvfs.toml if it exists)")
+    p.add_argument("--mountpoint", metavar="DIR", help="where uenvfs serves the images "
+                   "(default: the configured one, /run/pact/uenv)")
 
     for name, (help_text, build) in COMMANDS.items():
         p = add(name, help_text, _command(build))

@@ -13,6 +13,7 @@ has the name of its flag with `_` for `-`:
     negative_cache = 10.0
     mount_timeout = 30.0
     program_timeout = 10.0
+    validate = true                 # check each image version with rdsquashfs before mounting
     log_level = "INFO"
 """
 
@@ -46,6 +47,7 @@ class Config:
     negative_cache: float = 10.0
     mount_timeout: float = 30.0
     program_timeout: float = 10.0
+    validate: bool = True
     log_level: str = "INFO"
 
     @property
@@ -57,7 +59,8 @@ class Config:
     def journal_path(self) -> Path:
         return self.state_dir / "journal.json"
 
-    def validate(self) -> Config:
+    def checked(self) -> Config:
+        """This configuration, if every value is usable; else `ConfigError` says which."""
         for name in ("hold_time", "negative_cache", "mount_timeout", "program_timeout"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -91,6 +94,10 @@ def _convert(key: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a path")
         return Path(value)
+    if key == "validate":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false")
+        return value
     if key in _FLOATS:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number")
@@ -121,4 +128,4 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value
-    return replace(Config(), **values).validate()
+    return replace(Config(), **values).checked()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import shutil
 import signal
 import socket
 import stat
@@ -19,7 +20,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import journal, recovery
+from . import journal, meta, recovery
 from .allocation import AllocationResolver
 from .backend import make_backend, mount_at, read_mountinfo, run_tool
 from .catalog import Catalog
@@ -143,6 +144,9 @@ async def run(config: Config) -> None:
     missing = backend.missing_tools()
     if missing:
         raise StartupError(f"backend {backend.name} needs {', '.join(missing)} (not found in PATH)")
+    if config.validate and shutil.which(meta.RDSQUASHFS) is None:
+        raise StartupError(f"validating images needs {meta.RDSQUASHFS} (squashfs-tools-ng), "
+                           "not found in PATH; install it or set validate = false")
     catalog = Catalog(config.images, config.maps, config.program_map, config.program_timeout)
     catalog.refresh()
     manager = Manager(config, backend, catalog)

@@ -91,12 +91,17 @@ def fail(code: int) -> pyfuse3.FUSEError:
 
 @dataclass(eq=False)
 class Node:
-    """An inode the kernel knows inside an image. `rel` is its path in the image."""
+    """An inode the kernel knows inside an image. `rel` is its path in the image.
+
+    Every component of `rel` but the last is a directory (lookups only happen in directory
+    nodes), so resolving it never follows a symlink of the image.
+    """
 
     ino: int
     name: str  # the image
     slot: int  # the tree it belongs to; 0 for the image directory itself
     rel: bytes
+    is_dir: bool = True
     lookups: int = 0
 
     def child(self, name: bytes) -> bytes:
@@ -239,11 +244,12 @@ class UenvFS(pyfuse3.Operations):
             raise fail(errno.EOVERFLOW)
         return mount.tree.slot << SLOT_SHIFT | st.st_ino
 
-    def _remember(self, ino: int, parent: Node, slot: int, name: bytes) -> None:
+    def _remember(self, ino: int, parent: Node, slot: int, name: bytes, mode: int) -> None:
         """The kernel now knows *ino* once more (a lookup, or an entry of readdirplus)."""
         node = self.nodes.get(ino)
         if node is None:
-            node = self.nodes[ino] = Node(ino, parent.name, slot, parent.child(name))
+            node = self.nodes[ino] = Node(ino, parent.name, slot, parent.child(name),
+                                          stat.S_ISDIR(mode))
         node.lookups += 1
 
     # -- lookups --------------------------------------------------------------------------
@@ -257,10 +263,12 @@ class UenvFS(pyfuse3.Operations):
         if parent_inode == ROOT:
             return await self._lookup_image(name)
         parent = self._node(parent_inode)
+        if not parent.is_dir:
+            raise fail(errno.ENOTDIR)  # never resolve a path through a symlink of the image
         mount, path = await self._backing(parent)
         st = os.lstat(path + b"/" + name)
         ino = self._child_ino(mount, st)
-        self._remember(ino, parent, mount.tree.slot, name)
+        self._remember(ino, parent, mount.tree.slot, name, st.st_mode)
         return self._attrs(st, ino)
 
     async def _lookup_image(self, raw: bytes) -> pyfuse3.EntryAttributes:
@@ -372,6 +380,8 @@ class UenvFS(pyfuse3.Operations):
         if inode <= METRICS:
             raise fail(errno.ENOTDIR)
         node = self._node(inode)
+        if not node.is_dir:
+            raise fail(errno.ENOTDIR)
         mount, path = await self._backing(node)
         alloc = self._alloc(ctx)
         # No await from here on: the listing and the count see the same mount.
@@ -412,7 +422,8 @@ class UenvFS(pyfuse3.Operations):
                 break
             if isinstance(handle, DirHandle) and name not in (b".", b".."):
                 # readdirplus makes the kernel know the entry, as a lookup would.
-                self._remember(attrs.st_ino, handle.node, attrs.st_ino >> SLOT_SHIFT, name)
+                self._remember(attrs.st_ino, handle.node, attrs.st_ino >> SLOT_SHIFT, name,
+                               attrs.st_mode)
 
     @fuse_errors
     async def releasedir(self, fh: FileHandleT) -> None:

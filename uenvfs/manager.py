@@ -20,8 +20,8 @@ from typing import Any
 
 import trio
 
-from . import control, journal
-from .backend import MountBackend
+from . import control, journal, meta
+from .backend import MountBackend, run_check
 from .catalog import Catalog
 from .config import Config
 from .control import Command, MountStatus
@@ -46,6 +46,7 @@ class Tree:
 
     slot: int
     identity: Identity
+    validated: bool = False  # checked once per version: a remount of the same file is not
 
 
 @dataclass(eq=False)
@@ -203,6 +204,10 @@ class Manager:
             target.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise MountFailed(f"cannot create {target}: {exc.strerror}") from exc
+        tree = self._tree(name, identity)
+        if self.config.validate and not tree.validated:
+            await self._validate(path)
+            tree.validated = True
         if self.backend.mounted(target) is not None:
             log.warning("%s: a stale mount sits at %s; detaching it first", name, target)
             await self.backend.unmount(target, lazy=True)
@@ -210,7 +215,24 @@ class Manager:
         source = self.backend.mounted(target)
         if source is None:
             raise MountFailed(f"{self.backend.name} reported success but {target} is not mounted")
-        return Mount(name, path, target, self._tree(name, identity), source)
+        return Mount(name, path, target, tree, source)
+
+    async def _validate(self, path: Path) -> None:
+        """Refuse a corrupt image with a clear reason, before the kernel sees it."""
+        try:
+            with path.open("rb") as f:
+                problem = meta.superblock_problem(f.read(meta.SUPERBLOCK_SIZE),
+                                                  os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            raise MountFailed(f"image {path}: {exc.strerror}") from exc
+        if problem is None:
+            started = self.clock()
+            returncode, stderr = await run_check(meta.check_command(path),
+                                                 self.config.mount_timeout)
+            problem = meta.check_result(returncode, "", stderr)
+            self.metrics.observe("uenvfs_check_seconds", self.clock() - started)
+        if problem is not None:
+            raise MountFailed(f"image {path} is not valid: {problem}")
 
     def _tree(self, name: str, identity: Identity) -> Tree:
         tree = self._trees.get(name)

@@ -33,6 +33,8 @@ HELP = {
     "uenvfs_control_commands_total": ("counter", ".control commands, by command and outcome."),
     "uenvfs_mount_seconds": ("histogram", "Time to mount an image (tool and checks)."),
     "uenvfs_unmount_seconds": ("histogram", "Time to unmount an image."),
+    "uenvfs_check_seconds": ("histogram", "Time to validate an image version (rdsquashfs -d)."),
+    "uenvfs_journal_errors_total": ("counter", "Journal writes that failed."),
 }
 
 
