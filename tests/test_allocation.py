@@ -87,8 +87,14 @@ def test_resolver_order_on_a_fake_proc(tmp_path: Path) -> None:
 
 
 def _child(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
-                            stdin=subprocess.PIPE, env={**os.environ, **env})
+    """A child that runs (its execve is over, its environment readable) until stdin closes."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; print(flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, **env})
+    assert child.stdout is not None
+    child.stdout.readline()
+    child.stdout.close()
+    return child
 
 
 def test_cache_hit_reads_no_proc_and_reused_pid_is_not_mistaken() -> None:

@@ -75,7 +75,9 @@ def test_kill_9_then_restart_restores_everything(make_daemon: DaemonFactory) -> 
     second.control("release alloc-2")
     wait_until(lambda: not second.backing_mounts(), what="every hold timer to run out")
     wait_until(lambda: loop_count() == loops_at_start, what="the loop devices to be detached")
-    assert json.loads((second.state_dir / "journal.json").read_text())["mounts"] == {}
+    journal = second.state_dir / "journal.json"
+    wait_until(lambda: json.loads(journal.read_text())["mounts"] == {},
+               what="the journal to record the unmounts")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random", "ghost"])

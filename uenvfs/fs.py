@@ -25,6 +25,7 @@ import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -49,6 +50,7 @@ SLOT_SHIFT = 44
 INO_MASK = (1 << SLOT_SHIFT) - 1
 # Images never change while mounted: the kernel may cache names and attributes for long.
 TIMEOUT = 3600.0
+LISTING_CACHE_ENTRIES = 200_000  # directory entries kept for replay (about 200 bytes each)
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 FMODE_EXEC = 0o40  # the kernel's __FMODE_EXEC: this open is execve loading a program
 EXEC_SETTLE = (0.05, 0.5)  # when to look at an executing program's allocation again
@@ -108,6 +110,9 @@ class Node:
         return self.rel + b"/" + name if self.rel else name
 
 
+Listing = list[tuple[bytes, pyfuse3.EntryAttributes]]
+
+
 @dataclass(eq=False)
 class Counted:
     """A handle counted as a use of an image by an allocation (released exactly once)."""
@@ -125,13 +130,13 @@ class FileHandle(Counted):
 @dataclass(eq=False)
 class DirHandle(Counted):
     node: Node
-    entries: list[tuple[bytes, pyfuse3.EntryAttributes]]
+    entries: Listing
     dead: bool = False  # the image was force-unmounted
 
 
 @dataclass(eq=False)
 class RootDirHandle:
-    entries: list[tuple[bytes, pyfuse3.EntryAttributes]]
+    entries: Listing
 
 
 @dataclass(eq=False)
@@ -168,6 +173,9 @@ class UenvFS(pyfuse3.Operations):
         self.nodes: dict[int, Node] = {}
         self.image_inos: dict[str, int] = {}
         self.handles: dict[int, Handle] = {}
+        # Directory listings by (tree slot, path), least recently used first.
+        self.listings: OrderedDict[tuple[int, bytes], Listing] = OrderedDict()
+        self.listed_entries = 0
         self._next_fh = 1
         self.started = time.time()
         manager.on_force_unmount = self._kill_handles
@@ -191,7 +199,7 @@ class UenvFS(pyfuse3.Operations):
 
     async def _backing(self, node: Node) -> tuple[Mount, bytes]:
         """The mount serving *node* and its path there, mounting the image if needed."""
-        mount = await self.manager.ensure_mounted(node.name)
+        mount = self.manager.mounted(node.name) or await self.manager.ensure_mounted(node.name)
         if node.slot and node.slot != mount.tree.slot:
             raise fail(errno.ESTALE)  # the image file was replaced since the kernel saw it
         root = os.fsencode(mount.backing)
@@ -266,7 +274,15 @@ class UenvFS(pyfuse3.Operations):
         if not parent.is_dir:
             raise fail(errno.ENOTDIR)  # never resolve a path through a symlink of the image
         mount, path = await self._backing(parent)
-        st = os.lstat(path + b"/" + name)
+        try:
+            st = os.lstat(path + b"/" + name)
+        except FileNotFoundError:
+            # An image never changes: let the kernel remember that the name does not exist
+            # (Python's imports, PATH and library searches ask again and again).
+            missing = pyfuse3.EntryAttributes()
+            missing.st_ino = InodeT(0)
+            missing.entry_timeout = TIMEOUT
+            return missing
         ino = self._child_ino(mount, st)
         self._remember(ino, parent, mount.tree.slot, name, st.st_mode)
         return self._attrs(st, ino)
@@ -389,16 +405,21 @@ class UenvFS(pyfuse3.Operations):
         use = self.manager.open(node.name, alloc)
         return self._new_handle(DirHandle(node.name, use, node, entries))
 
-    def _root_entries(self) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+    def _root_entries(self) -> Listing:
         entries = [(b".", self._special_attrs(ROOT)), (b"..", self._special_attrs(ROOT))]
         entries += [(n, self._special_attrs(i)) for n, i in SPECIAL_NAMES.items()]
         names = set(self.manager.catalog.listing()) | set(self.manager.mounts)
         entries += [(name.encode(), self._image_attrs(name)) for name in sorted(names)]
         return entries
 
-    def _list(
-        self, node: Node, mount: Mount, path: bytes
-    ) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+    def _list(self, node: Node, mount: Mount, path: bytes) -> Listing:
+        """The entries of a directory with their attributes, read once per image version:
+        an image never changes, so a listing is replayed to every later opendir."""
+        key = (mount.tree.slot, node.rel)
+        entries = self.listings.get(key)
+        if entries is not None:
+            self.listings.move_to_end(key)
+            return entries
         here = self._attrs(os.lstat(path), node.ino)
         entries = [(b".", here), (b"..", here)]
         with os.scandir(path) as it:
@@ -406,6 +427,11 @@ class UenvFS(pyfuse3.Operations):
                 st = entry.stat(follow_symlinks=False)
                 ino = self._child_ino(mount, st)
                 entries.append((os.fsencode(entry.name), self._attrs(st, ino)))
+        self.listings[key] = entries
+        self.listed_entries += len(entries)
+        while self.listed_entries > LISTING_CACHE_ENTRIES and len(self.listings) > 1:
+            _, dropped = self.listings.popitem(last=False)
+            self.listed_entries -= len(dropped)
         return entries
 
     @fuse_errors

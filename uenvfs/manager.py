@@ -93,6 +93,7 @@ class Manager:
         self._next_slot = 1
         self._changed: dict[str, trio.Event] = {}
         self._wakeup = trio.Event()
+        self._sleeping_until = math.inf  # the deadline the hold timer waits for
         self._nursery: trio.Nursery | None = None
         # Hooks for the filesystem layer: an image's handles must die / its caches go stale.
         self.on_force_unmount: Callable[[str], Awaitable[None]] = _nothing
@@ -112,7 +113,8 @@ class Manager:
         while True:
             self._wakeup = trio.Event()
             deadline = self.registry.next_deadline()
-            with trio.move_on_at(math.inf if deadline is None else deadline):
+            self._sleeping_until = math.inf if deadline is None else deadline
+            with trio.move_on_at(self._sleeping_until):
                 await self._wakeup.wait()
             now = self.clock()
             for image in self.registry.due(now):
@@ -124,6 +126,15 @@ class Manager:
     def _wake(self) -> None:
         """Deadlines may have changed: let the hold timer look again."""
         self._wakeup.set()
+
+    def _wake_for(self, name: str) -> None:
+        """*name* may have started its hold timer: wake the timer if it must run out sooner.
+
+        (A timer stopped by a new use needs no wake-up: at its deadline nothing is due.)
+        """
+        deadline = self.registry.deadline(self.registry[name])
+        if deadline is not None and deadline < self._sleeping_until:
+            self._wakeup.set()
 
     def _event(self, name: str) -> trio.Event:
         event = self._changed.get(name)
@@ -310,7 +321,7 @@ class Manager:
         except RefcountInconsistency:
             self.metrics.inc("uenvfs_refcount_errors_total")
             log.exception("refcount bug on %s; continuing", name)
-        self._wake()
+        self._wake_for(name)
 
     # -- commands ------------------------------------------------------------------------
 

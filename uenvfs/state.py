@@ -142,7 +142,7 @@ class Image:
         if use is None:
             use = self.users[alloc] = Use(alloc)
             if len(self.users) == 1:
-                log.info("%s: refcount 0 -> 1 (%s), hold timer stopped", self.name, alloc)
+                log.debug("%s: refcount 0 -> 1 (%s), hold timer stopped", self.name, alloc)
         self.phase = Phase.MOUNTED
         self.idle_since = None
         return use
@@ -153,7 +153,8 @@ class Image:
             if not self.users:
                 self.phase = Phase.HOLDING
                 self.idle_since = now
-                log.info("%s: refcount 1 -> 0 (%s left), hold timer started", self.name, use.alloc)
+                log.debug("%s: refcount 1 -> 0 (%s left), hold timer started", self.name,
+                          use.alloc)
 
     def open(self, alloc: str, now: float) -> Use:
         """A file or directory handle of *alloc* opened. Returns the use to close later."""
