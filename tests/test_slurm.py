@@ -1,0 +1,354 @@
+"""The Slurm prolog and epilog (scripts/slurm) with a real daemon, and under a real Slurm.
+
+The Slurm here is private to the test: its own munged (a fresh key, its socket in the scratch
+directory), slurmctld and slurmd in the foreground on free ports, as root, with a one-node
+slurm.conf whose Prolog and Epilog are this repository's scripts behind a wrapper that points
+them at the test's daemon. Nothing of a Slurm or munge installed on the machine is used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from .support import Daemon, wait_until
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "slurm"
+SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+SLURM_TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol",
+               "scancel")
+MISSING = [tool for tool in SLURM_TOOLS if shutil.which(tool, path=SBIN_PATH) is None]
+SLURM_REASON = (f"needs Slurm and munge (apt-get install slurmctld slurmd slurm-client munge): "
+                f"{', '.join(MISSING)} not found" if MISSING else None)
+START_DEADLINE = 60.0
+
+pytestmark = pytest.mark.fuse
+
+
+def _hello(daemon: Daemon) -> None:
+    daemon.image("hello", {"bin/hello": "#!/bin/sh\necho hi\n"}, mode=0o755)
+    daemon.start()
+
+
+def _allocations(daemon: Daemon) -> dict[str, dict[str, object]]:
+    """Every allocation of every mounted image, as `.status` lists it: {alloc: {image: info}}."""
+    found: dict[str, dict[str, object]] = {}
+    for mount in daemon.status()["mounts"]:
+        for alloc, info in mount["allocations"].items():
+            found.setdefault(alloc, {})[mount["name"]] = info
+    return found
+
+
+def _uenvfs_command(directory: Path) -> Path:
+    """`uenvfs` for the scripts: this test's Python, as the daemon runs it."""
+    path = directory / "uenvfs"
+    path.write_text(f'#!/bin/sh\nexec {sys.executable} -m uenvfs "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+# -- the scripts alone, as slurmd would run them -------------------------------------------
+
+
+def _script(name: str, daemon: Daemon, job: int, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run scripts/slurm/NAME with the environment that slurmd gives it (no PATH)."""
+    base = {"SLURM_JOB_ID": str(job), "SLURM_JOBID": str(job), "SLURM_SCRIPT_CONTEXT":
+            f"{name}_slurmd", "UENVFS_MOUNTPOINT": str(daemon.mountpoint),
+            "UENVFS": str(_uenvfs_command(daemon.root))}
+    return subprocess.run([str(SCRIPTS / name)], env={**base, **env}, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_prolog_acquires_from_comment_and_spank(daemon: Daemon) -> None:
+    daemon.image("other", {"f": "x"})
+    _hello(daemon)
+    done = _script("prolog", daemon, 41, SLURM_JOB_COMMENT="x=1 uenv=hello y=2",
+                   SPANK_UENVFS_IMAGES="other,hello")
+    assert done.returncode == 0, done.stderr
+    assert _allocations(daemon)["slurm-41"] == {"hello": {"opens": 0, "acquired": True},
+                                                "other": {"opens": 0, "acquired": True}}
+    done = _script("epilog", daemon, 41)
+    assert done.returncode == 0, done.stderr
+    assert "slurm-41" not in _allocations(daemon)
+
+
+def test_prolog_policy_for_unknown_images(daemon: Daemon) -> None:
+    _hello(daemon)
+    daemon.expect(r"acquire nosuch slurm-4[23]: failed")
+    # An unknown name and names that are not names: logged, the job runs.
+    comment = "uenv=nosuch,--mountpoint=/tmp,../x,hello"
+    done = _script("prolog", daemon, 42, SLURM_JOB_COMMENT=comment)
+    assert done.returncode == 0, done.stderr
+    assert "cannot acquire nosuch" in done.stderr
+    assert "'--mountpoint=/tmp' is not an image name" in done.stderr
+    assert "'../x' is not an image name" in done.stderr
+    assert _allocations(daemon)["slurm-42"] == {"hello": {"opens": 0, "acquired": True}}
+    # UENVFS_STRICT=1: the same failure fails the prolog (what it acquired stays acquired:
+    # Slurm runs the epilog after a failed prolog).
+    done = _script("prolog", daemon, 43, SLURM_JOB_COMMENT="uenv=hello,nosuch",
+                   UENVFS_STRICT="1")
+    assert done.returncode == 1
+    assert "UENVFS_STRICT=1" in done.stderr
+    for job in (42, 43):
+        assert _script("epilog", daemon, job).returncode == 0
+    assert _allocations(daemon) == {}
+
+
+def test_scripts_without_images_or_daemon(daemon: Daemon) -> None:
+    _hello(daemon)
+    # A job that asks for nothing: nothing happens, and the daemon is not even asked.
+    assert _script("prolog", daemon, 44).returncode == 0
+    done = _script("epilog", daemon, 44)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert "slurm-44" not in daemon.log()
+    # No uenvfs at the mountpoint: a job that needs it cannot run on this node.
+    elsewhere = {"UENVFS_MOUNTPOINT": str(daemon.root / "nothing-here")}
+    done = _script("prolog", daemon, 45, SLURM_JOB_COMMENT="uenv=hello", **elsewhere)
+    assert done.returncode == 1
+    assert "uenvfs does not answer (exit 3)" in done.stderr
+    # ... but the epilog does not drain the node for it.
+    done = _script("epilog", daemon, 45, **elsewhere)
+    assert done.returncode == 0
+    assert "cannot release slurm-45 (exit 3)" in done.stderr
+
+
+# -- a real Slurm ----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Slurm:
+    """A one-node Slurm on localhost, its files in *root*; `start()` runs it, `stop()` ends it."""
+
+    root: Path
+    mountpoint: Path
+    node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "slurm.conf"
+
+    @property
+    def env(self) -> dict[str, str]:
+        # Nothing of the test's own environment (it may run inside a Slurm job itself).
+        return {"PATH": SBIN_PATH, "SLURM_CONF": str(self.conf), "LC_ALL": "C"}
+
+    def _wrapper(self, name: str) -> Path:
+        path = self.root / name
+        path.write_text(f"#!/bin/sh\nexport UENVFS_MOUNTPOINT={self.mountpoint}\n"
+                        f"export UENVFS={_uenvfs_command(self.root)}\n"
+                        f"exec {SCRIPTS / name} 2>>{self.root / name}.log\n")
+        path.chmod(0o755)
+        return path
+
+    def _configure(self) -> None:
+        munge = self.root / "munge"
+        munge.mkdir(mode=0o755)  # munged: the socket's directories must be searchable by all
+        key = munge / "munge.key"
+        key.write_bytes(os.urandom(1024))  # a key of its own: never the machine's
+        key.chmod(0o600)
+        for name in ("state", "spool"):
+            (self.root / name).mkdir()
+        r = self.root
+        self.conf.write_text(f"""\
+ClusterName=uenvfstest
+SlurmctldHost={self.node}(127.0.0.1)
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={munge / "munge.sock"}
+StateSaveLocation={r / "state"}
+SlurmdSpoolDir={r / "spool"}
+SlurmctldPidFile={r / "slurmctld.pid"}
+SlurmdPidFile={r / "slurmd.pid"}
+SlurmctldLogFile={r / "slurmctld.log"}
+SlurmdLogFile={r / "slurmd.log"}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MpiDefault=none
+MailProg=/bin/true
+ReturnToService=2
+SlurmdParameters=config_overrides
+Prolog={self._wrapper("prolog")}
+Epilog={self._wrapper("epilog")}
+PrologFlags=Alloc
+PrologEpilogTimeout=120
+NodeName={self.node} NodeAddr=127.0.0.1 CPUs=1 State=UNKNOWN
+PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+
+    def _spawn(self, name: str, *command: str) -> None:
+        with (self.root / f"{name}.out").open("wb") as out:
+            self.processes[name] = subprocess.Popen(
+                [shutil.which(command[0], path=SBIN_PATH) or command[0], *command[1:]],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self.env)
+
+    def start(self) -> Slurm:
+        self._configure()
+        munge = self.root / "munge"
+        self._spawn("munged", "munged", "--foreground", f"--socket={munge / 'munge.sock'}",
+                    f"--key-file={munge / 'munge.key'}", f"--pid-file={munge / 'munged.pid'}",
+                    f"--seed-file={munge / 'munged.seed'}", f"--log-file={munge / 'munged.log'}")
+        self._wait(lambda: (munge / "munge.sock").exists(), "munged's socket")
+        self._spawn("slurmctld", "slurmctld", "-D")
+        self._spawn("slurmd", "slurmd", "-D", "-N", self.node)
+        self._wait(lambda: self.node_state() == "idle", f"node {self.node} to be idle")
+        return self
+
+    def _wait(self, predicate: Callable[[], object], what: str) -> None:
+        def ready() -> object:
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise AssertionError(f"{name} exited {process.returncode}\n{self.logs()}")
+            return predicate()
+
+        try:
+            wait_until(ready, timeout=START_DEADLINE, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()}") from None
+
+    def run(self, *command: str) -> str:
+        done = subprocess.run(command, capture_output=True, text=True, env=self.env,
+                              timeout=60, check=False)
+        if done.returncode != 0:
+            raise AssertionError(f"{' '.join(command)}: exit {done.returncode}: {done.stderr}")
+        return done.stdout
+
+    def node_state(self) -> str:
+        """sinfo's short state of the node ("idle", "drain", ...), "" while nobody answers."""
+        done = subprocess.run(["sinfo", "-h", "-n", self.node, "-o", "%t"], capture_output=True,
+                              text=True, env=self.env, timeout=60, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    def sbatch(self, *args: str) -> int:
+        return int(self.run("sbatch", "--parsable", f"--chdir={self.root}",
+                            f"--output={self.root}/job-%j.out", *args).split(";")[0])
+
+    def state(self, job: int) -> str:
+        """The job's state as squeue shows it; "" once it is gone (its epilog finished)."""
+        return self.run("squeue", "-h", "-j", str(job), "-o", "%T").strip()
+
+    def logs(self) -> str:
+        parts = []
+        for name in ("slurmctld.log", "slurmd.log", "munge/munged.log", "prolog.log",
+                     "epilog.log"):
+            path = self.root / name
+            if path.exists():
+                lines = path.read_text(errors="replace").splitlines()[-15:]
+                parts.append(f"--- {name} (end):\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+    def stop(self) -> list[str]:
+        """Cancel every job, then stop slurmd, slurmctld and munged. Returns what went wrong."""
+        problems = []
+        if self.processes.get("slurmctld") and self.processes["slurmctld"].poll() is None:
+            try:
+                jobs = self.run("squeue", "-h", "-o", "%A").split()
+                if jobs:
+                    self.run("scancel", *jobs)
+                    wait_until(lambda: not self.run("squeue", "-h", "-o", "%A").strip(),
+                               timeout=30, what="the cancelled jobs to end")
+            except (AssertionError, subprocess.TimeoutExpired) as exc:
+                problems.append(f"cannot end the jobs: {exc}")
+        for name in ("slurmd", "slurmctld", "munged"):
+            process = self.processes.get(name)
+            if process is None or process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                problems.append(f"{name} ignored SIGTERM")
+        # slurmstepd outlives slurmd; a step's socket in the spool directory means one is alive.
+        def steps() -> list[str]:
+            return [path.name for path in (self.root / "spool").glob(f"{self.node}_*")]
+
+        try:
+            wait_until(lambda: not steps(), timeout=10, what="the job steps to end")
+        except AssertionError:
+            problems.append(f"job steps left running: {', '.join(steps())}")
+        return problems
+
+
+@pytest.fixture
+def slurm(daemon: Daemon) -> Iterator[Slurm]:
+    """A running one-node Slurm whose prolog and epilog talk to *daemon* (not started yet)."""
+    if SLURM_REASON is not None:
+        if os.environ.get("CI"):
+            # CI installs Slurm (.ci/run): a skipped test there would hide a broken setup.
+            pytest.fail(f"CI must run the Slurm test, but it {SLURM_REASON}", pytrace=False)
+        pytest.skip(SLURM_REASON)
+    root = daemon.root / "slurm"
+    root.mkdir(mode=0o755)  # munged wants every directory above its socket searchable
+    cluster = Slurm(root, daemon.mountpoint)
+    try:
+        yield cluster.start()
+    finally:
+        problems = cluster.stop()
+    if problems:
+        pytest.fail("Slurm: " + "; ".join(problems), pytrace=False)
+
+
+def test_slurm_job_uses_its_uenv(daemon: Daemon, slurm: Slurm) -> None:
+    _hello(daemon)
+    daemon.expect(r"acquire nosuch slurm-\d+: failed")
+    go = slurm.root / "go"
+    job = slurm.sbatch("--comment=uenv=hello,nosuch note=x",
+                       f"--wrap={daemon.mountpoint}/hello/bin/hello; "
+                       f"while [ ! -e {go} ]; do sleep 0.1; done")
+    alloc = f"slurm-{job}"
+    out = slurm.root / f"job-{job}.out"
+
+    def started() -> bool:
+        if slurm.state(job) not in ("PENDING", "CONFIGURING", "RUNNING"):
+            raise AssertionError(f"job {job} is {slurm.state(job) or 'gone'}:\n{slurm.logs()}")
+        return out.exists() and out.read_text() != ""
+
+    wait_until(started, timeout=START_DEADLINE, what=f"job {job} to run hello")
+    assert out.read_text() == "hi\n"
+    hello = daemon.mount_status("hello")
+    assert hello is not None
+    assert hello["state"] == "mounted"
+    assert hello["allocations"][alloc]["acquired"] is True
+    assert "cannot acquire nosuch" in (slurm.root / "prolog.log").read_text()
+
+    go.touch()
+    wait_until(lambda: slurm.state(job) == "", timeout=START_DEADLINE,
+               what=f"job {job} and its epilog to end")
+    wait_until(lambda: alloc not in _allocations(daemon), what=f"the epilog to release {alloc}")
+    # The unknown image did not drain the node.
+    assert slurm.node_state() == "idle"
+
+    # For a Slurm that gives the prolog no SLURM_JOB_COMMENT: UENVFS_SCONTROL=1 asks scontrol.
+    held = slurm.sbatch("--hold", "--comment=uenv=hello", "--wrap=true")
+    done = _script("prolog", daemon, held, UENVFS_SCONTROL="1", **slurm.env)
+    assert done.returncode == 0, done.stderr
+    assert _allocations(daemon)[f"slurm-{held}"] == {"hello": {"opens": 0, "acquired": True}}
+    assert _script("epilog", daemon, held).returncode == 0
+    assert f"slurm-{held}" not in _allocations(daemon)
