@@ -21,6 +21,7 @@ from .names import valid_name
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".sqfs", ".squashfs")
+MAX_ANSWERS = 10_000  # program-map answers remembered; the "no"s are dropped beyond that
 
 
 def name_of(filename: str) -> str | None:
@@ -63,7 +64,9 @@ class Catalog:
     map_files: Sequence[Path] = ()
     program_map: Path | None = None
     program_timeout: float = 10.0
+    answer_ttl: float = 10.0
     _listing: dict[str, Path] = field(default_factory=dict)
+    _answers: dict[str, tuple[Path | None, float]] = field(default_factory=dict)
     _stamps: dict[Path, int] = field(default_factory=dict)
 
     def refresh(self, *, force: bool = True) -> bool:
@@ -72,6 +75,7 @@ class Catalog:
         Returns whether the listing changed. Never raises: an unreadable source is logged
         and contributes nothing.
         """
+        self._answers.clear()
         sources = [*self.image_dirs, *self.map_files]
         stamps = {p: _mtime(p) for p in sources}
         if not force and stamps == self._stamps:
@@ -135,11 +139,29 @@ class Catalog:
                     return candidate
         return None
 
+    def remembers(self, name: str) -> bool:
+        """Whether *name* is known without asking anything: listed, or a program map's answer."""
+        answer = self._answers.get(name)
+        return name in self._listing or (answer is not None and answer[0] is not None)
+
     async def resolve(self, name: str) -> Path | None:
-        """The image path for *name*, or None if no source knows it."""
+        """The image path for *name*, or None if no source knows it.
+
+        A program map's answers are remembered (a "no" for `answer_ttl` seconds, a path until
+        the next reload): the kernel of this libfuse serializes lookups in one directory, so
+        while the program runs, no other new name in the root can be looked up.
+        """
         path = self.lookup_listed(name)
-        if path is None and self.program_map is not None and valid_name(name):
-            path = await self._ask_program(name)
+        if path is not None or self.program_map is None or not valid_name(name):
+            return path
+        known = self._answers.get(name)
+        now = trio.current_time()
+        if known is not None and (known[0] is not None or now < known[1]):
+            return known[0]
+        path = await self._ask_program(name)
+        self._answers[name] = (path, now + self.answer_ttl)
+        if len(self._answers) > MAX_ANSWERS:
+            self._answers = {n: a for n, a in self._answers.items() if a[0] is not None}
         return path
 
     async def _ask_program(self, name: str) -> Path | None:

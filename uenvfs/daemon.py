@@ -147,7 +147,8 @@ async def run(config: Config) -> None:
     if config.validate and shutil.which(meta.RDSQUASHFS) is None:
         raise StartupError(f"validating images needs {meta.RDSQUASHFS} (squashfs-tools-ng), "
                            "not found in PATH; install it or set validate = false")
-    catalog = Catalog(config.images, config.maps, config.program_map, config.program_timeout)
+    catalog = Catalog(config.images, config.maps, config.program_map, config.program_timeout,
+                      answer_ttl=config.negative_cache)
     catalog.refresh()
     manager = Manager(config, backend, catalog)
     resolver = AllocationResolver()

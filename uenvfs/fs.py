@@ -179,7 +179,7 @@ class UenvFS(pyfuse3.Operations):
         self._next_fh = 1
         self.started = time.time()
         manager.on_force_unmount = self._kill_handles
-        manager.on_replaced = self._forget_entry
+        manager.on_stale_entry = self._forget_entry
         manager.on_listing_changed = self._listing_changed
 
     # -- inodes and attributes ----------------------------------------------------------
@@ -408,8 +408,10 @@ class UenvFS(pyfuse3.Operations):
     def _root_entries(self) -> Listing:
         entries = [(b".", self._special_attrs(ROOT)), (b"..", self._special_attrs(ROOT))]
         entries += [(n, self._special_attrs(i)) for n, i in SPECIAL_NAMES.items()]
-        names = set(self.manager.catalog.listing()) | set(self.manager.mounts)
-        entries += [(name.encode(), self._image_attrs(name)) for name in sorted(names)]
+        # The sources' names only: a name removed from them is still served while mounted,
+        # but no longer listed.
+        names = sorted(self.manager.catalog.listing())
+        entries += [(name.encode(), self._image_attrs(name)) for name in names]
         return entries
 
     def _list(self, node: Node, mount: Mount, path: bytes) -> Listing:

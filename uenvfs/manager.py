@@ -97,7 +97,7 @@ class Manager:
         self._nursery: trio.Nursery | None = None
         # Hooks for the filesystem layer: an image's handles must die / its caches go stale.
         self.on_force_unmount: Callable[[str], Awaitable[None]] = _nothing
-        self.on_replaced: Callable[[str], None] = lambda name: None
+        self.on_stale_entry: Callable[[str], None] = lambda name: None
         self.on_listing_changed: Callable[[Iterable[str]], None] = lambda names: None
 
     # -- tasks ---------------------------------------------------------------------------
@@ -252,7 +252,7 @@ class Manager:
         new = self._trees[name] = Tree(self.new_slot(), identity)
         if tree is not None:
             log.info("%s: image file changed since its last mount; new inode numbers", name)
-            self.on_replaced(name)
+            self.on_stale_entry(name)
         return new
 
     def new_slot(self) -> int:
@@ -281,6 +281,8 @@ class Manager:
             del self.mounts[name]
             image.unmounted(self.clock())
             self.save_journal()
+            if not self.catalog.remembers(name):
+                self.on_stale_entry(name)  # removed from the sources while it was mounted
             self.metrics.inc("uenvfs_unmounts_total", image=name)
             self.metrics.observe("uenvfs_unmount_seconds", self.clock() - started)
             log.info("%s: unmounted %s", name, mount.backing)
