@@ -240,6 +240,12 @@ class Daemon:
     def mount_status(self, name: str) -> dict[str, Any] | None:
         return next((m for m in self.status()["mounts"] if m["name"] == name), None)
 
+    def wait_idle(self, name: str) -> None:
+        """Wait until nothing uses *name*: a closed file's release reaches the daemon a little
+        after close() returns (the kernel sends it in the background)."""
+        wait_until(lambda: (self.mount_status(name) or {"refcount": 0})["refcount"] == 0,
+                   what=f"{name} to be idle")
+
     def control(self, line: str) -> None:
         """Write a command to .control; raises OSError with the daemon's errno."""
         fd = os.open(self.mountpoint / ".control", os.O_WRONLY)

@@ -118,6 +118,7 @@ def test_image_deleted_while_mounted(daemon: Daemon) -> None:
     path.unlink()
     assert (daemon.mountpoint / "img/f").read_text() == "still here"  # the loop device has it
     release_holder(holder)
+    daemon.wait_idle("img")
     daemon.control("expire")
     assert errno_of(lambda: (daemon.mountpoint / "img/f").read_text()) == errno.EIO
     status = daemon.mount_status("img")
@@ -134,10 +135,12 @@ def test_image_directory_disappears(daemon: Daemon) -> None:
     moved = daemon.root / "images-moved"
     daemon.images.rename(moved)
     daemon.control("reload")
-    assert sorted(os.listdir(daemon.mountpoint)) == [".control", ".metrics", ".status", "a"]
-    assert (daemon.mountpoint / "a/f").read_text() == "a"  # in use: still served
-    assert errno_of(lambda: os.listdir(daemon.mountpoint / "b")) == errno.ENOENT
-    release_holder(holder)
+    try:
+        assert sorted(os.listdir(daemon.mountpoint)) == [".control", ".metrics", ".status"]
+        assert (daemon.mountpoint / "a/f").read_text() == "a"  # in use: still served
+        assert errno_of(lambda: os.listdir(daemon.mountpoint / "b")) == errno.ENOENT
+    finally:
+        release_holder(holder)
     moved.rename(daemon.images)
     daemon.control("reload")
     assert (daemon.mountpoint / "b/f").read_text() == "b"

@@ -166,3 +166,22 @@ def test_fuse_mount_gone_under_a_live_daemon(daemon: Daemon) -> None:
     assert "unmounted from outside" in daemon.log()
     assert daemon.backing_mounts() == []
     assert errno_of(lambda: os.listdir(daemon.mountpoint / "x")) == errno.ENOENT
+
+
+def test_sigterm_keeps_acquired_images_for_the_next_start(make_daemon: DaemonFactory) -> None:
+    first = make_daemon()
+    first.image("held", {"f": "held"})
+    first.image("acquired", {"f": "acquired"})
+    first.start()
+    holder = spawn_holder(first.mountpoint / "held/f", alloc="job-1")
+    first.control("acquire acquired prolog-1")
+    assert first.stop() == 0
+    release_holder(holder)  # its file died with the FUSE connection
+    # An open file does not outlive the daemon; an acquisition does.
+    assert backing_names(first) == Counter({"acquired": 1})
+    second = restart(make_daemon, first)
+    m = second.mount_status("acquired")
+    assert m is not None
+    assert m["allocations"] == {"prolog-1": {"opens": 0, "acquired": True}}
+    assert second.mount_status("held") is None
+    second.control("reconcile")

@@ -128,6 +128,10 @@ def test_reload_adds_and_removes_names_in_use_stay_served(daemon: Daemon) -> Non
     assert "gone" not in os.listdir(daemon.mountpoint)
     assert (daemon.mountpoint / "gone/f").read_text() == "gone"  # still in use: still served
     release_holder(holder)
+    daemon.wait_idle("gone")
     daemon.control("expire")
+    # The kernel is told to forget the name (asynchronously, by pyfuse3's notify thread).
+    wait_until(lambda: not os.path.exists(daemon.mountpoint / "gone"),
+               what="the removed name to be forgotten")
     assert errno_of(lambda: os.stat(daemon.mountpoint / "gone")) == errno.ENOENT
     assert (daemon.mountpoint / "new/f").read_text() == "new"

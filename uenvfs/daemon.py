@@ -179,6 +179,9 @@ async def run(config: Config) -> None:
             _sd_notify("STOPPING=1")
             pyfuse3.close(unmount=True)
             fuse_open = False
+            # Uses through open files die with the connection (the kernel can no longer send
+            # their releases); only acquisitions outlive the daemon, through the journal.
+            fs.close_all()
             await manager.shutdown()
             resolver.close()
             nursery.cancel_scope.cancel()

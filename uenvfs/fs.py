@@ -568,6 +568,11 @@ class UenvFS(pyfuse3.Operations):
         if isinstance(handle, Counted):
             self.manager.close(handle.name, handle.use)
 
+    def close_all(self) -> None:
+        """The FUSE connection is gone: its handles will never be released; drop them."""
+        for fh in list(self.handles):
+            self._release(fh)
+
     async def _kill_handles(self, name: str) -> None:
         """Force-unmount: every handle into *name* fails with EIO from now on.
 

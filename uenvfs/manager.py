@@ -532,14 +532,14 @@ class Manager:
                                        self.emergency, mounts)
 
     async def shutdown(self) -> None:
-        """Unmount every idle image; images in use stay mounted for the next daemon to adopt."""
+        """Unmount every idle image; acquired images stay mounted for the next daemon to adopt."""
         for image in self.registry:
             await self._wait_settled(image.name)
         await self.expire_idle()
         for image in self.registry:
             if image.is_mounted:
-                log.warning("%s: still used by %s; left mounted at %s for the next start",
-                            image.name, ", ".join(image.users), self.mounts[image.name].backing)
+                log.info("%s: acquired by %s; left mounted at %s for the next start",
+                         image.name, ", ".join(image.users), self.mounts[image.name].backing)
 
 
 async def _nothing(name: str) -> None:
