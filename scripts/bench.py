@@ -132,6 +132,7 @@ class Settings:
     only: tuple[str, ...]
     warm_runs: int
     cold_runs: int
+    source: Path = REPO  # the uenvfs checkout whose code the daemon runs
 
     @property
     def images_dir(self) -> Path:
@@ -174,6 +175,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
                         help="timed warm repetitions (default 5, 1 with --quick)")
     parser.add_argument("--cold-runs", type=positive, metavar="N",
                         help="timed cold repetitions (default 3, 1 with --quick)")
+    parser.add_argument("--source", type=Path, default=REPO, metavar="DIR",
+                        help="run the uenvfs code of this checkout (e.g. a `git worktree` of "
+                             "an older commit, for before/after figures; default: this one)")
     args = parser.parse_args(argv)
     quick_default = 1 if args.quick else None
     return Settings(
@@ -183,6 +187,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         only=args.only,
         warm_runs=args.warm_runs or quick_default or 5,
         cold_runs=args.cold_runs or quick_default or 3,
+        source=args.source.absolute(),
     )
 
 
@@ -345,6 +350,7 @@ class Mounts:
     notes: list[str] = field(default_factory=list)
     squashfuse: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     uenvfs: subprocess.Popen[bytes] | None = None
+    source: Path = REPO
 
     def root(self, system: str, name: str) -> Path:
         return self.run_dir / system / name
@@ -405,9 +411,10 @@ class Mounts:
                    "--mountpoint", str(mountpoint), "--images", str(self.images_dir),
                    "--state-dir", str(self.state_dir), "--hold-time", "3600",
                    "--config", "/dev/null"]
+        env = {**os.environ, "PYTHONPATH": str(self.source)}
         with self.uenvfs_log.open("ab") as log:
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                       start_new_session=True)
+                                       start_new_session=True, env=env)
         self.uenvfs = process
         self.stack.callback(self.stop_uenvfs, process)
         wait_for(lambda: self.up(process, mountpoint, "uenvfs") and self.uenvfs_serving(),
@@ -851,7 +858,7 @@ def prepare_env_image(bench: Bench) -> dict[str, Any]:
 # -- the report ------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
+def machine(source: Path = REPO) -> dict[str, Any]:
     return {
         "nproc": os.cpu_count(),
         "kernel": platform.release(),
@@ -864,7 +871,7 @@ def machine() -> dict[str, Any]:
         "squashfuse": tool_version(["squashfuse_ll", "--version"]),
         "mksquashfs": tool_version(["mksquashfs", "-version"]),
         "libfuse": tool_version(["fusermount3", "-V"]),
-        "uenvfs_commit": git_commit(),
+        "uenvfs_commit": git_commit(source),
     }
 
 
@@ -882,10 +889,10 @@ def tool_version(command: list[str]) -> str:
     return found.group(0) if found else "unknown"
 
 
-def git_commit() -> str:
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+def git_commit(source: Path = REPO) -> str:
+    head = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True, check=False).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "uenvfs"],
+    dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--", "uenvfs"],
                            capture_output=True, text=True, check=False).stdout.strip()
     return (head or "unknown") + ("+changes" if dirty else "")
 
@@ -983,8 +990,9 @@ def benchmark(settings: Settings) -> tuple[list[Row], dict[str, Any]]:
     prepare_workdir(settings)
     images = ensure_images(settings)
     stack = contextlib.ExitStack()
-    mounts = Mounts(settings.run_dir, settings.images_dir, images, stack)
-    info: dict[str, Any] = {"machine": machine(), "problems": mounts.problems,
+    mounts = Mounts(settings.run_dir, settings.images_dir, images, stack,
+                    source=settings.source)
+    info: dict[str, Any] = {"machine": machine(settings.source), "problems": mounts.problems,
                             "notes": mounts.notes}
     try:
         mounts.mount_all()

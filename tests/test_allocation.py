@@ -5,11 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from uenvfs.allocation import AllocationResolver, from_cgroup, from_environ, parse_environ
+from uenvfs.allocation import (
+    RECHECK_AFTER,
+    AllocationResolver,
+    from_cgroup,
+    from_environ,
+    parse_environ,
+)
 
 PACT_V2 = "0::/workload.slice/alloc-42.scope\n"
 SLURM_V2 = "0::/system.slice/slurmstepd.scope/job_1234/step_0/user/task_0\n"
@@ -110,7 +117,9 @@ def test_cache_hit_reads_no_proc_and_reused_pid_is_not_mistaken() -> None:
         assert child.stdin is not None
         child.stdin.close()
         child.wait()
-    # The process exited: its pidfd says so, and the entry is not trusted any more.
+    # The process exited: once the short trust window is over (a pid cannot be reused that
+    # fast), its pidfd says so, and the entry is not trusted any more.
+    time.sleep(RECHECK_AFTER)
     assert resolver.resolve(child.pid, 0) == "uid-0"
     assert resolver.lookups == lookups + 1
     assert resolver.sweep() == 0  # the dead entry was already replaced

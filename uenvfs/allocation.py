@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import select
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 _PACT_SCOPE = re.compile(r"^(?P<id>[^/\s]+)\.scope$")
 _SLURM_JOB = re.compile(r"^job_(?P<n>\d+)$")
 _SLURM_ID = re.compile(r"^\d+$")
+RECHECK_AFTER = 0.05  # seconds during which a cached thread is trusted without a poll
 PIDFD_THREAD = os.O_EXCL  # pidfd_open flag (Linux 6.9): a pidfd for one thread, not a process
 
 
@@ -81,6 +83,7 @@ def tgid_of(status: str) -> int | None:
 class _Entry:
     alloc: str
     pidfd: int | None
+    checked: float = 0.0  # when its pidfd last said the thread is alive
 
 
 class AllocationResolver:
@@ -98,7 +101,13 @@ class AllocationResolver:
     def resolve(self, pid: int, uid: int) -> str:
         entry = self._cache.get(pid)
         if entry is not None:
+            now = time.monotonic()
+            # A thread seen alive this recently cannot have exited *and* had its id reused
+            # by a new thread that already asks us something: that takes a whole pid cycle.
+            if now - entry.checked < RECHECK_AFTER:
+                return entry.alloc
             if entry.pidfd is not None and not _exited(entry.pidfd):
+                entry.checked = now
                 return entry.alloc
             self._forget(pid)
         alloc, _ = self._read(pid, uid)
@@ -106,7 +115,7 @@ class AllocationResolver:
         if pidfd is not None:
             if len(self._cache) >= self.max_entries:
                 self.sweep()
-            self._cache[pid] = _Entry(alloc, pidfd)
+            self._cache[pid] = _Entry(alloc, pidfd, time.monotonic())
         return alloc
 
     def resolve_exec(self, pid: int, uid: int) -> tuple[str, bool]:

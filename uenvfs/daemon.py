@@ -20,7 +20,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import journal, meta, recovery
+from . import fastloop, journal, meta, recovery
 from .allocation import AllocationResolver
 from .backend import make_backend, mount_at, read_mountinfo, run_tool
 from .catalog import Catalog
@@ -160,6 +160,7 @@ async def run(config: Config) -> None:
     await recover(manager)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     options |= {"fsname=uenvfs", "subtype=uenvfs", "allow_other"}
+    fastloop.install()
     try:
         pyfuse3.init(fs, str(config.mountpoint), options)
     except RuntimeError as exc:

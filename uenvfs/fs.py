@@ -202,8 +202,7 @@ class UenvFS(pyfuse3.Operations):
         mount = self.manager.mounted(node.name) or await self.manager.ensure_mounted(node.name)
         if node.slot and node.slot != mount.tree.slot:
             raise fail(errno.ESTALE)  # the image file was replaced since the kernel saw it
-        root = os.fsencode(mount.backing)
-        return mount, root + b"/" + node.rel if node.rel else root
+        return mount, mount.root + b"/" + node.rel if node.rel else mount.root
 
     @staticmethod
     def _attrs(st: os.stat_result, ino: int, timeout: float = TIMEOUT) -> pyfuse3.EntryAttributes:

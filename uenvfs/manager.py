@@ -60,6 +60,9 @@ class Mount:
     source: str
     mounted_at: float = field(default_factory=time.time)
 
+    def __post_init__(self) -> None:
+        self.root = os.fsencode(self.backing)  # the backing directory, for path building
+
 
 def identity_of(path: Path) -> Identity:
     st = os.stat(path)
