@@ -62,7 +62,7 @@ async def fs(tmp_path: Path) -> AsyncIterator[UenvFS]:
     catalog = Catalog([images])
     catalog.refresh()
     config = Config(images=(images,), state_dir=tmp_path / "state", validate=False)
-    manager = Manager(config, DirBackend({"img": tree}), catalog)
+    manager = Manager(config, DirBackend({"img": tree}), catalog, journal_in_thread=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.run)
         yield UenvFS(manager)

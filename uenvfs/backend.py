@@ -83,6 +83,11 @@ def mount_at(target: Path | str, entries: Sequence[MountEntry] | None = None) ->
     return found
 
 
+def is_mount_point(path: Path) -> bool:
+    """Whether something is mounted at *path*: two stats, cheaper than reading mountinfo."""
+    return os.path.ismount(path)
+
+
 async def run_tool(
     command: Sequence[str], time_limit: float, error: type[MountError] = MountFailed
 ) -> str:

@@ -52,10 +52,7 @@ async def wait_readable(fd: int) -> None:
         _poller.fast += 1
         return
     _poller.fast = 0
-    await trio.lowlevel.checkpoint()
-    if _poller.readable(fd):
-        return
-    await trio.lowlevel.wait_readable(fd)
+    await trio.lowlevel.wait_readable(fd)  # a checkpoint too, if a request is already there
 
 
 class Lock:

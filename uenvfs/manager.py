@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from . import control, journal, meta
-from .backend import MountBackend, run_check
+from .backend import MountBackend, is_mount_point, run_check
 from .catalog import Catalog
 from .config import Config
 from .control import Command, MountStatus
@@ -82,6 +82,8 @@ class Manager:
         backend: MountBackend,
         catalog: Catalog,
         clock: Callable[[], float] = trio.current_time,
+        *,
+        journal_in_thread: bool = True,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -97,6 +99,12 @@ class Manager:
         self._changed: dict[str, trio.Event] = {}
         self._wakeup = trio.Event()
         self._sleeping_until = math.inf  # the deadline the hold timer waits for
+        self._journal_wanted = self._journal_done = 0  # generations of the journal
+        self._journal_wake = trio.Event()
+        self._journal_written = trio.Event()
+        # The fsync goes to a worker thread; tests in virtual time write in the loop instead
+        # (trio's autojump clock would jump while the thread works).
+        self._journal_in_thread = journal_in_thread
         self._nursery: trio.Nursery | None = None
         # Hooks for the filesystem layer: an image's handles must die / its caches go stale.
         self.on_force_unmount: Callable[[str], Awaitable[None]] = _nothing
@@ -110,6 +118,7 @@ class Manager:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._hold_timer, name="hold-timer")
+            nursery.start_soon(self._journal_writer, name="journal")
             task_status.started()
 
     async def _hold_timer(self) -> None:
@@ -198,7 +207,7 @@ class Manager:
             self.metrics.observe("uenvfs_mount_seconds", self.clock() - started)
             self.mounts[name] = mount
             image.mounted(self.clock())
-            self.save_journal()
+            self.journal_soon()
             log.info("%s: mounted %s at %s (%s)", name, mount.image_path, mount.backing,
                      mount.source)
         finally:
@@ -222,7 +231,7 @@ class Manager:
         if self.config.validate and not tree.validated:
             await self._validate(path)
             tree.validated = True
-        if self.backend.mounted(target) is not None:
+        if is_mount_point(target):
             log.warning("%s: a stale mount sits at %s; detaching it first", name, target)
             await self.backend.unmount(target, lazy=True)
         await self.backend.mount(path, target)
@@ -283,7 +292,7 @@ class Manager:
                     return
             del self.mounts[name]
             image.unmounted(self.clock())
-            self.save_journal()
+            self.journal_soon()
             if not self.catalog.remembers(name):
                 self.on_stale_entry(name)  # removed from the sources while it was mounted
             self.metrics.inc("uenvfs_unmounts_total", image=name)
@@ -360,8 +369,7 @@ class Manager:
             image = self.registry[cmd.name]
             if image.is_mounted:
                 new = image.acquire(cmd.alloc, self.clock())
-                self._wake()
-                self.save_journal()
+                await self.durable_journal()
                 return "acquired" if new else "already acquired"
 
     async def _cmd_release(self, cmd: Command) -> str:
@@ -373,7 +381,7 @@ class Manager:
         if not left:
             raise CommandError(errno.ENOENT, f"no image is used by {cmd.alloc}")
         self._wake()
-        self.save_journal()
+        await self.durable_journal()
         return "released from " + ", ".join(left)
 
     async def _cmd_reconcile(self, cmd: Command) -> str:
@@ -381,7 +389,7 @@ class Manager:
         for name, alloc in dropped:
             log.info("reconcile: %s no longer live, released from %s", alloc, name)
         self._wake()
-        self.save_journal()
+        await self.durable_journal()
         return f"released {len(dropped)} stale uses"
 
     async def _cmd_expire(self, cmd: Command) -> str:
@@ -445,7 +453,7 @@ class Manager:
         await self.on_force_unmount(cmd.name)
         self._start_unmount(cmd.name)
         await self._wait_settled(cmd.name)
-        self.save_journal()
+        await self.durable_journal()
         return f"force-unmounted {cmd.name}"
 
     async def _cmd_reload(self, cmd: Command) -> str:
@@ -469,13 +477,44 @@ class Manager:
                                         mount.tree.identity, acquired, mount.mounted_at)
         return Journal(records)
 
-    def save_journal(self) -> None:
+    def save_journal(self, state: Journal | None = None) -> None:
         """Write the journal now. A failure is logged, never fatal: the mount table remains."""
         try:
-            journal.save(self.config.journal_path, self.journal_state())
+            journal.save(self.config.journal_path, state or self.journal_state())
         except OSError as exc:
             self.metrics.inc("uenvfs_journal_errors_total")
             log.warning("cannot write the journal %s: %s", self.config.journal_path, exc)
+
+    def journal_soon(self) -> int:
+        """Have the journal writer record the current state; returns its generation.
+
+        A mount need not wait for its journal entry (the mount table says it exists, and a
+        crash before the write only loses nothing the table cannot tell), so the fsync stays
+        out of the path of the first access.
+        """
+        self._journal_wanted += 1
+        self._journal_wake.set()
+        return self._journal_wanted
+
+    async def durable_journal(self) -> None:
+        """Record the current state and wait until it is on disk (an acquisition must be)."""
+        wanted = self.journal_soon()
+        while self._journal_done < wanted:
+            await self._journal_written.wait()
+
+    async def _journal_writer(self) -> None:
+        while True:
+            await self._journal_wake.wait()
+            self._journal_wake = trio.Event()
+            generation = self._journal_wanted
+            state = self.journal_state()  # a snapshot, taken in the loop
+            if self._journal_in_thread:
+                await trio.to_thread.run_sync(self.save_journal, state)
+            else:
+                self.save_journal(state)
+            self._journal_done = generation
+            written, self._journal_written = self._journal_written, trio.Event()
+            written.set()
 
     def adopt(self, found: Adoption) -> None:
         """Serve a backing mount found at start-up: refcount 0 and its hold timer, plus the
@@ -539,6 +578,7 @@ class Manager:
         for image in self.registry:
             await self._wait_settled(image.name)
         await self.expire_idle()
+        await self.durable_journal()
         for image in self.registry:
             if image.is_mounted:
                 log.info("%s: acquired by %s; left mounted at %s for the next start",
