@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,9 +132,8 @@ def test_corrupt_image_is_eio_with_the_reason_logged(daemon: Daemon, validate: b
     assert "broken: mount failed" in log
     if validate:  # refused before the kernel sees it
         assert "is not valid: not a SquashFS image (wrong magic number" in log
-    else:  # the kernel refused it: the failing command and its stderr are in the log
-        assert "mount -t squashfs -o ro,nosuid,nodev,loop" in log
-        assert "wrong fs type" in log
+    else:  # the kernel refused it: the failing call and its error are in the log
+        assert re.search(r"mount /dev/loop\d+ on \S+/broken \(squashfs\): Invalid argument", log)
     assert (daemon.mountpoint / "good/f").read_text() == "fine"
     assert not daemon.backing_mounted("broken")
 

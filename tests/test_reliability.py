@@ -149,16 +149,19 @@ def test_image_directory_disappears(daemon: Daemon) -> None:
 # -- mount tools that hang or are missing ---------------------------------------------------
 
 
-def test_hanging_mount_tool_is_killed(daemon: Daemon) -> None:
+@pytest.mark.parametrize(("tool", "backend"), [("squashfuse_ll", "squashfuse"),
+                                             ("rdsquashfs", "kernel")])
+def test_hanging_mount_tool_is_killed(daemon: Daemon, tool: str, backend: str) -> None:
     tools = daemon.root / "tools"
     tools.mkdir()
-    fake = tools / "mount"
-    real = shutil.which("mount")
+    fake = tools / tool
+    real = shutil.which(tool)
     fake.write_text('#!/bin/sh\ncase "$*" in *hang.sqfs*) exec sleep 3600;; esac\n'
                     f'exec {real} "$@"\n')
     fake.chmod(0o755)
     daemon.env = {"PATH": f"{tools}:{os.environ['PATH']}"}
     daemon.config = "mount_timeout = 1.5\n"
+    daemon.extra_args = ["--backend", backend]
     daemon.image("hang", {"f": "never"})
     daemon.image("good", {"f": "fine"})
     daemon.expect("hang: mount failed")
@@ -168,18 +171,24 @@ def test_hanging_mount_tool_is_killed(daemon: Daemon) -> None:
     assert time.monotonic() - started < 15  # the caller is not left hanging
     status = daemon.mount_status("hang")
     assert status is not None
-    assert "killed after 1.5 s" in status["error"]
+    assert f"{tool} killed after 1.5 s" in status["error"]
     assert (daemon.mountpoint / "good/f").read_text() == "fine"
     assert not subprocess.run(["pgrep", "-f", "sleep 3600"], capture_output=True).stdout
 
 
-def test_missing_mount_tool_is_a_clear_startup_error(daemon: Daemon) -> None:
+@pytest.mark.parametrize(("backend", "message"), [
+    ("kernel", "validating images needs rdsquashfs (squashfs-tools-ng), not found in PATH"),
+    ("squashfuse", "backend squashfuse needs squashfuse, fusermount3 (not found in PATH)"),
+])
+def test_missing_tool_is_a_clear_startup_error(daemon: Daemon, backend: str,
+                                               message: str) -> None:
     empty = daemon.root / "empty-path"
     empty.mkdir()
+    daemon.extra_args = ["--backend", backend]
     result = subprocess.run(daemon.command(), env={**os.environ, "PATH": str(empty)},
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1
-    assert "backend kernel needs mount, umount (not found in PATH)" in result.stderr
+    assert message in result.stderr
     assert mounts_under(daemon.root) == []
 
 

@@ -62,7 +62,9 @@ def test_kill_9_then_restart_restores_everything(make_daemon: DaemonFactory) -> 
     assert backing_names(second) == Counter({"x": 1, "y": 1, "z": 1})  # none mounted twice
     assert loop_count() == loops_before_kill
     log = second.log()
-    assert "start-up recovery: adopted 3 backing mounts (x, y, z)" in log
+    # (z may be "not in the journal": a mount is journaled a moment after it is made; the
+    # mount table is what proves it, and that is enough to adopt it.)
+    assert "start-up recovery: adopted 3 backing mounts" in log
     assert "2 acquisitions restored" in log
     for name in ("x", "y", "z"):
         assert (second.mountpoint / name / "f").read_text() == name

@@ -6,18 +6,20 @@ becomes a `MountFailed` or `UnmountFailed` that carries the command and its stde
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
+from . import loop
 from .errors import MountError, MountFailed, UnmountFailed
 
 log = logging.getLogger(__name__)
@@ -165,25 +167,41 @@ def _missing(*tools: str) -> list[str]:
 
 @dataclass
 class KernelBackend:
-    """The kernel's squashfs on a loop device (root only); umount detaches the loop device."""
+    """The kernel's squashfs on a loop device (root only), set up by system calls in a worker
+    thread (see loop.py); unmounting detaches the loop device (autoclear)."""
 
     timeout: float = 30.0
     name: str = "kernel"
     fstype: str = "squashfs"
 
     def missing_tools(self) -> list[str]:
-        return _missing("mount", "umount")
+        return [] if os.path.exists(loop.LOOP_CONTROL) else [f"{loop.LOOP_CONTROL} (modprobe loop)"]
 
     def mounted(self, target: Path) -> str | None:
         return _mounted(target)
 
     async def mount(self, image: Path, target: Path) -> None:
-        await run_tool(["mount", "-t", "squashfs", "-o", f"{MOUNT_OPTIONS},loop", "--",
-                        str(image), str(target)], self.timeout)
+        await _in_thread(loop.mount_image, image, target, time_limit=self.timeout,
+                         error=MountFailed)
 
     async def unmount(self, target: Path, *, lazy: bool = False) -> None:
-        flags = ["-l"] if lazy else []
-        await run_tool(["umount", *flags, "--", str(target)], self.timeout, UnmountFailed)
+        await _in_thread(functools.partial(loop.unmount, lazy=lazy), target,
+                         time_limit=self.timeout, error=UnmountFailed)
+
+
+async def _in_thread(
+    fn: Callable[..., object], *args: Any, time_limit: float, error: type[MountError]
+) -> None:
+    """Run a blocking mount call in a worker thread. A call that does not return in time is
+    abandoned (a thread cannot be killed) and reported as an error."""
+    try:
+        with trio.fail_after(time_limit):
+            await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+    except trio.TooSlowError:
+        raise error(f"{getattr(fn, '__name__', 'mount')} gave no answer in {time_limit:g} s; "
+                    "abandoned") from None
+    except OSError as exc:
+        raise error(str(exc)) from exc
 
 
 @dataclass

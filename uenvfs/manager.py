@@ -34,6 +34,7 @@ from .state import Phase, Registry, Use
 log = logging.getLogger(__name__)
 
 Identity = tuple[int, int, int, int]
+JOURNAL_DELAY = 0.05  # seconds a mount or unmount waits to be journaled (an acquisition: none)
 
 
 @dataclass(eq=False)
@@ -102,6 +103,7 @@ class Manager:
         self._journal_wanted = self._journal_done = 0  # generations of the journal
         self._journal_wake = trio.Event()
         self._journal_written = trio.Event()
+        self._journal_urgent = False
         # The fsync goes to a worker thread; tests in virtual time write in the loop instead
         # (trio's autojump clock would jump while the thread works).
         self._journal_in_thread = journal_in_thread
@@ -498,6 +500,7 @@ class Manager:
 
     async def durable_journal(self) -> None:
         """Record the current state and wait until it is on disk (an acquisition must be)."""
+        self._journal_urgent = True
         wanted = self.journal_soon()
         while self._journal_done < wanted:
             await self._journal_written.wait()
@@ -505,6 +508,10 @@ class Manager:
     async def _journal_writer(self) -> None:
         while True:
             await self._journal_wake.wait()
+            if not self._journal_urgent:
+                # Let the access that mounted finish first, and gather a burst of changes.
+                await trio.sleep(JOURNAL_DELAY)
+            self._journal_urgent = False
             self._journal_wake = trio.Event()
             generation = self._journal_wanted
             state = self.journal_state()  # a snapshot, taken in the loop
