@@ -104,4 +104,4 @@ def test_loop_backing_file(tmp_path: Path) -> None:
 
 def test_mountinfo_unescapes_blanks() -> None:
     (entry,) = parse_mountinfo("50 22 7:0 / /state/mnt/a\\040b ro - squashfs /dev/loop0 ro\n")
-    assert entry == MountEntry(50, "/state/mnt/a b", "squashfs", "/dev/loop0")
+    assert entry == MountEntry(50, "/state/mnt/a b", "squashfs", "/dev/loop0", "7:0")

@@ -35,6 +35,7 @@ class MountEntry:
     mount_point: str
     fstype: str
     source: str
+    device: str | None = None  # "major:minor"
 
 
 def _unescape(field: str) -> str:
@@ -64,9 +65,8 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
         tail = right.split()
         if len(fields) < 5 or len(tail) < 2:
             continue
-        entries.append(
-            MountEntry(int(fields[0]), _unescape(fields[4]), tail[0], _unescape(tail[1]))
-        )
+        entries.append(MountEntry(int(fields[0]), _unescape(fields[4]), tail[0],
+                                  _unescape(tail[1]), fields[2]))
     return entries
 
 

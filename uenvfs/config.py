@@ -14,6 +14,7 @@ has the name of its flag with `_` for `-`:
     mount_timeout = 30.0
     program_timeout = 10.0
     validate = true                 # check each image version with rdsquashfs before mounting
+    read_ahead_kb = 1024            # readahead through the mount (0: the kernel's 128)
     log_level = "INFO"
 """
 
@@ -48,6 +49,7 @@ class Config:
     mount_timeout: float = 30.0
     program_timeout: float = 10.0
     validate: bool = True
+    read_ahead_kb: int = 1024
     log_level: str = "INFO"
 
     @property
@@ -94,6 +96,10 @@ def _convert(key: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a path")
         return Path(value)
+    if key == "read_ahead_kb":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65536:
+            raise ConfigError(f"{key} must be a number of KiB from 0 to 65536")
+        return value
     if key == "validate":
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false")

@@ -82,6 +82,25 @@ async def clear_stale_mount(config: Config) -> None:
         raise StartupError(f"cannot clear the stale mount at {config.mountpoint}: {exc}") from exc
 
 
+def _tune_readahead(config: Config) -> None:
+    """Let the kernel read ahead `read_ahead_kb` through our mount (its default is 128 KiB).
+
+    Each FUSE read costs a round trip and two copies: with 1 MiB windows a cold 1 GiB file
+    takes 1,024 reads instead of 8,192 (measured 3.3 s -> 2.0 s here, the kernel's own squashfs
+    mount 1.0 s). Found through mountinfo: the daemon must not stat its own mountpoint.
+    """
+    if not config.read_ahead_kb:
+        return
+    entry = mount_at(config.mountpoint)
+    if entry is None or entry.device is None:
+        return
+    knob = Path("/sys/class/bdi") / entry.device / "read_ahead_kb"
+    try:
+        knob.write_text(str(config.read_ahead_kb))
+    except OSError as exc:
+        log.warning("cannot set %s: %s", knob, exc.strerror)
+
+
 def _prepare_dirs(config: Config) -> None:
     for directory in (config.state_dir, config.backing_root, config.mountpoint):
         try:
@@ -165,6 +184,7 @@ async def run(config: Config) -> None:
         pyfuse3.init(fs, str(config.mountpoint), options)
     except RuntimeError as exc:
         raise StartupError(f"cannot mount FUSE at {config.mountpoint}: {exc}") from exc
+    _tune_readahead(config)
     log.info("serving %s (images from %s, backend %s, hold time %g s)", config.mountpoint,
              ", ".join(map(str, catalog.image_dirs)) or "-", backend.name, config.hold_time)
     fuse_open = True

@@ -34,7 +34,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
-from . import control, metrics
+from . import control, metrics, pagecache
 from .allocation import AllocationResolver
 from .errors import CommandError, MountError, errno_of
 from .manager import Manager, Mount
@@ -123,8 +123,21 @@ class Counted:
 
 @dataclass(eq=False)
 class FileHandle(Counted):
+    """An open file of an image. Its backing fd is closed when the handle is released or the
+    image force-unmounted (reads fail with EIO from then on), but never under a read that a
+    worker thread is doing: the fd number could be another file's by then."""
+
     ino: int = 0
-    fd: int = -1  # -1 once the image was force-unmounted: reads fail with EIO
+    fd: int = -1
+    dead: bool = False  # force-unmounted
+    reading: int = 0  # reads in worker threads
+
+    def close(self) -> None:
+        """Close the backing fd now, or after the reads in flight."""
+        self.dead = True
+        if self.reading == 0 and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass(eq=False)
@@ -521,9 +534,22 @@ class UenvFS(pyfuse3.Operations):
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         handle = self.handles.get(fh)
         if isinstance(handle, FileHandle):
-            if handle.fd < 0:
+            if handle.dead:
                 raise fail(errno.EIO)
-            return os.pread(handle.fd, size, off)
+            if pagecache.cached(handle.fd, off, size) is not False:
+                return os.pread(handle.fd, size, off)
+            # It must come from the disk: wait for it in a worker thread, so that other
+            # requests (and the other reads of a readahead burst) are served meanwhile.
+            handle.reading += 1
+            try:
+                data: bytes = await trio.to_thread.run_sync(os.pread, handle.fd, size, off)
+            finally:
+                handle.reading -= 1
+                if handle.dead:
+                    handle.close()
+            if handle.dead:
+                raise fail(errno.EIO)  # force-unmounted meanwhile
+            return data
         if isinstance(handle, DataHandle):
             return handle.data[off : off + size]
         raise fail(errno.EBADF)
@@ -562,8 +588,8 @@ class UenvFS(pyfuse3.Operations):
 
     def _release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
-        if isinstance(handle, FileHandle) and handle.fd >= 0:
-            os.close(handle.fd)
+        if isinstance(handle, FileHandle):
+            handle.close()
         if isinstance(handle, Counted):
             self.manager.close(handle.name, handle.use)
 
@@ -581,9 +607,8 @@ class UenvFS(pyfuse3.Operations):
         inodes = set()
         killed = 0
         for handle in self.handles.values():
-            if isinstance(handle, FileHandle) and handle.name == name and handle.fd >= 0:
-                os.close(handle.fd)
-                handle.fd = -1
+            if isinstance(handle, FileHandle) and handle.name == name and not handle.dead:
+                handle.close()
                 inodes.add(handle.ino)
                 killed += 1
             elif isinstance(handle, DirHandle) and handle.name == name:
