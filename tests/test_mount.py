@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,10 @@ def test_shell_cd_ls_cat(daemon: Daemon) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == "README\nshare\nread me\n42\n"
     assert daemon.backing_mounted("tools")
+    # Bigger readahead windows through the mount (fewer, larger FUSE reads of big files).
+    (fuse,) = [e for e in mounts_under(daemon.mountpoint) if e.fstype == "fuse.uenvfs"]
+    knob = Path("/sys/class/bdi") / str(fuse.device) / "read_ahead_kb"
+    assert knob.read_text().strip() == "1024"
 
 
 def test_listing_the_root_mounts_nothing(daemon: Daemon) -> None:

@@ -101,6 +101,13 @@ def _tune_readahead(config: Config) -> None:
         log.warning("cannot set %s: %s", knob, exc.strerror)
 
 
+async def _tune_after_init(fs: UenvFS, config: Config) -> None:
+    # The kernel sets the mount's readahead when it gets the INIT reply: change it after.
+    await fs.initialized.wait()
+    await trio.lowlevel.checkpoint()
+    _tune_readahead(config)
+
+
 def _prepare_dirs(config: Config) -> None:
     for directory in (config.state_dir, config.backing_root, config.mountpoint):
         try:
@@ -184,7 +191,6 @@ async def run(config: Config) -> None:
         pyfuse3.init(fs, str(config.mountpoint), options)
     except RuntimeError as exc:
         raise StartupError(f"cannot mount FUSE at {config.mountpoint}: {exc}") from exc
-    _tune_readahead(config)
     log.info("serving %s (images from %s, backend %s, hold time %g s)", config.mountpoint,
              ", ".join(map(str, catalog.image_dirs)) or "-", backend.name, config.hold_time)
     fuse_open = True
@@ -193,6 +199,7 @@ async def run(config: Config) -> None:
             await nursery.start(manager.run)
             serving = trio.CancelScope()
             nursery.start_soon(_signals, manager, serving, name="signals")
+            nursery.start_soon(_tune_after_init, fs, config, name="readahead")
             with serving:
                 _sd_notify("READY=1")
                 await pyfuse3.main()

@@ -34,7 +34,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
-from . import control, metrics, pagecache
+from . import control, metrics
 from .allocation import AllocationResolver
 from .errors import CommandError, MountError, errno_of
 from .manager import Manager, Mount
@@ -124,20 +124,16 @@ class Counted:
 @dataclass(eq=False)
 class FileHandle(Counted):
     """An open file of an image. Its backing fd is closed when the handle is released or the
-    image force-unmounted (reads fail with EIO from then on), but never under a read that a
-    worker thread is doing: the fd number could be another file's by then."""
+    image force-unmounted; reads fail with EIO from then on."""
 
     ino: int = 0
     fd: int = -1
-    dead: bool = False  # force-unmounted
-    reading: int = 0  # reads in worker threads
+    dead: bool = False
 
     def close(self) -> None:
-        """Close the backing fd now, or after the reads in flight."""
-        self.dead = True
-        if self.reading == 0 and self.fd >= 0:
+        if not self.dead:
+            self.dead = True
             os.close(self.fd)
-            self.fd = -1
 
 
 @dataclass(eq=False)
@@ -191,9 +187,14 @@ class UenvFS(pyfuse3.Operations):
         self.listed_entries = 0
         self._next_fh = 1
         self.started = time.time()
+        self.initialized = trio.Event()  # set once the kernel's INIT request was answered
         manager.on_force_unmount = self._kill_handles
         manager.on_stale_entry = self._forget_entry
         manager.on_listing_changed = self._listing_changed
+
+    def init(self) -> None:
+        """pyfuse3 calls this while answering the kernel's INIT; the reply follows at once."""
+        self.initialized.set()
 
     # -- inodes and attributes ----------------------------------------------------------
 
@@ -536,20 +537,9 @@ class UenvFS(pyfuse3.Operations):
         if isinstance(handle, FileHandle):
             if handle.dead:
                 raise fail(errno.EIO)
-            if pagecache.cached(handle.fd, off, size) is not False:
-                return os.pread(handle.fd, size, off)
-            # It must come from the disk: wait for it in a worker thread, so that other
-            # requests (and the other reads of a readahead burst) are served meanwhile.
-            handle.reading += 1
-            try:
-                data: bytes = await trio.to_thread.run_sync(os.pread, handle.fd, size, off)
-            finally:
-                handle.reading -= 1
-                if handle.dead:
-                    handle.close()
-            if handle.dead:
-                raise fail(errno.EIO)  # force-unmounted meanwhile
-            return data
+            # In the loop even when it must wait for the disk: handing cold reads to worker
+            # threads measured slower here (read every file cold: 12 s instead of 7.5 s).
+            return os.pread(handle.fd, size, off)
         if isinstance(handle, DataHandle):
             return handle.data[off : off + size]
         raise fail(errno.EBADF)
