@@ -395,3 +395,16 @@ def test_each_image_version_is_validated_once(daemon: Daemon) -> None:
     os.rename(new, path)
     assert (daemon.mountpoint / "img/f").read_text() == "two"
     assert metric(daemon, "uenvfs_check_seconds_count") == 2  # a new version is checked
+
+
+def test_inode_table_shrinks_when_the_kernel_forgets(daemon: Daemon) -> None:
+    daemon.image("big", {f"d{d}/f{f}": "x" for d in range(20) for f in range(50)})
+    daemon.start()
+    for _ in os.walk(daemon.mountpoint / "big"):
+        pass
+    walked = metric(daemon, "uenvfs_known_inodes")
+    assert walked >= 1000
+    # Dropping the kernel's dentries and inodes makes it send FORGETs for them.
+    Path("/proc/sys/vm/drop_caches").write_text("2")
+    wait_until(lambda: metric(daemon, "uenvfs_known_inodes") < walked / 10,
+               what="the FORGETs to shrink the inode table")

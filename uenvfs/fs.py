@@ -529,6 +529,8 @@ class UenvFS(pyfuse3.Operations):
         gauges = metrics.state_gauges(
             self.manager.status(), len(self.manager.catalog.listing()),
             sum(isinstance(h, Counted) for h in self.handles.values()))
+        gauges["uenvfs_known_inodes"] = metrics.gauge(len(self.nodes))
+        gauges["uenvfs_listing_cache_entries"] = metrics.gauge(self.listed_entries)
         return metrics.render(self.manager.metrics, gauges)
 
     @fuse_errors

@@ -22,6 +22,8 @@ HELP = {
     "uenvfs_refcount": ("gauge", "Allocations using each mounted image."),
     "uenvfs_allocations": ("gauge", "Distinct allocations using any image."),
     "uenvfs_open_handles": ("gauge", "Open file and directory handles into images."),
+    "uenvfs_known_inodes": ("gauge", "Inodes the kernel holds (the table shrinks on FORGET)."),
+    "uenvfs_listing_cache_entries": ("gauge", "Directory entries kept for replay."),
     "uenvfs_hold_time_seconds": ("gauge", "Global hold time."),
     "uenvfs_emergency": ("gauge", "1 while emergency mode is on."),
     "uenvfs_mount_attempts_total": ("counter", "Mounts started, by image."),
