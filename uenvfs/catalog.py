@@ -67,20 +67,14 @@ class Catalog:
     answer_ttl: float = 10.0
     _listing: dict[str, Path] = field(default_factory=dict)
     _answers: dict[str, tuple[Path | None, float]] = field(default_factory=dict)
-    _stamps: dict[Path, int] = field(default_factory=dict)
 
-    def refresh(self, *, force: bool = True) -> bool:
-        """Re-read directories and map files. Unless *force*, only those that changed (mtime).
+    def refresh(self) -> bool:
+        """Re-read the directories and map files (at start, on reload and SIGHUP).
 
         Returns whether the listing changed. Never raises: an unreadable source is logged
         and contributes nothing.
         """
         self._answers.clear()
-        sources = [*self.image_dirs, *self.map_files]
-        stamps = {p: _mtime(p) for p in sources}
-        if not force and stamps == self._stamps:
-            return False
-        self._stamps = stamps
         listing: dict[str, Path] = {}
         for directory in self.image_dirs:
             for name, path in self._scan_dir(directory).items():
@@ -191,9 +185,3 @@ class Catalog:
         path = Path(lines[0])
         return path if _is_image_file(path) else None
 
-
-def _mtime(path: Path) -> int:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return -1

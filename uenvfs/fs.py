@@ -26,7 +26,7 @@ import os
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -615,7 +615,7 @@ class UenvFS(pyfuse3.Operations):
         """Make the kernel look *name* up again (its image file changed or went away)."""
         pyfuse3.invalidate_entry_async(ROOT, FileNameT(name.encode()), ignore_enoent=True)
 
-    def _listing_changed(self, names: Any) -> None:
+    def _listing_changed(self, names: Iterable[str]) -> None:
         for name in names:
             if name not in self.manager.mounts:
                 self._forget_entry(name)

@@ -463,7 +463,7 @@ class Manager:
 
     def reload(self) -> str:
         before = set(self.catalog.listing())
-        self.catalog.refresh(force=True)
+        self.catalog.refresh()
         after = set(self.catalog.listing())
         self.on_listing_changed(before ^ after)
         return f"{len(after)} images ({len(after - before)} added, {len(before - after)} removed)"
