@@ -18,8 +18,10 @@ from .support import Daemon, errno_of, loop_count, mounts_under, run_in, wait_un
 pytestmark = pytest.mark.fuse
 
 
-def test_shell_cd_ls_cat(daemon: Daemon) -> None:
+@pytest.mark.parametrize("linger", ["", "linger_us = 0\n"], ids=["linger", "no-linger"])
+def test_shell_cd_ls_cat(daemon: Daemon, linger: str) -> None:
     daemon.image("tools", {"README": "read me\n", "share/data.txt": "42\n"})
+    daemon.config = linger  # polling for the next request or not: both serve the same
     daemon.start()
     result = run_in(daemon.mountpoint, "cd tools && ls && cat README && cat share/data.txt")
     assert result.returncode == 0, result.stderr

@@ -15,6 +15,7 @@ has the name of its flag with `_` for `-`:
     program_timeout = 10.0
     validate = true                 # check each image version with rdsquashfs before mounting
     read_ahead_kb = 1024            # readahead through the mount (0: the kernel's 128)
+    linger_us = 100                 # keep polling for the next request before sleeping (0: no)
     log_level = "INFO"
 """
 
@@ -50,6 +51,7 @@ class Config:
     program_timeout: float = 10.0
     validate: bool = True
     read_ahead_kb: int = 1024
+    linger_us: int = 100
     log_level: str = "INFO"
 
     @property
@@ -99,6 +101,10 @@ def _convert(key: str, value: Any) -> Any:
     if key == "read_ahead_kb":
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65536:
             raise ConfigError(f"{key} must be a number of KiB from 0 to 65536")
+        return value
+    if key == "linger_us":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10_000:
+            raise ConfigError(f"{key} must be a number of microseconds from 0 to 10000")
         return value
     if key == "validate":
         if not isinstance(value, bool):

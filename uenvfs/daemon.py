@@ -186,7 +186,7 @@ async def run(config: Config) -> None:
     await recover(manager)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     options |= {"fsname=uenvfs", "subtype=uenvfs", "allow_other"}
-    fastloop.install()
+    fastloop.install(linger=config.linger_us / 1e6)
     try:
         pyfuse3.init(fs, str(config.mountpoint), options)
     except RuntimeError as exc:
