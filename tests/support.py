@@ -310,3 +310,12 @@ def release_holder(proc: subprocess.Popen[str]) -> None:
 
 def all_names(items: Iterable[MountEntry]) -> list[str]:
     return [e.mount_point for e in items]
+
+
+def metric(daemon: Daemon, key: str) -> float:
+    """One sample of the daemon's .metrics (0 if absent)."""
+    for line in (daemon.mountpoint / ".metrics").read_text().splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == key:
+            return float(value)
+    return 0.0

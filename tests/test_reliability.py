@@ -21,6 +21,7 @@ from .support import (
     Daemon,
     errno_of,
     loop_count,
+    metric,
     mounts_under,
     release_holder,
     run_in,
@@ -29,14 +30,6 @@ from .support import (
 )
 
 pytestmark = pytest.mark.fuse
-
-
-def metric(daemon: Daemon, key: str) -> float:
-    for line in (daemon.mountpoint / ".metrics").read_text().splitlines():
-        name, _, value = line.rpartition(" ")
-        if name == key:
-            return float(value)
-    return 0.0
 
 
 # -- hostile names -------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from .allocation import AllocationResolver
 from .errors import CommandError, MountError, errno_of
 from .manager import Manager, Mount
 from .names import valid_name
+from .prefetch import Prefetcher, Readahead
 from .state import Use
 
 log = logging.getLogger(__name__)
@@ -129,11 +130,14 @@ class FileHandle(Counted):
     ino: int = 0
     fd: int = -1
     dead: bool = False
+    readahead: Readahead | None = None  # made on the first read
 
     def close(self) -> None:
         if not self.dead:
             self.dead = True
             os.close(self.fd)
+            if self.readahead is not None:
+                self.readahead.closed = True
 
 
 @dataclass(eq=False)
@@ -188,6 +192,7 @@ class UenvFS(pyfuse3.Operations):
         self._next_fh = 1
         self.started = time.time()
         self.initialized = trio.Event()  # set once the kernel's INIT request was answered
+        self.prefetcher = Prefetcher()
         manager.on_force_unmount = self._kill_handles
         manager.on_stale_entry = self._forget_entry
         manager.on_listing_changed = self._listing_changed
@@ -531,6 +536,7 @@ class UenvFS(pyfuse3.Operations):
             sum(isinstance(h, Counted) for h in self.handles.values()))
         gauges["uenvfs_known_inodes"] = metrics.gauge(len(self.nodes))
         gauges["uenvfs_listing_cache_entries"] = metrics.gauge(self.listed_entries)
+        gauges["uenvfs_readahead_windows_total"] = metrics.gauge(self.prefetcher.requests)
         return metrics.render(self.manager.metrics, gauges)
 
     @fuse_errors
@@ -541,7 +547,15 @@ class UenvFS(pyfuse3.Operations):
                 raise fail(errno.EIO)
             # In the loop even when it must wait for the disk: handing cold reads to worker
             # threads measured slower here (read every file cold: 12 s instead of 7.5 s).
-            return os.pread(handle.fd, size, off)
+            # Sequential readers of big files are read ahead of by the prefetch thread.
+            data = os.pread(handle.fd, size, off)
+            ra = handle.readahead
+            if ra is None:
+                ra = handle.readahead = Readahead()
+            window = ra.after_read(off, len(data))
+            if window is not None:
+                self.prefetcher.ahead(ra, handle.fd, *window)
+            return data
         if isinstance(handle, DataHandle):
             return handle.data[off : off + size]
         raise fail(errno.EBADF)
@@ -589,6 +603,7 @@ class UenvFS(pyfuse3.Operations):
         """The FUSE connection is gone: its handles will never be released; drop them."""
         for fh in list(self.handles):
             self._release(fh)
+        self.prefetcher.close()
 
     async def _kill_handles(self, name: str) -> None:
         """Force-unmount: every handle into *name* fails with EIO from now on.

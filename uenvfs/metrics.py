@@ -37,6 +37,8 @@ HELP = {
     "uenvfs_unmount_seconds": ("histogram", "Time to unmount an image."),
     "uenvfs_check_seconds": ("histogram", "Time to validate an image version (rdsquashfs -d)."),
     "uenvfs_journal_errors_total": ("counter", "Journal writes that failed."),
+    "uenvfs_readahead_windows_total": (
+        "counter", "Windows of big files read ahead of sequential readers."),
 }
 
 
