@@ -217,8 +217,20 @@ class UenvFS(pyfuse3.Operations):
         return node
 
     async def _backing(self, node: Node) -> tuple[Mount, bytes]:
-        """The mount serving *node* and its path there, mounting the image if needed."""
-        mount = self.manager.mounted(node.name) or await self.manager.ensure_mounted(node.name)
+        """The mount serving *node* and its path there, mounting the image if needed.
+
+        Hot handlers call `_backing_now(node) or await _backing(node)`: no coroutine is made
+        when the image is mounted (most requests).
+        """
+        return self._served(node, await self.manager.ensure_mounted(node.name))
+
+    def _backing_now(self, node: Node) -> tuple[Mount, bytes] | None:
+        """Like `_backing`, if the image is mounted now; else None."""
+        mount = self.manager.mounted(node.name)
+        return None if mount is None else self._served(node, mount)
+
+    @staticmethod
+    def _served(node: Node, mount: Mount) -> tuple[Mount, bytes]:
         if node.slot and node.slot != mount.tree.slot:
             raise fail(errno.ESTALE)  # the image file was replaced since the kernel saw it
         return mount, mount.root + b"/" + node.rel if node.rel else mount.root
@@ -291,7 +303,7 @@ class UenvFS(pyfuse3.Operations):
         parent = self._node(parent_inode)
         if not parent.is_dir:
             raise fail(errno.ENOTDIR)  # never resolve a path through a symlink of the image
-        mount, path = await self._backing(parent)
+        mount, path = self._backing_now(parent) or await self._backing(parent)
         try:
             st = os.lstat(path + b"/" + name)
         except FileNotFoundError:
@@ -348,7 +360,7 @@ class UenvFS(pyfuse3.Operations):
         node = self._node(inode)
         if not node.slot:
             return self._image_attrs(node.name)
-        _, path = await self._backing(node)
+        _, path = self._backing_now(node) or await self._backing(node)
         return self._attrs(os.lstat(path), inode)
 
     @fuse_errors
@@ -367,7 +379,7 @@ class UenvFS(pyfuse3.Operations):
         node = self._node(inode) if inode > METRICS else None
         if node is None or self._browsing(node):
             raise fail(pyfuse3.ENOATTR)
-        _, path = await self._backing(node)
+        _, path = self._backing_now(node) or await self._backing(node)
         try:
             return os.getxattr(path, name, follow_symlinks=False)
         except OSError as exc:
@@ -382,7 +394,7 @@ class UenvFS(pyfuse3.Operations):
         node = self._node(inode) if inode > METRICS else None
         if node is None or self._browsing(node):
             return []
-        _, path = await self._backing(node)
+        _, path = self._backing_now(node) or await self._backing(node)
         return [XAttrNameT(os.fsencode(n)) for n in os.listxattr(path, follow_symlinks=False)]
 
     def _browsing(self, node: Node) -> bool:
@@ -416,7 +428,7 @@ class UenvFS(pyfuse3.Operations):
         node = self._node(inode)
         if not node.is_dir:
             raise fail(errno.ENOTDIR)
-        mount, path = await self._backing(node)
+        mount, path = self._backing_now(node) or await self._backing(node)
         alloc = self._alloc(ctx)
         # No await from here on: the listing and the count see the same mount.
         entries = self._list(node, mount, path)
@@ -500,7 +512,7 @@ class UenvFS(pyfuse3.Operations):
         if writing:
             raise fail(errno.EROFS)
         node = self._node(inode)
-        _, path = await self._backing(node)
+        _, path = self._backing_now(node) or await self._backing(node)
         executing = bool(flags & FMODE_EXEC)
         if executing:
             alloc, final = self.resolver.resolve_exec(ctx.pid, ctx.uid)

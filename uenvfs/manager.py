@@ -117,6 +117,9 @@ class Manager:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the hold timer and host the mount and unmount tasks until cancelled."""
+        if self.clock is trio.current_time:
+            # The same clock without trio's lookups on every call (every open and close).
+            self.clock = trio.lowlevel.current_clock().current_time
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._hold_timer, name="hold-timer")
