@@ -83,11 +83,17 @@ class Prefetcher:
         self.requests += 1
         self._queue.put((owner, own, offset, length))
 
-    def close(self) -> None:
-        """Stop the thread once it has done what was asked (their fds are closed by it)."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread once it has done what was asked (their fds are closed by it).
+
+        Waits at most *timeout* seconds: a read stuck on a dead disk must not keep the
+        daemon from shutting down (the thread is a daemon thread)."""
         if self._thread is not None:
             self._queue.put(None)
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("the prefetch thread is still reading after %g s; leaving it",
+                            timeout)
             self._thread = None
 
     def _run(self) -> None:
