@@ -51,6 +51,7 @@ SLOT_SHIFT = 44
 INO_MASK = (1 << SLOT_SHIFT) - 1
 # Images never change while mounted: the kernel may cache names and attributes for long.
 TIMEOUT = 3600.0
+NAME_MAX = 255
 LISTING_CACHE_ENTRIES = 200_000  # directory entries kept for replay (about 200 bytes each)
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 FMODE_EXEC = 0o40  # the kernel's __FMODE_EXEC: this open is execve loading a program
@@ -111,7 +112,17 @@ class Node:
         return self.rel + b"/" + name if self.rel else name
 
 
-Listing = list[tuple[bytes, pyfuse3.EntryAttributes]]
+class Listing(list[tuple[bytes, pyfuse3.EntryAttributes]]):
+    """A directory's entries in order (`.` and `..` first), with their attributes."""
+
+    names: dict[bytes, pyfuse3.EntryAttributes] | None = None
+
+    def find(self, name: bytes) -> pyfuse3.EntryAttributes | None:
+        """The attributes of the entry *name*, if the directory has it (an index is made on
+        the first call)."""
+        if self.names is None:
+            self.names = dict(self[2:])
+        return self.names.get(name)
 
 
 @dataclass(eq=False)
@@ -304,18 +315,33 @@ class UenvFS(pyfuse3.Operations):
         if not parent.is_dir:
             raise fail(errno.ENOTDIR)  # never resolve a path through a symlink of the image
         mount, path = self._backing_now(parent) or await self._backing(parent)
+        if len(name) > NAME_MAX:
+            raise fail(errno.ENAMETOOLONG)  # as squashfs answers (no listing has such a name)
+        listing = self.listings.get((mount.tree.slot, parent.rel))
+        if listing is not None:
+            # Listed before (and kept across drop_caches, unlike the kernel's dentries): no
+            # system call, no disk read, for the names there and the names not there.
+            attrs = listing.find(name)
+            if attrs is None:
+                return self._missing()
+            self._remember(attrs.st_ino, parent, mount.tree.slot, name, attrs.st_mode)
+            return attrs
         try:
             st = os.lstat(path + b"/" + name)
         except FileNotFoundError:
-            # An image never changes: let the kernel remember that the name does not exist
-            # (Python's imports, PATH and library searches ask again and again).
-            missing = pyfuse3.EntryAttributes()
-            missing.st_ino = InodeT(0)
-            missing.entry_timeout = TIMEOUT
-            return missing
+            return self._missing()
         ino = self._child_ino(mount, st)
         self._remember(ino, parent, mount.tree.slot, name, st.st_mode)
         return self._attrs(st, ino)
+
+    @staticmethod
+    def _missing() -> pyfuse3.EntryAttributes:
+        """A negative entry: an image never changes, so the kernel may remember that the name
+        does not exist (Python's imports, PATH and library searches ask again and again)."""
+        missing = pyfuse3.EntryAttributes()
+        missing.st_ino = InodeT(0)
+        missing.entry_timeout = TIMEOUT
+        return missing
 
     async def _lookup_image(self, raw: bytes) -> pyfuse3.EntryAttributes:
         special = SPECIAL_NAMES.get(raw)
@@ -436,7 +462,7 @@ class UenvFS(pyfuse3.Operations):
         return self._new_handle(DirHandle(node.name, use, node, entries))
 
     def _root_entries(self) -> Listing:
-        entries = [(b".", self._special_attrs(ROOT)), (b"..", self._special_attrs(ROOT))]
+        entries = Listing([(b".", self._special_attrs(ROOT)), (b"..", self._special_attrs(ROOT))])
         entries += [(n, self._special_attrs(i)) for n, i in SPECIAL_NAMES.items()]
         # The sources' names only: a name removed from them is still served while mounted,
         # but no longer listed.
@@ -453,7 +479,7 @@ class UenvFS(pyfuse3.Operations):
             self.listings.move_to_end(key)
             return entries
         here = self._attrs(os.lstat(path), node.ino)
-        entries = [(b".", here), (b"..", here)]
+        entries = Listing([(b".", here), (b"..", here)])
         with os.scandir(path) as it:
             for entry in it:
                 st = entry.stat(follow_symlinks=False)
