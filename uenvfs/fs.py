@@ -501,20 +501,14 @@ class UenvFS(pyfuse3.Operations):
             raise fail(errno.EBADF)
         entries = handle.entries
         parent = handle.node if isinstance(handle, DirHandle) else None
-        nodes = self.nodes
-        reply = pyfuse3.readdir_reply
         for index in range(start_id, len(entries)):
             name, attrs = entries[index]
-            if not reply(token, name, attrs, index + 1):
+            if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 break
             if parent is not None and index >= 2:  # entries 0 and 1 are . and ..
                 # readdirplus makes the kernel know the entry, as a lookup would.
-                node = nodes.get(attrs.st_ino)
-                if node is not None:
-                    node.lookups += 1
-                else:
-                    self._remember(attrs.st_ino, parent, attrs.st_ino >> SLOT_SHIFT, name,
-                                   attrs.st_mode)
+                self._remember(attrs.st_ino, parent, attrs.st_ino >> SLOT_SHIFT, name,
+                               attrs.st_mode)
 
     @fuse_errors
     async def releasedir(self, fh: FileHandleT) -> None:
