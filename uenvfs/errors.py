@@ -1,7 +1,13 @@
 """The one error hierarchy of uenvfs, and its mapping to errnos.
 
-It mirrors the node agent's mount-manager contract: every failure of the mount layer is a
-`MountError`; what a caller sees through the filesystem is the errno from `errno_of`.
+    UenvfsError                    every error of uenvfs; carries the errno a caller sees
+    ├── MountError                 the mount layer (the node agent's mount-manager contract)
+    │   ├── MountFailed            an image could not be mounted
+    │   ├── UnmountFailed          a backing mount could not be unmounted
+    │   └── RefcountInconsistency  a refcount would have gone wrong (a bug)
+    └── CommandError               a refused `.control` command
+
+What a caller sees through the filesystem is the errno from `errno_of`.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ import errno
 from collections.abc import Sequence
 
 
-class MountError(Exception):
+class UenvfsError(Exception):
     """Base of every uenvfs error.
 
     `errno` is what a FUSE or `.control` caller receives. When an external tool failed,
@@ -29,6 +35,10 @@ class MountError(Exception):
         super().__init__(message)
 
 
+class MountError(UenvfsError):
+    """Base of every failure of the mount layer (mounting, unmounting, refcounting)."""
+
+
 class MountFailed(MountError):
     """An image could not be mounted (missing, corrupt, backend error, timeout)."""
 
@@ -41,7 +51,7 @@ class RefcountInconsistency(MountError):
     """A refcount would have gone wrong (negative). A bug: logged, never fatal."""
 
 
-class CommandError(MountError):
+class CommandError(UenvfsError):
     """A refused `.control` command. Its errno says why: EINVAL, ENOENT, EPERM, EACCES."""
 
     def __init__(self, code: int, message: str) -> None:
@@ -51,7 +61,7 @@ class CommandError(MountError):
 
 def errno_of(exc: BaseException) -> int:
     """The errno that a caller should see for *exc*."""
-    if isinstance(exc, MountError):
+    if isinstance(exc, UenvfsError):
         return exc.errno
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
