@@ -1,9 +1,9 @@
-"""The .control language and the .status document (pure)."""
+"""The .control language: parsing, printing, usage and CLI forms of the commands (pure)."""
 
 from __future__ import annotations
 
+import argparse
 import errno
-import json
 import re
 
 import pytest
@@ -11,13 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uenvfs.control import (
+    COMMANDS,
+    Acquire,
     Command,
-    MountStatus,
-    format_table,
+    Emergency,
+    Expire,
+    ForceUnmount,
+    HoldTime,
+    Reconcile,
+    Release,
+    Reload,
     parse,
     parse_line,
-    render_status,
-    status_document,
 )
 from uenvfs.errors import CommandError
 
@@ -25,19 +30,19 @@ from uenvfs.errors import CommandError
 @pytest.mark.parametrize(
     ("line", "command"),
     [
-        ("acquire pytorch-2.5 alloc-42", Command("acquire", name="pytorch-2.5", alloc="alloc-42")),
-        ("  release   slurm-7  ", Command("release", alloc="slurm-7")),
-        ("release slurm-7 img", Command("release", alloc="slurm-7", name="img")),
-        ("reconcile", Command("reconcile")),
-        ("reconcile a b c", Command("reconcile", allocs=("a", "b", "c"))),
-        ("expire", Command("expire")),
-        ("expire img", Command("expire", name="img")),
-        ("hold-time 0.5", Command("hold-time", seconds=0.5)),
-        ("hold-time 120 img", Command("hold-time", seconds=120.0, name="img")),
-        ("emergency on", Command("emergency", on=True)),
-        ("emergency off", Command("emergency", on=False)),
-        ("force-unmount img", Command("force-unmount", name="img")),
-        ("reload", Command("reload")),
+        ("acquire pytorch-2.5 alloc-42", Acquire("pytorch-2.5", "alloc-42")),
+        ("  release   slurm-7  ", Release("slurm-7")),
+        ("release slurm-7 img", Release("slurm-7", "img")),
+        ("reconcile", Reconcile()),
+        ("reconcile a b c", Reconcile(("a", "b", "c"))),
+        ("expire", Expire()),
+        ("expire img", Expire("img")),
+        ("hold-time 0.5", HoldTime(0.5)),
+        ("hold-time 120 img", HoldTime(120.0, "img")),
+        ("emergency on", Emergency(on=True)),
+        ("emergency off", Emergency(on=False)),
+        ("force-unmount img", ForceUnmount("img")),
+        ("reload", Reload()),
     ],
 )
 def test_parse_line(line: str, command: Command) -> None:
@@ -72,7 +77,7 @@ def test_parse_line_rejects_with_a_reason(line: str, reason: str) -> None:
 
 
 def test_parse_several_lines_all_or_nothing() -> None:
-    assert parse(b"expire\n\nreload\n") == [Command("expire"), Command("reload")]
+    assert parse(b"expire\n\nreload\n") == [Expire(), Reload()]
     with pytest.raises(CommandError, match="unknown command"):
         parse(b"expire\nnonsense\n")
     for junk in (b"", b"\n\n", b"\xff\xfe", b"expire\0", b"a" * (64 * 1024 + 1)):
@@ -93,24 +98,42 @@ def test_parser_never_raises_anything_but_einval(data: bytes) -> None:
     assert code == errno.EINVAL
 
 
-def test_status_document_and_table() -> None:
-    mounts = [
-        MountStatus("zeta", "/images/zeta.sqfs", "/run/pact/uenv/zeta", "/s/mnt/zeta", "holding",
-                    0, {}, 12.3456, "2026-11-30T06:00:00Z", None),
-        MountStatus("alpha", "/images/alpha.sqfs", "/run/pact/uenv/alpha", "/s/mnt/alpha",
-                    "mounted", 2, {"slurm-7": (0, True), "alloc-42": (3, False)}, None,
-                    "2026-11-30T06:00:00Z", None),
-    ]
-    doc = json.loads(render_status(status_document("/run/pact/uenv", 60.0, False, mounts)))
-    assert doc["version"] == 1
-    assert [m["name"] for m in doc["mounts"]] == ["alpha", "zeta"]
-    assert doc["mounts"][0]["allocations"] == {
-        "alloc-42": {"opens": 3, "acquired": False}, "slurm-7": {"opens": 0, "acquired": True}}
-    assert doc["mounts"][1]["hold_remaining"] == 12.346
-    assert set(doc["mounts"][0]) == {"name", "image_path", "mount_point", "backing", "state",
-                                     "refcount", "allocations", "hold_remaining", "mounted_at",
-                                     "error"}
-    table = format_table(doc)
-    assert "alpha  mounted  2" in table
-    assert "alloc-42(3),slurm-7(0+acq)" in table
-    assert "zeta   holding  0     12s" in table
+def test_the_table_has_every_command_with_its_usage() -> None:
+    assert {verb: kind.usage for verb, kind in COMMANDS.items()} == {
+        "acquire": "acquire NAME ALLOC",
+        "release": "release ALLOC [NAME]",
+        "reconcile": "reconcile [ALLOC ...]",
+        "expire": "expire [NAME]",
+        "hold-time": "hold-time SECONDS [NAME]",
+        "emergency": "emergency on|off",
+        "force-unmount": "force-unmount NAME",
+        "reload": "reload",
+    }
+    assert all(kind.verb == verb for verb, kind in COMMANDS.items())
+    expected = ", ".join(COMMANDS)
+    assert expected == ("acquire, release, reconcile, expire, hold-time, emergency, "
+                        "force-unmount, reload")
+    with pytest.raises(CommandError, match=f"expected one of: {expected}$"):
+        parse_line("nosuch")
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["acquire", "img", "alloc-1"], "acquire img alloc-1"),
+        (["release", "alloc-1"], "release alloc-1"),
+        (["release", "alloc-1", "img"], "release alloc-1 img"),
+        (["reconcile"], "reconcile"),
+        (["reconcile", "a", "b"], "reconcile a b"),
+        (["expire"], "expire"),
+        (["hold-time", "0.30000001", "img"], "hold-time 0.30000001 img"),  # sent as typed
+        (["emergency", "off"], "emergency off"),
+        (["force-unmount", "img"], "force-unmount img"),
+        (["reload"], "reload"),
+    ],
+)
+def test_cli_arguments_give_the_line(argv: list[str], line: str) -> None:
+    kind = COMMANDS[argv[0]]
+    parser = argparse.ArgumentParser()
+    kind.add_arguments(parser)
+    assert kind.line_from(parser.parse_args(argv[1:])) == line

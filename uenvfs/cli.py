@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import config as config_mod
-from . import control, meta
+from . import control, meta, status
 from .errors import CommandError
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(document, indent=1))
     else:
-        print(control.format_table(document), end="")
+        print(status.format_table(document), end="")
     return EXIT_OK
 
 
@@ -225,9 +225,9 @@ def cmd_env(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _command(build: Callable[[argparse.Namespace], str]) -> Callable[[argparse.Namespace], int]:
+def _command(kind: type[control.Command]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        line = build(args)
+        line = kind.line_from(args)
         try:
             control.parse_line(line)  # catch a bad word here, with the reason, before sending
         except CommandError as exc:
@@ -236,24 +236,6 @@ def _command(build: Callable[[argparse.Namespace], str]) -> Callable[[argparse.N
         return EXIT_OK
 
     return run
-
-
-COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], str]]] = {
-    "acquire": ("ALLOC uses NAME (mounting it) until released",
-                lambda a: f"acquire {a.name} {a.alloc}"),
-    "release": ("ALLOC stops using NAME (or every image)",
-                lambda a: f"release {a.alloc} {a.name or ''}".strip()),
-    "reconcile": ("the given allocations are all that live: release every other one",
-                  lambda a: " ".join(["reconcile", *a.allocs])),
-    "expire": ("unmount now every idle image (or NAME)",
-               lambda a: f"expire {a.name or ''}".strip()),
-    "hold-time": ("set the hold time, globally or for NAME",
-                  lambda a: f"hold-time {a.seconds} {a.name or ''}".strip()),
-    "emergency": ("enter or leave emergency mode", lambda a: f"emergency {a.mode}"),
-    "force-unmount": ("emergency mode only: unmount NAME whatever its refcount",
-                      lambda a: f"force-unmount {a.name}"),
-    "reload": ("re-read the image sources", lambda a: "reload"),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,25 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mountpoint", metavar="DIR", help="where uenvfs serves the images "
                    "(default: the configured one, /run/pact/uenv)")
 
-    for name, (help_text, build) in COMMANDS.items():
-        p = add(name, help_text, _command(build))
-        if name == "acquire":
-            p.add_argument("name")
-            p.add_argument("alloc")
-        elif name == "release":
-            p.add_argument("alloc")
-            p.add_argument("name", nargs="?")
-        elif name == "reconcile":
-            p.add_argument("allocs", nargs="*", metavar="ALLOC")
-        elif name in ("expire",):
-            p.add_argument("name", nargs="?")
-        elif name == "hold-time":
-            p.add_argument("seconds")
-            p.add_argument("name", nargs="?")
-        elif name == "emergency":
-            p.add_argument("mode", choices=("on", "off"))
-        elif name == "force-unmount":
-            p.add_argument("name")
+    for verb, kind in control.COMMANDS.items():
+        kind.add_arguments(add(verb, kind.help, _command(kind)))
     return parser
 
 

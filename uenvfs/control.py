@@ -1,4 +1,4 @@
-"""The `.control` command language and the `.status` document, shared by daemon and CLI.
+"""The `.control` command language: one type per command, and the table of them.
 
 Pure: no trio, no pyfuse3. A command line is words separated by blanks:
 
@@ -7,66 +7,56 @@ Pure: no trio, no pyfuse3. A command line is words separated by blanks:
     force-unmount NAME        reload
 
 Anything else is EINVAL with a reason that says what was expected.
+
+A command is a frozen dataclass whose fields are its words, in order. Each field's `Word` says
+how the word reads and prints; a field without a default is a required word, a default of None
+makes it optional, a default of () makes it take every remaining word. The class derives from
+that its parser, its line (`str`), its usage and its CLI arguments, so adding a command is one
+class here, plus its handler in `executor`.
 """
 
 from __future__ import annotations
 
+import argparse
 import errno
-import json
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, ClassVar, Literal, Self, TypeVar
 
 from .errors import CommandError
 from .names import valid_alloc, valid_name
+from .status import render_status as render_status  # the filesystem renders `.status` from here
 
-STATUS_VERSION = 1
 MAX_WRITE = 64 * 1024
 MAX_LINE = 4096
-
-USAGE = {
-    "acquire": "acquire NAME ALLOC",
-    "release": "release ALLOC [NAME]",
-    "reconcile": "reconcile [ALLOC ...]",
-    "expire": "expire [NAME]",
-    "hold-time": "hold-time SECONDS [NAME]",
-    "emergency": "emergency on|off",
-    "force-unmount": "force-unmount NAME",
-    "reload": "reload",
-}
-
-
-@dataclass(frozen=True)
-class Command:
-    """One parsed `.control` command. Which fields are set depends on the verb."""
-
-    verb: str
-    name: str | None = None
-    alloc: str | None = None
-    allocs: tuple[str, ...] = ()
-    seconds: float | None = None
-    on: bool | None = None
-
-    def __str__(self) -> str:
-        words: list[str] = [self.verb]
-        if self.verb == "acquire":
-            words += [str(self.name), str(self.alloc)]
-        elif self.verb == "release":
-            words += [str(self.alloc)] + ([self.name] if self.name else [])
-        elif self.verb == "reconcile":
-            words += list(self.allocs)
-        elif self.verb == "hold-time":
-            words += [f"{self.seconds:g}"] + ([self.name] if self.name else [])
-        elif self.verb == "emergency":
-            words.append("on" if self.on else "off")
-        elif self.name:
-            words.append(self.name)
-        return " ".join(words)
 
 
 def _invalid(message: str) -> CommandError:
     return CommandError(errno.EINVAL, message)
+
+
+# -- words -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Word:
+    """One kind of word of a command line.
+
+    `read` returns the word's value; it raises `CommandError` (EINVAL) with a reason, or
+    ValueError when the only thing to say is the command's usage.
+    """
+
+    metavar: str  # in the usage line
+    read: Callable[[str], Any]
+    show: Callable[[Any], str] = str  # back to the word: str(command) parses to an equal one
+    choices: tuple[str, ...] | None = None  # for the CLI
+    dest: str | None = None  # the CLI argument's name, if not the field's
+
+    @property
+    def meta(self) -> Mapping[str, Word]:
+        """The `field(metadata=...)` of a command field made of this word."""
+        return {"word": self}
 
 
 def _name(word: str) -> str:
@@ -91,6 +81,198 @@ def _seconds(word: str) -> float:
     return value
 
 
+def _on_off(word: str) -> bool:
+    if word not in ("on", "off"):
+        raise ValueError(word)
+    return word == "on"
+
+
+NAME = Word("NAME", _name)
+ALLOC = Word("ALLOC", _alloc)
+SECONDS = Word("SECONDS", _seconds, show=lambda seconds: f"{seconds:g}")
+ON_OFF = Word("on|off", _on_off, show=lambda on: "on" if on else "off", choices=("on", "off"),
+              dest="mode")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One field of a command: its word, and how many it takes (argparse's nargs)."""
+
+    field: str
+    word: Word
+    nargs: Literal["?", "*"] | None  # None: exactly one
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+class Command:
+    """A parsed `.control` command: one subclass per verb, each registered with `@command`.
+
+    Invariant: `parse_line(str(command)) == command`.
+    """
+
+    verb: ClassVar[str]
+    help: ClassVar[str]  # one line, for the CLI
+    slots: ClassVar[tuple[Slot, ...]]  # set by @command, from the dataclass fields
+    usage: ClassVar[str]  # set by @command: "release ALLOC [NAME]"
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # every command is a dataclass
+
+    @classmethod
+    def from_words(cls, args: Sequence[str]) -> Self:
+        """The command of the words after the verb. Raises `CommandError` (EINVAL)."""
+        required = sum(slot.nargs is None for slot in cls.slots)
+        rest = any(slot.nargs == "*" for slot in cls.slots)
+        if len(args) < required or (not rest and len(args) > len(cls.slots)):
+            raise _invalid(f"usage: {cls.usage}")
+        values: dict[str, Any] = {}
+        try:
+            for i, slot in enumerate(cls.slots):
+                if slot.nargs == "*":
+                    values[slot.field] = tuple(map(slot.word.read, args[i:]))
+                elif i < len(args):
+                    values[slot.field] = slot.word.read(args[i])
+        except ValueError:
+            raise _invalid(f"usage: {cls.usage}") from None
+        return cls(**values)
+
+    def __str__(self) -> str:
+        """The line that writes this command to `.control`."""
+        words = [self.verb]
+        for slot in self.slots:
+            value = getattr(self, slot.field)
+            if slot.nargs == "*":
+                words += map(slot.word.show, value)
+            elif value is not None:
+                words.append(slot.word.show(value))
+        return " ".join(words)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """The CLI's arguments of the command (`uenvfs VERB ...`)."""
+        for slot in cls.slots:
+            options: dict[str, Any] = {}
+            if slot.nargs is not None:
+                options["nargs"] = slot.nargs
+            if slot.nargs == "*":
+                options["metavar"] = slot.word.metavar  # "[ALLOC ...]", not "[allocs ...]"
+            if slot.word.choices is not None:
+                options["choices"] = slot.word.choices
+            parser.add_argument(slot.word.dest or slot.field, **options)
+
+    @classmethod
+    def line_from(cls, args: argparse.Namespace) -> str:
+        """The line of the CLI's arguments, word for word as given (not parsed yet)."""
+        words = [cls.verb]
+        for slot in cls.slots:
+            value = getattr(args, slot.word.dest or slot.field)
+            if isinstance(value, list):
+                words += value
+            elif value is not None:
+                words.append(value)
+        return " ".join(words).strip()
+
+
+COMMANDS: dict[str, type[Command]] = {}  # by verb, in the order usage messages list them
+
+
+C = TypeVar("C", bound=Command)
+
+
+def command(cls: type[C]) -> type[C]:
+    """Register a command dataclass in `COMMANDS`, deriving its slots and usage."""
+    slots = []
+    for f in fields(cls):
+        nargs: Literal["?", "*"] | None = (
+            None if f.default is MISSING else "?" if f.default is None else "*")
+        slots.append(Slot(f.name, f.metadata["word"], nargs))
+    assert all(s.nargs == "*" for s in slots[-1:]) or not any(s.nargs == "*" for s in slots)
+    usage = [cls.verb]
+    for slot in slots:
+        metavar = slot.word.metavar
+        usage.append({None: metavar, "?": f"[{metavar}]", "*": f"[{metavar} ...]"}[slot.nargs])
+    cls.slots = tuple(slots)
+    cls.usage = " ".join(usage)
+    COMMANDS[cls.verb] = cls
+    return cls
+
+
+@command
+@dataclass(frozen=True)
+class Acquire(Command):
+    verb = "acquire"
+    help = "ALLOC uses NAME (mounting it) until released"
+
+    name: str = field(metadata=NAME.meta)
+    alloc: str = field(metadata=ALLOC.meta)
+
+
+@command
+@dataclass(frozen=True)
+class Release(Command):
+    verb = "release"
+    help = "ALLOC stops using NAME (or every image)"
+
+    alloc: str = field(metadata=ALLOC.meta)
+    name: str | None = field(default=None, metadata=NAME.meta)
+
+
+@command
+@dataclass(frozen=True)
+class Reconcile(Command):
+    verb = "reconcile"
+    help = "the given allocations are all that live: release every other one"
+
+    allocs: tuple[str, ...] = field(default=(), metadata=ALLOC.meta)
+
+
+@command
+@dataclass(frozen=True)
+class Expire(Command):
+    verb = "expire"
+    help = "unmount now every idle image (or NAME)"
+
+    name: str | None = field(default=None, metadata=NAME.meta)
+
+
+@command
+@dataclass(frozen=True)
+class HoldTime(Command):
+    verb = "hold-time"
+    help = "set the hold time, globally or for NAME"
+
+    seconds: float = field(metadata=SECONDS.meta)
+    name: str | None = field(default=None, metadata=NAME.meta)
+
+
+@command
+@dataclass(frozen=True)
+class Emergency(Command):
+    verb = "emergency"
+    help = "enter or leave emergency mode"
+
+    on: bool = field(metadata=ON_OFF.meta)
+
+
+@command
+@dataclass(frozen=True)
+class ForceUnmount(Command):
+    verb = "force-unmount"
+    help = "emergency mode only: unmount NAME whatever its refcount"
+
+    name: str = field(metadata=NAME.meta)
+
+
+@command
+@dataclass(frozen=True)
+class Reload(Command):
+    verb = "reload"
+    help = "re-read the image sources"
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+
 def parse_line(line: str) -> Command:
     """Parse one command line. Raises `CommandError` (EINVAL) with the reason."""
     if len(line) > MAX_LINE:
@@ -98,40 +280,12 @@ def parse_line(line: str) -> Command:
     words = line.split()
     if not words:
         raise _invalid("empty command")
-    verb, args = words[0], words[1:]
-    n = len(args)
-
-    def arity(low: int, high: int | None) -> None:
-        if n < low or (high is not None and n > high):
-            raise _invalid(f"usage: {USAGE[verb]}")
-
-    if verb == "acquire":
-        arity(2, 2)
-        return Command(verb, name=_name(args[0]), alloc=_alloc(args[1]))
-    if verb == "release":
-        arity(1, 2)
-        return Command(verb, alloc=_alloc(args[0]), name=_name(args[1]) if n == 2 else None)
-    if verb == "reconcile":
-        return Command(verb, allocs=tuple(_alloc(a) for a in args))
-    if verb == "expire":
-        arity(0, 1)
-        return Command(verb, name=_name(args[0]) if n else None)
-    if verb == "hold-time":
-        arity(1, 2)
-        return Command(verb, seconds=_seconds(args[0]), name=_name(args[1]) if n == 2 else None)
-    if verb == "emergency":
-        arity(1, 1)
-        if args[0] not in ("on", "off"):
-            raise _invalid(f"usage: {USAGE[verb]}")
-        return Command(verb, on=args[0] == "on")
-    if verb == "force-unmount":
-        arity(1, 1)
-        return Command(verb, name=_name(args[0]))
-    if verb == "reload":
-        arity(0, 0)
-        return Command(verb)
-    shown = verb if len(verb) <= 40 else verb[:40] + "..."
-    raise _invalid(f"unknown command {shown!r}; expected one of: {', '.join(USAGE)}")
+    kind = COMMANDS.get(words[0])
+    if kind is None:
+        verb = words[0]
+        shown = verb if len(verb) <= 40 else verb[:40] + "..."
+        raise _invalid(f"unknown command {shown!r}; expected one of: {', '.join(COMMANDS)}")
+    return kind.from_words(words[1:])
 
 
 def parse(data: bytes) -> list[Command]:
@@ -152,81 +306,3 @@ def parse(data: bytes) -> list[Command]:
     if not commands:
         raise _invalid("empty command")
     return commands
-
-
-# -- .status -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MountStatus:
-    """One image as `.status` lists it."""
-
-    name: str
-    image_path: str
-    mount_point: str
-    backing: str
-    state: str
-    refcount: int
-    allocations: Mapping[str, tuple[int, bool]] = field(default_factory=dict)
-    hold_remaining: float | None = None
-    mounted_at: str | None = None
-    error: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "image_path": self.image_path,
-            "mount_point": self.mount_point,
-            "backing": self.backing,
-            "state": self.state,
-            "refcount": self.refcount,
-            "allocations": {
-                alloc: {"opens": opens, "acquired": acquired}
-                for alloc, (opens, acquired) in sorted(self.allocations.items())
-            },
-            "hold_remaining": (
-                None if self.hold_remaining is None else round(self.hold_remaining, 3)
-            ),
-            "mounted_at": self.mounted_at,
-            "error": self.error,
-        }
-
-
-def status_document(
-    mountpoint: str, hold_time: float, emergency: bool, mounts: Sequence[MountStatus]
-) -> dict[str, Any]:
-    return {
-        "version": STATUS_VERSION,
-        "mountpoint": mountpoint,
-        "hold_time": hold_time,
-        "emergency": emergency,
-        "mounts": [m.to_json() for m in sorted(mounts, key=lambda m: m.name)],
-    }
-
-
-def render_status(document: Mapping[str, Any]) -> bytes:
-    return (json.dumps(document, indent=1) + "\n").encode()
-
-
-def format_table(document: Mapping[str, Any]) -> str:
-    """The `.status` document as a table for people (`uenvfs status`)."""
-    head = (
-        f"uenvfs at {document['mountpoint']}: hold time {document['hold_time']:g} s"
-        + (", EMERGENCY MODE" if document.get("emergency") else "")
-    )
-    mounts = document.get("mounts", [])
-    if not mounts:
-        return head + "\nno image mounted\n"
-    rows = [("NAME", "STATE", "REFS", "HOLD", "ALLOCATIONS", "ERROR")]
-    for m in mounts:
-        allocs = ",".join(
-            f"{a}({u['opens']}{'+acq' if u['acquired'] else ''})"
-            for a, u in m["allocations"].items()
-        )
-        hold = "" if m["hold_remaining"] is None else f"{m['hold_remaining']:.0f}s"
-        rows.append((m["name"], m["state"], str(m["refcount"]), hold, allocs or "-",
-                     m["error"] or ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1]
-             for r in rows]
-    return head + "\n" + "\n".join(line.rstrip() for line in lines) + "\n"

@@ -140,7 +140,7 @@ async def recover(manager: Manager) -> None:
         manager.adopt(adoption)
     for name in plan.dropped:
         log.info("%s: in the journal but no longer mounted; dropped", name)
-    manager.save_journal()
+    manager.journal.save()
     log.info("start-up recovery: %s", plan.summary())
 
 

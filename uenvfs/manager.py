@@ -1,18 +1,18 @@
-"""The mount manager: drives the pure state machine with real mounts, timers and commands.
+"""The mount manager: drives the pure state machine with real mounts.
 
-One trio task per mount or unmount (`mount:<name>`, `unmount:<name>`) and one hold timer task
-(`hold-timer`). Callers never run a mount tool themselves: they start the task if needed and
-wait for the image's change event, so concurrent first accesses produce exactly one mount and a
-cancelled caller never leaves a half-made mount behind.
+One trio task per mount or unmount (`mount:<name>`, `unmount:<name>`), plus the hold timer
+(`hold-timer`, see hold_timer.py) and the journal writer (`journal`, see journal_writer.py).
+Callers never run a mount tool themselves: they start the task if needed and wait for the
+image's change event, so concurrent first accesses produce exactly one mount and a cancelled
+caller never leaves a half-made mount behind. What `.control` commands do is in executor.py.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import math
 import os
 import time
+from collections import ChainMap
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,21 +20,24 @@ from typing import Any
 
 import trio
 
-from . import control, journal, meta
+from . import meta
 from .backend import MountBackend, is_mount_point, run_check
 from .catalog import Catalog
 from .config import Config
-from .control import Command, MountStatus
-from .errors import CommandError, MountError, MountFailed, RefcountInconsistency, UnmountFailed
+from .control import Command
+from .errors import MountError, MountFailed, RefcountInconsistency, UnmountFailed
+from .executor import Executor
+from .hold_timer import HoldTimer
 from .journal import Journal, MountRecord
+from .journal_writer import JournalWriter
 from .metrics import Metrics
 from .recovery import Adoption
 from .state import Phase, Registry, Use
+from .status import mount_statuses, status_document
 
 log = logging.getLogger(__name__)
 
 Identity = tuple[int, int, int, int]
-JOURNAL_DELAY = 0.05  # seconds a mount or unmount waits to be journaled (an acquisition: none)
 
 
 @dataclass(eq=False)
@@ -70,12 +73,14 @@ def identity_of(path: Path) -> Identity:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def iso_time(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
-
-
 class Manager:
-    """Every image's backing mount, refcounts and hold timer; executes `.control` commands."""
+    """Every image's backing mount and its lifecycle: mount, uses, hold time, unmount.
+
+    Invariants: `mounts` holds the mount of exactly the images that are MOUNTED or HOLDING
+    (they serve requests), `_unmounting` that of exactly the images UNMOUNTING. Whatever moves
+    an image into or out of those phases moves its mount in the same step (no await between),
+    so `mounted(name)` is one dict lookup.
+    """
 
     def __init__(
         self,
@@ -92,21 +97,17 @@ class Manager:
         self.clock = clock
         self.registry = Registry(config.hold_time)
         self.metrics = Metrics()
-        self.mounts: dict[str, Mount] = {}
-        self.emergency = False
+        self.mounts: dict[str, Mount] = {}  # serving: MOUNTED or HOLDING
+        self._unmounting: dict[str, Mount] = {}  # being detached by their unmount task
         self.paths: dict[str, Path] = {}  # last known image path of each name
         self._trees: dict[str, Tree] = {}
         self._next_slot = 1
         self._changed: dict[str, trio.Event] = {}
-        self._wakeup = trio.Event()
-        self._sleeping_until = math.inf  # the deadline the hold timer waits for
-        self._journal_wanted = self._journal_done = 0  # generations of the journal
-        self._journal_wake = trio.Event()
-        self._journal_written = trio.Event()
-        self._journal_urgent = False
-        # The fsync goes to a worker thread; tests in virtual time write in the loop instead
-        # (trio's autojump clock would jump while the thread works).
-        self._journal_in_thread = journal_in_thread
+        self.timer = HoldTimer(self.registry, self._start_unmount, clock)
+        self._wake_for = self.timer.wake_for  # bound once: close() calls it on every release
+        self.journal = JournalWriter(config.journal_path, self.journal_state, self.metrics,
+                                     in_thread=journal_in_thread)
+        self.commands = Executor(self)
         self._nursery: trio.Nursery | None = None
         # Hooks for the filesystem layer: an image's handles must die / its caches go stale.
         self.on_force_unmount: Callable[[str], Awaitable[None]] = _nothing
@@ -116,42 +117,16 @@ class Manager:
     # -- tasks ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the hold timer and host the mount and unmount tasks until cancelled."""
+        """Run the hold timer and the journal writer, and host the mount and unmount tasks,
+        until cancelled."""
         if self.clock is trio.current_time:
             # The same clock without trio's lookups on every call (every open and close).
             self.clock = trio.lowlevel.current_clock().current_time
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._hold_timer, name="hold-timer")
-            nursery.start_soon(self._journal_writer, name="journal")
+            nursery.start_soon(self.timer.run, name="hold-timer")
+            nursery.start_soon(self.journal.run, name="journal")
             task_status.started()
-
-    async def _hold_timer(self) -> None:
-        while True:
-            self._wakeup = trio.Event()
-            deadline = self.registry.next_deadline()
-            self._sleeping_until = math.inf if deadline is None else deadline
-            with trio.move_on_at(self._sleeping_until):
-                await self._wakeup.wait()
-            now = self.clock()
-            for image in self.registry.due(now):
-                if image.expire(now, self.registry.hold_time_of(image)):
-                    log.info("%s: hold time %.3g s over, unmounting", image.name,
-                             self.registry.hold_time_of(image))
-                    self._start_unmount(image.name)
-
-    def _wake(self) -> None:
-        """Deadlines may have changed: let the hold timer look again."""
-        self._wakeup.set()
-
-    def _wake_for(self, name: str) -> None:
-        """*name* may have started its hold timer: wake the timer if it must run out sooner.
-
-        (A timer stopped by a new use needs no wake-up: at its deadline nothing is due.)
-        """
-        deadline = self.registry.deadline(self.registry[name])
-        if deadline is not None and deadline < self._sleeping_until:
-            self._wakeup.set()
 
     def _event(self, name: str) -> trio.Event:
         event = self._changed.get(name)
@@ -161,7 +136,7 @@ class Manager:
 
     def _notify(self, name: str) -> None:
         self._changed.pop(name, trio.Event()).set()
-        self._wake()
+        self.timer.wake()
 
     def _spawn(self, fn: Callable[[str], Awaitable[object]], name: str, task: str) -> None:
         self.spawn(fn, name, task=f"{task}:{name}")
@@ -175,8 +150,7 @@ class Manager:
 
     def mounted(self, name: str) -> Mount | None:
         """The backing mount of *name* if it is mounted now (no mounting)."""
-        image = self.registry.images.get(name)
-        return self.mounts.get(name) if image is not None and image.is_mounted else None
+        return self.mounts.get(name)
 
     async def ensure_mounted(self, name: str) -> Mount:
         """The backing mount of *name*, mounting it first if needed.
@@ -185,9 +159,10 @@ class Manager:
         time ago.
         """
         while True:
+            mount = self.mounts.get(name)
+            if mount is not None:
+                return mount
             image = self.registry[name]
-            if image.is_mounted:
-                return self.mounts[name]
             if image.phase in (Phase.MOUNTING, Phase.UNMOUNTING):
                 await self._event(name).wait()
                 continue
@@ -212,7 +187,7 @@ class Manager:
             self.metrics.observe("uenvfs_mount_seconds", self.clock() - started)
             self.mounts[name] = mount
             image.mounted(self.clock())
-            self.journal_soon()
+            self.journal.soon()
             log.info("%s: mounted %s at %s (%s)", name, mount.image_path, mount.backing,
                      mount.source)
         finally:
@@ -278,12 +253,18 @@ class Manager:
         self._next_slot += 1
         return slot
 
+    def _stop_serving(self, name: str) -> None:
+        """*name* just became UNMOUNTING: its mount no longer serves requests."""
+        self._unmounting[name] = self.mounts.pop(name)
+
     def _start_unmount(self, name: str) -> None:
+        """*name* just became UNMOUNTING: detach its mount in a task."""
+        self._stop_serving(name)
         self._spawn(self._unmount, name, "unmount")
 
     async def _unmount(self, name: str) -> None:
         image = self.registry[name]
-        mount = self.mounts[name]
+        mount = self._unmounting[name]
         started = self.clock()
         try:
             try:
@@ -293,11 +274,12 @@ class Manager:
                     log.exception("%s: unexpected error while unmounting", name)
                 if self.backend.mounted(mount.backing) is not None:
                     image.unmount_failed(self.clock(), str(exc))
+                    self.mounts[name] = self._unmounting.pop(name)
                     log.error("%s: unmount failed, retried after the hold time: %s", name, exc)
                     return
-            del self.mounts[name]
+            del self._unmounting[name]
             image.unmounted(self.clock())
-            self.journal_soon()
+            self.journal.soon()
             if not self.catalog.remembers(name):
                 self.on_stale_entry(name)  # removed from the sources while it was mounted
             self.metrics.inc("uenvfs_unmounts_total", image=name)
@@ -335,14 +317,15 @@ class Manager:
         return new
 
     def close(self, name: str, use: Use) -> None:
+        image = self.registry[name]
         try:
-            self.registry[name].close(use, self.clock())
+            image.close(use, self.clock())
         except RefcountInconsistency:
             self.metrics.inc("uenvfs_refcount_errors_total")
             log.exception("refcount bug on %s; continuing", name)
-        self._wake_for(name)
+        self._wake_for(image)
 
-    # -- commands ------------------------------------------------------------------------
+    # -- expiry, force-unmount, reload -----------------------------------------------------
 
     async def known(self, name: str) -> bool:
         """Whether *name* is an image: in a source now, or still mounted or listed."""
@@ -353,67 +336,14 @@ class Manager:
 
     async def execute(self, command: Command) -> str:
         """Apply one `.control` command. Returns a short outcome; raises `CommandError`."""
-        verb = command.verb.replace("-", "_")
-        handler = getattr(self, f"_cmd_{verb}")
-        result: str = await handler(command)
-        return result
-
-    async def _require_known(self, name: str) -> None:
-        if not await self.known(name):
-            raise CommandError(errno.ENOENT, f"no image named {name!r}")
-
-    async def _cmd_acquire(self, cmd: Command) -> str:
-        assert cmd.name
-        assert cmd.alloc
-        await self._require_known(cmd.name)
-        while True:
-            try:
-                await self.ensure_mounted(cmd.name)
-            except MountError as exc:
-                raise CommandError(errno.EIO, str(exc)) from exc
-            image = self.registry[cmd.name]
-            if image.is_mounted:
-                new = image.acquire(cmd.alloc, self.clock())
-                await self.durable_journal()
-                return "acquired" if new else "already acquired"
-
-    async def _cmd_release(self, cmd: Command) -> str:
-        assert cmd.alloc
-        names = None if cmd.name is None else [cmd.name]
-        if cmd.name is not None and cmd.alloc not in self.registry[cmd.name].users:
-            raise CommandError(errno.ENOENT, f"{cmd.alloc} does not use {cmd.name}")
-        left = self.registry.release(cmd.alloc, self.clock(), names)
-        if not left:
-            raise CommandError(errno.ENOENT, f"no image is used by {cmd.alloc}")
-        self._wake()
-        await self.durable_journal()
-        return "released from " + ", ".join(left)
-
-    async def _cmd_reconcile(self, cmd: Command) -> str:
-        dropped = self.registry.reconcile(cmd.allocs, self.clock())
-        for name, alloc in dropped:
-            log.info("reconcile: %s no longer live, released from %s", alloc, name)
-        self._wake()
-        await self.durable_journal()
-        return f"released {len(dropped)} stale uses"
-
-    async def _cmd_expire(self, cmd: Command) -> str:
-        if cmd.name is not None:
-            await self._require_known(cmd.name)
-            image = self.registry[cmd.name]
-            if image.refcount:
-                raise CommandError(errno.EPERM,
-                                   f"{cmd.name} is in use by {image.refcount} allocations")
-            names = [cmd.name]
-        else:
-            names = [i.name for i in self.registry if i.phase is Phase.HOLDING]
-        return await self._expire(names)
+        return await self.commands.execute(command)
 
     async def expire_idle(self) -> str:
         """Unmount now every image with refcount 0 (SIGUSR1, `expire`)."""
-        return await self._expire([i.name for i in self.registry if i.phase is Phase.HOLDING])
+        return await self.expire([i.name for i in self.registry if i.phase is Phase.HOLDING])
 
-    async def _expire(self, names: list[str]) -> str:
+    async def expire(self, names: list[str]) -> str:
+        """Unmount now each of *names* that is idle, whatever its hold time."""
         started = []
         for name in names:
             await self._wait_settled(name)
@@ -426,43 +356,20 @@ class Manager:
             await self._wait_settled(name)
         return f"expired {len(started)} images"
 
-    async def _cmd_hold_time(self, cmd: Command) -> str:
-        assert cmd.seconds is not None
-        if cmd.name is None:
-            self.registry.hold_time = cmd.seconds
-        else:
-            await self._require_known(cmd.name)
-            self.registry[cmd.name].hold_time = cmd.seconds
-        self._wake()
-        return f"hold time {cmd.seconds:g} s"
-
-    async def _cmd_emergency(self, cmd: Command) -> str:
-        self.emergency = bool(cmd.on)
-        if self.emergency:
-            log.warning("emergency mode ON: force-unmount is allowed")
-        else:
-            log.info("emergency mode off")
-        return "emergency " + ("on" if self.emergency else "off")
-
-    async def _cmd_force_unmount(self, cmd: Command) -> str:
-        assert cmd.name
-        if not self.emergency:
-            raise CommandError(errno.EPERM, "force-unmount is only allowed in emergency mode")
-        await self._require_known(cmd.name)
-        await self._wait_settled(cmd.name)
-        image = self.registry[cmd.name]
+    async def force_unmount(self, name: str) -> str:
+        """Emergency: unmount *name* whatever its refcount, its open handles killed first."""
+        await self._wait_settled(name)
+        image = self.registry[name]
         if not image.is_mounted:
-            return f"{cmd.name} is not mounted"
+            return f"{name} is not mounted"
         dropped = image.force_unmount(self.clock())
-        log.warning("%s: FORCE-UNMOUNT, dropping allocations %s", cmd.name, dropped or "none")
-        await self.on_force_unmount(cmd.name)
-        self._start_unmount(cmd.name)
-        await self._wait_settled(cmd.name)
-        await self.durable_journal()
-        return f"force-unmounted {cmd.name}"
-
-    async def _cmd_reload(self, cmd: Command) -> str:
-        return self.reload()
+        self._stop_serving(name)
+        log.warning("%s: FORCE-UNMOUNT, dropping allocations %s", name, dropped or "none")
+        await self.on_force_unmount(name)
+        self._spawn(self._unmount, name, "unmount")
+        await self._wait_settled(name)
+        await self.journal.durable()
+        return f"force-unmounted {name}"
 
     def reload(self) -> str:
         before = set(self.catalog.listing())
@@ -476,55 +383,12 @@ class Manager:
     def journal_state(self) -> Journal:
         """What must survive a crash: the backing mounts and the allocations that acquired them."""
         records = {}
-        for name, mount in self.mounts.items():
-            acquired = tuple(a for a, u in self.registry[name].users.items() if u.acquired)
-            records[name] = MountRecord(str(mount.image_path), str(mount.backing),
-                                        mount.tree.identity, acquired, mount.mounted_at)
+        for mounts in (self.mounts, self._unmounting):
+            for name, mount in mounts.items():
+                acquired = tuple(a for a, u in self.registry[name].users.items() if u.acquired)
+                records[name] = MountRecord(str(mount.image_path), str(mount.backing),
+                                            mount.tree.identity, acquired, mount.mounted_at)
         return Journal(records)
-
-    def save_journal(self, state: Journal | None = None) -> None:
-        """Write the journal now. A failure is logged, never fatal: the mount table remains."""
-        try:
-            journal.save(self.config.journal_path, state or self.journal_state())
-        except OSError as exc:
-            self.metrics.inc("uenvfs_journal_errors_total")
-            log.warning("cannot write the journal %s: %s", self.config.journal_path, exc)
-
-    def journal_soon(self) -> int:
-        """Have the journal writer record the current state; returns its generation.
-
-        A mount need not wait for its journal entry (the mount table says it exists, and a
-        crash before the write only loses nothing the table cannot tell), so the fsync stays
-        out of the path of the first access.
-        """
-        self._journal_wanted += 1
-        self._journal_wake.set()
-        return self._journal_wanted
-
-    async def durable_journal(self) -> None:
-        """Record the current state and wait until it is on disk (an acquisition must be)."""
-        self._journal_urgent = True
-        wanted = self.journal_soon()
-        while self._journal_done < wanted:
-            await self._journal_written.wait()
-
-    async def _journal_writer(self) -> None:
-        while True:
-            await self._journal_wake.wait()
-            if not self._journal_urgent:
-                # Let the access that mounted finish first, and gather a burst of changes.
-                await trio.sleep(JOURNAL_DELAY)
-            self._journal_urgent = False
-            self._journal_wake = trio.Event()
-            generation = self._journal_wanted
-            state = self.journal_state()  # a snapshot, taken in the loop
-            if self._journal_in_thread:
-                await trio.to_thread.run_sync(self.save_journal, state)
-            else:
-                self.save_journal(state)
-            self._journal_done = generation
-            written, self._journal_written = self._journal_written, trio.Event()
-            written.set()
 
     def adopt(self, found: Adoption) -> None:
         """Serve a backing mount found at start-up: refcount 0 and its hold timer, plus the
@@ -552,43 +416,24 @@ class Manager:
                  found.backing, found.source,
                  f", acquired by {', '.join(record.acquired)}" if record and record.acquired
                  else "")
-        self._wake()
+        self.timer.wake()
 
     # -- status and shutdown ---------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        now = self.clock()
-        mounts = []
-        for image in self.registry:
-            if image.phase is Phase.UNMOUNTED:
-                continue
-            mount = self.mounts.get(image.name)
-            deadline = self.registry.deadline(image)
-            state = image.phase.value
-            if image.phase is Phase.UNMOUNTING:
-                state, deadline = Phase.HOLDING.value, now
-            path = self.paths.get(image.name)
-            mounts.append(MountStatus(
-                name=image.name,
-                image_path=str(path) if path else "",
-                mount_point=str(self.config.mountpoint / image.name),
-                backing=str(self.config.backing_root / image.name),
-                state=state,
-                refcount=image.refcount,
-                allocations={a: (u.opens, u.acquired) for a, u in image.users.items()},
-                hold_remaining=None if deadline is None else max(0.0, deadline - now),
-                mounted_at=iso_time(mount.mounted_at) if mount else None,
-                error=image.error,
-            ))
-        return control.status_document(str(self.config.mountpoint), self.registry.hold_time,
-                                       self.emergency, mounts)
+        """The `.status` document."""
+        mounts = mount_statuses(self.registry, self.clock(), mountpoint=self.config.mountpoint,
+                                backing_root=self.config.backing_root, image_paths=self.paths,
+                                mounts=ChainMap[str, Mount](self.mounts, self._unmounting))
+        return status_document(str(self.config.mountpoint), self.registry.hold_time,
+                               self.commands.emergency, mounts)
 
     async def shutdown(self) -> None:
         """Unmount every idle image; acquired images stay mounted for the next daemon to adopt."""
         for image in self.registry:
             await self._wait_settled(image.name)
         await self.expire_idle()
-        await self.durable_journal()
+        await self.journal.durable()
         for image in self.registry:
             if image.is_mounted:
                 log.info("%s: acquired by %s; left mounted at %s for the next start",

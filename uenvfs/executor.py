@@ -1,0 +1,140 @@
+"""What each `.control` command does: one handler per command type of `control.COMMANDS`."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .control import (
+    Acquire,
+    Command,
+    Emergency,
+    Expire,
+    ForceUnmount,
+    HoldTime,
+    Reconcile,
+    Release,
+    Reload,
+)
+from .errors import CommandError, MountError
+
+if TYPE_CHECKING:
+    from .manager import Manager
+
+log = logging.getLogger(__name__)
+
+C = TypeVar("C", bound=Command)
+Handler = Callable[["Executor", C], Awaitable[str]]
+
+HANDLERS: dict[type[Command], Handler[Any]] = {}  # by command type
+
+
+def handles(kind: type[C]) -> Callable[[Handler[C]], Handler[C]]:
+    """Register the decorated method as the handler of the command type *kind*."""
+    def register(handler: Handler[C]) -> Handler[C]:
+        HANDLERS[kind] = handler
+        return handler
+
+    return register
+
+
+class Executor:
+    """Applies `.control` commands to the manager.
+
+    Invariant: force-unmount happens only while `emergency` is on.
+    """
+
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+        self.emergency = False
+
+    async def execute(self, command: Command) -> str:
+        """Apply one command. Returns a short outcome; raises `CommandError`."""
+        return await HANDLERS[type(command)](self, command)
+
+    async def _require_known(self, name: str) -> None:
+        if not await self.manager.known(name):
+            raise CommandError(errno.ENOENT, f"no image named {name!r}")
+
+    @handles(Acquire)
+    async def acquire(self, cmd: Acquire) -> str:
+        manager = self.manager
+        await self._require_known(cmd.name)
+        while True:
+            try:
+                await manager.ensure_mounted(cmd.name)
+            except MountError as exc:
+                raise CommandError(errno.EIO, str(exc)) from exc
+            image = manager.registry[cmd.name]
+            if image.is_mounted:
+                new = image.acquire(cmd.alloc, manager.clock())
+                await manager.journal.durable()
+                return "acquired" if new else "already acquired"
+
+    @handles(Release)
+    async def release(self, cmd: Release) -> str:
+        manager = self.manager
+        names = None if cmd.name is None else [cmd.name]
+        if cmd.name is not None and cmd.alloc not in manager.registry[cmd.name].users:
+            raise CommandError(errno.ENOENT, f"{cmd.alloc} does not use {cmd.name}")
+        left = manager.registry.release(cmd.alloc, manager.clock(), names)
+        if not left:
+            raise CommandError(errno.ENOENT, f"no image is used by {cmd.alloc}")
+        manager.timer.wake()
+        await manager.journal.durable()
+        return "released from " + ", ".join(left)
+
+    @handles(Reconcile)
+    async def reconcile(self, cmd: Reconcile) -> str:
+        manager = self.manager
+        dropped = manager.registry.reconcile(cmd.allocs, manager.clock())
+        for name, alloc in dropped:
+            log.info("reconcile: %s no longer live, released from %s", alloc, name)
+        manager.timer.wake()
+        await manager.journal.durable()
+        return f"released {len(dropped)} stale uses"
+
+    @handles(Expire)
+    async def expire(self, cmd: Expire) -> str:
+        if cmd.name is None:
+            return await self.manager.expire_idle()
+        await self._require_known(cmd.name)
+        image = self.manager.registry[cmd.name]
+        if image.refcount:
+            raise CommandError(errno.EPERM,
+                               f"{cmd.name} is in use by {image.refcount} allocations")
+        return await self.manager.expire([cmd.name])
+
+    @handles(HoldTime)
+    async def hold_time(self, cmd: HoldTime) -> str:
+        registry = self.manager.registry
+        if cmd.name is None:
+            registry.hold_time = cmd.seconds
+        else:
+            await self._require_known(cmd.name)
+            registry[cmd.name].hold_time = cmd.seconds
+        self.manager.timer.wake()
+        return f"hold time {cmd.seconds:g} s"
+
+    @handles(Emergency)
+    async def emergency_mode(self, cmd: Emergency) -> str:
+        self.emergency = cmd.on
+        if self.emergency:
+            log.warning("emergency mode ON: force-unmount is allowed")
+        else:
+            log.info("emergency mode off")
+        return "emergency " + ("on" if self.emergency else "off")
+
+    @handles(ForceUnmount)
+    async def force_unmount(self, cmd: ForceUnmount) -> str:
+        if not self.emergency:
+            raise CommandError(errno.EPERM, "force-unmount is only allowed in emergency mode")
+        await self._require_known(cmd.name)
+        return await self.manager.force_unmount(cmd.name)
+
+    @handles(Reload)
+    async def reload(self, cmd: Reload) -> str:
+        return self.manager.reload()
+
