@@ -21,6 +21,7 @@ class FakeBackend:
         self.calls: list[tuple[str, str]] = []
         self.broken: set[str] = set()  # image file names whose mount fails
         self.busy: set[Path] = set()  # targets whose plain unmount fails "target is busy"
+        self.stuck: set[Path] = set()  # targets whose every unmount fails
         self._serial = 0
 
     def missing_tools(self) -> list[str]:
@@ -42,6 +43,8 @@ class FakeBackend:
         await trio.sleep(self.delay)
         if target in self.busy and not lazy:
             raise UnmountFailed(f"umount {target}", ["umount"], "target is busy")
+        if target in self.stuck:
+            raise UnmountFailed(f"umount {target}", ["umount"], "operation not permitted")
         del self.table[target]
 
     def count(self, what: str) -> int:

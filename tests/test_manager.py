@@ -12,8 +12,9 @@ import trio.testing
 
 from uenvfs.catalog import Catalog
 from uenvfs.config import Config
-from uenvfs.control import parse_line
+from uenvfs.control import COMMANDS, parse_line
 from uenvfs.errors import CommandError, MountFailed
+from uenvfs.executor import HANDLERS
 from uenvfs.manager import Manager
 from uenvfs.state import Phase
 
@@ -36,7 +37,15 @@ async def env(tmp_path: Path) -> AsyncIterator[tuple[Manager, FakeBackend]]:
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.run)
         yield manager, backend
+        check_mounts(manager)
         nursery.cancel_scope.cancel()
+
+
+def check_mounts(manager: Manager) -> None:
+    """One answer to "mounted": `mounts` holds exactly the images that serve."""
+    images = list(manager.registry)
+    assert set(manager.mounts) == {i.name for i in images if i.is_mounted}
+    assert set(manager._unmounting) == {i.name for i in images if i.phase is Phase.UNMOUNTING}
 
 
 async def run(manager: Manager, line: str) -> str:
@@ -221,3 +230,43 @@ async def test_reconcile_keeps_only_live_allocations(
     await run(manager, "reconcile alloc-2")
     assert manager.registry.allocations() == {"alloc-2"}
     assert manager.registry["b"].phase is Phase.HOLDING
+
+
+def test_every_command_has_a_handler() -> None:
+    assert set(HANDLERS) == set(COMMANDS.values())
+
+
+async def test_an_image_being_unmounted_no_longer_serves(
+    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+) -> None:
+    manager, backend = env
+    backend.delay = 1.0
+    mount = await manager.ensure_mounted("a")
+    assert manager.mounted("a") is mount
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(manager.expire_idle)
+        await trio.sleep(0.5)
+        assert manager.registry["a"].phase is Phase.UNMOUNTING
+        assert manager.mounted("a") is None
+        check_mounts(manager)
+        assert "a" in manager.journal_state().mounts  # still mounted until detached
+        assert manager.status()["mounts"][0]["mounted_at"] is not None
+    assert manager.mounted("a") is None
+    assert "a" not in manager.journal_state().mounts
+
+
+async def test_failed_unmount_serves_again_and_is_retried(
+    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+) -> None:
+    manager, backend = env
+    mount = await manager.ensure_mounted("a")
+    backend.stuck.add(mount.backing)
+    assert await run(manager, "expire") == "expired 1 images"
+    assert manager.registry["a"].phase is Phase.HOLDING
+    assert "operation not permitted" in (manager.registry["a"].error or "")
+    assert manager.mounted("a") is mount
+    check_mounts(manager)
+    backend.stuck.clear()
+    await trio.sleep(60.1)  # the hold timer retries
+    assert manager.registry["a"].phase is Phase.UNMOUNTED
+    assert manager.mounted("a") is None

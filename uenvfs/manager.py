@@ -325,7 +325,7 @@ class Manager:
             log.exception("refcount bug on %s; continuing", name)
         self._wake_for(image)
 
-    # -- expiry, force-unmount, reload -----------------------------------------------------
+    # -- commands, and the lifecycle steps they ask for --------------------------------------
 
     async def known(self, name: str) -> bool:
         """Whether *name* is an image: in a source now, or still mounted or listed."""
