@@ -8,11 +8,12 @@ Pure: no trio, no pyfuse3. A command line is words separated by blanks:
 
 Anything else is EINVAL with a reason that says what was expected.
 
-A command is a frozen dataclass whose fields are its words, in order. Each field's `Word` says
-how the word reads and prints; a field without a default is a required word, a default of None
-makes it optional, a default of () makes it take every remaining word. The class derives from
-that its parser, its line (`str`), its usage and its CLI arguments, so adding a command is one
-class here, plus its handler in `executor`.
+A command is a class of `COMMANDS`, made by `@command(verb, help)`: a frozen dataclass whose
+fields are its words, in order. Each field's `Word` says how the word reads and prints; a field
+without a default is a required word, a default of None makes it optional, a default of ()
+makes it take every remaining word. From that the class derives its parser, its line (`str`),
+its usage and its CLI arguments, so adding a command is one class here, plus its handler in
+`executor`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import errno
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
-from typing import Any, ClassVar, Literal, Self, TypeVar
+from typing import Any, ClassVar, Literal, Self, TypeVar, dataclass_transform
 
 from .errors import CommandError
 from .names import valid_alloc, valid_name
@@ -112,10 +113,10 @@ class Command:
     Invariant: `parse_line(str(command)) == command`.
     """
 
-    verb: ClassVar[str]
+    verb: ClassVar[str]  # the class attributes are set by @command
     help: ClassVar[str]  # one line, for the CLI
-    slots: ClassVar[tuple[Slot, ...]]  # set by @command, from the dataclass fields
-    usage: ClassVar[str]  # set by @command: "release ALLOC [NAME]"
+    slots: ClassVar[tuple[Slot, ...]]  # from the dataclass fields
+    usage: ClassVar[str]  # "release ALLOC [NAME]"
     __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # every command is a dataclass
 
     @classmethod
@@ -179,95 +180,70 @@ COMMANDS: dict[str, type[Command]] = {}  # by verb, in the order usage messages 
 C = TypeVar("C", bound=Command)
 
 
-def command(cls: type[C]) -> type[C]:
-    """Register a command dataclass in `COMMANDS`, deriving its slots and usage."""
-    slots = []
-    for f in fields(cls):
-        nargs: Literal["?", "*"] | None = (
-            None if f.default is MISSING else "?" if f.default is None else "*")
-        slots.append(Slot(f.name, f.metadata["word"], nargs))
-    assert all(s.nargs == "*" for s in slots[-1:]) or not any(s.nargs == "*" for s in slots)
-    usage = [cls.verb]
-    for slot in slots:
-        metavar = slot.word.metavar
-        usage.append({None: metavar, "?": f"[{metavar}]", "*": f"[{metavar} ...]"}[slot.nargs])
-    cls.slots = tuple(slots)
-    cls.usage = " ".join(usage)
-    COMMANDS[cls.verb] = cls
-    return cls
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
+def command(verb: str, help: str) -> Callable[[type[C]], type[C]]:
+    """Make the decorated class a frozen dataclass and the command *verb* of `COMMANDS`."""
+
+    def register(cls: type[C]) -> type[C]:
+        cls = dataclass(frozen=True)(cls)
+        slots = []
+        for f in fields(cls):
+            nargs: Literal["?", "*"] | None = (
+                None if f.default is MISSING else "?" if f.default is None else "*")
+            slots.append(Slot(f.name, f.metadata["word"], nargs))
+        assert all(slot.nargs != "*" for slot in slots[:-1]), "only the last field takes the rest"
+        usage = [verb]
+        for slot in slots:
+            metavar = slot.word.metavar
+            usage.append({None: metavar, "?": f"[{metavar}]", "*": f"[{metavar} ...]"}[slot.nargs])
+        cls.verb, cls.help, cls.slots, cls.usage = verb, help, tuple(slots), " ".join(usage)
+        COMMANDS[verb] = cls
+        return cls
+
+    return register
 
 
-@command
-@dataclass(frozen=True)
+@command("acquire", "ALLOC uses NAME (mounting it) until released")
 class Acquire(Command):
-    verb = "acquire"
-    help = "ALLOC uses NAME (mounting it) until released"
-
     name: str = field(metadata=NAME.meta)
     alloc: str = field(metadata=ALLOC.meta)
 
 
-@command
-@dataclass(frozen=True)
+@command("release", "ALLOC stops using NAME (or every image)")
 class Release(Command):
-    verb = "release"
-    help = "ALLOC stops using NAME (or every image)"
-
     alloc: str = field(metadata=ALLOC.meta)
     name: str | None = field(default=None, metadata=NAME.meta)
 
 
-@command
-@dataclass(frozen=True)
+@command("reconcile", "the given allocations are all that live: release every other one")
 class Reconcile(Command):
-    verb = "reconcile"
-    help = "the given allocations are all that live: release every other one"
-
     allocs: tuple[str, ...] = field(default=(), metadata=ALLOC.meta)
 
 
-@command
-@dataclass(frozen=True)
+@command("expire", "unmount now every idle image (or NAME)")
 class Expire(Command):
-    verb = "expire"
-    help = "unmount now every idle image (or NAME)"
-
     name: str | None = field(default=None, metadata=NAME.meta)
 
 
-@command
-@dataclass(frozen=True)
+@command("hold-time", "set the hold time, globally or for NAME")
 class HoldTime(Command):
-    verb = "hold-time"
-    help = "set the hold time, globally or for NAME"
-
     seconds: float = field(metadata=SECONDS.meta)
     name: str | None = field(default=None, metadata=NAME.meta)
 
 
-@command
-@dataclass(frozen=True)
+@command("emergency", "enter or leave emergency mode")
 class Emergency(Command):
-    verb = "emergency"
-    help = "enter or leave emergency mode"
-
     on: bool = field(metadata=ON_OFF.meta)
 
 
-@command
-@dataclass(frozen=True)
+@command("force-unmount", "emergency mode only: unmount NAME whatever its refcount")
 class ForceUnmount(Command):
-    verb = "force-unmount"
-    help = "emergency mode only: unmount NAME whatever its refcount"
-
     name: str = field(metadata=NAME.meta)
 
 
-@command
-@dataclass(frozen=True)
+@command("reload", "re-read the image sources")
 class Reload(Command):
-    verb = "reload"
-    help = "re-read the image sources"
+    pass
 
 
 # -- parsing -----------------------------------------------------------------------------------

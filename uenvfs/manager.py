@@ -107,7 +107,7 @@ class Manager:
         self._wake_for = self.timer.wake_for  # bound once: close() calls it on every release
         self.journal = JournalWriter(config.journal_path, self.journal_state, self.metrics,
                                      in_thread=journal_in_thread)
-        self.commands = Executor(self)
+        self.executor = Executor(self)
         self._nursery: trio.Nursery | None = None
         # Hooks for the filesystem layer: an image's handles must die / its caches go stale.
         self.on_force_unmount: Callable[[str], Awaitable[None]] = _nothing
@@ -336,7 +336,7 @@ class Manager:
 
     async def execute(self, command: Command) -> str:
         """Apply one `.control` command. Returns a short outcome; raises `CommandError`."""
-        return await self.commands.execute(command)
+        return await self.executor.execute(command)
 
     async def expire_idle(self) -> str:
         """Unmount now every image with refcount 0 (SIGUSR1, `expire`)."""
@@ -426,7 +426,7 @@ class Manager:
                                 backing_root=self.config.backing_root, image_paths=self.paths,
                                 mounts=ChainMap[str, Mount](self.mounts, self._unmounting))
         return status_document(str(self.config.mountpoint), self.registry.hold_time,
-                               self.commands.emergency, mounts)
+                               self.executor.emergency, mounts)
 
     async def shutdown(self) -> None:
         """Unmount every idle image; acquired images stay mounted for the next daemon to adopt."""
