@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ from .catalog import Catalog
 from .config import Config
 from .control import Command, MountStatus
 from .errors import CommandError, MountError, MountFailed, RefcountInconsistency, UnmountFailed
+from .inodes import Identity, ImageVersion, InodePrefixes
+from .interfaces import MountListener, NoListener
 from .journal import Journal, MountRecord
 from .metrics import Metrics
 from .recovery import Adoption
@@ -33,21 +35,7 @@ from .state import Phase, Registry, Use
 
 log = logging.getLogger(__name__)
 
-Identity = tuple[int, int, int, int]
 JOURNAL_DELAY = 0.05  # seconds a mount or unmount waits to be journaled (an acquisition: none)
-
-
-@dataclass(eq=False)
-class Tree:
-    """One version of one image file. Inode numbers inside it derive from its slot.
-
-    When the file behind a name changes (new identity), the next mount gets a new tree, so
-    no inode number of the old content is ever reused for the new one.
-    """
-
-    slot: int
-    identity: Identity
-    validated: bool = False  # checked once per version: a remount of the same file is not
 
 
 @dataclass(eq=False)
@@ -57,7 +45,7 @@ class Mount:
     name: str
     image_path: Path
     backing: Path
-    tree: Tree
+    version: ImageVersion
     source: str
     mounted_at: float = field(default_factory=time.time)
 
@@ -85,6 +73,7 @@ class Manager:
         clock: Callable[[], float] = trio.current_time,
         *,
         journal_in_thread: bool = True,
+        prefixes: InodePrefixes | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -95,8 +84,9 @@ class Manager:
         self.mounts: dict[str, Mount] = {}
         self.emergency = False
         self.paths: dict[str, Path] = {}  # last known image path of each name
-        self._trees: dict[str, Tree] = {}
-        self._next_slot = 1
+        self._versions: dict[str, ImageVersion] = {}  # the last one of each name
+        # Shared with the filesystem, which numbers the image directories from it too.
+        self._prefixes = prefixes or InodePrefixes()
         self._changed: dict[str, trio.Event] = {}
         self._wakeup = trio.Event()
         self._sleeping_until = math.inf  # the deadline the hold timer waits for
@@ -108,10 +98,8 @@ class Manager:
         # (trio's autojump clock would jump while the thread works).
         self._journal_in_thread = journal_in_thread
         self._nursery: trio.Nursery | None = None
-        # Hooks for the filesystem layer: an image's handles must die / its caches go stale.
-        self.on_force_unmount: Callable[[str], Awaitable[None]] = _nothing
-        self.on_stale_entry: Callable[[str], None] = lambda name: None
-        self.on_listing_changed: Callable[[Iterable[str]], None] = lambda names: None
+        # The filesystem: an image's handles must die / its cached names go stale.
+        self.listener: MountListener = NoListener()
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -178,6 +166,14 @@ class Manager:
         image = self.registry.images.get(name)
         return self.mounts.get(name) if image is not None and image.is_mounted else None
 
+    def has_backing_mount(self, name: str) -> bool:
+        """Whether a backing mount of *name* exists (serving, or being unmounted)."""
+        return name in self.mounts
+
+    def listed_names(self) -> Collection[str]:
+        """The names the mount root lists: those of the listable image sources."""
+        return self.catalog.listing().keys()
+
     async def ensure_mounted(self, name: str) -> Mount:
         """The backing mount of *name*, mounting it first if needed.
 
@@ -232,10 +228,10 @@ class Manager:
             target.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise MountFailed(f"cannot create {target}: {exc.strerror}") from exc
-        tree = self._tree(name, identity)
-        if self.config.validate and not tree.validated:
+        version = self._version(name, identity)
+        if self.config.validate and not version.validated:
             await self._validate(path)
-            tree.validated = True
+            version.validated = True
         if is_mount_point(target):
             log.warning("%s: a stale mount sits at %s; detaching it first", name, target)
             await self.backend.unmount(target, lazy=True)
@@ -243,7 +239,7 @@ class Manager:
         source = self.backend.mounted(target)
         if source is None:
             raise MountFailed(f"{self.backend.name} reported success but {target} is not mounted")
-        return Mount(name, path, target, tree, source)
+        return Mount(name, path, target, version, source)
 
     async def _validate(self, path: Path) -> None:
         """Refuse a corrupt image with a clear reason, before the kernel sees it."""
@@ -262,21 +258,16 @@ class Manager:
         if problem is not None:
             raise MountFailed(f"image {path} is not valid: {problem}")
 
-    def _tree(self, name: str, identity: Identity) -> Tree:
-        tree = self._trees.get(name)
-        if tree is not None and tree.identity == identity:
-            return tree
-        new = self._trees[name] = Tree(self.new_slot(), identity)
-        if tree is not None:
+    def _version(self, name: str, identity: Identity) -> ImageVersion:
+        """The version of *name*'s image file with *identity*: the last one, or a new one."""
+        last = self._versions.get(name)
+        if last is not None and last.identity == identity:
+            return last
+        new = self._versions[name] = ImageVersion(self._prefixes.new(), identity)
+        if last is not None:
             log.info("%s: image file changed since its last mount; new inode numbers", name)
-            self.on_stale_entry(name)
+            self.listener.entry_stale(name)
         return new
-
-    def new_slot(self) -> int:
-        """A number never handed out before in this daemon's life (for inode numbers)."""
-        slot = self._next_slot
-        self._next_slot += 1
-        return slot
 
     def _start_unmount(self, name: str) -> None:
         self._spawn(self._unmount, name, "unmount")
@@ -299,7 +290,7 @@ class Manager:
             image.unmounted(self.clock())
             self.journal_soon()
             if not self.catalog.remembers(name):
-                self.on_stale_entry(name)  # removed from the sources while it was mounted
+                self.listener.entry_stale(name)  # removed from the sources while it was mounted
             self.metrics.inc("uenvfs_unmounts_total", image=name)
             self.metrics.observe("uenvfs_unmount_seconds", self.clock() - started)
             log.info("%s: unmounted %s", name, mount.backing)
@@ -455,7 +446,7 @@ class Manager:
             return f"{cmd.name} is not mounted"
         dropped = image.force_unmount(self.clock())
         log.warning("%s: FORCE-UNMOUNT, dropping allocations %s", cmd.name, dropped or "none")
-        await self.on_force_unmount(cmd.name)
+        await self.listener.force_unmounted(cmd.name)
         self._start_unmount(cmd.name)
         await self._wait_settled(cmd.name)
         await self.durable_journal()
@@ -468,7 +459,7 @@ class Manager:
         before = set(self.catalog.listing())
         self.catalog.refresh()
         after = set(self.catalog.listing())
-        self.on_listing_changed(before ^ after)
+        self.listener.listing_changed(before ^ after)
         return f"{len(after)} images ({len(after - before)} added, {len(before - after)} removed)"
 
     # -- journal and recovery -------------------------------------------------------------
@@ -479,7 +470,7 @@ class Manager:
         for name, mount in self.mounts.items():
             acquired = tuple(a for a, u in self.registry[name].users.items() if u.acquired)
             records[name] = MountRecord(str(mount.image_path), str(mount.backing),
-                                        mount.tree.identity, acquired, mount.mounted_at)
+                                        mount.version.identity, acquired, mount.mounted_at)
         return Journal(records)
 
     def save_journal(self, state: Journal | None = None) -> None:
@@ -544,8 +535,8 @@ class Manager:
         if path is not None:
             self.paths[name] = path
         mounted_at = record.mounted_at if record and record.mounted_at else time.time()
-        self.mounts[name] = Mount(name, path or Path(), found.backing, self._tree(name, identity),
-                                  found.source, mounted_at)
+        self.mounts[name] = Mount(name, path or Path(), found.backing,
+                                  self._version(name, identity), found.source, mounted_at)
         for alloc in record.acquired if record else ():
             image.acquire(alloc, now)
         log.info("%s: adopted %s at %s (%s)%s", name, path or "an unknown image",
@@ -594,6 +585,3 @@ class Manager:
                 log.info("%s: acquired by %s; left mounted at %s for the next start",
                          image.name, ", ".join(image.users), self.mounts[image.name].backing)
 
-
-async def _nothing(name: str) -> None:
-    pass
