@@ -39,7 +39,7 @@ class Handle:
         """The kernel released the handle (or its connection is gone): called once."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ImageHandle(Handle):
     """A handle into an image, counted as a use of it by an allocation until released."""
 
@@ -55,7 +55,7 @@ class ImageHandle(Handle):
         raise NotImplementedError
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class FileHandle(ImageHandle):
     """An open file of an image. Its backing fd is closed when the handle is released or the
     image force-unmounted; reads fail with EIO from then on."""
@@ -99,7 +99,7 @@ class FileHandle(ImageHandle):
         return self.ino
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class DirHandle(ImageHandle):
     """An open directory of an image: its listing, replayed to every readdir."""
 
@@ -117,7 +117,7 @@ class DirHandle(ImageHandle):
         return 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RootDirHandle(Handle):
     """The open mount root: image names and control files, as listed at opendir."""
 

@@ -32,7 +32,7 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 Gauges = dict[str, dict[Labels, float]]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class DataHandle(Handle):
     """An open `.status` or `.metrics`: a snapshot taken at open, so reads are consistent."""
 
@@ -42,7 +42,7 @@ class DataHandle(Handle):
         return self.data[off : off + size]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ControlHandle(Handle):
     """An open `.control`: who opened it, for the log of the commands written."""
 
