@@ -20,7 +20,8 @@ import trio
 
 from uenvfs.catalog import Catalog
 from uenvfs.config import Config
-from uenvfs.fs import ROOT, UenvFS
+from uenvfs.fs import UenvFS
+from uenvfs.inodes import ROOT, InodePrefixes
 from uenvfs.manager import Manager
 
 from .fakes import FakeBackend
@@ -62,10 +63,14 @@ async def fs(tmp_path: Path) -> AsyncIterator[UenvFS]:
     catalog = Catalog([images])
     catalog.refresh()
     config = Config(images=(images,), state_dir=tmp_path / "state", validate=False)
-    manager = Manager(config, DirBackend({"img": tree}), catalog, journal_in_thread=False)
+    prefixes = InodePrefixes()
+    manager = Manager(config, DirBackend({"img": tree}), catalog, journal_in_thread=False,
+                      prefixes=prefixes)
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.run)
-        yield UenvFS(manager)
+        fs = UenvFS(manager, prefixes)
+        manager.listener = fs.listener
+        yield fs
         nursery.cancel_scope.cancel()
 
 

@@ -15,6 +15,7 @@ from uenvfs.config import Config
 from uenvfs.control import COMMANDS, parse_line
 from uenvfs.errors import CommandError, MountFailed
 from uenvfs.executor import HANDLERS
+from uenvfs.interfaces import NoListener
 from uenvfs.manager import Manager
 from uenvfs.state import Phase
 
@@ -191,10 +192,11 @@ async def test_force_unmount_in_emergency(
     manager, backend = env
     killed: list[str] = []
 
-    async def kill(name: str) -> None:
-        killed.append(name)
+    class Listener(NoListener):
+        async def force_unmounted(self, name: str) -> None:
+            killed.append(name)
 
-    manager.on_force_unmount = kill
+    manager.listener = Listener()
     await run(manager, "acquire a alloc-1")
     manager.open("a", "alloc-2")
     await run(manager, "emergency on")

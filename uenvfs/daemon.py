@@ -27,6 +27,7 @@ from .catalog import Catalog
 from .config import Config
 from .errors import MountError
 from .fs import UenvFS
+from .inodes import InodePrefixes
 from .manager import Manager
 
 log = logging.getLogger(__name__)
@@ -176,9 +177,11 @@ async def run(config: Config) -> None:
     catalog = Catalog(config.images, config.maps, config.program_map, config.program_timeout,
                       answer_ttl=config.negative_cache)
     catalog.refresh()
-    manager = Manager(config, backend, catalog)
+    prefixes = InodePrefixes()  # image versions (the manager's) and directories (the fs')
+    manager = Manager(config, backend, catalog, prefixes=prefixes)
     resolver = AllocationResolver()
-    fs = UenvFS(manager, resolver)
+    fs = UenvFS(manager, prefixes, resolver)
+    manager.listener = fs.listener
 
     await clear_stale_mount(config)
     _prepare_dirs(config)

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import ChainMap
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ from .control import Command
 from .errors import MountError, MountFailed, RefcountInconsistency, UnmountFailed
 from .executor import Executor
 from .hold_timer import HoldTimer
+from .inodes import Identity, ImageVersion, InodePrefixes
+from .interfaces import MountListener, NoListener
 from .journal import Journal, MountRecord
 from .journal_writer import JournalWriter
 from .metrics import Metrics
@@ -37,20 +39,6 @@ from .status import mount_statuses, status_document
 
 log = logging.getLogger(__name__)
 
-Identity = tuple[int, int, int, int]
-
-
-@dataclass(eq=False)
-class Tree:
-    """One version of one image file. Inode numbers inside it derive from its slot.
-
-    When the file behind a name changes (new identity), the next mount gets a new tree, so
-    no inode number of the old content is ever reused for the new one.
-    """
-
-    slot: int
-    identity: Identity
-    validated: bool = False  # checked once per version: a remount of the same file is not
 
 
 @dataclass(eq=False)
@@ -60,7 +48,7 @@ class Mount:
     name: str
     image_path: Path
     backing: Path
-    tree: Tree
+    version: ImageVersion
     source: str
     mounted_at: float = field(default_factory=time.time)
 
@@ -90,6 +78,7 @@ class Manager:
         clock: Callable[[], float] = trio.current_time,
         *,
         journal_in_thread: bool = True,
+        prefixes: InodePrefixes | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -100,8 +89,9 @@ class Manager:
         self.mounts: dict[str, Mount] = {}  # serving: MOUNTED or HOLDING
         self._unmounting: dict[str, Mount] = {}  # being detached by their unmount task
         self.paths: dict[str, Path] = {}  # last known image path of each name
-        self._trees: dict[str, Tree] = {}
-        self._next_slot = 1
+        self._versions: dict[str, ImageVersion] = {}  # the last one of each name
+        # Shared with the filesystem, which numbers the image directories from it too.
+        self._prefixes = prefixes or InodePrefixes()
         self._changed: dict[str, trio.Event] = {}
         self.timer = HoldTimer(self.registry, self._start_unmount, clock)
         self._wake_for = self.timer.wake_for  # bound once: close() calls it on every release
@@ -109,10 +99,8 @@ class Manager:
                                      in_thread=journal_in_thread)
         self.executor = Executor(self)
         self._nursery: trio.Nursery | None = None
-        # Hooks for the filesystem layer: an image's handles must die / its caches go stale.
-        self.on_force_unmount: Callable[[str], Awaitable[None]] = _nothing
-        self.on_stale_entry: Callable[[str], None] = lambda name: None
-        self.on_listing_changed: Callable[[Iterable[str]], None] = lambda names: None
+        # The filesystem: an image's handles must die / its cached names go stale.
+        self.listener: MountListener = NoListener()
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -151,6 +139,14 @@ class Manager:
     def mounted(self, name: str) -> Mount | None:
         """The backing mount of *name* if it is mounted now (no mounting)."""
         return self.mounts.get(name)
+
+    def has_backing_mount(self, name: str) -> bool:
+        """Whether a backing mount of *name* exists (serving, or being unmounted)."""
+        return name in self.mounts or name in self._unmounting
+
+    def listed_names(self) -> Collection[str]:
+        """The names the mount root lists: those of the listable image sources."""
+        return self.catalog.listing().keys()
 
     async def ensure_mounted(self, name: str) -> Mount:
         """The backing mount of *name*, mounting it first if needed.
@@ -207,10 +203,10 @@ class Manager:
             target.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise MountFailed(f"cannot create {target}: {exc.strerror}") from exc
-        tree = self._tree(name, identity)
-        if self.config.validate and not tree.validated:
+        version = self._version(name, identity)
+        if self.config.validate and not version.validated:
             await self._validate(path)
-            tree.validated = True
+            version.validated = True
         if is_mount_point(target):
             log.warning("%s: a stale mount sits at %s; detaching it first", name, target)
             await self.backend.unmount(target, lazy=True)
@@ -218,7 +214,7 @@ class Manager:
         source = self.backend.mounted(target)
         if source is None:
             raise MountFailed(f"{self.backend.name} reported success but {target} is not mounted")
-        return Mount(name, path, target, tree, source)
+        return Mount(name, path, target, version, source)
 
     async def _validate(self, path: Path) -> None:
         """Refuse a corrupt image with a clear reason, before the kernel sees it."""
@@ -237,21 +233,16 @@ class Manager:
         if problem is not None:
             raise MountFailed(f"image {path} is not valid: {problem}")
 
-    def _tree(self, name: str, identity: Identity) -> Tree:
-        tree = self._trees.get(name)
-        if tree is not None and tree.identity == identity:
-            return tree
-        new = self._trees[name] = Tree(self.new_slot(), identity)
-        if tree is not None:
+    def _version(self, name: str, identity: Identity) -> ImageVersion:
+        """The version of *name*'s image file with *identity*: the last one, or a new one."""
+        last = self._versions.get(name)
+        if last is not None and last.identity == identity:
+            return last
+        new = self._versions[name] = ImageVersion(self._prefixes.new(), identity)
+        if last is not None:
             log.info("%s: image file changed since its last mount; new inode numbers", name)
-            self.on_stale_entry(name)
+            self.listener.entry_stale(name)
         return new
-
-    def new_slot(self) -> int:
-        """A number never handed out before in this daemon's life (for inode numbers)."""
-        slot = self._next_slot
-        self._next_slot += 1
-        return slot
 
     def _stop_serving(self, name: str) -> None:
         """*name* just became UNMOUNTING: its mount no longer serves requests."""
@@ -281,7 +272,7 @@ class Manager:
             image.unmounted(self.clock())
             self.journal.soon()
             if not self.catalog.remembers(name):
-                self.on_stale_entry(name)  # removed from the sources while it was mounted
+                self.listener.entry_stale(name)  # removed from the sources while it was mounted
             self.metrics.inc("uenvfs_unmounts_total", image=name)
             self.metrics.observe("uenvfs_unmount_seconds", self.clock() - started)
             log.info("%s: unmounted %s", name, mount.backing)
@@ -365,7 +356,7 @@ class Manager:
         dropped = image.force_unmount(self.clock())
         self._stop_serving(name)
         log.warning("%s: FORCE-UNMOUNT, dropping allocations %s", name, dropped or "none")
-        await self.on_force_unmount(name)
+        await self.listener.force_unmounted(name)
         self._spawn(self._unmount, name, "unmount")
         await self._wait_settled(name)
         await self.journal.durable()
@@ -375,7 +366,7 @@ class Manager:
         before = set(self.catalog.listing())
         self.catalog.refresh()
         after = set(self.catalog.listing())
-        self.on_listing_changed(before ^ after)
+        self.listener.listing_changed(before ^ after)
         return f"{len(after)} images ({len(after - before)} added, {len(before - after)} removed)"
 
     # -- journal and recovery -------------------------------------------------------------
@@ -387,7 +378,7 @@ class Manager:
             for name, mount in mounts.items():
                 acquired = tuple(a for a, u in self.registry[name].users.items() if u.acquired)
                 records[name] = MountRecord(str(mount.image_path), str(mount.backing),
-                                            mount.tree.identity, acquired, mount.mounted_at)
+                                            mount.version.identity, acquired, mount.mounted_at)
         return Journal(records)
 
     def adopt(self, found: Adoption) -> None:
@@ -408,8 +399,8 @@ class Manager:
         if path is not None:
             self.paths[name] = path
         mounted_at = record.mounted_at if record and record.mounted_at else time.time()
-        self.mounts[name] = Mount(name, path or Path(), found.backing, self._tree(name, identity),
-                                  found.source, mounted_at)
+        self.mounts[name] = Mount(name, path or Path(), found.backing,
+                                  self._version(name, identity), found.source, mounted_at)
         for alloc in record.acquired if record else ():
             image.acquire(alloc, now)
         log.info("%s: adopted %s at %s (%s)%s", name, path or "an unknown image",
@@ -439,6 +430,3 @@ class Manager:
                 log.info("%s: acquired by %s; left mounted at %s for the next start",
                          image.name, ", ".join(image.users), self.mounts[image.name].backing)
 
-
-async def _nothing(name: str) -> None:
-    pass

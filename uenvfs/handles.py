@@ -1,0 +1,163 @@
+"""Open file and directory handles: each kind reads, lists, writes and releases itself.
+
+A request on a handle is one look-up in the `HandleTable` and one call of the kind's method;
+what a kind cannot do answers EBADF.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+import pyfuse3
+from pyfuse3 import FileHandleT
+
+from .inodes import Node
+from .interfaces import ImageService
+from .listings import Listing
+from .prefetch import Prefetcher, Readahead
+from .state import Use
+
+
+class Handle:
+    """An open file or directory of the filesystem. The base kind can do nothing (EBADF)."""
+
+    __slots__ = ()
+
+    def read(self, off: int, size: int) -> bytes:
+        raise pyfuse3.FUSEError(errno.EBADF)
+
+    def listing(self) -> tuple[Listing, Node | None]:
+        """The entries to replay, and the directory's node if they are inside an image."""
+        raise pyfuse3.FUSEError(errno.EBADF)
+
+    async def write(self, data: bytes) -> int:
+        raise pyfuse3.FUSEError(errno.EBADF)
+
+    def release(self, images: ImageService) -> None:
+        """The kernel released the handle (or its connection is gone): called once."""
+
+
+@dataclass(eq=False, slots=True)
+class ImageHandle(Handle):
+    """A handle into an image, counted as a use of it by an allocation until released."""
+
+    image: str
+    use: Use
+
+    def release(self, images: ImageService) -> None:
+        images.close(self.image, self.use)
+
+    def kill(self) -> int | None:
+        """Force-unmount: fail with EIO from now on. Returns the inode whose cached pages must
+        go (0 for none), or None if the handle had been closed already."""
+        raise NotImplementedError
+
+
+@dataclass(eq=False, slots=True)
+class FileHandle(ImageHandle):
+    """An open file of an image. Its backing fd is closed when the handle is released or the
+    image force-unmounted; reads fail with EIO from then on."""
+
+    ino: int
+    fd: int
+    prefetcher: Prefetcher
+    dead: bool = False
+    readahead: Readahead | None = None  # made on the first read
+
+    def read(self, off: int, size: int) -> bytes:
+        if self.dead:
+            raise pyfuse3.FUSEError(errno.EIO)
+        # In the loop even when it must wait for the disk: handing cold reads to worker
+        # threads measured slower here (read every file cold: 12 s instead of 7.5 s).
+        # Sequential readers of big files are read ahead of by the prefetch thread.
+        data = os.pread(self.fd, size, off)
+        ra = self.readahead
+        if ra is None:
+            ra = self.readahead = Readahead()
+        window = ra.after_read(off, len(data))
+        if window is not None:
+            self.prefetcher.ahead(ra, self.fd, *window)
+        return data
+
+    def close(self) -> None:
+        if not self.dead:
+            self.dead = True
+            os.close(self.fd)
+            if self.readahead is not None:
+                self.readahead.closed = True
+
+    def release(self, images: ImageService) -> None:
+        self.close()
+        images.close(self.image, self.use)
+
+    def kill(self) -> int | None:
+        if self.dead:
+            return None
+        self.close()
+        return self.ino
+
+
+@dataclass(eq=False, slots=True)
+class DirHandle(ImageHandle):
+    """An open directory of an image: its listing, replayed to every readdir."""
+
+    node: Node
+    entries: Listing
+    dead: bool = False  # the image was force-unmounted
+
+    def listing(self) -> tuple[Listing, Node | None]:
+        if self.dead:
+            raise pyfuse3.FUSEError(errno.EIO)
+        return self.entries, self.node
+
+    def kill(self) -> int | None:
+        self.dead = True
+        return 0
+
+
+@dataclass(eq=False, slots=True)
+class RootDirHandle(Handle):
+    """The open mount root: image names and control files, as listed at opendir."""
+
+    entries: Listing
+
+    def listing(self) -> tuple[Listing, Node | None]:
+        return self.entries, None
+
+
+class HandleTable(dict[int, Handle]):
+    """The open handles by number. Numbers are never reused; `table[fh]` of an unknown number
+    raises EBADF."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next = 1
+
+    def __missing__(self, fh: int) -> Handle:
+        raise pyfuse3.FUSEError(errno.EBADF)
+
+    def add(self, handle: Handle) -> FileHandleT:
+        fh = self._next
+        self._next += 1
+        self[fh] = handle
+        return FileHandleT(fh)
+
+    def counted(self) -> int:
+        """How many handles count as uses of images."""
+        return sum(isinstance(h, ImageHandle) for h in self.values())
+
+    def kill(self, image: str) -> tuple[int, list[int]]:
+        """Force-unmount *image*: every handle into it fails with EIO from now on. Returns how
+        many handles that changed, and the inodes whose cached pages must go."""
+        killed = 0
+        inodes = set()
+        for handle in self.values():
+            if isinstance(handle, ImageHandle) and handle.image == image:
+                ino = handle.kill()
+                if ino is not None:
+                    killed += 1
+                    if ino:
+                        inodes.add(ino)
+        return killed, sorted(inodes)

@@ -1,0 +1,83 @@
+"""What the FUSE filesystem and the mount manager know of each other.
+
+The filesystem asks the manager through `ImageService`; the manager tells the filesystem
+through `MountListener`. The daemon wires the two together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .control import Command
+    from .manager import Mount
+    from .metrics import Metrics
+    from .state import Use
+
+
+class ImageService(Protocol):
+    """The images as the filesystem sees them: mounts, counted uses, and the control files."""
+
+    @property
+    def metrics(self) -> Metrics:
+        """Counters; the filesystem counts its requests and errors there."""
+
+    def mounted(self, name: str) -> Mount | None:
+        """The backing mount of *name* if it is mounted now (no mounting)."""
+
+    async def ensure_mounted(self, name: str) -> Mount:
+        """The backing mount of *name*, mounting it first if needed (MountError if not)."""
+
+    async def known(self, name: str) -> bool:
+        """Whether *name* is an image."""
+
+    def has_backing_mount(self, name: str) -> bool:
+        """Whether a backing mount of *name* exists (serving, or being unmounted)."""
+
+    def listed_names(self) -> Collection[str]:
+        """The names the mount root lists."""
+
+    def open(self, name: str, alloc: str) -> Use:
+        """Count a handle of *alloc* (the image is mounted: just after `ensure_mounted`)."""
+
+    def close(self, name: str, use: Use) -> None:
+        """A handle counted in *use* was released."""
+
+    def transfer(self, name: str, use: Use, alloc: str) -> Use | None:
+        """Count one open of *use* for *alloc* instead; None if that use is gone."""
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object, task: str) -> None:
+        """Run *fn* as a background task (it outlives the request that started it)."""
+
+    def status(self) -> dict[str, Any]:
+        """The `.status` document."""
+
+    async def execute(self, command: Command) -> str:
+        """Apply one `.control` command: a short outcome, or `CommandError`."""
+
+
+class MountListener(Protocol):
+    """What the manager tells the filesystem about images."""
+
+    async def force_unmounted(self, name: str) -> None:
+        """*name* is being force-unmounted: its open handles must fail from now on."""
+
+    def entry_stale(self, name: str) -> None:
+        """The kernel must look *name* up again (its image file changed or went away)."""
+
+    def listing_changed(self, names: Iterable[str]) -> None:
+        """*names* were added to or removed from the image sources."""
+
+
+class NoListener:
+    """A `MountListener` that does nothing (no filesystem attached, as in manager tests)."""
+
+    async def force_unmounted(self, name: str) -> None:
+        pass
+
+    def entry_stale(self, name: str) -> None:
+        pass
+
+    def listing_changed(self, names: Iterable[str]) -> None:
+        pass
