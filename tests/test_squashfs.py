@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs gensquashfs and rdsquashfs (squashfs-tools-ng)",
 )
 
+
 # -- uenvfs check --------------------------------------------------------------------------
 
 
@@ -89,8 +90,8 @@ def test_check_bad(capsys: pytest.CaptureFixture[str], good: Path, name: str, ch
 
 
 def test_check_tool_alone_detects_damage(good: Path) -> None:
-    """What the daemon runs (the command and check_result, without the superblock
-    pre-check) catches every kind of damage too."""
+    """rdsquashfs alone (the command and check_result, without the superblock pre-check)
+    catches every kind of damage too."""
     for name, change in [("t", lambda d: d[: len(d) // 2]), ("m", lambda d: b"XXXX" + d[4:]),
                          ("e", lambda d: b""), ("c", _corrupt_inode_table)]:
         bad = damaged(good, f"{name}.sqfs", change)
@@ -100,6 +101,25 @@ def test_check_tool_alone_detects_damage(good: Path) -> None:
     result = subprocess.run(squashfs.check_command(good), capture_output=True, text=True,
                             check=False, timeout=60)
     assert squashfs.check_result(result.returncode, result.stdout, result.stderr) is None
+
+
+def test_check_tool_hangs_or_is_missing(capsys: pytest.CaptureFixture[str], good: Path,
+                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same reasons as the daemon's: the tool is killed when the time is over."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "rdsquashfs").write_text(f"#!/bin/sh\nexec {shutil.which('sleep')} 60\n")
+    (tools / "rdsquashfs").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tools))
+    code, _, err = run(capsys, "check", str(good), "--timeout", "0.5")
+    assert code == EXIT_FAILED
+    assert one_line_error(err) == (f"uenvfs check: {good}: "
+                                   "rdsquashfs killed after 0.5 s without finishing")
+    (tools / "rdsquashfs").unlink()
+    code, _, err = run(capsys, "check", str(good))
+    assert code == EXIT_FAILED
+    assert one_line_error(err) == (f"uenvfs check: {good}: cannot run rdsquashfs: No such file "
+                                   "or directory (squashfs-tools-ng is needed)")
 
 
 def test_check_missing_and_unknown(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
