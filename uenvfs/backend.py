@@ -1,17 +1,14 @@
 """Backing mounts: the kernel's squashfs on a loop device, or squashfuse, and the mount table.
 
-Every mount tool runs through `run_tool` (trio.run_process with a timeout), and every failure
+Every mount tool runs through `run_tool` (`tools.run`, with a time limit), and every failure
 becomes a `MountFailed` or `UnmountFailed` that carries the command and its stderr.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import shutil
-import signal
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +16,8 @@ from typing import Any, Protocol
 
 import trio
 
-from . import loop
+from . import loop, tools
 from .errors import MountError, MountFailed, UnmountFailed
-
-log = logging.getLogger(__name__)
 
 MOUNT_OPTIONS = "ro,nosuid,nodev"
 
@@ -97,46 +92,8 @@ async def run_tool(
 
     A tool still running after *time_limit* seconds is killed, and that is an error too.
     """
-    argv = [str(a) for a in command]
-    log.debug("running %s", " ".join(argv))
-    try:
-        with trio.fail_after(time_limit):
-            result = await trio.run_process(
-                argv, check=False, capture_stdout=True, capture_stderr=True,
-                stdin=subprocess.DEVNULL, deliver_cancel=_kill,
-            )
-    except trio.TooSlowError:
-        raise error(f"{argv[0]} killed after {time_limit:g} s without finishing", argv) from None
-    except OSError as exc:
-        raise error(f"cannot run {argv[0]}: {exc.strerror}", argv) from exc
-    stderr = result.stderr.decode("utf-8", "replace")
-    if result.returncode != 0:
-        raise error(f"{' '.join(argv)} exited {result.returncode}", argv, stderr)
+    result = await tools.run(command, time_limit, error=error, check=True)
     return result.stdout.decode("utf-8", "replace")
-
-
-async def run_check(command: Sequence[str], time_limit: float) -> tuple[int, str]:
-    """Run a checking tool, its stdout discarded; return its exit status and stderr.
-
-    Raises `MountFailed` if it cannot run or is still running after *time_limit* seconds.
-    """
-    argv = [str(a) for a in command]
-    try:
-        with trio.fail_after(time_limit):
-            result = await trio.run_process(
-                argv, check=False, stdout=subprocess.DEVNULL, capture_stderr=True,
-                stdin=subprocess.DEVNULL, deliver_cancel=_kill,
-            )
-    except trio.TooSlowError:
-        raise MountFailed(f"{argv[0]} killed after {time_limit:g} s without finishing",
-                          argv) from None
-    except OSError as exc:
-        raise MountFailed(f"cannot run {argv[0]}: {exc.strerror}", argv) from exc
-    return result.returncode, result.stderr.decode("utf-8", "replace")
-
-
-async def _kill(process: trio.Process) -> None:
-    process.send_signal(signal.SIGKILL)
 
 
 class MountBackend(Protocol):

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import config as config_mod
-from . import control, meta, status
+from . import control, status
 from .errors import CommandError
 
 if TYPE_CHECKING:
     from .catalog import Catalog
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
+CHECK_TIMEOUT = 300.0  # seconds `uenvfs check` gives rdsquashfs by default
 
 EPILOG = """exit codes: 0 success; 1 the daemon refused the command or failed (the one-line
 message says why: 'Invalid argument', 'No such file or directory', 'Operation not permitted',
@@ -160,7 +161,7 @@ def _find_image(text: str, file_first: bool,
             raise CliError(f"{text}: no such image file")
         return None, as_file
     if valid_name(text):
-        import trio  # not at the top: a check of an image file need not pay for it
+        import trio  # not at the top: the commands to the daemon need not pay for it
 
         catalog = _catalog(load_config(), strict=False)
         path = trio.run(catalog.resolve, text)
@@ -173,54 +174,72 @@ def _find_image(text: str, file_first: bool,
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    import trio
+
+    from .images import describe_images, format_images
+
     catalog = _catalog(_image_config(args), strict=True)
-    infos = [meta.describe_image(name, path) for name, path in sorted(catalog.listing().items())]
+    infos = trio.run(describe_images, sorted(catalog.listing().items()))
     if args.json:
         print(json.dumps([info.as_json() for info in infos], indent=1))
     else:
-        print(meta.format_images(infos), end="")
+        print(format_images(infos), end="")
     return EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     import time
 
+    import trio
+
+    from .images import human_size
+    from .squashfs import ImageError, check_image, read_superblock
+
     _, path = _find_image(args.image, True, lambda: _image_config(args))
     started = time.monotonic()
-    reason = meta.check_image(path, args.timeout)
+    try:
+        reason = trio.run(check_image, path, args.timeout)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    except ImageError as exc:  # rdsquashfs cannot run, or was killed after the timeout
+        reason = str(exc)
     elapsed = time.monotonic() - started
     if reason is not None:
         raise CliError(f"{args.image}: {reason}")
     try:
-        superblock = meta.read_superblock(path)
-    except meta.ImageError as exc:  # replaced since the check
+        superblock = read_superblock(path)
+    except ImageError as exc:  # replaced since the check
         raise CliError(f"{args.image}: {exc}") from exc
-    print(f"{args.image}: ok ({superblock.inodes} inodes, {meta.human_size(superblock.bytes_used)}"
+    print(f"{args.image}: ok ({superblock.inodes} inodes, {human_size(superblock.bytes_used)}"
           f", {superblock.compressor}, checked in {elapsed:.2f} s)")
     return EXIT_OK
 
 
 def cmd_env(args: argparse.Namespace) -> int:
+    import trio
+
     from .catalog import name_of
+    from .squashfs import ImageError, NotInImage
+    from .uenv import ENV_JSON, choose_view, read_meta, shell_lines
 
     cfg = _image_config(args)
     name, path = _find_image(args.name, False, lambda: cfg)
     if name is None:  # an image file: served under its file name without the suffix
         name = name_of(path.name) or path.name
     try:
-        uenv = meta.read_meta(path)
-        view = meta.choose_view(uenv, args.view)
-    except meta.NotInImage as exc:
-        raise CliError(f"{args.name}: {path} has no {meta.ENV_JSON}, so no views") from exc
-    except meta.ImageError as exc:
+        uenv = trio.run(read_meta, path)
+        view = choose_view(uenv, args.view)
+    except NotInImage as exc:
+        raise CliError(f"{args.name}: {path} has no {ENV_JSON}, so no views") from exc
+    except ImageError as exc:
         raise CliError(f"{args.name}: {exc}") from exc
     if view.env is None:
         raise CliError(f"{args.name}: view {view.name!r} has no env section (it only has an "
                        "activation script, which uenvfs does not run)")
     if not uenv.mount:
-        print(f"uenvfs env: warning: {meta.ENV_JSON} of {args.name} names no mount point: "
+        print(f"uenvfs env: warning: {ENV_JSON} of {args.name} names no mount point: "
               "paths are printed as they are", file=sys.stderr)
-    for line in meta.shell_lines(view.env, uenv.mount, str(cfg.mountpoint / name)):
+    for line in shell_lines(view.env, uenv.mount, str(cfg.mountpoint / name)):
         print(line)
     return EXIT_OK
 
@@ -298,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reason. IMAGE is a path to an image file, or an image name of the configured sources.")
     p.epilog = IMAGE_EPILOG
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--timeout", type=float, default=meta.CHECK_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--timeout", type=float, default=CHECK_TIMEOUT, metavar="SECONDS",
                    help="give up after this long (default %(default)g)")
 
     p = add("env", "print the shell exports of a view of an image's meta/env.json", cmd_env,

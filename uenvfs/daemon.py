@@ -20,7 +20,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import fastloop, journal, meta, recovery
+from . import fastloop, journal, recovery, squashfs
 from .allocation import AllocationResolver
 from .backend import make_backend, mount_at, read_mountinfo, run_tool
 from .catalog import Catalog
@@ -171,8 +171,8 @@ async def run(config: Config) -> None:
     missing = backend.missing_tools()
     if missing:
         raise StartupError(f"backend {backend.name} needs {', '.join(missing)} (not found in PATH)")
-    if config.validate and shutil.which(meta.RDSQUASHFS) is None:
-        raise StartupError(f"validating images needs {meta.RDSQUASHFS} (squashfs-tools-ng), "
+    if config.validate and shutil.which(squashfs.RDSQUASHFS) is None:
+        raise StartupError(f"validating images needs {squashfs.RDSQUASHFS} (squashfs-tools-ng), "
                            "not found in PATH; install it or set validate = false")
     catalog = Catalog(config.images, config.maps, config.program_map, config.program_timeout,
                       answer_ttl=config.negative_cache)

@@ -1,12 +1,11 @@
-"""Images read without mounting them: `uenvfs images`, `uenvfs check`, `uenvfs env`, and the
-meta/env.json model behind them. Real images built with gensquashfs; no FUSE, no root."""
+"""uenv images read without mounting them: the meta/env.json model, `uenvfs images` and
+`uenvfs env`. Real images built with gensquashfs; no FUSE, no root."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import struct
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from uenvfs import meta
-from uenvfs.cli import EXIT_FAILED, EXIT_OK, main
+from uenvfs import uenv
+from uenvfs.cli import EXIT_FAILED, EXIT_OK
 
+from .cli_support import one_line_error, run
 from .support import build_image
 
 pytestmark = pytest.mark.skipif(
@@ -113,43 +113,19 @@ def images(tmp_path: Path) -> Path:
     return directory
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+# -- meta/env.json ------------------------------------------------------------------------
 
 
-def one_line_error(err: str) -> str:
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-# -- reading files and meta/env.json -------------------------------------------------------
-
-
-def test_read_file(images: Path) -> None:
-    data = meta.read_file(images / "multi.sqfs", "env/default/bin/tool")
-    assert data == b"#!/bin/sh\n"
-    with pytest.raises(meta.NotInImage):
-        meta.read_file(images / "plain.sqfs", meta.ENV_JSON)
-    with pytest.raises(meta.ImageError, match="not a regular file"):
-        meta.read_file(images / "multi.sqfs", "env")
-    with pytest.raises(meta.ImageError, match="not a SquashFS image"):
-        meta.read_file(images / "garbage.sqfs", meta.ENV_JSON)
-
-
-def test_read_meta(images: Path) -> None:
-    uenv = meta.read_meta(images / "multi.sqfs")
-    assert (uenv.name, uenv.description, uenv.mount) == ("prgenv", "a test uenv", MOUNT)
-    assert list(uenv.views) == ["default", "extra"]
-    env = uenv.views["default"].env
+async def test_read_meta(images: Path) -> None:
+    meta = await uenv.read_meta(images / "multi.sqfs")
+    assert (meta.name, meta.description, meta.mount) == ("prgenv", "a test uenv", MOUNT)
+    assert list(meta.views) == ["default", "extra"]
+    env = meta.views["default"].env
     assert env is not None
     assert env.scalars["BOOST_ROOT"] is None
-    assert env.lists["CMAKE_PREFIX_PATH"] == (meta.ListOp("unset", ()),
-                                              meta.ListOp("prepend", (MOUNT,)))
-    assert meta.read_meta(images / "scriptonly.sqfs").views["default"].env is None
+    assert env.lists["CMAKE_PREFIX_PATH"] == (uenv.ListOp("unset", ()),
+                                              uenv.ListOp("prepend", (MOUNT,)))
+    assert (await uenv.read_meta(images / "scriptonly.sqfs")).views["default"].env is None
 
 
 @pytest.mark.parametrize(("document", "complaint"), [
@@ -169,15 +145,15 @@ def test_read_meta(images: Path) -> None:
     ("{", "not valid JSON"),
 ])
 def test_parse_meta_rejects(document: str, complaint: str) -> None:
-    with pytest.raises(meta.MetaFormatError, match=complaint):
-        meta.parse_meta(document.encode())
+    with pytest.raises(uenv.MetaFormatError, match=complaint):
+        uenv.parse_meta(document.encode())
 
 
 def test_scalar_replaces_list_definition() -> None:
     document = {"views": {"v": {"env": {"values": {
         "list": {"X": [{"op": "prepend", "value": ["/a"]}]}, "scalar": {"X": "/b"}}}}}}
-    env = meta.parse_meta(json.dumps(document).encode()).views["v"].env
-    assert env == meta.Env(lists={}, scalars={"X": "/b"})
+    env = uenv.parse_meta(json.dumps(document).encode()).views["v"].env
+    assert env == uenv.Env(lists={}, scalars={"X": "/b"})
 
 
 # -- uenvfs images -------------------------------------------------------------------------
@@ -252,117 +228,6 @@ def test_images_empty_and_missing_directory(capsys: pytest.CaptureFixture[str], 
                        str(config))
     assert code == EXIT_FAILED
     assert "not a directory" in one_line_error(err)
-
-
-# -- uenvfs check --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def good(tmp_path: Path) -> Path:
-    """An image of 203 inodes (root, 2 directories, 200 files) with compressed metadata."""
-    files = {f"dir{i % 2}/file{i:03d}": f"content {i}\n" * 10 for i in range(200)}
-    return build_image(tmp_path / "good.sqfs", files)
-
-
-def damaged(good: Path, name: str, change: Any) -> Path:
-    data = bytearray(good.read_bytes())
-    path = good.with_name(name)
-    path.write_bytes(change(data))
-    return path
-
-
-def check(capsys: pytest.CaptureFixture[str], image: Path) -> tuple[int, str, str]:
-    return run(capsys, "check", str(image))
-
-
-def test_check_good(capsys: pytest.CaptureFixture[str], good: Path) -> None:
-    code, out, err = check(capsys, good)
-    assert (code, err) == (EXIT_OK, "")
-    assert out.startswith(f"{good}: ok (203 inodes, ")
-    assert meta.check_image(good) is None
-
-
-def test_check_accepts_an_image_cut_after_its_used_bytes(capsys: pytest.CaptureFixture[str],
-                                                         good: Path) -> None:
-    used = meta.read_superblock(good).bytes_used
-    assert used < good.stat().st_size  # gensquashfs pads to a multiple of 4 KiB
-    exact = damaged(good, "exact.sqfs", lambda data: data[:used])
-    assert check(capsys, exact)[0] == EXIT_OK
-
-
-def _corrupt_inode_table(data: bytearray) -> bytearray:
-    (inode_table,) = struct.unpack_from("<Q", data, 64)
-    (header,) = struct.unpack_from("<H", data, inode_table)
-    assert not header & 0x8000, "the first inode metadata block should be compressed"
-    middle = inode_table + 2 + (header & 0x7FFF) // 2
-    for i in range(middle, middle + 16):
-        data[i] ^= 0x5A
-    return data
-
-
-@pytest.mark.parametrize(("name", "change", "reason"), [
-    ("truncated", lambda data: data[: len(data) // 2], "truncated: the file has"),
-    ("random", lambda data: os.urandom(len(data)), "not a SquashFS image (wrong magic number"),
-    ("magic", lambda data: b"\0\1\2\3" + data[4:], "wrong magic number 00010203"),
-    ("empty", lambda data: b"", "too short for a SquashFS superblock (0 bytes)"),
-    ("metadata", _corrupt_inode_table, "corrupt"),
-])
-def test_check_bad(capsys: pytest.CaptureFixture[str], good: Path, name: str, change: Any,
-                   reason: str) -> None:
-    bad = damaged(good, f"{name}.sqfs", change)
-    code, out, err = check(capsys, bad)
-    assert (code, out) == (EXIT_FAILED, "")
-    assert one_line_error(err).startswith(f"uenvfs check: {bad}: ")
-    assert reason in err
-    assert meta.check_image(bad) is not None
-
-
-def test_check_tool_alone_detects_damage(good: Path) -> None:
-    """What the daemon runs (the command and check_result, without the superblock
-    pre-check) catches every kind of damage too."""
-    for name, change in [("t", lambda d: d[: len(d) // 2]), ("m", lambda d: b"XXXX" + d[4:]),
-                         ("e", lambda d: b""), ("c", _corrupt_inode_table)]:
-        bad = damaged(good, f"{name}.sqfs", change)
-        result = subprocess.run(meta.check_command(bad), capture_output=True, text=True,
-                                check=False, timeout=60)
-        assert meta.check_result(result.returncode, result.stdout, result.stderr), name
-    result = subprocess.run(meta.check_command(good), capture_output=True, text=True,
-                            check=False, timeout=60)
-    assert meta.check_result(result.returncode, result.stdout, result.stderr) is None
-
-
-def test_check_missing_and_unknown(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, _, err = check(capsys, tmp_path / "nope.sqfs")
-    assert code == EXIT_FAILED
-    assert one_line_error(err) == f"uenvfs check: {tmp_path / 'nope.sqfs'}: no such image file"
-
-
-def test_check_command_and_result() -> None:
-    assert meta.check_command(Path("/images/a.sqfs")) == ["rdsquashfs", "-d", "/images/a.sqfs"]
-    assert meta.check_command(Path("-odd.sqfs")) == ["rdsquashfs", "-d", "./-odd.sqfs"]
-    assert meta.check_result(0, "dir x 0755 0 0\n", "") is None
-    assert meta.check_result(
-        1, "", "/i/a: b.sqfs: reading super block: wrong magic value in super block.\n"
-    ) == "not a SquashFS image (wrong magic number)"
-    assert meta.check_result(
-        1, "", "x.sqfs: loading ID table: location out of bounds.\n"
-    ) == "truncated or corrupt: loading ID table: location out of bounds"
-    assert meta.check_result(
-        1, "", "x.sqfs: reading filesystem tree: internal compressor error.\n"
-    ) == "corrupt metadata: reading filesystem tree: internal compressor error"
-    assert meta.check_result(1, "", "/x.sqfs: Permission denied\n") == "Permission denied"
-    assert meta.check_result(1, "", "") == "no reason given"
-    assert meta.check_result(-9, "", "") == "rdsquashfs killed by signal 9"
-
-
-def test_superblock_problem(good: Path) -> None:
-    header = good.read_bytes()[: meta.SUPERBLOCK_SIZE]
-    assert meta.superblock_problem(header, good.stat().st_size) is None
-    assert "truncated" in str(meta.superblock_problem(header, 100))
-    superblock = meta.parse_superblock(header)
-    assert (superblock.inodes, superblock.compressor, superblock.version) == (203, "gzip", (4, 0))
-    old = header[:28] + struct.pack("<HH", 3, 1) + header[32:]
-    assert "unsupported SquashFS version 3.1" in str(meta.superblock_problem(old, 1 << 20))
 
 
 # -- uenvfs env ----------------------------------------------------------------------------
@@ -504,13 +369,13 @@ def test_env_name_from_a_program_map(capsys: pytest.CaptureFixture[str], images:
 @pytest.mark.parametrize("value", ["", "plain", "a b", "it's", '"$HOME" `x` \\ \n ;|&*?[]~',
                                    "${@", "@}", "${@not valid@}", "-n"])
 def test_shell_word_round_trip(value: str) -> None:
-    out = subprocess.run(["bash", "-c", f"printf %s {meta.shell_word(value)}"],
+    out = subprocess.run(["bash", "-c", f"printf %s {uenv.shell_word(value)}"],
                          capture_output=True, text=True, check=True, timeout=60).stdout
     assert out == value
 
 
 def test_shell_word_expands_view_variables() -> None:
-    word = meta.shell_word("${@A@}/x:${@B@}")
+    word = uenv.shell_word("${@A@}/x:${@B@}")
     out = subprocess.run(["sh", "-c", f"printf %s {word}"], env={"A": "/a b"},
                          capture_output=True, text=True, check=True, timeout=60).stdout
     assert out == "/a b/x:"
@@ -524,6 +389,6 @@ def test_shell_word_expands_view_variables() -> None:
     ("relative/user-environment", "relative/user-environment"),
 ])
 def test_rewrite_paths(value: str, expected: str) -> None:
-    assert meta.rewrite_paths(value, "/user-environment/", "/t") == expected
-    assert meta.rewrite_paths(value, None, "/t") == value
-    assert meta.rewrite_paths(value, "/", "/t") == value
+    assert uenv.rewrite_paths(value, "/user-environment/", "/t") == expected
+    assert uenv.rewrite_paths(value, None, "/t") == value
+    assert uenv.rewrite_paths(value, "/", "/t") == value
