@@ -1,4 +1,5 @@
-"""The facade that pyfuse3's request loop runs on: a lock and a poll-first wait_readable."""
+"""The facade that pyfuse3's request loop runs on (a lock and a poll-first wait_readable), how
+it is put in place and taken away, and the check that keeps it off an unknown pyfuse3 or trio."""
 
 from __future__ import annotations
 
