@@ -8,7 +8,7 @@ filesystem, open+close of one file in a loop: ~110-150 us per pair with trio as 
 it, ~60 us with this module (uenvfs itself: ~90 us without lingering, ~65 us with 100 us).
 
 pyfuse3 looks both up through its module attribute `pyfuse3.trio` (the hook its own asyncio
-mode uses). `install()` points it at a facade that
+mode uses). `installed()` points it at a facade that
   - returns from `wait_readable` at once when /dev/fuse already holds a request (a zero-timeout
     poll), and only otherwise waits through trio; after `BURST` such returns in a row it passes
     through a real checkpoint, so that timers, mounts and signals are never starved;
