@@ -66,7 +66,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from uenvfs.backend import MountEntry, read_mountinfo
+# The repository, for tests/mounts.py: the tests' helpers for mounts and loop devices.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.mounts import clean_up, is_mounted, loops_for, mounts_under, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMS = ("kernel", "squashfuse_ll", "uenvfs")
@@ -237,12 +239,9 @@ def drop_caches(level: int) -> None:
     Path("/proc/sys/vm/drop_caches").write_text(f"{level}\n")
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll *predicate* until it is true; BenchError after *timeout* seconds."""
+    wait_until(predicate, timeout, what, error=BenchError)
 
 
 def count_files(root: Path) -> int:
@@ -278,45 +277,11 @@ def interrupt(signum: int, frame: FrameType | None) -> None:
 # -- mounts and loop devices -----------------------------------------------------------------
 
 
-def mounts_below(path: Path) -> list[MountEntry]:
-    prefix = str(path)
-    return [entry for entry in read_mountinfo()
-            if entry.mount_point == prefix or entry.mount_point.startswith(prefix + "/")]
-
-
-def is_mounted(path: Path) -> bool:
-    return any(entry.mount_point == str(path) for entry in read_mountinfo())
-
-
-def loops_below(path: Path) -> list[str]:
-    """Loop devices whose backing file lies under *path*."""
-    out = subprocess.run(["losetup", "-a", "-n", "-l", "-O", "NAME,BACK-FILE"],
-                         capture_output=True, text=True, check=False).stdout
-    devices = []
-    for line in out.splitlines():
-        parts = line.split(None, 1)
-        if len(parts) == 2 and parts[1].strip().startswith(str(path) + "/"):
-            devices.append(parts[0])
-    return devices
-
-
-def sweep(workdir: Path) -> list[str]:
-    """Lazily unmount everything under *workdir* and detach its loop devices; what was there."""
-    found = []
-    for entry in reversed(mounts_below(workdir)):
-        found.append(f"{entry.fstype} on {entry.mount_point}")
-        attempt(["umount", "-l", entry.mount_point])
-    for device in loops_below(workdir):
-        found.append(f"loop device {device}")
-        attempt(["losetup", "-d", device])
-    return found
-
-
 def leftovers(workdir: Path) -> list[str]:
     """Mounts and loop devices still there after a short wait (autoclear loops detach late)."""
     with contextlib.suppress(BenchError):
-        wait_for(lambda: not mounts_below(workdir) and not loops_below(workdir), 5.0, "clean-up")
-    return [e.mount_point for e in mounts_below(workdir)] + loops_below(workdir)
+        wait_for(lambda: not mounts_under(workdir) and not loops_for(workdir), 5.0, "clean-up")
+    return [e.mount_point for e in mounts_under(workdir)] + loops_for(workdir)
 
 
 def mount_command(system: str, image: Path, target: Path) -> list[str]:
@@ -427,8 +392,7 @@ class Mounts:
         if process.poll() is not None:
             raise BenchError(f"{what} exited {process.returncode} before mounting {target} "
                              f"(see the logs in {self.run_dir})")
-        return any(e.mount_point == str(target) and e.fstype.startswith("fuse")
-                   for e in read_mountinfo())
+        return is_mounted(target, "fuse")
 
     def stop_uenvfs(self, process: subprocess.Popen[bytes]) -> None:
         """SIGTERM: uenvfs unmounts its idle backing mounts and its FUSE mount, and exits 0."""
@@ -976,10 +940,10 @@ def check_machine() -> None:
 
 def prepare_workdir(settings: Settings) -> None:
     settings.workdir.mkdir(parents=True, exist_ok=True)
-    found = sweep(settings.workdir)
+    found = clean_up(settings.workdir)
     if found:
         note("cleared what an earlier run left behind: " + ", ".join(found))
-    if mounts_below(settings.run_dir):
+    if mounts_under(settings.run_dir):
         raise BenchError(f"cannot clear the mounts under {settings.run_dir}")
     shutil.rmtree(settings.run_dir, ignore_errors=True)
     settings.run_dir.mkdir(parents=True)
@@ -1007,7 +971,7 @@ def benchmark(settings: Settings) -> tuple[list[Row], dict[str, Any]]:
             finally:
                 found = leftovers(settings.workdir)
                 if found:
-                    sweep(settings.workdir)
+                    clean_up(settings.workdir)
                     mounts.problems.append("left behind, cleared lazily: " + ", ".join(found))
                 for line in mounts.notes + mounts.problems:
                     note(line)

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from .support import Daemon, clean_up, mounts_under
+from .mounts import clean_up, mounts_under
+from .support import Daemon
 
 FUSE_REASON = None
 if os.geteuid() != 0:

@@ -13,30 +13,19 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uenvfs.backend import MountEntry, read_mountinfo
+from uenvfs.backend import MountEntry
 
-DEADLINE = 20.0
+from .mounts import DEADLINE, is_mounted
 
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float = DEADLINE, what: str = "condition"
-) -> Any:
-    """Poll *predicate* until it returns something true; fail the test after *timeout*."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
-
+# Re-exported: the tests import these from here too.
+from .mounts import loops_for as loops_for
+from .mounts import mounts_under as mounts_under
+from .mounts import wait_until as wait_until
 
 # -- images --------------------------------------------------------------------------------
 
@@ -72,44 +61,13 @@ def build_from_pack(dest: Path, pack: str, root: Path, xattrs: str | None = None
     return dest
 
 
-# -- mounts and loop devices ---------------------------------------------------------------
-
-
-def mounts_under(prefix: Path) -> list[MountEntry]:
-    root = str(prefix)
-    return [e for e in read_mountinfo() if e.mount_point == root
-            or e.mount_point.startswith(root + "/")]
-
-
-def loops_for(prefix: Path) -> list[str]:
-    """Loop devices whose backing file lies under *prefix*."""
-    out = subprocess.run(["losetup", "-a", "-O", "NAME,BACK-FILE", "-n", "-l"],
-                         capture_output=True, text=True, check=False).stdout
-    found = []
-    for line in out.splitlines():
-        parts = line.split(None, 1)
-        if len(parts) == 2 and parts[1].strip().startswith(str(prefix)):
-            found.append(parts[0])
-    return found
+# -- loop devices (the rest is in tests/mounts.py) ----------------------------------------
 
 
 def loop_count() -> int:
     out = subprocess.run(["losetup", "-a", "-n", "-O", "NAME"], capture_output=True, text=True,
                          check=False).stdout
     return len(out.split())
-
-
-def clean_up(prefix: Path) -> list[str]:
-    """Unmount everything under *prefix* and detach its loop devices. Returns what was left."""
-    left = []
-    for entry in reversed(mounts_under(prefix)):
-        left.append(f"{entry.fstype} on {entry.mount_point}")
-        subprocess.run(["umount", "-l", entry.mount_point], check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for device in loops_for(prefix):
-        left.append(f"loop device {device}")
-        subprocess.run(["losetup", "-d", device], check=False, stderr=subprocess.DEVNULL)
-    return left
 
 
 # -- the daemon ----------------------------------------------------------------------------
@@ -194,8 +152,7 @@ class Daemon:
             with self.log_path.open("rb") as f:
                 f.seek(self.log_offset)
                 serving = b" serving " in f.read()
-            return serving and any(e.fstype == "fuse.uenvfs" and e.mount_point == str(
-                self.mountpoint) for e in mounts_under(self.mountpoint))
+            return serving and is_mounted(self.mountpoint, "fuse.uenvfs")
 
         wait_until(ready, what="the FUSE mount")
 
@@ -255,8 +212,7 @@ class Daemon:
             os.close(fd)
 
     def backing_mounted(self, name: str) -> bool:
-        target = str(self.backing_root / name)
-        return any(e.mount_point == target for e in read_mountinfo())
+        return is_mounted(self.backing_root / name)
 
     def backing_mounts(self) -> list[MountEntry]:
         return [e for e in mounts_under(self.backing_root)]

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .support import clean_up, loops_for, mounts_under
+from .mounts import clean_up, loops_for, mounts_under
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMS = ("kernel", "squashfuse_ll", "uenvfs")

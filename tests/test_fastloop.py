@@ -1,15 +1,20 @@
-"""The facade that pyfuse3's request loop runs on: a lock and a poll-first wait_readable."""
+"""The facade that pyfuse3's request loop runs on (a lock and a poll-first wait_readable), how
+it is put in place and taken away, and the check that keeps it off an unknown pyfuse3 or trio."""
 
 from __future__ import annotations
 
 import os
 import threading
+import types
 
 import pyfuse3
+import pytest
 import trio
 import trio.testing
 
 from uenvfs import fastloop
+
+from .support import Daemon
 
 
 async def test_lock_excludes_and_hands_over_in_order() -> None:
@@ -146,18 +151,124 @@ async def test_wait_readable_waits_through_trio_when_nothing_is_there() -> None:
         os.close(w)
 
 
-def test_install_keeps_the_rest_of_trio() -> None:
-    original = pyfuse3.trio  # type: ignore[attr-defined]
-    try:
-        fastloop.install()
+def test_installed_keeps_the_rest_of_trio() -> None:
+    with fastloop.installed() as active:
+        assert active
         facade = pyfuse3.trio  # type: ignore[attr-defined]
         assert facade.Lock is fastloop.Lock
         assert facade.lowlevel.wait_readable is fastloop.wait_readable
         assert facade.open_nursery is trio.open_nursery
         assert facade.lowlevel.current_task is trio.lowlevel.current_task
         assert facade.ClosedResourceError is trio.ClosedResourceError
-    finally:
-        pyfuse3.trio = original  # type: ignore[attr-defined]
+        assert fastloop._poller.linger == fastloop.LINGER
+
+
+def test_installed_restores_what_it_replaced_also_on_error() -> None:
+    poller = fastloop._poller
+    assert pyfuse3.trio is trio  # type: ignore[attr-defined]
+    with fastloop.installed(linger=0.002):
+        assert pyfuse3.trio is not trio  # type: ignore[attr-defined]
+        assert fastloop._poller.linger == 0.002
+    assert pyfuse3.trio is trio  # type: ignore[attr-defined]
+    assert fastloop._poller is poller
+
+    def fail_inside() -> None:
+        with fastloop.installed(linger=0.0):
+            assert pyfuse3.trio is not trio  # type: ignore[attr-defined]
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        fail_inside()
+    assert pyfuse3.trio is trio  # type: ignore[attr-defined]
+    assert fastloop._poller is poller
+
+
+def test_the_installed_pyfuse3_and_trio_are_known() -> None:
+    assert pyfuse3.__version__ in fastloop.KNOWN_PYFUSE3
+    assert fastloop.unsupported(pyfuse3, trio) is None
+
+
+def fake_pyfuse3(version: str, trio_module: object = trio) -> types.ModuleType:
+    fake = types.ModuleType("pyfuse3")
+    fake.__version__ = version  # type: ignore[attr-defined]
+    fake.trio = trio_module  # type: ignore[attr-defined]
+    return fake
+
+
+def test_an_unknown_pyfuse3_is_named_in_one_line() -> None:
+    reason = fastloop.unsupported(fake_pyfuse3("3.6.0"), trio)
+    assert reason is not None
+    assert "pyfuse3 3.6.0 is not a release" in reason
+    assert "\n" not in reason
+    assert fastloop.unsupported(types.ModuleType("pyfuse3"), trio) is not None  # no version
+    for version in fastloop.KNOWN_PYFUSE3:
+        assert fastloop.unsupported(fake_pyfuse3(version), trio) is None
+
+
+def test_a_pyfuse3_that_does_not_reach_trio_through_its_attribute_is_unsupported() -> None:
+    asyncio_mode = fake_pyfuse3(pyfuse3.__version__, types.ModuleType("pyfuse3.asyncio"))
+    reason = fastloop.unsupported(asyncio_mode, trio)
+    assert reason is not None
+    assert "pyfuse3.trio" in reason
+
+
+class Without(types.ModuleType):
+    """*real* as `getattr` sees it, but for the attribute at the dotted *path*."""
+
+    def __init__(self, real: object, path: str) -> None:
+        super().__init__(getattr(real, "__name__", "fake"))
+        self._real = real
+        self._path = path
+
+    def __getattr__(self, name: str) -> object:
+        head, _, rest = self._path.partition(".")
+        if name == head and not rest:
+            raise AttributeError(name)
+        value = getattr(self._real, name)
+        return Without(value, rest) if name == head else value
+
+
+@pytest.mark.parametrize("part", fastloop.TRIO_PARTS)
+def test_a_trio_without_a_part_fastloop_uses_is_unsupported(part: str) -> None:
+    fake_trio = Without(trio, part)
+    reason = fastloop.unsupported(fake_pyfuse3(pyfuse3.__version__, fake_trio), fake_trio)
+    assert reason == f"trio {trio.__version__} has no trio.{part}"
+
+
+def test_installed_over_an_unknown_pyfuse3_warns_and_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(pyfuse3, "__version__", "3.6.0")
+    poller = fastloop._poller
+    with fastloop.installed() as active:
+        assert not active
+        assert pyfuse3.trio is trio  # type: ignore[attr-defined]
+        assert fastloop._poller is poller
+    assert pyfuse3.trio is trio  # type: ignore[attr-defined]
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert record.getMessage().startswith("pyfuse3 3.6.0 is not a release")
+    assert record.getMessage().endswith("serving with pyfuse3's own request loop (slower)")
+
+
+@pytest.mark.fuse
+def test_serve_over_an_unknown_pyfuse3_warns_and_serves(daemon: Daemon) -> None:
+    """`uenvfs serve` with a pyfuse3 release fastloop does not know: one warning line, then
+    the same service on pyfuse3's own loop."""
+    hook = daemon.root / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import pyfuse3\npyfuse3.__version__ = '3.6.0'\n")
+    daemon.env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+    daemon.expect(r"WARNING uenvfs\.fastloop: pyfuse3 3\.6\.0 is not a release .*: "
+                  r"serving with pyfuse3's own request loop \(slower\)$")
+    daemon.image("tools", {"README": "read me\n"})
+    daemon.start()
+    assert (daemon.mountpoint / "tools" / "README").read_text() == "read me\n"
+    daemon.wait_idle("tools")
+    assert daemon.stop() == 0
+    warnings = [line for line in daemon.log().splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, warnings
 
 
 def test_lingering_catches_a_request_that_comes_soon_after() -> None:

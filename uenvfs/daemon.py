@@ -189,7 +189,6 @@ async def run(config: Config) -> None:
     await recover(manager)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     options |= {"fsname=uenvfs", "subtype=uenvfs", "allow_other"}
-    fastloop.install(linger=config.linger_us / 1e6)
     try:
         pyfuse3.init(fs, str(config.mountpoint), options)
     except RuntimeError as exc:
@@ -225,7 +224,8 @@ async def run(config: Config) -> None:
 def serve(config: Config) -> int:
     setup_logging(config.log_level)
     try:
-        trio.run(run, config)
+        with fastloop.installed(linger=config.linger_us / 1e6):  # warns if pyfuse3 is unknown
+            trio.run(run, config)
     except StartupError as exc:
         log.error("%s", exc)
         return 1

@@ -8,7 +8,7 @@ filesystem, open+close of one file in a loop: ~110-150 us per pair with trio as 
 it, ~60 us with this module (uenvfs itself: ~90 us without lingering, ~65 us with 100 us).
 
 pyfuse3 looks both up through its module attribute `pyfuse3.trio` (the hook its own asyncio
-mode uses). `install()` points it at a facade that
+mode uses). `installed()` points it at a facade that
   - returns from `wait_readable` at once when /dev/fuse already holds a request (a zero-timeout
     poll), and only otherwise waits through trio; after `BURST` such returns in a row it passes
     through a real checkpoint, so that timers, mounts and signals are never starved;
@@ -21,20 +21,40 @@ mode uses). `install()` points it at a facade that
     that released it yields to the scheduler (see `Lock`).
 Everything else is trio's own. The ordering pyfuse3 relies on is unchanged: the worker that
 saw the request readable releases the lock and reads it before any other worker runs.
+
+This leans on pyfuse3's private loop (`_wait_fuse_readable` and `_session_loop`), which is the
+same in every release from 3.3.0 to 3.5.0 (read in their sources; 3.4.1 onwards only creates
+the lock lazily, at the first wait instead of in `init()`). `installed()` puts the facade in
+place for the length of a `with` block, and only over a release and a trio it knows
+(`unsupported()`); over any other it leaves pyfuse3 on its own, slower loop, with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import select
 import time
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import pyfuse3
 import trio
 
+log = logging.getLogger(__name__)
+
 BURST = 32  # requests served back to back before yielding to the other trio tasks
 LINGER = 100e-6  # default seconds to keep polling for the next request before sleeping
+
+# The pyfuse3 releases whose request loop this module was written against (their sources read).
+KNOWN_PYFUSE3 = ("3.3.0", "3.4.0", "3.4.2", "3.5.0")
+# What this module itself takes from trio (pyfuse3 takes the rest of trio through the facade).
+TRIO_PARTS = (
+    "abc.Instrument.after_task_step", "lowlevel.add_instrument", "lowlevel.current_task",
+    "lowlevel.ParkingLot.park", "lowlevel.ParkingLot.unpark", "lowlevel.ParkingLot.__len__",
+    "lowlevel.wait_readable",
+)
 
 
 class _Poller:
@@ -136,14 +156,52 @@ class _LowLevel(types.ModuleType):
         return getattr(trio.lowlevel, name)
 
 
-def install(linger: float = LINGER) -> None:
-    """Make pyfuse3 use the facade, polling *linger* seconds before it sleeps (0: never).
+def unsupported(fuse: types.ModuleType, trio_module: types.ModuleType) -> str | None:
+    """Why the facade cannot run over *fuse* (pyfuse3) and *trio_module* (one line), or None."""
+    version = getattr(fuse, "__version__", "unknown")
+    if version not in KNOWN_PYFUSE3:
+        return (f"pyfuse3 {version} is not a release whose request loop uenvfs knows "
+                f"({', '.join(KNOWN_PYFUSE3)})")
+    if getattr(fuse, "trio", None) is not trio_module:
+        return "pyfuse3 does not reach trio through pyfuse3.trio (or it was replaced already)"
+    for part in TRIO_PARTS:
+        found: object = trio_module
+        for name in part.split("."):
+            found = getattr(found, name, None)
+        if found is None:
+            return f"trio {getattr(trio_module, '__version__', 'unknown')} has no trio.{part}"
+    return None
 
-    Call before `pyfuse3.main()`."""
-    _poller.linger = linger
+
+def _facade() -> types.ModuleType:
     facade = _Facade("uenvfs.fastloop.trio")
     lowlevel = _LowLevel("uenvfs.fastloop.trio.lowlevel")
     lowlevel.wait_readable = wait_readable  # type: ignore[attr-defined]
     facade.lowlevel = lowlevel  # type: ignore[attr-defined]
     facade.Lock = Lock  # type: ignore[attr-defined]
-    pyfuse3.trio = facade  # type: ignore[attr-defined]
+    return facade
+
+
+@contextlib.contextmanager
+def installed(linger: float = LINGER) -> Iterator[bool]:
+    """pyfuse3 on the facade inside the block, polling *linger* seconds before it sleeps (0:
+    never); yields whether it is. On the way out, also on error, pyfuse3's `trio` and this
+    module's poller are again what they were.
+
+    Enter before `pyfuse3.init()` (releases before 3.4.1 make their lock there). Over a pyfuse3
+    or trio that `unsupported()` rejects, logs a warning and changes nothing: pyfuse3's own
+    loop serves as well, only slower, so a node whose pyfuse3 was upgraded still serves."""
+    global _poller
+    reason = unsupported(pyfuse3, trio)
+    if reason is not None:
+        log.warning("%s: serving with pyfuse3's own request loop (slower)", reason)
+        yield False
+        return
+    saved = pyfuse3.trio, _poller  # type: ignore[attr-defined]
+    _poller = _Poller()
+    _poller.linger = linger
+    pyfuse3.trio = _facade()  # type: ignore[attr-defined]
+    try:
+        yield True
+    finally:
+        pyfuse3.trio, _poller = saved  # type: ignore[attr-defined]
