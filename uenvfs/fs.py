@@ -47,7 +47,7 @@ from .readonly import ReadOnlyOperations
 from .root import WRITE_FLAGS, Gauges, MountRoot
 
 if TYPE_CHECKING:
-    from .manager import Mount
+    from .mounting import Mount
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import pyfuse3
 from pyfuse3 import InodeT
 
 if TYPE_CHECKING:
-    from .manager import Mount
+    from .mounting import Mount
 
 ROOT = pyfuse3.ROOT_INODE
 CONTROL, STATUS, METRICS = InodeT(2), InodeT(3), InodeT(4)

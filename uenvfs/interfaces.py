@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .control import Command
-    from .manager import Mount
     from .metrics import Metrics
+    from .mounting import Mount
     from .state import Use
 
 

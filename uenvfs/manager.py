@@ -10,55 +10,32 @@ caller never leaves a half-made mount behind. What `.control` commands do is in 
 from __future__ import annotations
 
 import logging
-import os
-import time
 from collections import ChainMap
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from . import squashfs
-from .backend import MountBackend, is_mount_point
+from .backend import MountBackend
 from .catalog import Catalog
 from .config import Config
 from .control import Command
-from .errors import MountError, MountFailed, RefcountInconsistency, UnmountFailed
+from .errors import MountError, MountFailed, RefcountInconsistency
 from .executor import Executor
 from .hold_timer import HoldTimer
-from .inodes import Identity, ImageVersion, InodePrefixes
+from .inodes import InodePrefixes
 from .interfaces import MountListener, NoListener
 from .journal import Journal, MountRecord
 from .journal_writer import JournalWriter
 from .metrics import Metrics
+from .mounting import Mount, Mounter
 from .recovery import Adoption
 from .state import Phase, Registry, Use
 from .status import mount_statuses, status_document
 
 log = logging.getLogger(__name__)
 
-
-
-@dataclass(eq=False)
-class Mount:
-    """A live backing mount."""
-
-    name: str
-    image_path: Path
-    backing: Path
-    version: ImageVersion
-    source: str
-    mounted_at: float = field(default_factory=time.time)
-
-    def __post_init__(self) -> None:
-        self.root = os.fsencode(self.backing)  # the backing directory, for path building
-
-
-def identity_of(path: Path) -> Identity:
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class Manager:
@@ -88,10 +65,10 @@ class Manager:
         self.metrics = Metrics()
         self.mounts: dict[str, Mount] = {}  # serving: MOUNTED or HOLDING
         self._unmounting: dict[str, Mount] = {}  # being detached by their unmount task
-        self.paths: dict[str, Path] = {}  # last known image path of each name
-        self._versions: dict[str, ImageVersion] = {}  # the last one of each name
-        # Shared with the filesystem, which numbers the image directories from it too.
-        self._prefixes = prefixes or InodePrefixes()
+        # Inode prefixes are shared with the filesystem, which numbers image directories too.
+        self.mounter = Mounter(config, backend, catalog, self.metrics,
+                               prefixes or InodePrefixes(), clock,
+                               lambda name: self.listener.entry_stale(name))
         self._changed: dict[str, trio.Event] = {}
         self.timer = HoldTimer(self.registry, self._start_unmount, clock)
         self._wake_for = self.timer.wake_for  # bound once: close() calls it on every release
@@ -172,7 +149,7 @@ class Manager:
         started = self.clock()
         self.metrics.inc("uenvfs_mount_attempts_total", image=name)
         try:
-            mount = await self._make_mount(name)
+            mount = await self.mounter.mount(name)
         except Exception as exc:
             if not isinstance(exc, MountError):
                 log.exception("%s: unexpected error while mounting", name)
@@ -189,55 +166,6 @@ class Manager:
         finally:
             self._notify(name)
 
-    async def _make_mount(self, name: str) -> Mount:
-        path = await self.catalog.resolve(name)
-        if path is None:
-            raise MountFailed(f"{name} is no longer in any image source")
-        self.paths[name] = path
-        try:
-            identity = identity_of(path)
-        except OSError as exc:
-            raise MountFailed(f"image {path}: {exc.strerror}") from exc
-        target = self.config.backing_root / name
-        try:
-            target.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise MountFailed(f"cannot create {target}: {exc.strerror}") from exc
-        version = self._version(name, identity)
-        if self.config.validate and not version.validated:
-            await self._validate(path)
-            version.validated = True
-        if is_mount_point(target):
-            log.warning("%s: a stale mount sits at %s; detaching it first", name, target)
-            await self.backend.unmount(target, lazy=True)
-        await self.backend.mount(path, target)
-        source = self.backend.mounted(target)
-        if source is None:
-            raise MountFailed(f"{self.backend.name} reported success but {target} is not mounted")
-        return Mount(name, path, target, version, source)
-
-    async def _validate(self, path: Path) -> None:
-        """Refuse a corrupt image with a clear reason, before the kernel sees it."""
-        started = self.clock()
-        try:
-            problem = await squashfs.check_image(path, self.config.mount_timeout)
-        except OSError as exc:
-            raise MountFailed(f"image {path}: {exc.strerror}") from exc
-        self.metrics.observe("uenvfs_check_seconds", self.clock() - started)
-        if problem is not None:
-            raise MountFailed(f"image {path} is not valid: {problem}")
-
-    def _version(self, name: str, identity: Identity) -> ImageVersion:
-        """The version of *name*'s image file with *identity*: the last one, or a new one."""
-        last = self._versions.get(name)
-        if last is not None and last.identity == identity:
-            return last
-        new = self._versions[name] = ImageVersion(self._prefixes.new(), identity)
-        if last is not None:
-            log.info("%s: image file changed since its last mount; new inode numbers", name)
-            self.listener.entry_stale(name)
-        return new
-
     def _stop_serving(self, name: str) -> None:
         """*name* just became UNMOUNTING: its mount no longer serves requests."""
         self._unmounting[name] = self.mounts.pop(name)
@@ -253,11 +181,11 @@ class Manager:
         started = self.clock()
         try:
             try:
-                await self._detach(mount)
+                await self.mounter.detach(mount)
             except Exception as exc:
                 if not isinstance(exc, MountError):
                     log.exception("%s: unexpected error while unmounting", name)
-                if self.backend.mounted(mount.backing) is not None:
+                if self.mounter.still_mounted(mount):
                     image.unmount_failed(self.clock(), str(exc))
                     self.mounts[name] = self._unmounting.pop(name)
                     log.error("%s: unmount failed, retried after the hold time: %s", name, exc)
@@ -272,16 +200,6 @@ class Manager:
             log.info("%s: unmounted %s", name, mount.backing)
         finally:
             self._notify(name)
-
-    async def _detach(self, mount: Mount) -> None:
-        try:
-            await self.backend.unmount(mount.backing)
-        except UnmountFailed as exc:
-            if "busy" not in str(exc).lower():
-                raise
-            log.info("%s: backing mount still busy (handles forgotten by release); "
-                     "detaching it lazily", mount.name)
-            await self.backend.unmount(mount.backing, lazy=True)
 
     async def _wait_settled(self, name: str) -> None:
         while self.registry[name].phase in (Phase.MOUNTING, Phase.UNMOUNTING):
@@ -381,20 +299,13 @@ class Manager:
         name, record = found.name, found.record
         now = self.clock()
         path = Path(found.image_path) if found.image_path else self.catalog.lookup_listed(name)
-        identity = record.identity if record and record.identity else None
-        if identity is None:
-            try:
-                identity = identity_of(path) if path else (0, 0, 0, 0)
-            except OSError:
-                identity = (0, 0, 0, 0)
+        mount = self.mounter.adopted(
+            name, path, record.identity if record and record.identity else None,
+            found.backing, found.source, record.mounted_at if record else None)
         image = self.registry[name]
         image.begin_mount(now)
         image.mounted(now)
-        if path is not None:
-            self.paths[name] = path
-        mounted_at = record.mounted_at if record and record.mounted_at else time.time()
-        self.mounts[name] = Mount(name, path or Path(), found.backing,
-                                  self._version(name, identity), found.source, mounted_at)
+        self.mounts[name] = mount
         for alloc in record.acquired if record else ():
             image.acquire(alloc, now)
         log.info("%s: adopted %s at %s (%s)%s", name, path or "an unknown image",
@@ -407,9 +318,10 @@ class Manager:
 
     def status(self) -> dict[str, Any]:
         """The `.status` document."""
-        mounts = mount_statuses(self.registry, self.clock(), mountpoint=self.config.mountpoint,
-                                backing_root=self.config.backing_root, image_paths=self.paths,
-                                mounts=ChainMap[str, Mount](self.mounts, self._unmounting))
+        mounts = mount_statuses(
+            self.registry, self.clock(), mountpoint=self.config.mountpoint,
+            backing_root=self.config.backing_root, image_paths=self.mounter.paths,
+            mounts=ChainMap[str, Mount](self.mounts, self._unmounting))
         return status_document(str(self.config.mountpoint), self.registry.hold_time,
                                self.executor.emergency, mounts)
 
