@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from .conftest import DaemonFactory
-from .support import Daemon, run_in
+from ..conftest import DaemonFactory
+from ..support import Daemon, run_in
 
 pytestmark = pytest.mark.fuse
 

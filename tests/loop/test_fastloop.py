@@ -14,7 +14,7 @@ import trio.testing
 
 from uenvfs import fastloop
 
-from .support import Daemon
+from ..support import Daemon
 
 
 async def test_lock_excludes_and_hands_over_in_order() -> None:

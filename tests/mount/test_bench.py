@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from .mounts import clean_up, loops_for, mounts_under
+from ..mounts import clean_up, loops_for, mounts_under
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SYSTEMS = ("kernel", "squashfuse_ll", "uenvfs")
 TIMED_ROWS = (
     "find/warm", "find/cold", "stat/warm", "stat/cold", "read-all/warm", "read-all/cold",

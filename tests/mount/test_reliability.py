@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .support import (
+from ..support import (
     Daemon,
     errno_of,
     loop_count,

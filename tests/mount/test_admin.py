@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .support import Daemon, errno_of, release_holder, run_in, spawn_holder, wait_until
+from ..support import Daemon, errno_of, release_holder, run_in, spawn_holder, wait_until
 
 pytestmark = pytest.mark.fuse
 

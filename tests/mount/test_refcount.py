@@ -17,7 +17,7 @@ import pytest
 
 from uenvfs.backend import read_mountinfo
 
-from .support import (
+from ..support import (
     Daemon,
     build_image,
     errno_of,

@@ -19,7 +19,7 @@ from uenvfs.interfaces import NoListener
 from uenvfs.manager import Manager
 from uenvfs.state import Phase
 
-from .fakes import FakeBackend
+from ..fakes import FakeBackend
 
 
 @pytest.fixture

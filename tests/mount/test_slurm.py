@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from .support import Daemon, wait_until
+from ..support import Daemon, wait_until
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "slurm"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "slurm"
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 SLURM_TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol",
                "scancel")

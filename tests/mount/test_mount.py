@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .support import Daemon, errno_of, loop_count, mounts_under, run_in, wait_until
+from ..support import Daemon, errno_of, loop_count, mounts_under, run_in, wait_until
 
 pytestmark = pytest.mark.fuse
 

@@ -191,7 +191,7 @@ def test_registry_release_and_reconcile() -> None:
 
 
 def test_pure_modules_import_neither_trio_nor_pyfuse3() -> None:
-    package = pathlib.Path(__file__).parent.parent / "uenvfs"
+    package = pathlib.Path(__file__).parents[2] / "uenvfs"
     for module in ("state.py", "control.py", "status.py", "names.py"):
         tree = ast.parse((package / module).read_text())
         imported = {alias.name.split(".")[0] for node in ast.walk(tree)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DaemonFactory
-from .support import (
+from ..conftest import DaemonFactory
+from ..support import (
     Daemon,
     errno_of,
     loop_count,

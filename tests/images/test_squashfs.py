@@ -17,8 +17,8 @@ import trio
 from uenvfs import squashfs
 from uenvfs.cli import EXIT_FAILED, EXIT_OK
 
+from ..support import build_image
 from .cli_support import one_line_error, run
-from .support import build_image
 
 pytestmark = pytest.mark.skipif(
     shutil.which("gensquashfs") is None or shutil.which("rdsquashfs") is None,

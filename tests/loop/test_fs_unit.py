@@ -24,7 +24,7 @@ from uenvfs.fs import UenvFS
 from uenvfs.inodes import ROOT, InodePrefixes
 from uenvfs.manager import Manager
 
-from .fakes import FakeBackend
+from ..fakes import FakeBackend
 
 
 @dataclass
