@@ -64,10 +64,9 @@ def build_from_pack(dest: Path, pack: str, root: Path, xattrs: str | None = None
 # -- loop devices (the rest is in tests/mounts.py) ----------------------------------------
 
 
-def loop_count() -> int:
-    out = subprocess.run(["losetup", "-a", "-n", "-O", "NAME"], capture_output=True, text=True,
-                         check=False).stdout
-    return len(out.split())
+def loop_count(under: Path) -> int:
+    """Loop devices backed by files under *under* (a test's own: others may run beside it)."""
+    return len(loops_for(under))
 
 
 # -- the daemon ----------------------------------------------------------------------------

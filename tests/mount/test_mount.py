@@ -163,17 +163,17 @@ def test_inode_numbers_stable_across_remount(daemon: Daemon) -> None:
 
 
 def test_sigterm_unmounts_everything(daemon: Daemon) -> None:
-    loops_before = loop_count()
+    loops_before = loop_count(daemon.root)
     for name in ("one", "two", "three"):
         daemon.image(name, {"f": name})
     daemon.start()
     for name in ("one", "two", "three"):
         assert (daemon.mountpoint / name / "f").read_text() == name
     assert len(daemon.backing_mounts()) == 3
-    assert loop_count() == loops_before + 3
+    assert loop_count(daemon.root) == loops_before + 3
     assert daemon.stop(signal.SIGTERM) == 0
     assert mounts_under(daemon.root) == []
-    wait_until(lambda: loop_count() == loops_before, what="loop devices to be detached")
+    wait_until(lambda: loop_count(daemon.root) == loops_before, what="loop devices to be detached")
 
 
 def test_sigint_stops_cleanly_too(daemon: Daemon) -> None:

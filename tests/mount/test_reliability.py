@@ -313,7 +313,7 @@ def test_churn_keeps_refcounts_exact(daemon: Daemon) -> None:
     names = [f"img{i}" for i in range(8)]
     for name in names:
         daemon.image(name, {f"d{d}/f{f}": os.urandom(4096) for d in range(4) for f in range(5)})
-    loops_before = loop_count()
+    loops_before = loop_count(daemon.root)
     daemon.start()
     assert daemon.process is not None
     workers = []
@@ -368,7 +368,7 @@ def test_churn_keeps_refcounts_exact(daemon: Daemon) -> None:
     mount_count = metric(daemon, "uenvfs_mount_seconds_count")
     assert mount_count > len(names)  # images really did unmount and mount again under load
     wait_until(lambda: daemon.backing_mounts() == [], what="every image to unmount at the end")
-    wait_until(lambda: loop_count() == loops_before, what="every loop device to be detached")
+    wait_until(lambda: loop_count(daemon.root) == loops_before, what="every loop device to be detached")
     growth = rss[-1] - rss[0]
     print(f"churn: {reads} reads, {checkpoints} checkpoints, {int(mount_count)} mounts, "
           f"RSS {rss[0]} -> {rss[-1]} KiB")

@@ -37,8 +37,8 @@ def restart(make_daemon: DaemonFactory, old: Daemon, **kwargs: object) -> Daemon
 
 
 def test_kill_9_then_restart_restores_everything(make_daemon: DaemonFactory) -> None:
-    loops_at_start = loop_count()
     first = make_daemon(hold_time=4.0)
+    loops_at_start = loop_count(first.root)
     for name in ("x", "y", "z"):
         first.image(name, {"f": name})
     first.expect("clearing a FUSE mount left at")
@@ -47,7 +47,7 @@ def test_kill_9_then_restart_restores_everything(make_daemon: DaemonFactory) -> 
     first.control("acquire y alloc-2")
     holder = spawn_holder(first.mountpoint / "z/f", alloc="alloc-3")
     assert backing_names(first) == Counter({"x": 1, "y": 1, "z": 1})
-    loops_before_kill = loop_count()
+    loops_before_kill = loop_count(first.root)
     assert loops_before_kill == loops_at_start + 3
     first.kill()
     release_holder(holder)
@@ -60,7 +60,7 @@ def test_kill_9_then_restart_restores_everything(make_daemon: DaemonFactory) -> 
     assert (status["z"]["state"], status["z"]["refcount"]) == ("holding", 0)
     assert status["x"]["image_path"] == str(second.images / "x.sqfs")
     assert backing_names(second) == Counter({"x": 1, "y": 1, "z": 1})  # none mounted twice
-    assert loop_count() == loops_before_kill
+    assert loop_count(first.root) == loops_before_kill
     log = second.log()
     # (z may be "not in the journal": a mount is journaled a moment after it is made; the
     # mount table is what proves it, and that is enough to adopt it.)
@@ -76,7 +76,8 @@ def test_kill_9_then_restart_restores_everything(make_daemon: DaemonFactory) -> 
     assert status["y"]["allocations"] == {"alloc-2": {"opens": 0, "acquired": True}}
     second.control("release alloc-2")
     wait_until(lambda: not second.backing_mounts(), what="every hold timer to run out")
-    wait_until(lambda: loop_count() == loops_at_start, what="the loop devices to be detached")
+    wait_until(lambda: loop_count(first.root) == loops_at_start,
+               what="the loop devices to be detached")
     journal = second.state_dir / "journal.json"
     wait_until(lambda: json.loads(journal.read_text())["mounts"] == {},
                what="the journal to record the unmounts")
@@ -120,9 +121,9 @@ def test_damaged_journal_never_stops_the_daemon(make_daemon: DaemonFactory, dama
 
 
 def test_ten_kill_restart_cycles_leak_nothing(make_daemon: DaemonFactory) -> None:
-    loops_at_start = loop_count()
     names = ("p", "q", "r")
     daemon = make_daemon(hold_time=300.0)
+    loops_at_start = loop_count(daemon.root)
     for name in names:
         daemon.image(name, {"lib/data": name * 1000})
     daemon.expect("clearing a FUSE mount left at")
@@ -134,14 +135,14 @@ def test_ten_kill_restart_cycles_leak_nothing(make_daemon: DaemonFactory) -> Non
         for name in names:
             assert (daemon.mountpoint / name / "lib/data").read_text() == name * 1000
         assert backing_names(daemon) == Counter(dict.fromkeys(names, 1)), cycle
-        assert loop_count() == loops_at_start + len(names)
+        assert loop_count(daemon.root) == loops_at_start + len(names)
         daemon.kill()
         for holder in holders:
             release_holder(holder)
         daemon = restart(make_daemon, daemon)
     # After the last restart: one mount per image, every image readable.
     assert backing_names(daemon) == Counter(dict.fromkeys(names, 1))
-    assert loop_count() == loops_at_start + len(names)
+    assert loop_count(daemon.root) == loops_at_start + len(names)
     for name in names:
         assert (daemon.mountpoint / name / "lib/data").read_text() == name * 1000
     status = {m["name"]: m for m in daemon.status()["mounts"]}
@@ -152,7 +153,8 @@ def test_ten_kill_restart_cycles_leak_nothing(make_daemon: DaemonFactory) -> Non
     daemon.control("reconcile")
     daemon.control("expire")
     assert daemon.backing_mounts() == []
-    wait_until(lambda: loop_count() == loops_at_start, what="the loop devices to be detached")
+    wait_until(lambda: loop_count(daemon.root) == loops_at_start,
+               what="the loop devices to be detached")
     assert not loops_for(daemon.images)
 
 
