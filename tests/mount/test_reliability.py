@@ -368,7 +368,8 @@ def test_churn_keeps_refcounts_exact(daemon: Daemon) -> None:
     mount_count = metric(daemon, "uenvfs_mount_seconds_count")
     assert mount_count > len(names)  # images really did unmount and mount again under load
     wait_until(lambda: daemon.backing_mounts() == [], what="every image to unmount at the end")
-    wait_until(lambda: loop_count(daemon.root) == loops_before, what="every loop device to be detached")
+    wait_until(lambda: loop_count(daemon.root) == loops_before,
+               what="every loop device to be detached")
     growth = rss[-1] - rss[0]
     print(f"churn: {reads} reads, {checkpoints} checkpoints, {int(mount_count)} mounts, "
           f"RSS {rss[0]} -> {rss[-1]} KiB")
