@@ -27,7 +27,6 @@ from typing import Any, ClassVar, Literal, Self, TypeVar, dataclass_transform
 
 from .errors import CommandError
 from .names import valid_alloc, valid_name
-from .status import render_status as render_status  # the filesystem renders `.status` from here
 
 MAX_WRITE = 64 * 1024
 MAX_LINE = 4096

@@ -23,6 +23,7 @@ from .interfaces import ImageService
 from .listings import Listing
 from .metrics import Labels
 from .names import valid_name
+from .status import render_status
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class MountRoot:
         if flags & WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         if ino == STATUS:
-            return DataHandle(control.render_status(self.images.status()))
+            return DataHandle(render_status(self.images.status()))
         return DataHandle(metrics.render(self.images.metrics, self.gauges()))
 
     async def control(self, caller: ControlHandle, data: bytes) -> None:
