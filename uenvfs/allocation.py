@@ -4,20 +4,18 @@ The allocation id comes, in this order, from the caller's cgroup (pact
 `workload.slice/<id>.scope` → `<id>`, Slurm `job_<n>` → `slurm-<n>`), from its environment
 (`PACT_ALLOCATION_ID`, then `SLURM_JOB_ID` → `slurm-<n>`), else `uid-<uid>`.
 
-FUSE gives the caller's thread id. The answer is cached per thread together with a pidfd of
-that thread: a cache hit costs one non-blocking poll and no /proc read, and a reused id is never
-mistaken for the old process because the old thread's pidfd reports its exit.
+FUSE gives the caller's thread id. The answer is remembered per thread for a few
+milliseconds: a burst of requests costs one /proc read, and a change of the thread's
+allocation (an exec with another environment, a move to another cgroup) counts soon after.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import select
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from .names import valid_alloc
@@ -27,8 +25,7 @@ log = logging.getLogger(__name__)
 _PACT_SCOPE = re.compile(r"^(?P<id>[^/\s]+)\.scope$")
 _SLURM_JOB = re.compile(r"^job_(?P<n>\d+)$")
 _SLURM_ID = re.compile(r"^\d+$")
-RECHECK_AFTER = 0.05  # seconds during which a cached thread is trusted without a poll
-PIDFD_THREAD = os.O_EXCL  # pidfd_open flag (Linux 6.9): a pidfd for one thread, not a process
+RECHECK_AFTER = 0.05  # seconds an answer is trusted without reading /proc again
 
 
 def from_cgroup(text: str) -> str | None:
@@ -79,43 +76,35 @@ def tgid_of(status: str) -> int | None:
     return None
 
 
-@dataclass
-class _Entry:
-    alloc: str
-    pidfd: int | None
-    checked: float = 0.0  # when its pidfd last said the thread is alive
-
-
 class AllocationResolver:
-    """pid (thread id) → allocation id, cached per live thread.
+    """pid (thread id) → allocation id, remembered for `RECHECK_AFTER` seconds per thread.
 
+    Invariant: an answer is at most RECHECK_AFTER old. Within that time the thread cannot have
+    exited and had its id reused by a new thread that already asks (that takes a whole pid
+    cycle), and a burst of requests costs one /proc read. After it, /proc is read again, so
+    an `exec env PACT_ALLOCATION_ID=...` or a move to another cgroup counts from then on.
+    The cache holds no descriptor, and dropping what is too old costs O(1) per request.
     `proc` is the root of the /proc tree, so that tests can hand it a fake one.
     """
 
     def __init__(self, proc: Path = Path("/proc"), max_entries: int = 4096) -> None:
         self.proc = proc
         self.max_entries = max_entries
-        self._cache: dict[int, _Entry] = {}
+        # pid → (alloc, when read), oldest first: reading again moves an entry to the end.
+        self._cache: OrderedDict[int, tuple[str, float]] = OrderedDict()
         self.lookups = 0  # /proc resolutions done, for tests and metrics
 
     def resolve(self, pid: int, uid: int) -> str:
         entry = self._cache.get(pid)
-        if entry is not None:
-            now = time.monotonic()
-            # A thread seen alive this recently cannot have exited *and* had its id reused
-            # by a new thread that already asks us something: that takes a whole pid cycle.
-            if now - entry.checked < RECHECK_AFTER:
-                return entry.alloc
-            if entry.pidfd is not None and not _exited(entry.pidfd):
-                entry.checked = now
-                return entry.alloc
-            self._forget(pid)
+        now = time.monotonic()
+        if entry is not None and now - entry[1] < RECHECK_AFTER:
+            return entry[0]
         alloc, _ = self._read(pid, uid)
-        pidfd = self._pidfd(pid)
-        if pidfd is not None:
-            if len(self._cache) >= self.max_entries:
-                self.sweep()
-            self._cache[pid] = _Entry(alloc, pidfd, time.monotonic())
+        cache = self._cache
+        cache[pid] = (alloc, now)
+        cache.move_to_end(pid)
+        while len(cache) > self.max_entries:
+            cache.popitem(last=False)
         return alloc
 
     def resolve_exec(self, pid: int, uid: int) -> tuple[str, bool]:
@@ -125,9 +114,7 @@ class AllocationResolver:
         about this thread is cached. Only a cgroup answer is final; otherwise the caller asks
         again once the new program runs.
         """
-        entry = self._cache.get(pid)
-        if entry is not None:
-            self._forget(pid)
+        self._cache.pop(pid, None)
         return self._read(pid, uid)
 
     def _read(self, pid: int, uid: int) -> tuple[str, bool]:
@@ -152,35 +139,8 @@ class AllocationResolver:
             pass
         return f"uid-{uid}", False
 
-    def _pidfd(self, pid: int) -> int | None:
-        if self.proc != Path("/proc"):
-            return None
-        for flags in (PIDFD_THREAD, 0):
-            try:
-                return os.pidfd_open(pid, flags)
-            except OSError:
-                continue
-        return None
-
-    def _forget(self, pid: int) -> None:
-        entry = self._cache.pop(pid)
-        if entry.pidfd is not None:
-            os.close(entry.pidfd)
-
-    def sweep(self) -> int:
-        """Drop the entries of threads that exited. Returns how many were dropped."""
-        gone = [pid for pid, e in self._cache.items() if e.pidfd is None or _exited(e.pidfd)]
-        for pid in gone:
-            self._forget(pid)
-        return len(gone)
+    def __len__(self) -> int:
+        return len(self._cache)
 
     def close(self) -> None:
-        for pid in list(self._cache):
-            self._forget(pid)
-
-
-def _exited(pidfd: int) -> bool:
-    """A pidfd polls readable once its thread or process has exited."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))
+        self._cache.clear()

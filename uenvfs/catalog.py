@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,29 @@ log = logging.getLogger(__name__)
 
 SUFFIXES = (".sqfs", ".squashfs")
 MAX_ANSWERS = 10_000  # program-map answers remembered; the "no"s are dropped beyond that
+MAX_PROGRAM_OUTPUT = 4096 + 1  # one path (PATH_MAX bytes with its NUL) and a newline
+# The kernel serializes lookups in the mount root, so while a program map runs no other new
+# name can be looked up, by anyone. Each user but root may keep the program map busy for at
+# most PROGRAM_SHARE of the time, after a burst of PROGRAM_BURST seconds; beyond that its
+# unknown names are ENOENT without asking the program.
+PROGRAM_SHARE = 0.1
+PROGRAM_BURST = 2.0
+
+
+@dataclass
+class ProgramBudget:
+    """Seconds of program-map time one user may still spend (a token bucket).
+
+    Invariant: 0 <= seconds <= PROGRAM_BURST after `refill`; spending may take it below 0
+    (a call's cost is known only once it is over), which delays the next call accordingly.
+    """
+
+    seconds: float = PROGRAM_BURST
+    at: float = 0.0
+
+    def refill(self, now: float) -> None:
+        self.seconds = min(PROGRAM_BURST, self.seconds + (now - self.at) * PROGRAM_SHARE)
+        self.at = now
 
 
 def name_of(filename: str) -> str | None:
@@ -67,6 +91,8 @@ class Catalog:
     answer_ttl: float = 10.0
     _listing: dict[str, Path] = field(default_factory=dict)
     _answers: dict[str, tuple[Path | None, float]] = field(default_factory=dict)
+    _budgets: dict[int, ProgramBudget] = field(default_factory=dict)
+    refused: int = 0  # program-map calls refused for want of budget
 
     def refresh(self) -> bool:
         """Re-read the directories and map files (at start, on reload and SIGHUP).
@@ -138,12 +164,13 @@ class Catalog:
         answer = self._answers.get(name)
         return name in self._listing or (answer is not None and answer[0] is not None)
 
-    async def resolve(self, name: str) -> Path | None:
+    async def resolve(self, name: str, uid: int = 0) -> Path | None:
         """The image path for *name*, or None if no source knows it.
 
         A program map's answers are remembered (a "no" for `answer_ttl` seconds, a path until
         the next reload): the kernel of this libfuse serializes lookups in one directory, so
-        while the program runs, no other new name in the root can be looked up.
+        while the program runs, no other new name in the root can be looked up. For the same
+        reason a user other than root (*uid*) may keep it busy only so long (`ProgramBudget`).
         """
         path = self.lookup_listed(name)
         if path is not None or self.program_map is None or not valid_name(name):
@@ -152,21 +179,33 @@ class Catalog:
         now = trio.current_time()
         if known is not None and (known[0] is not None or now < known[1]):
             return known[0]
+        budget = None
+        if uid != 0:
+            budget = self._budgets.get(uid)
+            if budget is None:
+                budget = self._budgets[uid] = ProgramBudget(at=now)
+            budget.refill(now)
+            if budget.seconds <= 0:
+                self.refused += 1
+                log.debug("program map: uid %d is over its share; %r not asked", uid, name)
+                return None
+            if len(self._budgets) > MAX_ANSWERS:
+                self._budgets = {u: b for u, b in self._budgets.items() if b.seconds < 0}
         path = await self._ask_program(name)
-        self._answers[name] = (path, now + self.answer_ttl)
+        done = trio.current_time()
+        if budget is not None:
+            budget.seconds -= done - now
+        self._answers[name] = (path, done + self.answer_ttl)
         if len(self._answers) > MAX_ANSWERS:
             self._answers = {n: a for n, a in self._answers.items() if a[0] is not None}
         return path
 
     async def _ask_program(self, name: str) -> Path | None:
         assert self.program_map is not None
-        command = [str(self.program_map), name]
         try:
             with trio.fail_after(self.program_timeout):
-                result = await trio.run_process(
-                    command, capture_stdout=True, capture_stderr=True, check=False,
-                    stdin=b"",
-                )
+                returncode, out = await _run_bounded([str(self.program_map), name],
+                                                     MAX_PROGRAM_OUTPUT)
         except trio.TooSlowError:
             log.warning("program map %s %s: no answer after %.1f s",
                         self.program_map, name, self.program_timeout)
@@ -174,14 +213,45 @@ class Catalog:
         except OSError as exc:
             log.warning("program map %s cannot run: %s", self.program_map, exc)
             return None
-        if result.returncode != 0:
-            log.debug("program map %s %s: exit %d", self.program_map, name, result.returncode)
+        if returncode is None:
+            log.warning("program map %s %s: more than %d bytes of output; killed",
+                        self.program_map, name, MAX_PROGRAM_OUTPUT)
             return None
-        lines = result.stdout.decode("utf-8", "replace").split()
+        if returncode != 0:
+            log.debug("program map %s %s: exit %d", self.program_map, name, returncode)
+            return None
+        lines = out.decode("utf-8", "replace").split()
         if len(lines) != 1 or not lines[0].startswith("/"):
             log.warning("program map %s %s: expected one absolute path, got %r",
-                        self.program_map, name, result.stdout[:200])
+                        self.program_map, name, out[:200])
             return None
         path = Path(lines[0])
         return path if _is_image_file(path) else None
 
+
+async def _run_bounded(command: list[str], limit: int) -> tuple[int | None, bytes]:
+    """Run *command* and read at most *limit* bytes of its output.
+
+    Returns its exit status and output, or None and what was read if it printed more (it is
+    killed then: an answer is one path, and a runaway program must not fill the daemon's
+    memory). Killed too when cancelled (e.g. by a time limit).
+    """
+    process = await trio.lowlevel.open_process(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert process.stdout is not None
+    out = bytearray()
+    try:
+        async with process.stdout:
+            while len(out) <= limit:
+                chunk = await process.stdout.receive_some(limit + 1 - len(out))
+                if not chunk:
+                    break
+                out += chunk
+        if len(out) > limit:
+            return None, bytes(out[:limit])
+        return await process.wait(), bytes(out)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()

@@ -16,6 +16,7 @@ has the name of its flag with `_` for `-`:
     validate = true                 # check each image version with rdsquashfs before mounting
     read_ahead_kb = 1024            # readahead through the mount (0: the kernel's 128)
     linger_us = 100                 # keep polling for the next request before sleeping (0: no)
+    open_files_per_allocation = 0   # open files in images per allocation (0: 1/8 of the limit)
     log_level = "INFO"
 """
 
@@ -52,6 +53,7 @@ class Config:
     validate: bool = True
     read_ahead_kb: int = 1024
     linger_us: int = 100
+    open_files_per_allocation: int = 0
     log_level: str = "INFO"
 
     @property
@@ -105,6 +107,10 @@ def _convert(key: str, value: Any) -> Any:
     if key == "linger_us":
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10_000:
             raise ConfigError(f"{key} must be a number of microseconds from 0 to 10000")
+        return value
+    if key == "open_files_per_allocation":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{key} must be a whole number >= 0 (0: automatic)")
         return value
     if key == "validate":
         if not isinstance(value, bool):

@@ -22,21 +22,23 @@ import trio
 
 from . import fastloop, journal, recovery, squashfs
 from .allocation import AllocationResolver
-from .backend import make_backend, mount_at, read_mountinfo, run_tool
+from .backend import make_backend, mount_at, read_mountinfo
 from .catalog import Catalog
 from .config import Config
-from .errors import MountError
+from .descriptors import RESERVE, DescriptorBudget
+from .errors import MountError, StartupError
 from .fs import UenvFS
 from .inodes import InodePrefixes
 from .manager import Manager
+from .ownership import clear_stale_mount, lock_state_dir
 
 log = logging.getLogger(__name__)
 
+# Requests answered at once. pyfuse3's default, 99, let 120 processes waiting for one image's
+# first mount stall every other image; each waiting request costs a task and a receive buffer
+# (1 MiB of address space, of which it touches only what the request needs).
+MAX_REQUESTS = 1000
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-
-
-class StartupError(Exception):
-    """The daemon cannot start; the message says why (one line for the operator)."""
 
 
 def setup_logging(level: str) -> None:
@@ -66,21 +68,6 @@ def _sd_notify(message: str) -> None:
             sock.sendall(message.encode())
     except OSError as exc:
         log.warning("cannot notify systemd at %s: %s", address, exc)
-
-
-async def clear_stale_mount(config: Config) -> None:
-    """A killed daemon leaves its FUSE mount behind ("Transport endpoint is not connected")."""
-    entry = mount_at(config.mountpoint)
-    if entry is None:
-        return
-    if not entry.fstype.startswith("fuse"):
-        raise StartupError(f"{config.mountpoint} already has a {entry.fstype} mount on it")
-    log.warning("clearing a FUSE mount left at %s by an earlier daemon (%s)",
-                config.mountpoint, entry.source)
-    try:
-        await run_tool(["umount", "-l", str(config.mountpoint)], config.mount_timeout)
-    except MountError as exc:
-        raise StartupError(f"cannot clear the stale mount at {config.mountpoint}: {exc}") from exc
 
 
 def _tune_readahead(config: Config) -> None:
@@ -180,12 +167,17 @@ async def run(config: Config) -> None:
     prefixes = InodePrefixes()  # image versions (the manager's) and directories (the fs')
     manager = Manager(config, backend, catalog, prefixes=prefixes)
     resolver = AllocationResolver()
-    fs = UenvFS(manager, prefixes, resolver)
+    _raise_fd_limit()
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    budget = DescriptorBudget(limit, config.open_files_per_allocation)
+    log.info("open files: %d per allocation, %d in all (descriptor limit %d)",
+             budget.per_allocation, limit - RESERVE, limit)
+    fs = UenvFS(manager, prefixes, resolver, budget)
     manager.listener = fs.listener
 
+    lock = lock_state_dir(config.state_dir)  # held until the process exits
     await clear_stale_mount(config)
     _prepare_dirs(config)
-    _raise_fd_limit()
     await recover(manager)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     options |= {"fsname=uenvfs", "subtype=uenvfs", "allow_other"}
@@ -204,7 +196,7 @@ async def run(config: Config) -> None:
             nursery.start_soon(_tune_after_init, fs, config, name="readahead")
             with serving:
                 _sd_notify("READY=1")
-                await pyfuse3.main()
+                await pyfuse3.main(max_tasks=MAX_REQUESTS)
                 log.info("%s was unmounted from outside; shutting down", config.mountpoint)
             _sd_notify("STOPPING=1")
             pyfuse3.close(unmount=True)
@@ -218,6 +210,7 @@ async def run(config: Config) -> None:
     finally:
         if fuse_open:
             pyfuse3.close(unmount=True)
+    os.close(lock)
     log.info("stopped")
 
 

@@ -3,9 +3,11 @@
     UenvfsError                    every error of uenvfs; carries the errno a caller sees
     ├── MountError                 the mount layer (the node agent's mount-manager contract)
     │   ├── MountFailed            an image could not be mounted
+    │   │   └── NodeResourceFailed   ... for want of disk, descriptors or memory (not cached)
     │   ├── UnmountFailed          a backing mount could not be unmounted
     │   └── RefcountInconsistency  a refcount would have gone wrong (a bug)
-    └── CommandError               a refused `.control` command
+    ├── CommandError               a refused `.control` command
+    └── JournalWriteFailed         the journal could not be written (disk full, I/O error)
 
 What a caller sees through the filesystem is the errno from `errno_of`.
 """
@@ -40,7 +42,24 @@ class MountError(UenvfsError):
 
 
 class MountFailed(MountError):
-    """An image could not be mounted (missing, corrupt, backend error, timeout)."""
+    """An image could not be mounted (missing, corrupt, backend error, timeout).
+
+    `transient` failures are the node's, not the image's (a full or failing state directory,
+    no descriptors or memory left): they are not remembered by the negative cache.
+    """
+
+    transient = False
+
+
+class NodeResourceFailed(MountFailed):
+    """A mount failed for want of a resource of this node; the image may well be fine."""
+
+    transient = True
+
+
+# errnos that say something about this node at this moment, not about an image
+TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE,
+                              errno.ENOMEM, errno.EAGAIN, errno.EINTR})
 
 
 class UnmountFailed(MountError):
@@ -57,6 +76,14 @@ class CommandError(UenvfsError):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.errno = code
+
+
+class JournalWriteFailed(UenvfsError):
+    """A state that had to be on disk (an acquisition, a release) could not be written."""
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why (one line for the operator)."""
 
 
 def errno_of(exc: BaseException) -> int:

@@ -18,7 +18,7 @@ from .control import (
     Release,
     Reload,
 )
-from .errors import CommandError, MountError
+from .errors import CommandError, JournalWriteFailed, MountError
 
 if TYPE_CHECKING:
     from .manager import Manager
@@ -52,7 +52,10 @@ class Executor:
 
     async def execute(self, command: Command) -> str:
         """Apply one command. Returns a short outcome; raises `CommandError`."""
-        return await HANDLERS[type(command)](self, command)
+        try:
+            return await HANDLERS[type(command)](self, command)
+        except JournalWriteFailed as exc:
+            raise CommandError(errno.EIO, str(exc)) from exc
 
     async def _require_known(self, name: str) -> None:
         if not await self.manager.known(name):

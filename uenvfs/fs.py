@@ -16,6 +16,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
@@ -23,9 +24,10 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
-from . import metrics
+from . import metrics, paths
 from .allocation import AllocationResolver
 from .attributes import from_stat, negative_entry
+from .descriptors import DescriptorBudget
 from .errors import MountError, errno_of
 from .handles import DirHandle, FileHandle, HandleTable, RootDirHandle
 from .inodes import (
@@ -41,7 +43,7 @@ from .inodes import (
 )
 from .interfaces import ImageService
 from .listener import FsListener
-from .listings import ListingCache, scan
+from .listings import Listing, ListingCache, scan
 from .prefetch import Prefetcher
 from .readonly import ReadOnlyOperations
 from .root import WRITE_FLAGS, Gauges, MountRoot
@@ -102,6 +104,7 @@ class UenvFS(ReadOnlyOperations):
         images: ImageService,
         prefixes: InodePrefixes,
         resolver: AllocationResolver | None = None,
+        budget: DescriptorBudget | None = None,
     ) -> None:
         super().__init__()
         self.images = images
@@ -110,7 +113,9 @@ class UenvFS(ReadOnlyOperations):
         self.inodes = InodeTable(prefixes)
         self.handles = HandleTable()
         self.listings = ListingCache()
+        self._scanners: dict[str, trio.CapacityLimiter] = {}  # one listing thread per image
         self.prefetcher = Prefetcher()
+        self.budget = budget or DescriptorBudget(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self.root = MountRoot(images, self.inodes, self.resolver, self._gauges)
         self.listener = FsListener(images, self.handles)
         self.initialized = trio.Event()  # set once the kernel's INIT request was answered
@@ -143,7 +148,7 @@ class UenvFS(ReadOnlyOperations):
         if name in (b".", b"..") or b"/" in name:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if parent_inode == ROOT:
-            return await self.root.lookup(name)
+            return await self.root.lookup(name, ctx.uid)
         parent = self.inodes[parent_inode]
         if not parent.is_dir:
             # Never resolve a path through a symlink of the image.
@@ -163,7 +168,7 @@ class UenvFS(ReadOnlyOperations):
             self.inodes.add_lookup(attrs.st_ino, parent, prefix, name, attrs.st_mode)
             return attrs
         try:
-            st = os.lstat(path + b"/" + name)
+            st = paths.lstat(path + b"/" + name)
         except FileNotFoundError:
             return negative_entry()
         ino = child_ino(prefix, st)
@@ -181,12 +186,12 @@ class UenvFS(ReadOnlyOperations):
         if not node.prefix:
             return self.root.image_attrs(node.image)
         _, path = self._backing_now(node) or await self._backing(node)
-        return from_stat(os.lstat(path), inode)
+        return from_stat(paths.lstat(path), inode)
 
     @fuse_errors
     async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileNameT:
         _, path = await self._backing(self.inodes[inode])
-        return FileNameT(os.readlink(path))
+        return FileNameT(paths.call(os.readlink, path))
 
     @fuse_errors
     async def access(self, inode: InodeT, mode: ModeT, ctx: pyfuse3.RequestContext) -> bool:
@@ -201,7 +206,8 @@ class UenvFS(ReadOnlyOperations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         _, path = self._backing_now(node) or await self._backing(node)
         try:
-            return os.getxattr(path, name, follow_symlinks=False)
+            with paths.reachable(path) as short:
+                return os.getxattr(short, name, follow_symlinks=False)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
@@ -215,7 +221,9 @@ class UenvFS(ReadOnlyOperations):
         if node is None or self._browsing(node):
             return []
         _, path = self._backing_now(node) or await self._backing(node)
-        return [XAttrNameT(os.fsencode(n)) for n in os.listxattr(path, follow_symlinks=False)]
+        with paths.reachable(path) as short:
+            names = os.listxattr(short, follow_symlinks=False)
+        return [XAttrNameT(os.fsencode(n)) for n in names]
 
     def _browsing(self, node: Node) -> bool:
         """An unmounted image's directory: `ls -l` asks for its ACLs, which must not mount it."""
@@ -240,16 +248,28 @@ class UenvFS(ReadOnlyOperations):
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         mount, path = self._backing_now(node) or await self._backing(node)
-        alloc = self.resolver.resolve(ctx.pid, ctx.uid)
-        # No await from here on: the listing and the count see the same mount.
         prefix = mount.version.prefix
         entries = self.listings.recall((prefix, node.rel))
         if entries is None:
             # Read once per image version: an image never changes, so a listing is replayed
-            # to every later opendir.
-            entries = self.listings.add((prefix, node.rel), scan(path, node.ino, prefix))
+            # to every later opendir. In a worker thread: a big directory (or slow storage)
+            # must not hold up the requests of every other image.
+            entries = self.listings.add((prefix, node.rel), await self._scan(node, path, prefix))
+            mount, path = self._backing_now(node) or await self._backing(node)
+            if mount.version.prefix != prefix:
+                raise pyfuse3.FUSEError(errno.ESTALE)  # replaced meanwhile: look it up again
+        alloc = self.resolver.resolve(ctx.pid, ctx.uid)
+        # No await from here on: the count is of the mount just checked.
         use = self.images.open(node.image, alloc)
         return self.handles.add(DirHandle(node.image, use, node, entries))
+
+    async def _scan(self, node: Node, path: bytes, prefix: int) -> Listing:
+        """The listing of *node* at *path*, read in a worker thread (one at a time per image:
+        an image on hung storage holds one thread, not all of them)."""
+        limiter = self._scanners.get(node.image)
+        if limiter is None:
+            limiter = self._scanners[node.image] = trio.CapacityLimiter(1)
+        return await trio.to_thread.run_sync(scan, path, node.ino, prefix, limiter=limiter)
 
     @fuse_errors
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -286,9 +306,14 @@ class UenvFS(ReadOnlyOperations):
             alloc, final = self.resolver.resolve_exec(ctx.pid, ctx.uid)
         else:
             alloc, final = self.resolver.resolve(ctx.pid, ctx.uid), True
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self.budget.take(alloc)
+        try:
+            fd = paths.open_file(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except BaseException:
+            self.budget.give_back(alloc)
+            raise
         use = self.images.open(node.image, alloc)
-        handle = FileHandle(node.image, use, inode, fd, self.prefetcher)
+        handle = FileHandle(node.image, use, inode, fd, self.prefetcher, self.budget, alloc)
         fh = self.handles.add(handle)
         if not final:
             self.images.spawn(self._recount_exec, fh, handle, ctx.pid, ctx.uid,
@@ -318,6 +343,7 @@ class UenvFS(ReadOnlyOperations):
         gauges["uenvfs_known_inodes"] = metrics.gauge(len(self.inodes))
         gauges["uenvfs_listing_cache_entries"] = metrics.gauge(self.listings.entries)
         gauges["uenvfs_readahead_windows_total"] = metrics.gauge(self.prefetcher.requests)
+        gauges["uenvfs_open_files_refused_total"] = metrics.gauge(self.budget.refused)
         return gauges
 
     @fuse_errors

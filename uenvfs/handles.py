@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pyfuse3
 from pyfuse3 import FileHandleT
 
+from .descriptors import DescriptorBudget
 from .inodes import Node
 from .interfaces import ImageService
 from .listings import Listing
@@ -63,6 +64,8 @@ class FileHandle(ImageHandle):
     ino: int
     fd: int
     prefetcher: Prefetcher
+    budget: DescriptorBudget
+    owner: str  # the allocation whose share of descriptors holds `fd`
     dead: bool = False
     readahead: Readahead | None = None  # made on the first read
 
@@ -85,6 +88,7 @@ class FileHandle(ImageHandle):
         if not self.dead:
             self.dead = True
             os.close(self.fd)
+            self.budget.give_back(self.owner)
             if self.readahead is not None:
                 self.readahead.closed = True
 

@@ -29,8 +29,8 @@ class ImageService(Protocol):
     async def ensure_mounted(self, name: str) -> Mount:
         """The backing mount of *name*, mounting it first if needed (MountError if not)."""
 
-    async def known(self, name: str) -> bool:
-        """Whether *name* is an image."""
+    async def known(self, name: str, uid: int = 0) -> bool:
+        """Whether *name* is an image (*uid* asks: it may be refused a program map's time)."""
 
     def has_backing_mount(self, name: str) -> bool:
         """Whether a backing mount of *name* exists (serving, or being unmounted)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import trio
 
 from . import journal
+from .errors import JournalWriteFailed
 from .journal import Journal
 from .metrics import Metrics
 
@@ -21,9 +22,11 @@ class JournalWriter:
     """Writes the state that `snapshot` returns to the journal at `path`, in its own task.
 
     Every request for a write gets a generation number; `written` is the generation of the
-    last snapshot on disk. Invariant: written <= wanted, and a snapshot taken for generation
-    g covers every change made before g was handed out. A failed write is logged and counted
-    (`uenvfs_journal_errors_total`), never fatal: the mount table remains the authority.
+    last snapshot written or tried, `saved` that of the last one on disk. Invariant:
+    saved <= written <= wanted, and a snapshot taken for generation g covers every change
+    made before g was handed out. A failed write is logged and counted
+    (`uenvfs_journal_errors_total`); it fails the command that waited for it (`durable`), and
+    is never fatal to the daemon: the mount table remains the authority for mounts.
     """
 
     def __init__(
@@ -42,18 +45,23 @@ class JournalWriter:
         # (trio's autojump clock would jump while the thread works).
         self.in_thread = in_thread
         self.delay = delay
-        self.wanted = self.written = 0  # generations
+        self.wanted = self.written = self.saved = 0  # generations
+        self.error = ""  # why the last write failed ("" if it did not)
         self._urgent = False
         self._wake = trio.Event()
         self._done = trio.Event()
 
-    def save(self, state: Journal | None = None) -> None:
-        """Write *state* (default: a snapshot) now, in the caller's thread."""
+    def save(self, state: Journal | None = None) -> bool:
+        """Write *state* (default: a snapshot) now, in the caller's thread; False if it failed."""
         try:
             journal.save(self.path, state or self.snapshot())
         except OSError as exc:
             self.metrics.inc("uenvfs_journal_errors_total")
-            log.warning("cannot write the journal %s: %s", self.path, exc)
+            self.error = exc.strerror or str(exc)
+            log.warning("cannot write the journal %s: %s", self.path, self.error)
+            return False
+        self.error = ""
+        return True
 
     def soon(self) -> int:
         """Have the current state written shortly; returns its generation.
@@ -67,11 +75,18 @@ class JournalWriter:
         return self.wanted
 
     async def durable(self) -> None:
-        """Write the current state and wait until it is on disk (an acquisition must be)."""
+        """Write the current state and wait until it is on disk (an acquisition must be).
+
+        Raises `JournalWriteFailed` if the write failed: the change stays in force in the
+        daemon, but would not survive a restart.
+        """
         self._urgent = True
         wanted = self.soon()
         while self.written < wanted:
             await self._done.wait()
+        if self.saved < wanted:
+            raise JournalWriteFailed(f"cannot write the journal {self.path}: {self.error}; "
+                                     "the change is in force but would not survive a restart")
 
     async def run(self) -> None:
         """Write the journal whenever asked, until cancelled."""
@@ -85,9 +100,11 @@ class JournalWriter:
             generation = self.wanted
             state = self.snapshot()  # taken in the loop
             if self.in_thread:
-                await trio.to_thread.run_sync(self.save, state)
+                ok = await trio.to_thread.run_sync(self.save, state)
             else:
-                self.save(state)
+                ok = self.save(state)
             self.written = generation
+            if ok:
+                self.saved = generation
             done, self._done = self._done, trio.Event()
             done.set()

@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import pyfuse3
 
+from . import paths
 from .attributes import from_stat
 from .inodes import child_ino
 
@@ -28,12 +29,13 @@ class Listing(list[tuple[bytes, pyfuse3.EntryAttributes]]):
 
 def scan(path: bytes, ino: int, prefix: int) -> Listing:
     """The listing of the backing directory *path*, our inode *ino* of image version *prefix*."""
-    here = from_stat(os.lstat(path), ino)
-    entries = Listing([(b".", here), (b"..", here)])
-    with os.scandir(path) as it:
-        for entry in it:
-            st = entry.stat(follow_symlinks=False)
-            entries.append((os.fsencode(entry.name), from_stat(st, child_ino(prefix, st))))
+    with paths.reachable(path) as short:
+        here = from_stat(os.lstat(short), ino)
+        entries = Listing([(b".", here), (b"..", here)])
+        with os.scandir(short) as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                entries.append((os.fsencode(entry.name), from_stat(st, child_ino(prefix, st))))
     return entries
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 LOOP_CONTROL = "/dev/loop-control"
 LOOP_CTL_GET_FREE = 0x4C82
 LOOP_CONFIGURE = 0x4C0A  # Linux 5.8
+LOOP_GET_STATUS64 = 0x4C05
+LOOP_INFO64 = "=5Q4I64s64s32s2Q"  # struct loop_info64
 LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 LO_NAME_SIZE = 64
@@ -45,7 +47,7 @@ def _fail(call: str, code: int) -> LoopError:
 def loop_config(image_fd: int, name: bytes) -> bytes:
     """struct loop_config: fd, block_size, struct loop_info64, reserved."""
     info = struct.pack(
-        "=5Q4I64s64s32s2Q",
+        LOOP_INFO64,
         0, 0, 0, 0, 0,  # device, inode, rdevice (read-only), offset, sizelimit
         0, 0, 0, LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,  # number, encryption x2, flags
         name[: LO_NAME_SIZE - 1], b"", b"", 0, 0,
@@ -94,3 +96,20 @@ def unmount(target: Path, *, lazy: bool = False) -> None:
     """umount2(2) of *target*; *lazy* detaches it even while busy (MNT_DETACH)."""
     if _libc.umount2(os.fsencode(target), MNT_DETACH if lazy else 0) != 0:
         raise _fail(f"umount {target}", ctypes.get_errno())
+
+
+def backing_identity(device: str) -> tuple[int, int] | None:
+    """The (st_dev, st_ino) of the file behind the loop device *device*, as the kernel knows
+    it (also when that file was deleted or renamed since); None if it is not a loop device."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(struct.calcsize(LOOP_INFO64)))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    lo_device, lo_inode = struct.unpack_from("=2Q", info)
+    return lo_device, lo_inode

@@ -21,7 +21,7 @@ from .backend import MountBackend
 from .catalog import Catalog
 from .config import Config
 from .control import Command
-from .errors import MountError, MountFailed, RefcountInconsistency
+from .errors import JournalWriteFailed, MountError, MountFailed, RefcountInconsistency
 from .executor import Executor
 from .hold_timer import HoldTimer
 from .inodes import InodePrefixes
@@ -54,7 +54,7 @@ class Manager:
         catalog: Catalog,
         clock: Callable[[], float] = trio.current_time,
         *,
-        journal_in_thread: bool = True,
+        threads: bool = True,
         prefixes: InodePrefixes | None = None,
     ) -> None:
         self.config = config
@@ -66,14 +66,16 @@ class Manager:
         self.mounts: dict[str, Mount] = {}  # serving: MOUNTED or HOLDING
         self._unmounting: dict[str, Mount] = {}  # being detached by their unmount task
         # Inode prefixes are shared with the filesystem, which numbers image directories too.
+        # File I/O goes to worker threads (*threads*); tests in virtual time keep it in the
+        # loop, since trio's autojump clock would jump while a thread works.
         self.mounter = Mounter(config, backend, catalog, self.metrics,
                                prefixes or InodePrefixes(), clock,
-                               lambda name: self.listener.entry_stale(name))
+                               lambda name: self.listener.entry_stale(name), threads=threads)
         self._changed: dict[str, trio.Event] = {}
         self.timer = HoldTimer(self.registry, self._start_unmount, clock)
         self._wake_for = self.timer.wake_for  # bound once: close() calls it on every release
         self.journal = JournalWriter(config.journal_path, self.journal_state, self.metrics,
-                                     in_thread=journal_in_thread)
+                                     in_thread=threads)
         self.executor = Executor(self)
         self._nursery: trio.Nursery | None = None
         # The filesystem: an image's handles must die / its cached names go stale.
@@ -131,18 +133,21 @@ class Manager:
         Raises `MountFailed` (EIO) if the mount fails or failed less than the negative cache
         time ago.
         """
+        tried = False  # a caller sees one attempt fail, never a loop of them
         while True:
             mount = self.mounts.get(name)
             if mount is not None:
                 return mount
             image = self.registry[name]
             if image.phase in (Phase.MOUNTING, Phase.UNMOUNTING):
+                tried = tried or image.phase is Phase.MOUNTING
                 await self._event(name).wait()
                 continue
-            if not image.may_mount(self.clock()):
+            if image.phase is Phase.FAILED and (tried or not image.may_mount(self.clock())):
                 raise MountFailed(f"{name}: {image.error}")
             image.begin_mount(self.clock())
             self._spawn(self._mount, name, "mount")
+            tried = True
 
     async def _mount(self, name: str) -> None:
         image = self.registry[name]
@@ -153,7 +158,11 @@ class Manager:
         except Exception as exc:
             if not isinstance(exc, MountError):
                 log.exception("%s: unexpected error while mounting", name)
-            image.mount_failed(self.clock(), str(exc), self.config.negative_cache)
+            transient = isinstance(exc, MountFailed) and exc.transient
+            # A failure of this node (disk full, no descriptors) is tried again at the next
+            # access; one of the image is remembered for the negative-cache time.
+            image.mount_failed(self.clock(), str(exc),
+                               0.0 if transient else self.config.negative_cache)
             self.metrics.inc("uenvfs_mount_failures_total", image=name)
             log.error("%s: mount failed: %s", name, exc)
         else:
@@ -230,12 +239,17 @@ class Manager:
 
     # -- commands, and the lifecycle steps they ask for --------------------------------------
 
-    async def known(self, name: str) -> bool:
-        """Whether *name* is an image: in a source now, or still mounted or listed."""
+    async def known(self, name: str, uid: int = 0) -> bool:
+        """Whether *name* is an image: in a source now, or still mounted or listed. *uid* asks
+        (a program map's time is shared out between users)."""
         image = self.registry.images.get(name)
         if image is not None and image.phase is not Phase.UNMOUNTED:
             return True
-        return await self.catalog.resolve(name) is not None
+        refused = self.catalog.refused
+        path = await self.catalog.resolve(name, uid)
+        if self.catalog.refused > refused:
+            self.metrics.inc("uenvfs_program_map_refused_total", uid=str(uid))
+        return path is not None
 
     async def execute(self, command: Command) -> str:
         """Apply one `.control` command. Returns a short outcome; raises `CommandError`."""
@@ -330,7 +344,10 @@ class Manager:
         for image in self.registry:
             await self._wait_settled(image.name)
         await self.expire_idle()
-        await self.journal.durable()
+        try:
+            await self.journal.durable()
+        except JournalWriteFailed as exc:
+            log.error("at shutdown: %s", exc)
         for image in self.registry:
             if image.is_mounted:
                 log.info("%s: acquired by %s; left mounted at %s for the next start",

@@ -37,6 +37,10 @@ HELP = {
     "uenvfs_unmount_seconds": ("histogram", "Time to unmount an image."),
     "uenvfs_check_seconds": ("histogram", "Time to validate an image version (rdsquashfs -d)."),
     "uenvfs_journal_errors_total": ("counter", "Journal writes that failed."),
+    "uenvfs_open_files_refused_total": (
+        "counter", "Opens refused: the allocation held its share of descriptors (EMFILE)."),
+    "uenvfs_program_map_refused_total": (
+        "counter", "Names not asked of the program map: the user was over its share, by uid."),
     "uenvfs_readahead_windows_total": (
         "counter", "Windows of big files read ahead of sequential readers."),
 }

@@ -8,20 +8,26 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from . import squashfs
+import trio
+
+from . import loop, squashfs
 from .backend import MountBackend, is_mount_point
 from .catalog import Catalog
 from .config import Config
-from .errors import MountFailed, UnmountFailed
+from .errors import TRANSIENT_ERRNOS, MountFailed, NodeResourceFailed, UnmountFailed
 from .inodes import Identity, ImageVersion, InodePrefixes
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -37,6 +43,29 @@ class Mount:
 
     def __post_init__(self) -> None:
         self.root = os.fsencode(self.backing)  # the backing directory, for path building
+
+
+def _failed(what: str, exc: OSError) -> MountFailed:
+    kind = NodeResourceFailed if exc.errno in TRANSIENT_ERRNOS else MountFailed
+    return kind(f"{what}: {exc.strerror}")
+
+
+def _regular_file_identity(path: Path) -> Identity:
+    """The identity of the image file at *path*, which must be a regular file (blocking).
+
+    Opened without blocking (a FIFO named by a map would wait for a writer forever) and read
+    for its first bytes, so that a file on storage that does not answer is found out here, in
+    a worker thread, rather than later on the event loop.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MountFailed(f"image {path} is not a regular file")
+        os.pread(fd, squashfs.SUPERBLOCK_SIZE, 0)
+    finally:
+        os.close(fd)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def identity_of(path: Path) -> Identity:
@@ -60,6 +89,8 @@ class Mounter:
         prefixes: InodePrefixes,
         clock: Callable[[], float],
         version_changed: Callable[[str], None],
+        *,
+        threads: bool = True,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -69,6 +100,10 @@ class Mounter:
         self.clock = clock
         self.version_changed = version_changed
         self.paths: dict[str, Path] = {}  # last known image path of each name
+        # One worker thread at most per image for the image file: a file on hung storage
+        # holds one thread, not every thread of the daemon.
+        self._threads: dict[str, trio.CapacityLimiter] = {}
+        self.threads = threads
         self._versions: dict[str, ImageVersion] = {}  # the last one of each name
 
     async def mount(self, name: str) -> Mount:
@@ -77,15 +112,13 @@ class Mounter:
         if path is None:
             raise MountFailed(f"{name} is no longer in any image source")
         self.paths[name] = path
-        try:
-            identity = identity_of(path)
-        except OSError as exc:
-            raise MountFailed(f"image {path}: {exc.strerror}") from exc
+        identity = await self._in_thread(name, f"image {path}", _regular_file_identity, path)
         target = self.config.backing_root / name
         try:
             target.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise MountFailed(f"cannot create {target}: {exc.strerror}") from exc
+            # The state directory is the node's: whatever went wrong there is not the image's.
+            raise NodeResourceFailed(f"cannot create {target}: {exc.strerror}") from exc
         version = self.version(name, identity)
         if self.config.validate and not version.validated:
             await self._validate(path)
@@ -99,13 +132,34 @@ class Mounter:
             raise MountFailed(f"{self.backend.name} reported success but {target} is not mounted")
         return Mount(name, path, target, version, source)
 
+    async def _in_thread(self, name: str, what: str, fn: Callable[[Path], T], path: Path) -> T:
+        """`fn(path)` in a worker thread, abandoned after the mount timeout (the file may sit
+        on a hung filesystem: the loop must go on serving every other image)."""
+        if not self.threads:
+            try:
+                return fn(path)
+            except OSError as exc:
+                raise _failed(what, exc) from exc
+        limiter = self._threads.get(name)
+        if limiter is None:
+            limiter = self._threads[name] = trio.CapacityLimiter(1)
+        timeout = self.config.mount_timeout
+        with trio.move_on_after(timeout):
+            try:
+                return await trio.to_thread.run_sync(fn, path, abandon_on_cancel=True,
+                                                     limiter=limiter)
+            except OSError as exc:
+                raise _failed(what, exc) from exc
+        raise MountFailed(f"{what}: no answer in {timeout:g} s (its storage may hang); "
+                          "abandoned")
+
     async def _validate(self, path: Path) -> None:
         """Refuse a corrupt image with a clear reason, before the kernel sees it."""
         started = self.clock()
         try:
             problem = await squashfs.check_image(path, self.config.mount_timeout)
         except OSError as exc:
-            raise MountFailed(f"image {path}: {exc.strerror}") from exc
+            raise _failed(f"image {path}", exc) from exc
         self.metrics.observe("uenvfs_check_seconds", self.clock() - started)
         if problem is not None:
             raise MountFailed(f"image {path} is not valid: {problem}")
@@ -137,13 +191,28 @@ class Mounter:
 
     def adopted(self, name: str, path: Path | None, identity: Identity | None, backing: Path,
                 source: str, mounted_at: float | None) -> Mount:
-        """The `Mount` of a backing mount found at start-up (see recovery.py)."""
-        if identity is None:
-            try:
-                identity = identity_of(path) if path else (0, 0, 0, 0)
-            except OSError:
-                identity = (0, 0, 0, 0)
+        """The `Mount` of a backing mount found at start-up (see recovery.py).
+
+        Its version is what is really mounted: the kernel names the file behind a loop device
+        by device and inode number, also after that file was replaced. A mount that cannot be
+        paired with the image file now at *path* gets a version of its own that no file will
+        ever match, so content mounted later is never served under its inode numbers.
+        """
+        mounted = loop.backing_identity(source) if source.startswith("/dev/loop") else None
+        if identity is None or (mounted is not None and identity[:2] != mounted):
+            identity = self._identity_of_mounted(path, mounted)
         if path is not None:
             self.paths[name] = path
         return Mount(name, path or Path(), backing, self.version(name, identity), source,
                      mounted_at or time.time())
+
+    @staticmethod
+    def _identity_of_mounted(path: Path | None, mounted: tuple[int, int] | None) -> Identity:
+        try:
+            now = identity_of(path) if path is not None else None
+        except OSError:
+            now = None
+        if now is not None and mounted is not None and now[:2] == mounted:
+            return now  # the file at path is the one mounted (images are never rewritten)
+        dev, ino = mounted or (0, 0)
+        return (dev, ino, -1, -1)  # a size of -1: no file's identity

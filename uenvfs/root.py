@@ -78,8 +78,8 @@ class MountRoot:
         self.gauges = gauges  # the state of the filesystem, for `.metrics`
         self.started_ns = int(time.time() * 1e9)  # the time of every synthetic attribute
 
-    async def lookup(self, raw: bytes) -> pyfuse3.EntryAttributes:
-        """The attributes of the root's entry *raw*: a control file or an image."""
+    async def lookup(self, raw: bytes, uid: int = 0) -> pyfuse3.EntryAttributes:
+        """The attributes of the root's entry *raw*: a control file or an image. *uid* asks."""
         special = SPECIAL_NAMES.get(raw)
         if special is not None:
             return self.attrs(special)
@@ -87,7 +87,7 @@ class MountRoot:
             name = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
-        if not valid_name(name) or not await self.images.known(name):
+        if not valid_name(name) or not await self.images.known(name, uid):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self.image_attrs(name)
 

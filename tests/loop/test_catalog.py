@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from uenvfs.catalog import Catalog, parse_map
+import pytest
+
+from uenvfs.catalog import PROGRAM_BURST, PROGRAM_SHARE, Catalog, ProgramBudget, parse_map
 
 
 def test_parse_map_file() -> None:
@@ -39,3 +41,33 @@ async def test_first_source_wins_and_program_map_is_asked_last(tmp_path: Path) -
     assert await catalog.resolve("asked") == tmp_path / "m.sqfs"
     assert await catalog.resolve("nothing") is None
     assert await catalog.resolve("../etc") is None
+
+
+async def test_a_user_may_keep_the_program_map_busy_only_for_its_share(tmp_path: Path) -> None:
+    (tmp_path / "m.sqfs").write_bytes(b"x")
+    calls = tmp_path / "calls"
+    program = tmp_path / "lookup"
+    program.write_text(f'#!/bin/sh\necho "$1" >> {calls}\nsleep 0.3\n'
+                       f'[ "$1" = real ] && echo {tmp_path}/m.sqfs\nexit 0\n')
+    program.chmod(0o755)
+    catalog = Catalog(program_map=program, program_timeout=5.0)
+    nobody = 65534
+    for n in range(12):  # random names: 12 x 0.3 s is more than the burst of 2 s
+        assert await catalog.resolve(f"random{n}", nobody) is None
+    asked = calls.read_text().split()
+    assert 5 <= len(asked) <= 8, asked  # the burst, then nothing more for a while
+    assert catalog.refused == 12 - len(asked)
+    # Root (prologs, operators) and other users are not held back by nobody's spending.
+    assert await catalog.resolve("real", 0) == tmp_path / "m.sqfs"
+    assert await catalog.resolve("other", 1000) is None
+    assert calls.read_text().split()[-2:] == ["real", "other"]
+
+
+def test_the_share_refills_with_time_up_to_the_burst() -> None:
+    budget = ProgramBudget(at=100.0)
+    assert budget.seconds == PROGRAM_BURST
+    budget.seconds = -0.3  # a call ran over what was left
+    budget.refill(102.0)
+    assert budget.seconds == pytest.approx(-0.3 + 2.0 * PROGRAM_SHARE)
+    budget.refill(1000.0)
+    assert budget.seconds == PROGRAM_BURST

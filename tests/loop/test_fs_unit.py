@@ -64,7 +64,7 @@ async def fs(tmp_path: Path) -> AsyncIterator[UenvFS]:
     catalog.refresh()
     config = Config(images=(images,), state_dir=tmp_path / "state", validate=False)
     prefixes = InodePrefixes()
-    manager = Manager(config, DirBackend({"img": tree}), catalog, journal_in_thread=False,
+    manager = Manager(config, DirBackend({"img": tree}), catalog, threads=False,
                       prefixes=prefixes)
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.run)

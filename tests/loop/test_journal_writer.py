@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import trio
 import trio.testing
 
 from uenvfs import journal
+from uenvfs.errors import JournalWriteFailed
 from uenvfs.journal import Journal, MountRecord
 from uenvfs.journal_writer import DELAY, JournalWriter
 from uenvfs.metrics import Metrics
@@ -79,16 +82,27 @@ async def test_durable_in_a_worker_thread(start: Start) -> None:
     assert written(writer) == "/images/1.sqfs"
 
 
-async def test_a_failed_write_is_counted_and_not_fatal(
+async def test_a_failed_write_fails_the_durable_wait_and_is_counted_not_fatal(
     start: Start, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     writer = start(tmp_path / "missing" / "journal.json")
-    await writer.durable()
-    await writer.durable()
+    for _ in range(2):
+        with pytest.raises(JournalWriteFailed, match="No such file or directory"):
+            await writer.durable()
     assert writer.metrics.value("uenvfs_journal_errors_total") == 2
     (tmp_path / "missing").mkdir()
-    await writer.durable()
+    await writer.durable()  # the writer goes on: the next write succeeds
     assert written(writer) == "/images/3.sqfs"
+
+
+def test_a_failed_save_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        journal.save(tmp_path / "journal.json", Journal())
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_save_writes_now(tmp_path: Path) -> None:

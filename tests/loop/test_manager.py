@@ -34,7 +34,7 @@ async def env(tmp_path: Path) -> AsyncIterator[tuple[Manager, FakeBackend]]:
     catalog.refresh()
     config = Config(images=(images,), state_dir=tmp_path / "state", hold_time=60.0,
                     validate=False)
-    manager = Manager(config, backend, catalog, journal_in_thread=False)
+    manager = Manager(config, backend, catalog, threads=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.run)
         yield manager, backend

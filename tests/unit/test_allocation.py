@@ -1,4 +1,4 @@
-"""pid → allocation id: cgroup first, then environment, then uid; cached per live thread."""
+"""pid → allocation id: cgroup first, then environment, then uid; cached for a moment."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def _child(env: dict[str, str]) -> subprocess.Popen[bytes]:
     return child
 
 
-def test_cache_hit_reads_no_proc_and_reused_pid_is_not_mistaken() -> None:
+def test_cache_hit_reads_no_proc_and_an_exited_pid_is_read_again() -> None:
     resolver = AllocationResolver()
     child = _child({"PACT_ALLOCATION_ID": "first"})
     try:
@@ -117,23 +117,34 @@ def test_cache_hit_reads_no_proc_and_reused_pid_is_not_mistaken() -> None:
         assert child.stdin is not None
         child.stdin.close()
         child.wait()
-    # The process exited: once the short trust window is over (a pid cannot be reused that
-    # fast), its pidfd says so, and the entry is not trusted any more.
+    # Once the short trust window is over (a pid cannot be reused that fast), /proc is read
+    # again: the process is gone.
     time.sleep(RECHECK_AFTER)
     assert resolver.resolve(child.pid, 0) == "uid-0"
     assert resolver.lookups == lookups + 1
-    assert resolver.sweep() == 0  # the dead entry was already replaced
-    resolver.close()
 
 
-def test_sweep_drops_exited_threads() -> None:
-    resolver = AllocationResolver()
-    children = [_child({"PACT_ALLOCATION_ID": f"a{i}"}) for i in range(3)]
-    for i, child in enumerate(children):
-        assert resolver.resolve(child.pid, 0) == f"a{i}"
-    for child in children:
-        assert child.stdin is not None
-        child.stdin.close()
-        child.wait()
-    assert resolver.sweep() == 3
-    resolver.close()
+def test_a_changed_allocation_counts_once_the_window_is_over(tmp_path: Path) -> None:
+    """`exec env PACT_ALLOCATION_ID=after ...` or a move to another cgroup, in a fake /proc."""
+    proc = tmp_path / "proc"
+    (proc / "30").mkdir(parents=True)
+    (proc / "30/cgroup").write_text("0::/user.slice/session-1.scope\n")
+    (proc / "30/status").write_text("Name:\tsh\nTgid:\t30\n")
+    (proc / "30/environ").write_bytes(b"PACT_ALLOCATION_ID=before\0")
+    resolver = AllocationResolver(proc)
+    assert resolver.resolve(30, 0) == "before"
+    (proc / "30/environ").write_bytes(b"PACT_ALLOCATION_ID=after\0")  # the exec
+    time.sleep(RECHECK_AFTER)
+    assert resolver.resolve(30, 0) == "after"
+    (proc / "30/cgroup").write_text("0::/workload.slice/late.scope\n")  # moved
+    time.sleep(RECHECK_AFTER)
+    assert resolver.resolve(30, 0) == "late"
+
+
+def test_many_threads_cost_no_descriptor_and_the_cache_stays_bounded(tmp_path: Path) -> None:
+    fds = len(os.listdir("/proc/self/fd"))
+    resolver = AllocationResolver(tmp_path / "proc", max_entries=100)
+    for pid in range(10_000):
+        resolver.resolve(pid, 0)
+    assert len(resolver) == 100
+    assert len(os.listdir("/proc/self/fd")) == fds

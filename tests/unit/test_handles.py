@@ -11,6 +11,7 @@ from typing import Any
 import pyfuse3
 import pytest
 
+from uenvfs.descriptors import DescriptorBudget
 from uenvfs.handles import DirHandle, FileHandle, Handle, HandleTable, RootDirHandle
 from uenvfs.inodes import Node
 from uenvfs.listings import Listing
@@ -43,7 +44,10 @@ def prefetcher() -> Iterator[Prefetcher]:
 
 
 def open_file(path: Path, image: str, prefetcher: Prefetcher) -> FileHandle:
-    return FileHandle(image, Use("alloc"), 99, os.open(path, os.O_RDONLY), prefetcher)
+    budget = DescriptorBudget(1024)
+    budget.take("alloc")
+    return FileHandle(image, Use("alloc"), 99, os.open(path, os.O_RDONLY), prefetcher, budget,
+                      "alloc")
 
 
 def test_numbers_are_never_reused_and_unknown_ones_are_ebadf() -> None:

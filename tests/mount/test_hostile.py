@@ -1,0 +1,339 @@
+"""Faults found by a hostile review, through the real mount: each test failed before its fix."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ..conftest import DaemonFactory
+from ..mounts import is_mounted
+from ..support import (
+    Daemon,
+    build_from_pack,
+    build_image,
+    errno_of,
+    release_holder,
+    spawn_holder,
+    wait_until,
+)
+
+pytestmark = pytest.mark.fuse
+
+
+def restart(make_daemon: DaemonFactory, old: Daemon) -> Daemon:
+    """A new daemon on the directories of *old*, which was killed."""
+    new = make_daemon(root=old.root, hold_time=old.hold_time)
+    new.expected = old.expected
+    old.allow_leftovers = True  # its mounts are handed over, on purpose
+    return new.start()
+
+
+def test_adoption_never_pairs_a_mount_with_a_replaced_image_file(
+    make_daemon: DaemonFactory,
+) -> None:
+    old_f, new_f = "old content\n" * 10, "new and longer content\n" * 200
+    first = make_daemon(hold_time=300.0)
+    first.image("img", {"f": old_f, "old-only": "old"})
+    first.expect("clearing a FUSE mount left at")
+    first.start()
+    assert (first.mountpoint / "img/f").read_text() == old_f
+    first.kill()
+    # The journal lost the mount's entry (torn, or killed before the background write).
+    (first.state_dir / "journal.json").unlink(missing_ok=True)
+    os.replace(build_image(first.root / "new.sqfs", {"f": new_f, "new-only": "new"}),
+               first.images / "img.sqfs")
+
+    second = restart(make_daemon, first)
+    img = second.mountpoint / "img"
+    # The adopted mount is the old image: it is served as it is, and cached as it is.
+    assert sorted(os.listdir(img)) == ["f", "old-only"]
+    assert (img / "f").read_text() == old_f
+    assert errno_of(lambda: os.stat(img / "new-only")) == errno.ENOENT
+    second.control("expire")
+    # Mounted again: the new file, under new inode numbers, never the old listing.
+    assert sorted(os.listdir(img)) == ["f", "new-only"]
+    assert (img / "new-only").read_text() == "new"
+    assert (img / "f").read_text() == new_f
+
+
+def test_a_second_daemon_refuses_to_take_over(make_daemon: DaemonFactory) -> None:
+    first = make_daemon()
+    first.image("img", {"f": "served"})
+    first.start()
+    holder = spawn_holder(first.mountpoint / "img/f", alloc="job-1")
+    try:
+        assert first.process is not None
+        command = first.command()
+        # The same mountpoint with another state directory: the mount is alive, leave it.
+        other_state = _with(command, "--state-dir", str(first.root / "state2"))
+        out = subprocess.run(other_state, capture_output=True, text=True, timeout=60,
+                             check=False)
+        assert out.returncode == 1, out.stderr
+        assert f"another FUSE daemon (uenvfs) serves {first.mountpoint}" in out.stderr
+        # The same state directory with another mountpoint: its lock is held.
+        other_mnt = _with(command, "--mountpoint", str(first.root / "mnt2"))
+        out = subprocess.run(other_mnt, capture_output=True, text=True, timeout=60,
+                             check=False)
+        assert out.returncode == 1, out.stderr
+        assert (f"another uenvfs (pid {first.process.pid}) uses the state directory "
+                f"{first.state_dir}") in out.stderr
+        # The first daemon goes on serving, its mounts untouched.
+        assert (first.mountpoint / "img/f").read_text() == "served"
+        assert first.backing_mounted("img")
+        assert first.mount_status("img") is not None
+    finally:
+        release_holder(holder)
+
+
+def _with(command: list[str], option: str, value: str) -> list[str]:
+    changed = list(command)
+    changed[changed.index(option) + 1] = value
+    return changed
+
+
+def test_program_map_output_is_bounded(daemon: Daemon) -> None:
+    program = daemon.root / "lookup"
+    # 2 GB of output within the program timeout, unless it is killed first.
+    program.write_text('#!/bin/sh\nexec head -c 2000000000 /dev/zero\n')
+    program.chmod(0o755)
+    daemon.extra_args = ["--program-map", str(program)]
+    daemon.config = "program_timeout = 20.0\n"
+    daemon.expect(r"program map .* flood: more than 4097 bytes of output; killed")
+    daemon.start()
+    assert daemon.process is not None
+    rss_before = _rss_kib(daemon.process.pid)
+    started = time.monotonic()
+    assert errno_of(lambda: os.stat(daemon.mountpoint / "flood")) == errno.ENOENT
+    assert time.monotonic() - started < 5  # killed at once, not at the timeout
+    assert _rss_kib(daemon.process.pid) - rss_before < 20_000
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _fill(directory: Path) -> list[Path]:
+    """Use up every inode of the filesystem of *directory*."""
+    made: list[Path] = []
+    for n in range(1000):
+        path = directory / f"filler{n}"
+        try:
+            path.touch()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            return made
+        made.append(path)
+    raise AssertionError(f"{directory} never filled up")
+
+
+def test_a_full_state_directory_fails_commands_and_is_not_cached(
+    make_daemon: DaemonFactory,
+) -> None:
+    daemon = make_daemon(hold_time=300.0)
+    # A state directory on a tmpfs of 64 inodes, that the test fills up. (If the test fails,
+    # the fixture's clean-up unmounts it with everything else.)
+    small_state_dir = daemon.state_dir
+    small_state_dir.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "nr_inodes=64,size=4m,mode=0755", "tmpfs",
+                    str(small_state_dir)], check=True)
+    daemon.image("used", {"f": "used"})
+    daemon.image("later", {"f": "later"})
+    daemon.expect("cannot write the journal")
+    daemon.expect(r"control from .*: acquire used job-1: failed: cannot write the journal")
+    daemon.expect(r"later: mount failed: cannot create .*: No space left on device")
+    daemon.start()
+    assert (daemon.mountpoint / "used/f").read_text() == "used"
+    fillers = _fill(small_state_dir)
+
+    # An acquisition must be on disk when the command returns: here it cannot be.
+    assert errno_of(lambda: daemon.control("acquire used job-1")) == errno.EIO
+    assert not list(small_state_dir.glob(".journal.json.*.tmp"))  # no temp file left behind
+    # A first access that cannot create its backing directory fails ...
+    assert errno_of(lambda: os.stat(daemon.mountpoint / "later/f")) == errno.EIO
+    status = daemon.mount_status("later")
+    assert status is not None
+    assert status["state"] == "failed"
+    assert "No space left on device" in status["error"]
+
+    for path in fillers:
+        path.unlink()
+    # ... and works at once when the node has room again: the image was never at fault.
+    assert (daemon.mountpoint / "later/f").read_text() == "later"
+    daemon.control("acquire used job-1")  # now on disk
+    assert '"job-1"' in (small_state_dir / "journal.json").read_text()
+    daemon.control("release job-1")
+    assert daemon.stop() == 0
+    subprocess.run(["umount", str(small_state_dir)], check=True)
+
+
+def test_paths_deeper_than_path_max_inside_an_image(daemon: Daemon) -> None:
+    levels = [f"level{i:03d}-xxxxxxxxx" for i in range(300)]  # 5,999 bytes deep
+    source = daemon.root / "deep-src"
+    source.mkdir()
+    (source / "leaf").write_text("deep\n")
+    pack, path = [], ""
+    for level in levels:
+        path = f"{path}/{level}" if path else level
+        pack.append(f"dir {path} 0755 0 0")
+    pack.append(f"file {path}/leaf 0644 0 0 leaf")
+    daemon.images.mkdir(parents=True, exist_ok=True)
+    build_from_pack(daemon.images / "deep.sqfs", "\n".join(pack) + "\n", source)
+    daemon.start()
+    # Walk down one name at a time, as the kernel lets a job do.
+    fd = os.open(daemon.mountpoint / "deep", os.O_PATH)
+    try:
+        for level in levels:
+            fd, old = os.open(level, os.O_PATH | os.O_DIRECTORY, dir_fd=fd), fd
+            os.close(old)
+        listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        try:
+            assert os.listdir(listing) == ["leaf"]
+        finally:
+            os.close(listing)
+        assert os.stat("leaf", dir_fd=fd).st_size == 5
+        leaf = os.open("leaf", os.O_RDONLY, dir_fd=fd)
+        try:
+            assert os.read(leaf, 100) == b"deep\n"
+        finally:
+            os.close(leaf)
+    finally:
+        os.close(fd)
+
+
+def test_one_allocation_cannot_take_every_descriptor(daemon: Daemon) -> None:
+    daemon.image("big", {f"f{n}": str(n) for n in range(40)})
+    daemon.image("other", {"f": "other"})
+    daemon.config = "open_files_per_allocation = 20\n"
+    daemon.expect(r"greedy holds 20 open files in images: over its share \(20\); open refused")
+    daemon.start()
+    code = ("import os, sys\n"
+            "fds = []\n"
+            "for n in range(40):\n"
+            "    try:\n"
+            "        fds.append(os.open(os.path.join(sys.argv[1], f'f{n}'), os.O_RDONLY))\n"
+            "    except OSError as exc:\n"
+            "        print(len(fds), exc.errno, flush=True)\n"
+            "        break\n"
+            "sys.stdin.read()\n")
+    env = {**os.environ, "PACT_ALLOCATION_ID": "greedy"}
+    greedy = subprocess.Popen([sys.executable, "-c", code, str(daemon.mountpoint / "big")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert greedy.stdout is not None
+        opened, error = greedy.stdout.readline().split()
+        assert (int(opened), int(error)) == (20, errno.EMFILE)
+        # Every other allocation goes on: reads, a first access, an acquisition.
+        assert (daemon.mountpoint / "big/f39").read_text() == "39"
+        assert (daemon.mountpoint / "other/f").read_text() == "other"
+        daemon.control("acquire other job-2")
+        daemon.control("release job-2")
+        big = daemon.mount_status("big")
+        assert big is not None
+        assert big["allocations"]["greedy"]["opens"] == 20
+    finally:
+        assert greedy.stdin is not None
+        greedy.stdin.close()
+        greedy.wait(30)
+        if greedy.stdout is not None:
+            greedy.stdout.close()
+
+
+def test_an_image_path_that_is_a_fifo_fails_and_blocks_nothing(daemon: Daemon) -> None:
+    daemon.image("fine", {"f": "fine"})
+    fifo = daemon.root / "pipe.sqfs"
+    os.mkfifo(fifo)
+    site_map = daemon.root / "site.map"
+    site_map.write_text(f"piped {fifo}\n")
+    daemon.extra_args = ["--map", str(site_map)]
+    daemon.expect(r"piped: mount failed: image .*pipe.sqfs is not a regular file")
+    daemon.start()
+    assert errno_of(lambda: os.listdir(daemon.mountpoint / "piped")) == errno.EIO
+    status = daemon.mount_status("piped")
+    assert status is not None
+    assert status["error"] == f"image {fifo} is not a regular file"
+    assert (daemon.mountpoint / "fine/f").read_text() == "fine"
+
+
+def test_listing_a_huge_directory_does_not_hold_up_other_images(daemon: Daemon) -> None:
+    source = daemon.root / "huge-src"
+    source.mkdir()
+    (source / "empty").write_bytes(b"")
+    entries = 60_000
+    pack = "dir d 0755 0 0\n" + "".join(f"file d/entry{n:06d} 0644 0 0 empty\n"
+                                        for n in range(entries))
+    daemon.images.mkdir(parents=True, exist_ok=True)
+    build_from_pack(daemon.images / "huge.sqfs", pack, source)
+    daemon.image("small", {"f": "small"})
+    daemon.start()
+    assert (daemon.mountpoint / "small/f").read_text() == "small"
+    assert os.listdir(daemon.mountpoint / "huge") == ["d"]  # mounted; d not listed yet
+    lister = subprocess.Popen(["sh", "-c", 'ls "$1" | wc -l', "sh",
+                               str(daemon.mountpoint / "huge/d")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)  # the daemon is reading the big directory now
+        reads = 0
+        while lister.poll() is None and reads < 20:
+            # Another image answers meanwhile (before: it waited for the whole listing).
+            assert (daemon.mountpoint / "small/f").read_text() == "small"
+            assert daemon.status()["mounts"]
+            reads += 1
+            time.sleep(0.01)
+        assert reads == 20, "the listing was over before the other image was read"
+        out, _ = lister.communicate(timeout=120)
+        assert int(out) == entries
+    finally:
+        if lister.poll() is None:
+            lister.kill()
+            lister.wait()
+
+
+def test_a_first_access_on_hung_storage_fails_in_time_and_blocks_nothing(
+    daemon: Daemon,
+) -> None:
+    # Image files on a filesystem that stops answering: a squashfuse mount, stopped (a stand-in
+    # for a hung Lustre or NFS server).
+    inner = build_image(daemon.root / "inner.sqfs", {"f": "slow"}).read_bytes()
+    outer = build_image(daemon.root / "outer.sqfs", {"slow.sqfs": inner})
+    store = daemon.root / "store"
+    store.mkdir()
+    squashfuse = subprocess.Popen(["squashfuse_ll", "-f", str(outer), str(store)])
+    try:
+        wait_until(lambda: is_mounted(store), what="the squashfuse store")
+        site_map = daemon.root / "site.map"
+        site_map.write_text(f"slow {store}/slow.sqfs\n")
+        daemon.image("local", {"f": "local"})
+        daemon.extra_args = ["--map", str(site_map)]
+        daemon.config = "mount_timeout = 1.5\n"
+        daemon.expect(r"slow: mount failed: image .*slow.sqfs: no answer in 1.5 s")
+        daemon.start()
+        squashfuse.send_signal(signal.SIGSTOP)
+        try:
+            job = subprocess.Popen(["cat", str(daemon.mountpoint / "slow/f")],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(0.3)
+            # Meanwhile everything else is served (before: the daemon itself hung).
+            assert (daemon.mountpoint / "local/f").read_text() == "local"
+            assert daemon.mount_status("local") is not None
+            _, err = job.communicate(timeout=30)
+            assert job.returncode == 1
+            assert "Input/output error" in err
+            status = daemon.mount_status("slow")
+            assert status is not None
+            assert "no answer in 1.5 s" in status["error"]
+        finally:
+            squashfuse.send_signal(signal.SIGCONT)
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(store)], check=False)
+        squashfuse.wait(30)
