@@ -278,21 +278,23 @@ def test_listing_a_huge_directory_does_not_hold_up_other_images(daemon: Daemon) 
     daemon.start()
     assert (daemon.mountpoint / "small/f").read_text() == "small"
     assert os.listdir(daemon.mountpoint / "huge") == ["d"]  # mounted; d not listed yet
+    started = time.monotonic()
     lister = subprocess.Popen(["sh", "-c", 'ls "$1" | wc -l', "sh",
                                str(daemon.mountpoint / "huge/d")],
                               stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.3)  # the daemon is reading the big directory now
-        reads = 0
-        while lister.poll() is None and reads < 20:
+        slowest = 0.0
+        while lister.poll() is None:
             # Another image answers meanwhile (before: it waited for the whole listing).
+            began = time.monotonic()
             assert (daemon.mountpoint / "small/f").read_text() == "small"
-            assert daemon.status()["mounts"]
-            reads += 1
+            slowest = max(slowest, time.monotonic() - began)
             time.sleep(0.01)
-        assert reads == 20, "the listing was over before the other image was read"
+        listing = time.monotonic() - started
         out, _ = lister.communicate(timeout=120)
         assert int(out) == entries
+        print(f"listing {listing:.2f} s, slowest read of another image {slowest:.3f} s")
+        assert slowest < listing / 4
     finally:
         if lister.poll() is None:
             lister.kill()
