@@ -16,7 +16,7 @@ has the name of its flag with `_` for `-`:
     validate = true                 # check each image version with rdsquashfs before mounting
     read_ahead_kb = 1024            # readahead through the mount (0: the kernel's 128)
     linger_us = 100                 # keep polling for the next request before sleeping (0: no)
-    open_files_per_allocation = 0   # open files in images per allocation (0: 1/8 of the limit)
+    open_files_per_allocation = 0   # open files in images per allocation (0: half the limit)
     log_level = "INFO"
 """
 

@@ -39,6 +39,6 @@ def test_all_allocations_together_leave_the_reserve_free() -> None:
     assert budget.total == 4
 
 
-def test_the_default_share_is_an_eighth_of_the_limit() -> None:
-    assert DescriptorBudget(RESERVE + 8000).per_allocation == 1000
+def test_the_default_share_is_half_the_limit() -> None:
+    assert DescriptorBudget(RESERVE + 8000).per_allocation == 4000
     assert DescriptorBudget(300).per_allocation == MIN_PER_ALLOCATION
