@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 
@@ -113,6 +113,20 @@ class MountBackend(Protocol):
     async def unmount(self, target: Path, *, lazy: bool = False) -> None: ...
 
 
+@runtime_checkable
+class FileMountBackend(MountBackend, Protocol):
+    """A backend whose mount is a blocking call on an open image file.
+
+    The mounter then checks the image file and mounts it in one worker thread (one thread hop
+    per first access, not two), and mounts the very file it checked.
+    """
+
+    def mount_file(self, image_fd: int, image: Path, target: Path) -> str:
+        """Mount the image file open as *image_fd* at *target* (blocking: for a worker
+        thread); return the mount's source. Raises OSError."""
+        ...
+
+
 def _mounted(target: Path) -> str | None:
     entry = mount_at(target)
     return None if entry is None else entry.source
@@ -140,6 +154,9 @@ class KernelBackend:
     async def mount(self, image: Path, target: Path) -> None:
         await _in_thread(loop.mount_image, image, target, time_limit=self.timeout,
                          error=MountFailed)
+
+    def mount_file(self, image_fd: int, image: Path, target: Path) -> str:
+        return loop.mount_file(image_fd, image, target)
 
     async def unmount(self, target: Path, *, lazy: bool = False) -> None:
         await _in_thread(functools.partial(loop.unmount, lazy=lazy), target,

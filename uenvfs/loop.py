@@ -2,7 +2,7 @@
 
 Starting mount(8) costs a fork, an exec and the loading of libmount and libblkid: about as
 much as the mount itself (3-6 ms of a 4 ms mount here). These functions are blocking; the
-backend runs them in a worker thread.
+backend (or the mounter, through `mount_file`) runs them in a worker thread.
 
     attach: open the image read-only, LOOP_CTL_GET_FREE, LOOP_CONFIGURE (read-only, autoclear)
     mount:  mount(2) of /dev/loopN, squashfs, ro,nosuid,nodev; then close our loop fd, so that
@@ -80,9 +80,15 @@ def mount_image(image: Path, target: Path) -> str:
     """Mount *image* (squashfs) read-only, nosuid, nodev at *target*; return the loop device."""
     image_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        loop_fd, device = _attach(image_fd, os.fsencode(image))
+        return mount_file(image_fd, image, target)
     finally:
         os.close(image_fd)  # the loop device holds the file now
+
+
+def mount_file(image_fd: int, image: Path, target: Path) -> str:
+    """`mount_image` of the file open read-only as *image_fd* (named *image*): the very file
+    the caller has checked, whatever *image* names by now. The caller closes *image_fd*."""
+    loop_fd, device = _attach(image_fd, os.fsencode(image))
     try:
         flags = MS_RDONLY | MS_NOSUID | MS_NODEV
         if _libc.mount(device.encode(), os.fsencode(target), b"squashfs", flags, None) != 0:

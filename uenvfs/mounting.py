@@ -13,12 +13,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import trio
 
 from . import loop, squashfs
-from .backend import MountBackend, is_mount_point
+from .backend import FileMountBackend, MountBackend, is_mount_point
 from .catalog import Catalog
 from .config import Config
 from .errors import TRANSIENT_ERRNOS, MountFailed, NodeResourceFailed, UnmountFailed
@@ -27,7 +26,9 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+# A first access whose image file is replaced while it is being checked goes round again, so
+# many times at most.
+CHANGING_ATTEMPTS = 3
 
 
 @dataclass(eq=False)
@@ -50,22 +51,58 @@ def _failed(what: str, exc: OSError) -> MountFailed:
     return kind(f"{what}: {exc.strerror}")
 
 
-def _regular_file_identity(path: Path) -> Identity:
-    """The identity of the image file at *path*, which must be a regular file (blocking).
+@dataclass
+class Probe:
+    """What the worker thread of a first access found: the image file's identity, its first
+    bytes and, if it mounted the file too, the mount's source."""
 
-    Opened without blocking (a FIFO named by a map would wait for a writer forever) and read
-    for its first bytes, so that a file on storage that does not answer is found out here, in
-    a worker thread, rather than later on the event loop.
+    identity: Identity
+    header: bytes
+    source: str | None = None
+
+
+@dataclass
+class _Progress:
+    """How far a worker thread got: written by the thread, read by the loop to say which step
+    failed or hung (also after the thread was abandoned)."""
+
+    mounting: bool = False
+
+
+def _probe_and_mount(
+    path: Path,
+    target: Path,
+    accept: Callable[[Identity], bool],
+    mount_file: Callable[[int, Path, Path], str] | None,
+    progress: _Progress,
+) -> Probe:
+    """The file-system steps of a first access, in one worker thread (blocking).
+
+    The image file at *path* must be a regular file. It is opened without blocking (a FIFO
+    named by a map would wait for a writer forever) and read for its first bytes, so that a
+    file on storage that does not answer is found out here, in a worker thread, rather than
+    later on the event loop. If *mount_file* is given and *accept* takes the file's identity
+    (a version already checked, or no checking wanted), the open file is mounted at *target*
+    right away: the very file whose identity the mount will carry.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise MountFailed(f"image {path} is not a regular file")
-        os.pread(fd, squashfs.SUPERBLOCK_SIZE, 0)
+        probe = Probe((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),
+                      os.pread(fd, squashfs.SUPERBLOCK_SIZE, 0))
+        if mount_file is not None and accept(probe.identity):
+            progress.mounting = True
+            os.set_blocking(fd, True)  # the loop device reads through this open file
+            probe.source = mount_file(fd, path, target)
     finally:
-        os.close(fd)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        os.close(fd)  # a loop device holds its own reference
+    return probe
+
+
+def _only(known: Identity) -> Callable[[Identity], bool]:
+    return lambda identity: identity == known
 
 
 def identity_of(path: Path) -> Identity:
@@ -104,60 +141,106 @@ class Mounter:
         # holds one thread, not every thread of the daemon.
         self._threads: dict[str, trio.CapacityLimiter] = {}
         self.threads = threads
+        # The backend's blocking mount of an open file, for the worker thread of a first access.
+        self._mount_file = backend.mount_file if isinstance(backend, FileMountBackend) else None
         self._versions: dict[str, ImageVersion] = {}  # the last one of each name
 
     async def mount(self, name: str) -> Mount:
-        """Mount *name*'s image at its backing directory. Raises `MountError`."""
+        """Mount *name*'s image at its backing directory. Raises `MountError`.
+
+        The image file's steps run in one worker thread with the kernel backend: its identity
+        and, when its version needs no check (already checked, or `validate` is off), the
+        mount itself. A version to check first goes round once more after the check.
+        """
         path = await self.catalog.resolve(name)
         if path is None:
             raise MountFailed(f"{name} is no longer in any image source")
         self.paths[name] = path
-        identity = await self._in_thread(name, f"image {path}", _regular_file_identity, path)
         target = self.config.backing_root / name
         try:
             target.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             # The state directory is the node's: whatever went wrong there is not the image's.
             raise NodeResourceFailed(f"cannot create {target}: {exc.strerror}") from exc
-        version = self.version(name, identity)
-        if self.config.validate and not version.validated:
-            await self._validate(path)
-            version.validated = True
         if is_mount_point(target):
             log.warning("%s: a stale mount sits at %s; detaching it first", name, target)
             await self.backend.unmount(target, lazy=True)
-        await self.backend.mount(path, target)
-        source = self.backend.mounted(target)
-        if source is None:
-            raise MountFailed(f"{self.backend.name} reported success but {target} is not mounted")
-        return Mount(name, path, target, version, source)
+        mount_file = self._mount_file
+        accept = self._acceptable(name)
+        for _ in range(CHANGING_ATTEMPTS):
+            probe = await self._in_thread(name, path, target, accept, mount_file)
+            version = self.version(name, probe.identity)
+            if probe.source is not None:
+                return Mount(name, path, target, version, probe.source)
+            if self.config.validate and not version.validated:
+                await self._validate(path, probe)
+                version.validated = True
+            if mount_file is None:
+                await self.backend.mount(path, target)
+                source = self.backend.mounted(target)
+                if source is None:
+                    raise MountFailed(
+                        f"{self.backend.name} reported success but {target} is not mounted")
+                return Mount(name, path, target, version, source)
+            accept = _only(version.identity)  # that one, checked now
+        raise MountFailed(f"image {path} changed while it was being checked, "
+                          f"{CHANGING_ATTEMPTS} times")
 
-    async def _in_thread(self, name: str, what: str, fn: Callable[[Path], T], path: Path) -> T:
-        """`fn(path)` in a worker thread, abandoned after the mount timeout (the file may sit
-        on a hung filesystem: the loop must go on serving every other image)."""
+    def _acceptable(self, name: str) -> Callable[[Identity], bool]:
+        """Which image file identities may be mounted without a check first (called in the
+        worker thread: it must not look at anything the loop changes)."""
+        if not self.config.validate:
+            return lambda identity: True
+        last = self._versions.get(name)
+        if last is None or not last.validated:
+            return lambda identity: False
+        return _only(last.identity)
+
+    async def _in_thread(
+        self,
+        name: str,
+        path: Path,
+        target: Path,
+        accept: Callable[[Identity], bool],
+        mount_file: Callable[[int, Path, Path], str] | None,
+    ) -> Probe:
+        """`_probe_and_mount` in a worker thread, abandoned after the mount timeout (the file
+        may sit on a hung filesystem: the loop must go on serving every other image)."""
+        progress = _Progress()
         if not self.threads:
             try:
-                return fn(path)
+                return _probe_and_mount(path, target, accept, mount_file, progress)
             except OSError as exc:
-                raise _failed(what, exc) from exc
+                raise self._step_failed(path, progress, exc) from exc
         limiter = self._threads.get(name)
         if limiter is None:
             limiter = self._threads[name] = trio.CapacityLimiter(1)
         timeout = self.config.mount_timeout
         with trio.move_on_after(timeout):
             try:
-                return await trio.to_thread.run_sync(fn, path, abandon_on_cancel=True,
-                                                     limiter=limiter)
+                return await trio.to_thread.run_sync(
+                    _probe_and_mount, path, target, accept, mount_file, progress,
+                    abandon_on_cancel=True, limiter=limiter)
             except OSError as exc:
-                raise _failed(what, exc) from exc
-        raise MountFailed(f"{what}: no answer in {timeout:g} s (its storage may hang); "
+                raise self._step_failed(path, progress, exc) from exc
+        if progress.mounting:
+            raise MountFailed(f"mount of {path} on {target} gave no answer in {timeout:g} s; "
+                              "abandoned")
+        raise MountFailed(f"image {path}: no answer in {timeout:g} s (its storage may hang); "
                           "abandoned")
 
-    async def _validate(self, path: Path) -> None:
+    @staticmethod
+    def _step_failed(path: Path, progress: _Progress, exc: OSError) -> MountFailed:
+        if progress.mounting:
+            return MountFailed(str(exc))  # as the backend says it (the call and its errno)
+        return _failed(f"image {path}", exc)
+
+    async def _validate(self, path: Path, probe: Probe) -> None:
         """Refuse a corrupt image with a clear reason, before the kernel sees it."""
         started = self.clock()
         try:
-            problem = await squashfs.check_image(path, self.config.mount_timeout)
+            problem = await squashfs.check_read_image(path, probe.header, probe.identity[2],
+                                                      self.config.mount_timeout)
         except OSError as exc:
             raise _failed(f"image {path}", exc) from exc
         self.metrics.observe("uenvfs_check_seconds", self.clock() - started)

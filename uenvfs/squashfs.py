@@ -3,8 +3,8 @@ the content of one file.
 
 Images are read with squashfs-tools-ng's `rdsquashfs`, run through `tools.run`: `-c PATH`
 prints a file, `-d` walks the whole inode and directory tree. `check_image` is the one image
-check: the daemon runs it before the first mount of each image version, `uenvfs check` runs
-it through `trio.run`.
+check: the daemon runs it (as `check_read_image`, on the first bytes it read in a worker
+thread) before the first mount of each image version, `uenvfs check` through `trio.run`.
 """
 
 from __future__ import annotations
@@ -179,7 +179,15 @@ async def check_image(image: Path, time_limit: float) -> str | None:
     killed after *time_limit* seconds.
     """
     with image.open("rb") as f:  # 96 bytes: not worth a worker thread
-        problem = superblock_problem(f.read(SUPERBLOCK_SIZE), os.fstat(f.fileno()).st_size)
+        header, size = f.read(SUPERBLOCK_SIZE), os.fstat(f.fileno()).st_size
+    return await check_read_image(image, header, size, time_limit)
+
+
+async def check_read_image(image: Path, header: bytes, size: int,
+                           time_limit: float) -> str | None:
+    """`check_image` of an image whose first bytes (*header*) and size were read already:
+    the daemon reads them off the event loop, with the image file's identity."""
+    problem = superblock_problem(header, size)
     if problem is not None:
         return problem
     result = await tools.run(check_command(image), time_limit, error=ImageError,
