@@ -11,15 +11,17 @@ import logging
 import os
 import stat
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
 from .names import valid_name
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SUFFIXES = (".sqfs", ".squashfs")
 MAX_ANSWERS = 10_000  # program-map answers remembered; the "no"s are dropped beyond that
@@ -30,6 +32,13 @@ MAX_PROGRAM_OUTPUT = 4096 + 1  # one path (PATH_MAX bytes with its NUL) and a ne
 # unknown names are ENOENT without asking the program.
 PROGRAM_SHARE = 0.1
 PROGRAM_BURST = 2.0
+
+
+@dataclass
+class _Call:
+    """A blocking call of a worker thread, which says when it is over."""
+
+    done: bool = False
 
 
 @dataclass
@@ -93,14 +102,26 @@ class Catalog:
     _answers: dict[str, tuple[Path | None, float]] = field(default_factory=dict)
     _budgets: dict[int, ProgramBudget] = field(default_factory=dict)
     refused: int = 0  # program-map calls refused for want of budget
+    source_timeout: float = 30.0  # the longest wait for image directories and map files
+    _hung: _Call | None = None  # the last call given up on (see `_off_loop`)
 
     def refresh(self) -> bool:
-        """Re-read the directories and map files (at start, on reload and SIGHUP).
+        """Re-read the directories and map files (at start; see `reread` for the daemon).
 
         Returns whether the listing changed. Never raises: an unreadable source is logged
         and contributes nothing.
         """
-        self._answers.clear()
+        return self._apply(self._read_sources())
+
+    async def reread(self) -> bool | None:
+        """`refresh` from a worker thread (on reload and SIGHUP): sources on storage that
+        hangs must not stop the daemon. None, and the listing kept, if they do not answer
+        within `source_timeout`."""
+        listing = await self._off_loop(self._read_sources)
+        return None if listing is None else self._apply(listing)
+
+    def _read_sources(self) -> dict[str, Path]:
+        """What the directories and map files list now (blocking; touches no state)."""
         listing: dict[str, Path] = {}
         for directory in self.image_dirs:
             for name, path in self._scan_dir(directory).items():
@@ -113,6 +134,10 @@ class Catalog:
                 continue
             for name, path in parse_map(text, str(map_file)).items():
                 listing.setdefault(name, path)
+        return listing
+
+    def _apply(self, listing: dict[str, Path]) -> bool:
+        self._answers.clear()
         changed = listing != self._listing
         if changed:
             added = listing.keys() - self._listing.keys()
@@ -145,18 +170,47 @@ class Catalog:
         return dict(self._listing)
 
     def lookup_listed(self, name: str) -> Path | None:
-        """A name from the listable sources, picking up an image file added since the scan."""
+        """A name from the listable sources, picking up an image file added since the scan
+        (blocking: for the start, before anything is served)."""
         if not valid_name(name):
             return None
         path = self._listing.get(name)
-        if path is not None:
-            return path
+        if path is None:
+            path = self._search_dirs(name)
+            if path is not None:
+                self._listing[name] = path
+        return path
+
+    def _search_dirs(self, name: str) -> Path | None:
+        """The image file of *name* added to an image directory since the scan (blocking)."""
         for directory in self.image_dirs:
             for suffix in SUFFIXES:
                 candidate = directory / (name + suffix)
                 if _is_image_file(candidate):
-                    self._listing[name] = candidate
                     return candidate
+        return None
+
+    async def _off_loop(self, fn: Callable[..., T], *args: object) -> T | None:
+        """`fn(*args)` in a worker thread, given up after `source_timeout` (the storage of
+        image directories and map files may hang: the loop must go on). While a call that
+        was given up has not come back, the others are not even tried (None at once)."""
+        if self._hung is not None and not self._hung.done:
+            return None
+        call = _Call()
+
+        def run() -> T:
+            try:
+                return fn(*args)
+            finally:
+                call.done = True
+
+        with trio.move_on_after(self.source_timeout):
+            return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+        if not call.done:
+            self._hung = call
+            log.warning("image sources gave no answer in %.1f s (their storage may hang): "
+                        "until they do, names not listed are not found and reload keeps "
+                        "the listing", self.source_timeout)
         return None
 
     def remembers(self, name: str) -> bool:
@@ -172,8 +226,14 @@ class Catalog:
         while the program runs, no other new name in the root can be looked up. For the same
         reason a user other than root (*uid*) may keep it busy only so long (`ProgramBudget`).
         """
-        path = self.lookup_listed(name)
-        if path is not None or self.program_map is None or not valid_name(name):
+        if not valid_name(name):
+            return None
+        path = self._listing.get(name)
+        if path is None and self.image_dirs:
+            path = await self._off_loop(self._search_dirs, name)
+            if path is not None:
+                self._listing[name] = path
+        if path is not None or self.program_map is None:
             return path
         known = self._answers.get(name)
         now = trio.current_time()
@@ -226,7 +286,7 @@ class Catalog:
                         self.program_map, name, out[:200])
             return None
         path = Path(lines[0])
-        return path if _is_image_file(path) else None
+        return path if await self._off_loop(_is_image_file, path) else None
 
 
 async def _run_bounded(command: list[str], limit: int) -> tuple[int | None, bytes]:

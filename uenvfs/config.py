@@ -17,6 +17,7 @@ has the name of its flag with `_` for `-`:
     read_ahead_kb = 1024            # readahead through the mount (0: the kernel's 128)
     linger_us = 100                 # keep polling for the next request before sleeping (0: no)
     open_files_per_allocation = 0   # open files in images per allocation (0: half the limit)
+    storage_guard = "auto"          # auto | always | never: see guard.py
     log_level = "INFO"
 """
 
@@ -32,6 +33,7 @@ DEFAULT_CONFIG_FILE = Path("/etc/uenvfs.toml")
 DEFAULT_MOUNTPOINT = Path("/run/pact/uenv")
 BACKENDS = ("auto", "kernel", "squashfuse")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+GUARD_MODES = ("auto", "always", "never")  # which images' storage is guarded (guard.py)
 
 
 class ConfigError(ValueError):
@@ -54,6 +56,7 @@ class Config:
     read_ahead_kb: int = 1024
     linger_us: int = 100
     open_files_per_allocation: int = 0
+    storage_guard: str = "auto"
     log_level: str = "INFO"
 
     @property
@@ -73,6 +76,9 @@ class Config:
                 raise ConfigError(f"{name} must be a finite number >= 0, not {value!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.storage_guard not in GUARD_MODES:
+            raise ConfigError(f"storage_guard must be one of {', '.join(GUARD_MODES)}, "
+                              f"not {self.storage_guard!r}")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         for name in ("mountpoint", "state_dir"):

@@ -143,9 +143,13 @@ async def _signals(manager: Manager, stop: trio.CancelScope) -> None:
                 log.info("%s: shutting down", signal.Signals(signum).name)
                 stop.cancel()
             elif signum == signal.SIGHUP:
-                log.info("SIGHUP: reload: %s", manager.reload())
+                manager.spawn(_reload_on_signal, manager, task="sighup-reload")
             elif signum == signal.SIGUSR1:
                 manager.spawn(_expire_on_signal, manager, task="sigusr1-expire")
+
+
+async def _reload_on_signal(manager: Manager) -> None:
+    log.info("SIGHUP: reload: %s", await manager.reload())
 
 
 async def _expire_on_signal(manager: Manager) -> None:
@@ -162,7 +166,7 @@ async def run(config: Config) -> None:
         raise StartupError(f"validating images needs {squashfs.RDSQUASHFS} (squashfs-tools-ng), "
                            "not found in PATH; install it or set validate = false")
     catalog = Catalog(config.images, config.maps, config.program_map, config.program_timeout,
-                      answer_ttl=config.negative_cache)
+                      answer_ttl=config.negative_cache, source_timeout=config.mount_timeout)
     catalog.refresh()
     prefixes = InodePrefixes()  # image versions (the manager's) and directories (the fs')
     manager = Manager(config, backend, catalog, prefixes=prefixes)

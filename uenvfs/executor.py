@@ -139,5 +139,5 @@ class Executor:
 
     @handles(Reload)
     async def reload(self, cmd: Reload) -> str:
-        return self.manager.reload()
+        return await self.manager.reload()
 

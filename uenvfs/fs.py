@@ -24,12 +24,13 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
-from . import metrics, paths
+from . import guard, metrics, paths
 from .allocation import AllocationResolver
 from .attributes import from_stat, negative_entry
 from .descriptors import DescriptorBudget
 from .errors import MountError, errno_of
-from .handles import DirHandle, FileHandle, HandleTable, RootDirHandle
+from .guard import Workers
+from .handles import DirHandle, FileHandle, GuardedFileHandle, HandleTable, RootDirHandle
 from .inodes import (
     CONTROL,
     METRICS,
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 NAME_MAX = 255
 FMODE_EXEC = 0o40  # the kernel's __FMODE_EXEC: this open is execve loading a program
 EXEC_SETTLE = (0.05, 0.5)  # when to look at an executing program's allocation again
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -113,7 +115,7 @@ class UenvFS(ReadOnlyOperations):
         self.inodes = InodeTable(prefixes)
         self.handles = HandleTable()
         self.listings = ListingCache()
-        self._scanners: dict[str, trio.CapacityLimiter] = {}  # one listing thread per image
+        self.workers = Workers()  # the worker threads of each image (see guard.py)
         self.prefetcher = Prefetcher()
         self.budget = budget or DescriptorBudget(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self.root = MountRoot(images, self.inodes, self.resolver, self._gauges)
@@ -168,7 +170,10 @@ class UenvFS(ReadOnlyOperations):
             self.inodes.add_lookup(attrs.st_ino, parent, prefix, name, attrs.st_mode)
             return attrs
         try:
-            st = paths.lstat(path + b"/" + name)
+            if mount.guarded:
+                st = await self._lstat_waiting(mount, path + b"/" + name)
+            else:
+                st = paths.lstat(path + b"/" + name)
         except FileNotFoundError:
             return negative_entry()
         ino = child_ino(prefix, st)
@@ -185,12 +190,35 @@ class UenvFS(ReadOnlyOperations):
         node = self.inodes[inode]
         if not node.prefix:
             return self.root.image_attrs(node.image)
-        _, path = self._backing_now(node) or await self._backing(node)
+        mount, path = self._backing_now(node) or await self._backing(node)
+        if mount.guarded:
+            return from_stat(await self._lstat_waiting(mount, path), inode)
         return from_stat(paths.lstat(path), inode)
+
+    async def _lstat_waiting(self, mount: Mount, path: bytes) -> os.stat_result:
+        """`lstat` on guarded storage: in the loop if the kernel's caches can answer it, else
+        in a worker thread of the image (its storage may hang; see guard.py)."""
+        if len(path) < paths.ROOM:
+            st = guard.lstat_cached(path)
+            if st is not None:
+                return st
+        st = await self.workers.run(mount.name, paths.lstat, path)
+        self._check_still(mount)
+        return st
+
+    def _check_still(self, mount: Mount) -> None:
+        """After waiting for a worker thread: ESTALE if *mount* is no longer the image's (it
+        was unmounted or replaced meanwhile); the kernel looks the path up again."""
+        if self.images.mounted(mount.name) is not mount:
+            raise pyfuse3.FUSEError(errno.ESTALE)
 
     @fuse_errors
     async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileNameT:
-        _, path = await self._backing(self.inodes[inode])
+        mount, path = await self._backing(self.inodes[inode])
+        if mount.guarded:
+            target = await self.workers.run(mount.name, paths.call, os.readlink, path)
+            self._check_still(mount)
+            return FileNameT(target)
         return FileNameT(paths.call(os.readlink, path))
 
     @fuse_errors
@@ -204,10 +232,11 @@ class UenvFS(ReadOnlyOperations):
         node = self.inodes[inode] if inode > METRICS else None
         if node is None or self._browsing(node):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        _, path = self._backing_now(node) or await self._backing(node)
+        mount, path = self._backing_now(node) or await self._backing(node)
         try:
-            with paths.reachable(path) as short:
-                return os.getxattr(short, name, follow_symlinks=False)
+            if mount.guarded:
+                return await self.workers.run(mount.name, _getxattr, path, name)
+            return _getxattr(path, name)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
@@ -220,9 +249,11 @@ class UenvFS(ReadOnlyOperations):
         node = self.inodes[inode] if inode > METRICS else None
         if node is None or self._browsing(node):
             return []
-        _, path = self._backing_now(node) or await self._backing(node)
-        with paths.reachable(path) as short:
-            names = os.listxattr(short, follow_symlinks=False)
+        mount, path = self._backing_now(node) or await self._backing(node)
+        if mount.guarded:
+            names = await self.workers.run(mount.name, _listxattr, path)
+        else:
+            names = _listxattr(path)
         return [XAttrNameT(os.fsencode(n)) for n in names]
 
     def _browsing(self, node: Node) -> bool:
@@ -264,12 +295,9 @@ class UenvFS(ReadOnlyOperations):
         return self.handles.add(DirHandle(node.image, use, node, entries))
 
     async def _scan(self, node: Node, path: bytes, prefix: int) -> Listing:
-        """The listing of *node* at *path*, read in a worker thread (one at a time per image:
-        an image on hung storage holds one thread, not all of them)."""
-        limiter = self._scanners.get(node.image)
-        if limiter is None:
-            limiter = self._scanners[node.image] = trio.CapacityLimiter(1)
-        return await trio.to_thread.run_sync(scan, path, node.ino, prefix, limiter=limiter)
+        """The listing of *node* at *path*, read in a worker thread of the image (an image on
+        hung storage holds its own threads, not all of them)."""
+        return await self.workers.run(node.image, scan, path, node.ino, prefix)
 
     @fuse_errors
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -296,30 +324,51 @@ class UenvFS(ReadOnlyOperations):
         if inode <= METRICS:
             if inode == ROOT:
                 raise pyfuse3.FUSEError(errno.EISDIR)
-            handle = self.root.open(inode, flags, ctx)
-            return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True)
+            control = self.root.open(inode, flags, ctx)
+            return pyfuse3.FileInfo(fh=self.handles.add(control), direct_io=True)
         if flags & WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self.inodes[inode]
-        _, path = self._backing_now(node) or await self._backing(node)
+        mount, path = self._backing_now(node) or await self._backing(node)
         if flags & FMODE_EXEC:
             alloc, final = self.resolver.resolve_exec(ctx.pid, ctx.uid)
         else:
             alloc, final = self.resolver.resolve(ctx.pid, ctx.uid), True
         self.budget.take(alloc)
         try:
-            fd = paths.open_file(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            if mount.guarded:
+                fd, size = await self._open_waiting(mount, path)
+            else:
+                fd = paths.open_file(path, OPEN_FLAGS)
         except BaseException:
             self.budget.give_back(alloc)
             raise
         use = self.images.open(node.image, alloc)
-        handle = FileHandle(node.image, use, inode, fd, self.prefetcher, self.budget, alloc)
+        if mount.guarded:
+            handle: FileHandle = GuardedFileHandle(node.image, use, inode, fd, self.prefetcher,
+                                                   self.budget, alloc, size=size)
+        else:
+            handle = FileHandle(node.image, use, inode, fd, self.prefetcher, self.budget, alloc)
         fh = self.handles.add(handle)
         if not final:
             self.images.spawn(self._recount_exec, fh, handle, ctx.pid, ctx.uid,
                               task=f"exec:{ctx.pid}")
         # The image cannot change while mounted: keep the page cache across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def _open_waiting(self, mount: Mount, path: bytes) -> tuple[int, int]:
+        """`open` on guarded storage (see `_lstat_waiting`): the fd and the file's size."""
+        fd = guard.open_cached(path, OPEN_FLAGS) if len(path) < paths.ROOM else None
+        if fd is None:
+            fd = await self.workers.run(mount.name, paths.open_file, path, OPEN_FLAGS)
+            if self.images.mounted(mount.name) is not mount:
+                os.close(fd)
+                raise pyfuse3.FUSEError(errno.ESTALE)
+        try:
+            return fd, os.fstat(fd).st_size
+        except BaseException:
+            os.close(fd)
+            raise
 
     async def _recount_exec(self, fh: int, handle: FileHandle, pid: int, uid: int) -> None:
         """An executable opened by execve counts for the allocation of the program it became.
@@ -342,13 +391,18 @@ class UenvFS(ReadOnlyOperations):
                                       self.handles.counted())
         gauges["uenvfs_known_inodes"] = metrics.gauge(len(self.inodes))
         gauges["uenvfs_listing_cache_entries"] = metrics.gauge(self.listings.entries)
+        gauges["uenvfs_listing_cache_bytes"] = metrics.gauge(self.listings.memory)
+        gauges["uenvfs_storage_waits_total"] = metrics.gauge(self.workers.calls)
         gauges["uenvfs_readahead_windows_total"] = metrics.gauge(self.prefetcher.requests)
         gauges["uenvfs_open_files_refused_total"] = metrics.gauge(self.budget.refused)
         return gauges
 
     @fuse_errors
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
-        return self.handles[fh].read(off, size)
+        handle = self.handles[fh]
+        if handle.waits(off, size):
+            return await handle.read_waiting(self.workers, off, size)
+        return handle.read(off, size)
 
     @fuse_errors
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
@@ -383,3 +437,13 @@ class UenvFS(ReadOnlyOperations):
         ):
             return self.root.attrs(inode)  # `echo cmd > .control` truncates first
         raise pyfuse3.FUSEError(errno.EROFS)
+
+
+def _getxattr(path: bytes, name: bytes) -> bytes:
+    with paths.reachable(path) as short:
+        return os.getxattr(short, name, follow_symlinks=False)
+
+
+def _listxattr(path: bytes) -> list[str]:
+    with paths.reachable(path) as short:
+        return os.listxattr(short, follow_symlinks=False)

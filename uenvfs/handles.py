@@ -14,6 +14,7 @@ import pyfuse3
 from pyfuse3 import FileHandleT
 
 from .descriptors import DescriptorBudget
+from .guard import Workers, is_cached
 from .inodes import Node
 from .interfaces import ImageService
 from .listings import Listing
@@ -27,6 +28,13 @@ class Handle:
     __slots__ = ()
 
     def read(self, off: int, size: int) -> bytes:
+        raise pyfuse3.FUSEError(errno.EBADF)
+
+    def waits(self, off: int, size: int) -> bool:
+        """Whether this read may wait for slow storage: then it is made by `read_waiting`."""
+        return False
+
+    async def read_waiting(self, workers: Workers, off: int, size: int) -> bytes:
         raise pyfuse3.FUSEError(errno.EBADF)
 
     def listing(self) -> tuple[Listing, Node | None]:
@@ -59,7 +67,8 @@ class ImageHandle(Handle):
 @dataclass(eq=False, slots=True)
 class FileHandle(ImageHandle):
     """An open file of an image. Its backing fd is closed when the handle is released or the
-    image force-unmounted; reads fail with EIO from then on."""
+    image force-unmounted (once no read in a worker thread uses it any more); reads fail with
+    EIO from then on."""
 
     ino: int
     fd: int
@@ -68,29 +77,39 @@ class FileHandle(ImageHandle):
     owner: str  # the allocation whose share of descriptors holds `fd`
     dead: bool = False
     readahead: Readahead | None = None  # made on the first read
+    reading: int = 0  # reads of `fd` under way in worker threads
 
     def read(self, off: int, size: int) -> bytes:
         if self.dead:
             raise pyfuse3.FUSEError(errno.EIO)
-        # In the loop even when it must wait for the disk: handing cold reads to worker
-        # threads measured slower here (read every file cold: 12 s instead of 7.5 s).
-        # Sequential readers of big files are read ahead of by the prefetch thread.
+        # In the loop even when it must wait for the disk (but see GuardedFileHandle):
+        # handing cold reads to worker threads measured slower here (read every file cold:
+        # 12 s instead of 7.5 s). Sequential readers of big files are read ahead of by the
+        # prefetch thread.
         data = os.pread(self.fd, size, off)
+        self.have_read(off, len(data))
+        return data
+
+    def have_read(self, off: int, size: int) -> None:
+        """Note a read, for reading ahead."""
         ra = self.readahead
         if ra is None:
             ra = self.readahead = Readahead()
-        window = ra.after_read(off, len(data))
+        window = ra.after_read(off, size)
         if window is not None:
             self.prefetcher.ahead(ra, self.fd, *window)
-        return data
 
     def close(self) -> None:
         if not self.dead:
             self.dead = True
-            os.close(self.fd)
-            self.budget.give_back(self.owner)
             if self.readahead is not None:
                 self.readahead.closed = True
+            if not self.reading:
+                self._close_fd()
+
+    def _close_fd(self) -> None:
+        os.close(self.fd)
+        self.budget.give_back(self.owner)
 
     def release(self, images: ImageService) -> None:
         self.close()
@@ -101,6 +120,32 @@ class FileHandle(ImageHandle):
             return None
         self.close()
         return self.ino
+
+
+@dataclass(eq=False, slots=True)
+class GuardedFileHandle(FileHandle):
+    """An open file of an image on guarded storage (see guard.py): a read that would wait for
+    the storage is made in one of the image's worker threads."""
+
+    size: int = 0  # the file's size: an image never changes
+
+    def waits(self, off: int, size: int) -> bool:
+        return not self.dead and not is_cached(self.fd, off, min(size, self.size - off))
+
+    async def read_waiting(self, workers: Workers, off: int, size: int) -> bytes:
+        """`read` in a worker thread of the image. The fd stays open until it is done (a
+        release meanwhile closes it after), so its number cannot be reused under it."""
+        self.reading += 1
+        try:
+            data = await workers.run(self.image, os.pread, self.fd, size, off)
+        finally:
+            self.reading -= 1
+            if self.dead and not self.reading:
+                self._close_fd()
+        if self.dead:
+            raise pyfuse3.FUSEError(errno.EIO)  # force-unmounted meanwhile
+        self.have_read(off, len(data))
+        return data
 
 
 @dataclass(eq=False, slots=True)

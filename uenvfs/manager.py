@@ -288,9 +288,11 @@ class Manager:
         await self.journal.durable()
         return f"force-unmounted {name}"
 
-    def reload(self) -> str:
+    async def reload(self) -> str:
         before = set(self.catalog.listing())
-        self.catalog.refresh()
+        if await self.catalog.reread() is None:
+            return (f"image sources gave no answer in {self.catalog.source_timeout:g} s; "
+                    f"kept the listing of {len(before)} images")
         after = set(self.catalog.listing())
         self.listener.listing_changed(before ^ after)
         return f"{len(after)} images ({len(after - before)} added, {len(before - after)} removed)"

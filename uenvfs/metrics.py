@@ -24,6 +24,11 @@ HELP = {
     "uenvfs_open_handles": ("gauge", "Open file and directory handles into images."),
     "uenvfs_known_inodes": ("gauge", "Inodes the kernel holds (the table shrinks on FORGET)."),
     "uenvfs_listing_cache_entries": ("gauge", "Directory entries kept for replay."),
+    "uenvfs_listing_cache_bytes": (
+        "gauge", "Estimated memory of the listings kept (at most 64 MiB)."),
+    "uenvfs_storage_waits_total": (
+        "counter", "Calls made in an image's worker threads: listings, and what the caches "
+                   "could not answer on guarded storage."),
     "uenvfs_hold_time_seconds": ("gauge", "Global hold time."),
     "uenvfs_emergency": ("gauge", "1 while emergency mode is on."),
     "uenvfs_mount_attempts_total": ("counter", "Mounts started, by image."),

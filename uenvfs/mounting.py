@@ -21,6 +21,7 @@ from .backend import FileMountBackend, MountBackend, is_mount_point
 from .catalog import Catalog
 from .config import Config
 from .errors import TRANSIENT_ERRNOS, MountFailed, NodeResourceFailed, UnmountFailed
+from .guard import Storage
 from .inodes import Identity, ImageVersion, InodePrefixes
 from .metrics import Metrics
 
@@ -41,6 +42,7 @@ class Mount:
     version: ImageVersion
     source: str
     mounted_at: float = field(default_factory=time.time)
+    guarded: bool = False  # its storage may hang: see guard.py
 
     def __post_init__(self) -> None:
         self.root = os.fsencode(self.backing)  # the backing directory, for path building
@@ -144,6 +146,7 @@ class Mounter:
         # The backend's blocking mount of an open file, for the worker thread of a first access.
         self._mount_file = backend.mount_file if isinstance(backend, FileMountBackend) else None
         self._versions: dict[str, ImageVersion] = {}  # the last one of each name
+        self.storage = Storage(config.storage_guard)
 
     async def mount(self, name: str) -> Mount:
         """Mount *name*'s image at its backing directory. Raises `MountError`.
@@ -171,7 +174,7 @@ class Mounter:
             probe = await self._in_thread(name, path, target, accept, mount_file)
             version = self.version(name, probe.identity)
             if probe.source is not None:
-                return Mount(name, path, target, version, probe.source)
+                return self._mount(name, path, target, version, probe.source)
             if self.config.validate and not version.validated:
                 await self._validate(path, probe)
                 version.validated = True
@@ -181,7 +184,7 @@ class Mounter:
                 if source is None:
                     raise MountFailed(
                         f"{self.backend.name} reported success but {target} is not mounted")
-                return Mount(name, path, target, version, source)
+                return self._mount(name, path, target, version, source)
             accept = _only(version.identity)  # that one, checked now
         raise MountFailed(f"image {path} changed while it was being checked, "
                           f"{CHANGING_ATTEMPTS} times")
@@ -286,8 +289,13 @@ class Mounter:
             identity = self._identity_of_mounted(path, mounted)
         if path is not None:
             self.paths[name] = path
-        return Mount(name, path or Path(), backing, self.version(name, identity), source,
-                     mounted_at or time.time())
+        return self._mount(name, path or Path(), backing, self.version(name, identity), source,
+                           mounted_at or time.time())
+
+    def _mount(self, name: str, path: Path, backing: Path, version: ImageVersion, source: str,
+               mounted_at: float | None = None) -> Mount:
+        return Mount(name, path, backing, version, source, mounted_at or time.time(),
+                     self.storage.guarded(version.identity[0]))
 
     @staticmethod
     def _identity_of_mounted(path: Path | None, mounted: tuple[int, int] | None) -> Identity:

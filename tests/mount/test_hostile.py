@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +22,7 @@ from ..support import (
     build_from_pack,
     build_image,
     errno_of,
+    metric,
     release_holder,
     spawn_holder,
     wait_until,
@@ -33,6 +37,16 @@ def restart(make_daemon: DaemonFactory, old: Daemon) -> Daemon:
     new.expected = old.expected
     old.allow_leftovers = True  # its mounts are handed over, on purpose
     return new.start()
+
+
+def answered(command: list[str], within: float = 5.0) -> str:
+    """The output of *command*, which must finish well within *within* s: a daemon that hangs
+    fails the test instead of hanging it."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=within,
+                              check=True).stdout
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{' '.join(command)}: no answer within {within} s")
 
 
 def test_adoption_never_pairs_a_mount_with_a_replaced_image_file(
@@ -296,17 +310,17 @@ def test_listing_a_huge_directory_does_not_hold_up_other_images(daemon: Daemon) 
         print(f"listing {listing:.2f} s, slowest read of another image {slowest:.3f} s")
         assert slowest < listing / 4
     finally:
-        if lister.poll() is None:
-            lister.kill()
-            lister.wait()
+        stop_all([lister])
 
 
-def test_a_first_access_on_hung_storage_fails_in_time_and_blocks_nothing(
-    daemon: Daemon,
-) -> None:
-    # Image files on a filesystem that stops answering: a squashfuse mount, stopped (a stand-in
-    # for a hung Lustre or NFS server).
-    inner = build_image(daemon.root / "inner.sqfs", {"f": "slow"}).read_bytes()
+@contextlib.contextmanager
+def storage_that_hangs(daemon: Daemon, files: dict[str, str | bytes]
+                       ) -> Iterator[subprocess.Popen[bytes]]:
+    """The image `slow` (of *files*) in a map, on a filesystem that stops answering when the
+    process given is sent SIGSTOP: a squashfuse mount, standing in for a hung Lustre or NFS
+    server; and the image `local` on local disk. The daemon is to be started; it is stopped
+    at the end, and the storage goes on (SIGCONT) and is unmounted."""
+    inner = build_image(daemon.root / "inner.sqfs", files).read_bytes()
     outer = build_image(daemon.root / "outer.sqfs", {"slow.sqfs": inner})
     store = daemon.root / "store"
     store.mkdir()
@@ -317,25 +331,98 @@ def test_a_first_access_on_hung_storage_fails_in_time_and_blocks_nothing(
         site_map.write_text(f"slow {store}/slow.sqfs\n")
         daemon.image("local", {"f": "local"})
         daemon.extra_args = ["--map", str(site_map)]
-        daemon.config = "mount_timeout = 1.5\n"
-        daemon.expect(r"slow: mount failed: image .*slow.sqfs: no answer in 1.5 s")
+        yield squashfuse
+    finally:
+        squashfuse.send_signal(signal.SIGCONT)
+        if daemon.process is not None:
+            daemon.stop()
+        subprocess.run(["fusermount3", "-u", "-z", str(store)], check=False)
+        squashfuse.wait(30)
+
+
+def stop_all(jobs: Iterable[subprocess.Popen[Any]]) -> None:
+    for job in jobs:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+
+
+def test_a_first_access_on_hung_storage_fails_in_time_and_blocks_nothing(
+    daemon: Daemon,
+) -> None:
+    jobs: list[subprocess.Popen[str]] = []
+    with storage_that_hangs(daemon, {"f": "slow"}) as storage:
+        daemon.config = "mount_timeout = 3\n"
+        daemon.expect(r"slow: mount failed: image .*slow.sqfs: no answer in 3 s")
         daemon.start()
-        squashfuse.send_signal(signal.SIGSTOP)
+        storage.send_signal(signal.SIGSTOP)
         try:
             job = subprocess.Popen(["cat", str(daemon.mountpoint / "slow/f")],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            time.sleep(0.3)
-            # Meanwhile everything else is served (before: the daemon itself hung).
-            assert (daemon.mountpoint / "local/f").read_text() == "local"
-            assert daemon.mount_status("local") is not None
+            # More waiting requests than pyfuse3's default of 99 at once (an opendir each:
+            # the kernel does not serialize those as it does lookups).
+            jobs = [subprocess.Popen(["ls", str(daemon.mountpoint / "slow")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True) for _ in range(120)]
+            time.sleep(0.5)
+            # Meanwhile everything else is served (before: the daemon itself hung, and with
+            # 99 requests waiting a read of another image waited as long).
+            assert answered(["cat", str(daemon.mountpoint / "local/f")], 1.5) == "local"
+            assert '"local"' in answered(["cat", str(daemon.mountpoint / ".status")], 1.5)
             _, err = job.communicate(timeout=30)
             assert job.returncode == 1
             assert "Input/output error" in err
+            for lister in jobs:
+                _, err = lister.communicate(timeout=30)
+                assert lister.returncode == 2
+                assert "Input/output error" in err
             status = daemon.mount_status("slow")
             assert status is not None
-            assert "no answer in 1.5 s" in status["error"]
+            assert "no answer in 3 s" in status["error"]
         finally:
-            squashfuse.send_signal(signal.SIGCONT)
-    finally:
-        subprocess.run(["fusermount3", "-u", "-z", str(store)], check=False)
-        squashfuse.wait(30)
+            stop_all(jobs)
+
+
+def test_a_mounted_image_on_hung_storage_blocks_nothing_else(daemon: Daemon) -> None:
+    # As above, but the image is mounted already when its storage stops answering: its reads,
+    # lookups and listings that need the disk wait in worker threads of that image.
+    big = os.urandom(4 << 20)
+    # Enough entries that squashfs's own metadata cache (8 blocks) cannot hold them all.
+    names = [f"entry-with-a-long-name-{i:05d}" for i in range(5000)]
+    files: dict[str, str | bytes] = {"small": "small", "big": big,
+                                     **{f"dir/{n}": n for n in names},
+             **{f"other/{n}": n for n in names}}
+    jobs: list[subprocess.Popen[bytes]] = []
+    with contextlib.ExitStack() as stack:
+        stack.callback(stop_all, jobs)  # after the storage goes on again
+        storage = stack.enter_context(storage_that_hangs(daemon, files))
+        daemon.start()
+        slow = daemon.mountpoint / "slow"
+        assert (slow / "small").read_text() == "small"  # mounted, and its first pages cached
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        storage.send_signal(signal.SIGSTOP)
+        try:
+            jobs = [subprocess.Popen(command, stdout=subprocess.PIPE)
+                    for command in (["cat", str(slow / "big")], ["ls", str(slow / "dir")],
+                                    ["stat", "-c", "%s", str(slow / "other" / names[-1])])]
+            time.sleep(0.5)
+            # The read of big must wait for the storage. The lookup and the listing may not:
+            # the kernel's squashfs can answer them from its own metadata cache.
+            assert jobs[0].poll() is None, "the storage does not hang"
+            # Meanwhile every other image, .status and .control are served (before: the
+            # daemon itself waited in D state for the stopped storage).
+            assert answered(["cat", str(daemon.mountpoint / "local/f")]) == "local"
+            assert '"local"' in answered(["cat", str(daemon.mountpoint / ".status")])
+            answered(["sh", "-c", f"echo expire > {daemon.mountpoint / '.control'}"])
+            assert jobs[0].poll() is None
+        finally:
+            storage.send_signal(signal.SIGCONT)
+        # The jobs that waited for the storage go on when it answers again, with the data.
+        outputs = [job.communicate(timeout=30)[0] for job in jobs]
+        assert [job.returncode for job in jobs] == [0, 0, 0]
+        assert outputs[0] == big
+        assert outputs[1].decode().split() == sorted(names)
+        assert outputs[2].decode().strip() == str(len(names[-1]))
+        # The listing is kept, and what waited for the storage waited in worker threads.
+        assert metric(daemon, "uenvfs_listing_cache_bytes") > len(names) * 360
+        assert metric(daemon, "uenvfs_storage_waits_total") >= 2
