@@ -391,7 +391,7 @@ def test_a_mounted_image_on_hung_storage_blocks_nothing_else(daemon: Daemon) -> 
     names = [f"entry-with-a-long-name-{i:05d}" for i in range(5000)]
     files: dict[str, str | bytes] = {"small": "small", "big": big,
                                      **{f"dir/{n}": n for n in names},
-             **{f"other/{n}": n for n in names}}
+                                     **{f"other/{n}": n for n in names}}
     jobs: list[subprocess.Popen[bytes]] = []
     with contextlib.ExitStack() as stack:
         stack.callback(stop_all, jobs)  # after the storage goes on again
