@@ -26,7 +26,7 @@ from .backend import make_backend, mount_at, read_mountinfo
 from .catalog import Catalog
 from .config import Config
 from .descriptors import RESERVE, DescriptorBudget
-from .errors import MountError, StartupError
+from .errors import CommandError, MountError, StartupError
 from .fs import UenvFS
 from .inodes import InodePrefixes
 from .manager import Manager
@@ -149,7 +149,10 @@ async def _signals(manager: Manager, stop: trio.CancelScope) -> None:
 
 
 async def _reload_on_signal(manager: Manager) -> None:
-    log.info("SIGHUP: reload: %s", await manager.reload())
+    try:
+        log.info("SIGHUP: reload: %s", await manager.reload())
+    except CommandError as exc:
+        log.warning("SIGHUP: reload failed: %s", exc)
 
 
 async def _expire_on_signal(manager: Manager) -> None:

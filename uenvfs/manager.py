@@ -9,6 +9,7 @@ caller never leaves a half-made mount behind. What `.control` commands do is in 
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections import ChainMap
 from collections.abc import Awaitable, Callable, Collection
@@ -21,7 +22,7 @@ from .backend import MountBackend
 from .catalog import Catalog
 from .config import Config
 from .control import Command
-from .errors import JournalWriteFailed, MountError, MountFailed, RefcountInconsistency
+from .errors import CommandError, JournalWriteFailed, MountError, MountFailed, RefcountInconsistency
 from .executor import Executor
 from .hold_timer import HoldTimer
 from .inodes import InodePrefixes
@@ -291,8 +292,9 @@ class Manager:
     async def reload(self) -> str:
         before = set(self.catalog.listing())
         if await self.catalog.reread() is None:
-            return (f"image sources gave no answer in {self.catalog.source_timeout:g} s; "
-                    f"kept the listing of {len(before)} images")
+            raise CommandError(errno.EIO, f"image sources gave no answer in "
+                               f"{self.catalog.source_timeout:g} s; kept the listing of "
+                               f"{len(before)} images")
         after = set(self.catalog.listing())
         self.listener.listing_changed(before ^ after)
         return f"{len(after)} images ({len(after - before)} added, {len(before - after)} removed)"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import trio
 
 from uenvfs.catalog import PROGRAM_BURST, PROGRAM_SHARE, Catalog, ProgramBudget, parse_map
 
@@ -71,3 +73,42 @@ def test_the_share_refills_with_time_up_to_the_burst() -> None:
     assert budget.seconds == pytest.approx(-0.3 + 2.0 * PROGRAM_SHARE)
     budget.refill(1000.0)
     assert budget.seconds == PROGRAM_BURST
+
+
+async def test_sources_that_hang_are_given_up_in_time_and_tried_again_later(
+    tmp_path: Path,
+) -> None:
+    # A map file that blocks its reader (a FIFO with no writer), standing in for a map file on
+    # a hung NFS server.
+    (tmp_path / "m.sqfs").write_bytes(b"x")
+    listed = tmp_path / "listed.map"
+    listed.write_text(f"kept {tmp_path}/m.sqfs\n")
+    fifo = tmp_path / "hung.map"
+    catalog = Catalog([tmp_path], [listed], source_timeout=0.3)
+    catalog.refresh()
+    assert catalog.listing() == {"m": tmp_path / "m.sqfs", "kept": tmp_path / "m.sqfs"}
+    os.mkfifo(fifo)
+    catalog.map_files = [listed, fifo]
+    started = trio.current_time()
+    assert await catalog.reread() is None  # given up: the listing is kept
+    assert 0.3 <= trio.current_time() - started < 2
+    assert catalog.listing() == {"m": tmp_path / "m.sqfs", "kept": tmp_path / "m.sqfs"}
+    # While the call given up has not come back, nothing else waits for the sources.
+    started = trio.current_time()
+    assert await catalog.reread() is None
+    assert await catalog.resolve("other") is None
+    assert trio.current_time() - started < 0.1
+    # The storage answers: the hung reader gets an empty map, and sources are read again.
+    answer_reader(fifo)
+    await trio.sleep(0.1)
+    (tmp_path / "new.sqfs").write_bytes(b"x")
+    assert await catalog.reread() is True
+    assert "new" in catalog.listing()
+
+
+def answer_reader(fifo: Path) -> None:
+    """Let the reader blocked on *fifo* go (an empty file), and leave a plain empty file in
+    its place."""
+    with open(fifo, "w"):  # does not block: there is a reader
+        fifo.unlink()
+        fifo.write_text("")

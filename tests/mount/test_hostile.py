@@ -426,3 +426,35 @@ def test_a_mounted_image_on_hung_storage_blocks_nothing_else(daemon: Daemon) -> 
         # The listing is kept, and what waited for the storage waited in worker threads.
         assert metric(daemon, "uenvfs_listing_cache_bytes") > len(names) * 360
         assert metric(daemon, "uenvfs_storage_waits_total") >= 2
+
+
+def test_a_reload_with_a_hung_map_file_fails_in_time_and_blocks_nothing(daemon: Daemon) -> None:
+    site_map = daemon.root / "site.map"
+    site_map.write_text(f"mapped {daemon.image('local', {'f': 'local'})}\n")
+    daemon.extra_args = ["--map", str(site_map)]
+    daemon.config = "mount_timeout = 2\n"
+    daemon.expect(r"image sources gave no answer in 2(\.0)? s")
+    daemon.start()
+    # The map file now blocks its reader, as one on a hung NFS server would.
+    site_map.unlink()
+    os.mkfifo(site_map)
+    reload = subprocess.Popen([sys.executable, "-m", "uenvfs", "reload", "--mountpoint",
+                               str(daemon.mountpoint)], stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)
+        assert reload.poll() is None
+        # Meanwhile the images and .status are served. (The kernel serializes writes to
+        # .control: a command written now waits for the reload to give up.)
+        assert answered(["cat", str(daemon.mountpoint / "mapped/f")], 1.5) == "local"
+        assert '"mapped"' in answered(["cat", str(daemon.mountpoint / ".status")], 1.5)
+        _, err = reload.communicate(timeout=10)
+        assert reload.returncode == 1
+        assert "Input/output error" in err
+        # The listing is kept, and later commands are not held up.
+        assert sorted(n for n in os.listdir(daemon.mountpoint) if n[0] != ".") == [
+            "local", "mapped"]
+        answered(["sh", "-c", f"echo expire > {daemon.mountpoint / '.control'}"], 1.5)
+    finally:
+        stop_all([reload])
+        with open(site_map, "w"):  # the reader given up on goes
+            pass
