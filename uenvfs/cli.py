@@ -102,12 +102,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.verify:
+        send(args, str(control.Verify()))
     document = read_status(args)
+    if args.verify:
+        return _print_verify(document, args.json)
     if args.json:
         print(json.dumps(document, indent=1))
     else:
         print(status.format_table(document), end="")
     return EXIT_OK
+
+
+def _print_verify(document: dict[str, object], as_json: bool) -> int:
+    """The differences of the daemon's counts from the processes; exit 1 if there are any."""
+    verified = document.get("verify")
+    if not isinstance(verified, dict):
+        raise CliError("the daemon did not report a verification (an older uenvfs?)")
+    differences = list(verified.get("differences", []))
+    if as_json:
+        print(json.dumps(verified, indent=1))
+    elif differences:
+        print("\n".join(differences))
+    else:
+        print("every count agrees with the processes")
+    return EXIT_FAILED if differences else EXIT_OK
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
@@ -290,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("status", "show the mounted images, refcounts and hold timers", cmd_status)
     p.add_argument("--json", action="store_true", help="print the .status document")
+    p.add_argument("--verify", action="store_true",
+                   help="compare every count with a scan of the processes (open files, "
+                        "mappings, programs, working directories) and print what differs; "
+                        "exit 1 if anything does")
     add("metrics", "print .metrics (Prometheus text format)", cmd_metrics)
 
     p = add("images", "list the images of the image sources, with their uenv metadata",

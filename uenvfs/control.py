@@ -245,6 +245,11 @@ class Reload(Command):
     pass
 
 
+@command("verify", "compare every count with a scan of the processes (see .status)")
+class Verify(Command):
+    pass
+
+
 # -- parsing -----------------------------------------------------------------------------------
 
 

@@ -96,6 +96,14 @@ async def _tune_after_init(fs: UenvFS, config: Config) -> None:
     _tune_readahead(config)
 
 
+async def _watch_uses(fs: UenvFS) -> None:
+    """Count the processes sitting in images (see uses.py), once the mount is there."""
+    await fs.initialized.wait()
+    await trio.lowlevel.checkpoint()
+    await fs.uses.start()
+    await fs.uses.run()
+
+
 def _prepare_dirs(config: Config) -> None:
     for directory in (config.state_dir, config.backing_root, config.mountpoint):
         try:
@@ -179,7 +187,8 @@ async def run(config: Config) -> None:
     budget = DescriptorBudget(limit, config.open_files_per_allocation)
     log.info("open files: %d per allocation, %d in all (descriptor limit %d)",
              budget.per_allocation, limit - RESERVE, limit)
-    fs = UenvFS(manager, prefixes, resolver, budget)
+    fs = UenvFS(manager, prefixes, resolver, budget, config.mountpoint)
+    fs.uses.hold_time = lambda: manager.registry.hold_time
     manager.listener = fs.listener
 
     lock = lock_state_dir(config.state_dir)  # held until the process exits
@@ -201,6 +210,7 @@ async def run(config: Config) -> None:
             serving = trio.CancelScope()
             nursery.start_soon(_signals, manager, serving, name="signals")
             nursery.start_soon(_tune_after_init, fs, config, name="readahead")
+            nursery.start_soon(_watch_uses, fs, name="uses")
             with serving:
                 _sd_notify("READY=1")
                 await pyfuse3.main(max_tasks=MAX_REQUESTS)

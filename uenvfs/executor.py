@@ -17,6 +17,7 @@ from .control import (
     Reconcile,
     Release,
     Reload,
+    Verify,
 )
 from .errors import CommandError, JournalWriteFailed, MountError
 
@@ -140,4 +141,8 @@ class Executor:
     @handles(Reload)
     async def reload(self, cmd: Reload) -> str:
         return await self.manager.reload()
+
+    @handles(Verify)
+    async def verify(self, cmd: Verify) -> str:
+        return await self.manager.verify()
 

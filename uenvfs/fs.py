@@ -18,6 +18,7 @@ import logging
 import os
 import resource
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
@@ -48,6 +49,7 @@ from .listings import Listing, ListingCache, scan
 from .prefetch import Prefetcher
 from .readonly import ReadOnlyOperations
 from .root import WRITE_FLAGS, Gauges, MountRoot
+from .uses import FRESH, UseScanner
 
 if TYPE_CHECKING:
     from .mounting import Mount
@@ -107,6 +109,7 @@ class UenvFS(ReadOnlyOperations):
         prefixes: InodePrefixes,
         resolver: AllocationResolver | None = None,
         budget: DescriptorBudget | None = None,
+        mountpoint: Path | None = None,
     ) -> None:
         super().__init__()
         self.images = images
@@ -119,7 +122,9 @@ class UenvFS(ReadOnlyOperations):
         self.prefetcher = Prefetcher()
         self.budget = budget or DescriptorBudget(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self.root = MountRoot(images, self.inodes, self.resolver, self._gauges)
-        self.listener = FsListener(images, self.handles)
+        # Processes sitting in images (none counted without a mountpoint to scan for).
+        self.uses = UseScanner(mountpoint or Path(), self.inodes, self.resolver, images)
+        self.listener = FsListener(images, self.handles, self.uses)
         self.initialized = trio.Event()  # set once the kernel's INIT request was answered
 
     def init(self) -> None:
@@ -324,6 +329,8 @@ class UenvFS(ReadOnlyOperations):
         if inode <= METRICS:
             if inode == ROOT:
                 raise pyfuse3.FUSEError(errno.EISDIR)
+            if inode != CONTROL:
+                await self.uses.refresh(FRESH)  # .status and .metrics count them right
             control = self.root.open(inode, flags, ctx)
             return pyfuse3.FileInfo(fh=self.handles.add(control), direct_io=True)
         if flags & WRITE_FLAGS:
@@ -387,8 +394,14 @@ class UenvFS(ReadOnlyOperations):
 
     def _gauges(self) -> Gauges:
         """The gauges of `.metrics`: the images' state and the filesystem's own."""
-        gauges = metrics.state_gauges(self.images.status(), len(self.images.listed_names()),
+        document = self.images.status()
+        gauges = metrics.state_gauges(document, len(self.images.listed_names()),
                                       self.handles.counted())
+        verified = document.get("verify")
+        if verified is not None:
+            gauges["uenvfs_verify_differences"] = metrics.gauge(len(verified["differences"]))
+        gauges["uenvfs_process_scans_total"] = metrics.gauge(self.uses.scans)
+        gauges["uenvfs_process_scan_seconds"] = metrics.gauge(self.uses.scan_seconds)
         gauges["uenvfs_known_inodes"] = metrics.gauge(len(self.inodes))
         gauges["uenvfs_listing_cache_entries"] = metrics.gauge(self.listings.entries)
         gauges["uenvfs_listing_cache_bytes"] = metrics.gauge(self.listings.memory)
@@ -422,6 +435,8 @@ class UenvFS(ReadOnlyOperations):
         for fh in list(self.handles):
             self._release(fh)
         self.prefetcher.close()
+        self.uses.dev = None  # processes sitting in images no longer use this connection
+        self.images.sitting({})
 
     @fuse_errors
     async def setattr(

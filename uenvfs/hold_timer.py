@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -28,10 +28,12 @@ class HoldTimer:
         registry: Registry,
         unmount: Callable[[str], None],
         clock: Callable[[], float] = trio.current_time,
+        check: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.registry = registry
         self.unmount = unmount  # starts the unmount of an image its timer expired
         self.clock = clock
+        self.check = check  # counts the uses FUSE does not see, before anything is unmounted
         self.sleeping_until = math.inf
         self._wakeup = trio.Event()
 
@@ -44,6 +46,9 @@ class HoldTimer:
             with trio.move_on_at(self.sleeping_until):
                 await self._wakeup.wait()
             now = self.clock()
+            if self.check is not None and self.registry.due(now):
+                await self.check()  # a process sitting in an image keeps it
+                now = self.clock()
             for image in self.registry.due(now):
                 hold_time = self.registry.hold_time_of(image)
                 if image.expire(now, hold_time):

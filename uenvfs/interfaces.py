@@ -6,7 +6,7 @@ through `MountListener`. The daemon wires the two together.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -53,6 +53,10 @@ class ImageService(Protocol):
     def status(self) -> dict[str, Any]:
         """The `.status` document."""
 
+    def sitting(self, found: Mapping[str, Mapping[str, int]]) -> bool:
+        """A scan found these processes sitting in images (image -> allocation -> how many):
+        count them. Returns whether any sits in a mounted image."""
+
     async def execute(self, command: Command) -> str:
         """Apply one `.control` command: a short outcome, or `CommandError`."""
 
@@ -69,6 +73,12 @@ class MountListener(Protocol):
     def listing_changed(self, names: Iterable[str]) -> None:
         """*names* were added to or removed from the image sources."""
 
+    async def check_uses(self, max_age: float) -> None:
+        """Count the processes sitting in images now (a scan at most *max_age* s old)."""
+
+    async def verify(self) -> list[str]:
+        """What differs between the counts and a full scan of the processes."""
+
 
 class NoListener:
     """A `MountListener` that does nothing (no filesystem attached, as in manager tests)."""
@@ -81,3 +91,9 @@ class NoListener:
 
     def listing_changed(self, names: Iterable[str]) -> None:
         pass
+
+    async def check_uses(self, max_age: float) -> None:
+        pass
+
+    async def verify(self) -> list[str]:
+        return []

@@ -13,6 +13,7 @@ from pyfuse3 import FileNameT, InodeT
 from .handles import HandleTable
 from .inodes import ROOT
 from .interfaces import ImageService
+from .uses import UseScanner
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +21,10 @@ log = logging.getLogger(__name__)
 class FsListener:
     """The filesystem's `MountListener` (the daemon hands it to the manager)."""
 
-    def __init__(self, images: ImageService, handles: HandleTable) -> None:
+    def __init__(self, images: ImageService, handles: HandleTable, uses: UseScanner) -> None:
         self.images = images
         self.handles = handles
+        self.uses = uses
 
     async def force_unmounted(self, name: str) -> None:
         """Every handle into *name* fails with EIO from now on.
@@ -46,6 +48,12 @@ class FsListener:
         for name in names:
             if not self.images.has_backing_mount(name):
                 self.entry_stale(name)
+
+    async def check_uses(self, max_age: float) -> None:
+        await self.uses.refresh(max_age)
+
+    async def verify(self) -> list[str]:
+        return await self.uses.verify()
 
 
 def _invalidate_pages(inodes: Sequence[int]) -> None:

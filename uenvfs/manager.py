@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections import ChainMap
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from .metrics import Metrics
 from .mounting import Mount, Mounter
 from .recovery import Adoption
 from .state import Phase, Registry, Use
-from .status import mount_statuses, status_document
+from .status import iso_time, mount_statuses, status_document
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class Manager:
                                prefixes or InodePrefixes(), clock,
                                lambda name: self.listener.entry_stale(name), threads=threads)
         self._changed: dict[str, trio.Event] = {}
-        self.timer = HoldTimer(self.registry, self._start_unmount, clock)
+        self.timer = HoldTimer(self.registry, self._start_unmount, clock, self._check_uses)
         self._wake_for = self.timer.wake_for  # bound once: close() calls it on every release
         self.journal = JournalWriter(config.journal_path, self.journal_state, self.metrics,
                                      in_thread=threads)
@@ -81,6 +82,7 @@ class Manager:
         self._nursery: trio.Nursery | None = None
         # The filesystem: an image's handles must die / its cached names go stale.
         self.listener: MountListener = NoListener()
+        self.last_verify: dict[str, Any] | None = None  # the last `verify`: when, what differed
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -238,6 +240,30 @@ class Manager:
             log.exception("refcount bug on %s; continuing", name)
         self._wake_for(image)
 
+    def sitting(self, found: Mapping[str, Mapping[str, int]]) -> bool:
+        """A scan found these processes sitting in images: count them (see uses.py)."""
+        changed = self.registry.sitting(found, self.clock())
+        for image in changed:
+            log.debug("%s: processes sitting there: %s", image.name,
+                      {u.alloc: u.cwd for u in image.users.values() if u.cwd} or "none")
+        if changed:
+            self.timer.wake()
+        return any(u.cwd for i in self.registry if i.is_mounted for u in i.users.values())
+
+    async def _check_uses(self) -> None:
+        """Count the processes sitting in images now, before anything is unmounted."""
+        await self.listener.check_uses(0.0)
+
+    async def verify(self) -> str:
+        """Compare every count with a full scan of the processes; kept for `.status`."""
+        differences = await self.listener.verify()
+        self.last_verify = {"at": iso_time(time.time()), "differences": differences}
+        for text in differences:
+            log.warning("verify: %s", text)
+        if not differences:
+            return "every count agrees with the processes"
+        return f"{len(differences)} difference(s) from the processes"
+
     # -- commands, and the lifecycle steps they ask for --------------------------------------
 
     async def known(self, name: str, uid: int = 0) -> bool:
@@ -262,6 +288,7 @@ class Manager:
 
     async def expire(self, names: list[str]) -> str:
         """Unmount now each of *names* that is idle, whatever its hold time."""
+        await self._check_uses()  # a process sitting in an image keeps it
         started = []
         for name in names:
             await self._wait_settled(name)
@@ -277,6 +304,7 @@ class Manager:
     async def force_unmount(self, name: str) -> str:
         """Emergency: unmount *name* whatever its refcount, its open handles killed first."""
         await self._wait_settled(name)
+        await self._check_uses()  # the allocations dropped are logged: count them all
         image = self.registry[name]
         if not image.is_mounted:
             return f"{name} is not mounted"
@@ -341,7 +369,7 @@ class Manager:
             backing_root=self.config.backing_root, image_paths=self.mounter.paths,
             mounts=ChainMap[str, Mount](self.mounts, self._unmounting))
         return status_document(str(self.config.mountpoint), self.registry.hold_time,
-                               self.executor.emergency, mounts)
+                               self.executor.emergency, mounts, self.last_verify)
 
     async def shutdown(self) -> None:
         """Unmount every idle image; acquired images stay mounted for the next daemon to adopt."""

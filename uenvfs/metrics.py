@@ -46,6 +46,11 @@ HELP = {
         "counter", "Opens refused: the allocation held its share of descriptors (EMFILE)."),
     "uenvfs_program_map_refused_total": (
         "counter", "Names not asked of the program map: the user was over its share, by uid."),
+    "uenvfs_process_scans_total": (
+        "counter", "Scans of /proc for processes sitting in images."),
+    "uenvfs_process_scan_seconds": ("gauge", "How long the last scan of /proc took."),
+    "uenvfs_verify_differences": (
+        "gauge", "Differences of the counts from the processes at the last `verify`."),
     "uenvfs_readahead_windows_total": (
         "counter", "Windows of big files read ahead of sequential readers."),
 }

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from .errors import RefcountInconsistency
@@ -58,17 +58,19 @@ class Use:
     alloc: str
     opens: int = 0
     acquired: bool = False
+    cwd: int = 0  # its processes whose working directory or root is in the image (a scan's)
 
     @property
     def active(self) -> bool:
-        return self.opens > 0 or self.acquired
+        return self.opens > 0 or self.acquired or self.cwd > 0
 
 
 class Image:
     """The state of one image.
 
     Invariants (checked by `check`):
-      - refcount == len(users) >= 0, and every user is active (opens > 0 or acquired);
+      - refcount == len(users) >= 0, and every user is active (opens > 0, acquired, or
+        processes sitting in the image: cwd > 0);
       - users is non-empty only while MOUNTED, and MOUNTED always has users;
       - idle_since is set (the hold timer runs) exactly while HOLDING.
     """
@@ -96,7 +98,7 @@ class Image:
 
     def check(self) -> None:
         """Raise `RefcountInconsistency` if an invariant does not hold."""
-        if any(not u.active or u.opens < 0 for u in self.users.values()):
+        if any(not u.active or u.opens < 0 or u.cwd < 0 for u in self.users.values()):
             raise RefcountInconsistency(f"{self.name}: inactive or negative use {self.users}")
         if (self.phase is Phase.MOUNTED) != bool(self.users):
             raise RefcountInconsistency(
@@ -193,13 +195,33 @@ class Image:
         use.acquired = True
         return not already
 
+    def sitting(self, counts: Mapping[str, int], now: float) -> bool:
+        """A scan of the processes found *counts* of each allocation's processes with their
+        working directory or root in the image (none for allocations not named). Only a
+        mounted image counts them. Returns whether a count changed."""
+        if not self.is_mounted:
+            return False
+        changed = False
+        for use in [u for u in self.users.values() if u.cwd and not counts.get(u.alloc)]:
+            use.cwd = 0
+            changed = True
+            self._drop_if_idle(use, now)
+        for alloc, count in counts.items():
+            known = self.users.get(alloc)
+            if count > 0 and (known is None or known.cwd != count):
+                self._add_use(alloc).cwd = count
+                changed = True
+        return changed
+
     def release(self, alloc: str, now: float) -> bool:
-        """*alloc* no longer uses the image; its open handles are forgotten too."""
+        """*alloc* no longer uses the image; its open handles are forgotten too, and its
+        processes sitting in it until a scan finds them again."""
         use = self.users.get(alloc)
         if use is None:
             return False
         use.opens = 0
         use.acquired = False
+        use.cwd = 0
         self._drop_if_idle(use, now)
         return True
 
@@ -275,6 +297,11 @@ class Registry:
     def due(self, now: float) -> list[Image]:
         """The images whose hold timer ran out."""
         return [i for i in self.images.values() if i.due(now, self.hold_time_of(i))]
+
+    def sitting(self, found: Mapping[str, Mapping[str, int]], now: float) -> list[Image]:
+        """Apply a scan of the processes sitting in images (image -> allocation -> processes)
+        to every image. Returns the images whose counts changed."""
+        return [i for i in self.images.values() if i.sitting(found.get(i.name, {}), now)]
 
     def users_of(self, alloc: str) -> list[Image]:
         return [i for i in self.images.values() if alloc in i.users]

@@ -6,7 +6,8 @@ Pure: no trio, no pyfuse3. The document (version 1) lists every image that is no
      "mounts": [{"name": "pytorch-2.5", "image_path": "/images/pytorch-2.5.sqfs",
                  "mount_point": "/run/pact/uenv/pytorch-2.5",
                  "backing": "/run/pact/uenvfs/mnt/pytorch-2.5", "state": "mounted",
-                 "refcount": 1, "allocations": {"slurm-7": {"opens": 0, "acquired": true}},
+                 "refcount": 1,
+                 "allocations": {"slurm-7": {"opens": 0, "acquired": true, "cwd": 1}},
                  "hold_remaining": null, "mounted_at": "2026-11-30T06:00:00Z", "error": null}]}
 """
 
@@ -40,7 +41,7 @@ class MountStatus:
     backing: str
     state: str
     refcount: int
-    allocations: Mapping[str, tuple[int, bool]] = field(default_factory=dict)
+    allocations: Mapping[str, tuple[int, bool, int]] = field(default_factory=dict)
     hold_remaining: float | None = None
     mounted_at: str | None = None
     error: str | None = None
@@ -54,8 +55,8 @@ class MountStatus:
             "state": self.state,
             "refcount": self.refcount,
             "allocations": {
-                alloc: {"opens": opens, "acquired": acquired}
-                for alloc, (opens, acquired) in sorted(self.allocations.items())
+                alloc: {"opens": opens, "acquired": acquired, "cwd": cwd}
+                for alloc, (opens, acquired, cwd) in sorted(self.allocations.items())
             },
             "hold_remaining": (
                 None if self.hold_remaining is None else round(self.hold_remaining, 3)
@@ -97,7 +98,7 @@ def mount_statuses(
             backing=str(backing_root / image.name),
             state=state,
             refcount=image.refcount,
-            allocations={a: (u.opens, u.acquired) for a, u in image.users.items()},
+            allocations={a: (u.opens, u.acquired, u.cwd) for a, u in image.users.items()},
             hold_remaining=None if deadline is None else max(0.0, deadline - now),
             mounted_at=iso_time(mount.mounted_at) if mount else None,
             error=image.error,
@@ -106,14 +107,18 @@ def mount_statuses(
 
 
 def status_document(
-    mountpoint: str, hold_time: float, emergency: bool, mounts: Sequence[MountStatus]
+    mountpoint: str, hold_time: float, emergency: bool, mounts: Sequence[MountStatus],
+    verify: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The document; *verify*: the last comparison of the counts with the processes
+    (`{"at": time, "differences": [...]}`), or None before the first."""
     return {
         "version": STATUS_VERSION,
         "mountpoint": mountpoint,
         "hold_time": hold_time,
         "emergency": emergency,
         "mounts": [m.to_json() for m in sorted(mounts, key=lambda m: m.name)],
+        "verify": None if verify is None else dict(verify),
     }
 
 
@@ -134,7 +139,8 @@ def format_table(document: Mapping[str, Any]) -> str:
     rows = [("NAME", "STATE", "REFS", "HOLD", "ALLOCATIONS", "ERROR")]
     for m in mounts:
         allocs = ",".join(
-            f"{a}({u['opens']}{'+acq' if u['acquired'] else ''})"
+            f"{a}({u['opens']}{'+acq' if u['acquired'] else ''}"
+            f"{'+cwd' if u.get('cwd') else ''})"
             for a, u in m["allocations"].items()
         )
         hold = "" if m["hold_remaining"] is None else f"{m['hold_remaining']:.0f}s"

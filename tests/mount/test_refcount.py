@@ -49,8 +49,8 @@ def test_two_allocations_then_hold_then_unmount_then_remount(daemon: Daemon) -> 
     status = daemon.mount_status("img")
     assert status is not None
     assert (status["state"], status["refcount"]) == ("mounted", 2)
-    assert status["allocations"] == {"alloc-1": {"opens": 1, "acquired": False},
-                                     "alloc-2": {"opens": 2, "acquired": False}}
+    assert status["allocations"] == {"alloc-1": {"opens": 1, "acquired": False, "cwd": 0},
+                                     "alloc-2": {"opens": 2, "acquired": False, "cwd": 0}}
     assert status["hold_remaining"] is None
     release_holder(h1)
     status = daemon.mount_status("img")
@@ -58,7 +58,7 @@ def test_two_allocations_then_hold_then_unmount_then_remount(daemon: Daemon) -> 
     assert (status["refcount"], list(status["allocations"])) == (1, ["alloc-2"])
     release_holder(h2)
     assert daemon.mount_status("img")["allocations"] == {  # type: ignore[index]
-        "alloc-2": {"opens": 1, "acquired": False}}
+        "alloc-2": {"opens": 1, "acquired": False, "cwd": 0}}
     release_holder(h3)
     status = daemon.mount_status("img")
     assert status is not None
@@ -74,19 +74,32 @@ def test_two_allocations_then_hold_then_unmount_then_remount(daemon: Daemon) -> 
     assert daemon.backing_mounted("img")
 
 
-def test_shell_in_the_image_survives_unmount_and_remount(daemon: Daemon) -> None:
+def test_shell_in_the_image_survives_a_force_unmount_and_remount(daemon: Daemon) -> None:
+    # A shell sitting in an image keeps it mounted (see test_cwd.py); only a force-unmount
+    # takes it away, and the shell's next access mounts it again.
     daemon.hold_time = 0.5
     daemon.image("img", {"a": "first\n", "sub/c": "deep\n"})
+    daemon.expect("FORCE-UNMOUNT")
+    daemon.expect("emergency mode ON")
     daemon.start()
     flag = daemon.root / "wait"
     flag.touch()
     script = (f"cd {daemon.mountpoint}/img/sub && cat c && "
               f"while [ -e {flag} ]; do sleep 0.05; done && cat c && ls .. && /bin/pwd")
-    shell = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True)
-    wait_until(lambda: daemon.backing_mounted("img"), what="the first mount")
-    wait_until(lambda: not daemon.backing_mounted("img"), what="the hold timer to unmount")
-    flag.unlink()
-    out, _ = shell.communicate(timeout=30)
+    with subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True) as shell:
+        try:
+            # The shell and its `sleep` children sit there.
+            wait_until(lambda: [u["cwd"] > 0 for u in (daemon.mount_status("img") or {
+                "allocations": {}})["allocations"].values()] == [True], what="the shell to count")
+            time.sleep(1.0)  # two hold times
+            assert daemon.backing_mounted("img")
+            daemon.control("emergency on")
+            daemon.control("force-unmount img")
+            assert not daemon.backing_mounted("img")
+            flag.unlink()
+            out, _ = shell.communicate(timeout=30)
+        finally:
+            shell.kill()
     assert shell.returncode == 0
     assert out == f"deep\ndeep\na\nsub\n{daemon.mountpoint}/img/sub\n"
     assert daemon.backing_mounted("img")
@@ -210,7 +223,7 @@ def test_status_command_table_and_json(daemon: Daemon) -> None:
         document = json.loads(as_json.stdout)
         assert document == daemon.status() | {"mounts": document["mounts"]}
         assert document["mounts"][0]["allocations"] == {
-            "alloc-7": {"opens": 1, "acquired": False}}
+            "alloc-7": {"opens": 1, "acquired": False, "cwd": 0}}
     finally:
         release_holder(holder)
     gone = run_in("/", f"{sys.executable} -m uenvfs status --mountpoint /nonexistent")

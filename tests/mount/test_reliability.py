@@ -244,6 +244,7 @@ root, alloc, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 images = sys.argv[4:]
 rng = random.Random(seed)
 held = []  # (image, file object)
+sitting = None  # the image the working directory is in
 reads = errors = 0
 last_error = ""
 def say(obj):
@@ -252,11 +253,18 @@ while True:
     if select.select([sys.stdin], [], [], 0)[0]:
         command = sys.stdin.readline().strip()
         if command == "pause":
-            say({"held": [image for image, _ in held]})
+            say({"held": [image for image, _ in held], "cwd": sitting})
             sys.stdin.readline()  # resume
         elif command in ("stop", ""):
             break
     try:
+        if rng.random() < 0.02:  # now and then, sit in an image, or leave
+            sitting = None if sitting else images[rng.randrange(len(images))]
+            os.chdir(os.path.join(root, sitting, "d0") if sitting else "/")
+            if sitting:
+                # A cd alone may mount nothing (the kernel may still know the names of an
+                # unmounted image); a look around does, and from then on it must stay.
+                os.listdir(".")
         if held and (len(held) >= 3 or rng.random() < 0.5):
             _, f = held.pop(rng.randrange(len(held)))
             f.close()
@@ -287,23 +295,27 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def expected_opens(held: dict[str, list[str]]) -> dict[str, dict[str, int]]:
-    by_image: dict[str, dict[str, int]] = {}
-    for alloc, images in held.items():
-        for image in images:
-            by_image.setdefault(image, {}).setdefault(alloc, 0)
-            by_image[image][alloc] += 1
+Uses = dict[str, dict[str, dict[str, int]]]  # image -> allocation -> {"opens", "cwd"}
+
+
+def expected_uses(held: dict[str, list[str]], sitting: dict[str, list[str]]) -> Uses:
+    by_image: Uses = {}
+    for kind, found in (("opens", held), ("cwd", sitting)):
+        for alloc, images in found.items():
+            for image in images:
+                use = by_image.setdefault(image, {}).setdefault(alloc, {"opens": 0, "cwd": 0})
+                use[kind] += 1
     return by_image
 
 
-def observed_opens(daemon: Daemon) -> dict[str, dict[str, int]]:
+def observed_uses(daemon: Daemon) -> Uses:
     result = {}
     for m in daemon.status()["mounts"]:
         assert m["refcount"] == len(m["allocations"]) >= 0
-        opens = {a: u["opens"] for a, u in m["allocations"].items()}
-        assert all(n > 0 for n in opens.values())
-        if opens:
-            result[m["name"]] = opens
+        uses = {a: {"opens": u["opens"], "cwd": u["cwd"]} for a, u in m["allocations"].items()}
+        assert all(u["opens"] > 0 or u["cwd"] > 0 for u in uses.values())
+        if uses:
+            result[m["name"]] = uses
     return result
 
 
@@ -325,6 +337,7 @@ def test_churn_keeps_refcounts_exact(daemon: Daemon) -> None:
             env={**os.environ, "PACT_ALLOCATION_ID": alloc})))
     rss: list[int] = []
     checkpoints = 0
+    sat = 0  # workers found sitting in an image at checkpoints
     mounts_seen = 0
     end = time.monotonic() + seconds
     try:
@@ -335,14 +348,24 @@ def test_churn_keeps_refcounts_exact(daemon: Daemon) -> None:
                 w.stdin.write("pause\n")
                 w.stdin.flush()
             held: dict[str, list[str]] = {}
+            sitting: dict[str, list[str]] = {}
             for alloc, w in workers:
                 assert w.stdout is not None
-                line = w.stdout.readline()
-                held.setdefault(alloc, []).extend(json.loads(line)["held"])
-            want = expected_opens(held)
+                report = json.loads(w.stdout.readline())
+                held.setdefault(alloc, []).extend(report["held"])
+                sitting.setdefault(alloc, []).extend([report["cwd"]] if report["cwd"] else [])
+            want = expected_uses(held, sitting)
             # Releases of closed files reach the daemon asynchronously: allow them to land.
-            wait_until(functools.partial(lambda w: observed_opens(daemon) == w, want),
-                       timeout=10, what=f"refcounts to match what the workers hold: {want}")
+            try:
+                wait_until(functools.partial(lambda w: observed_uses(daemon) == w, want),
+                           timeout=10, what="refcounts to match what the workers hold")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}: want {want}, have {observed_uses(daemon)}") from None
+            # A scan of the processes agrees with every count.
+            verified = daemon.cli("status", "--verify")
+            assert (verified.returncode, verified.stdout) == (
+                0, "every count agrees with the processes\n"), verified.stdout
+            sat += sum(map(len, sitting.values()))
             mounts_seen = max(mounts_seen, len(daemon.backing_mounts()))
             checkpoints += 1
             rss.append(rss_kib(daemon.process.pid))
@@ -365,13 +388,15 @@ def test_churn_keeps_refcounts_exact(daemon: Daemon) -> None:
     assert errors == 0, [r["last_error"] for r in results if r.get("errors")]
     assert reads > 1000
     assert checkpoints >= 3
+    assert sat > 0  # the workers did sit in images
     mount_count = metric(daemon, "uenvfs_mount_seconds_count")
     assert mount_count > len(names)  # images really did unmount and mount again under load
     wait_until(lambda: daemon.backing_mounts() == [], what="every image to unmount at the end")
     wait_until(lambda: loop_count(daemon.root) == loops_before,
                what="every loop device to be detached")
     growth = rss[-1] - rss[0]
-    print(f"churn: {reads} reads, {checkpoints} checkpoints, {int(mount_count)} mounts, "
+    print(f"churn: {reads} reads, {checkpoints} checkpoints ({sat} workers sitting in "
+          f"images), {int(mount_count)} mounts, "
           f"RSS {rss[0]} -> {rss[-1]} KiB")
     assert growth < 20 * 1024, f"daemon RSS grew by {growth} KiB"
 

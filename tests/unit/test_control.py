@@ -108,11 +108,12 @@ def test_the_table_has_every_command_with_its_usage() -> None:
         "emergency": "emergency on|off",
         "force-unmount": "force-unmount NAME",
         "reload": "reload",
+        "verify": "verify",
     }
     assert all(kind.verb == verb for verb, kind in COMMANDS.items())
     expected = ", ".join(COMMANDS)
     assert expected == ("acquire, release, reconcile, expire, hold-time, emergency, "
-                        "force-unmount, reload")
+                        "force-unmount, reload, verify")
     with pytest.raises(CommandError, match=f"expected one of: {expected}$"):
         parse_line("nosuch")
 

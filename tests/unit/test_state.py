@@ -207,7 +207,8 @@ ALLOCS = st.sampled_from(["alloc-1", "alloc-2", "slurm-3", "uid-0"])
 
 
 class ImageMachine(RuleBasedStateMachine):
-    """Random opens, closes, acquires, releases, reconciles, timer expiries and remounts.
+    """Random opens, closes, acquires, releases, reconciles, scans of processes sitting in the
+    image, timer expiries and remounts.
 
     A model counts independently: a handle counts while its allocation has not been released
     since the handle opened (a per-allocation generation), so the refcount must equal the
@@ -222,6 +223,7 @@ class ImageMachine(RuleBasedStateMachine):
         self.handles: list[tuple[Use, str, int]] = []
         self.generation: dict[str, int] = {}
         self.acquired: set[str] = set()
+        self.sitting: dict[str, int] = {}  # the last scan's, while it counts
 
     def gen(self, alloc: str) -> int:
         return self.generation.get(alloc, 0)
@@ -229,6 +231,7 @@ class ImageMachine(RuleBasedStateMachine):
     def forget(self, alloc: str) -> None:
         self.generation[alloc] = self.gen(alloc) + 1
         self.acquired.discard(alloc)
+        self.sitting.pop(alloc, None)
 
     @rule(dt=st.floats(min_value=0, max_value=10))
     def tick(self, dt: float) -> None:
@@ -267,6 +270,11 @@ class ImageMachine(RuleBasedStateMachine):
         if moved is not None:
             self.handles[index] = (moved, alloc, self.gen(alloc))
 
+    @rule(found=st.dictionaries(ALLOCS, st.integers(0, 2)))
+    def scan(self, found: dict[str, int]) -> None:
+        self.image.sitting(found, self.now)
+        self.sitting = {a: n for a, n in found.items() if n > 0 and self.image.is_mounted}
+
     @precondition(lambda self: self.image.is_mounted)
     @rule(alloc=ALLOCS)
     def acquire(self, alloc: str) -> None:
@@ -303,9 +311,11 @@ class ImageMachine(RuleBasedStateMachine):
         if not hasattr(self, "image"):
             return
         counting = {alloc for _, alloc, gen in self.handles if gen == self.gen(alloc)}
-        users = {a for a in counting | self.acquired if self.image.is_mounted}
+        users = {a for a in counting | self.acquired | set(self.sitting)
+                 if self.image.is_mounted}
         assert self.image.refcount == len(users) >= 0
         assert set(self.image.users) == users
+        assert {a: u.cwd for a, u in self.image.users.items() if u.cwd} == self.sitting
         assert all(u.opens >= 0 for u in self.image.users.values())
         self.image.check()
 
@@ -320,3 +330,34 @@ class ImageMachine(RuleBasedStateMachine):
 ImageMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=60,
                                           deadline=None)
 TestImageMachine = ImageMachine.TestCase
+
+
+def test_processes_sitting_in_an_image_are_uses_of_their_allocations() -> None:
+    registry = Registry(hold_time=60.0)
+    image = registry["img"]
+    image.begin_mount(0)
+    image.mounted(1)
+    # A scan finds two processes of job-7 in the image: used, the hold timer stops.
+    assert registry.sitting({"img": {"job-7": 2}}, 2) == [image]
+    assert (image.phase, image.refcount, image.users["job-7"].cwd) == (Phase.MOUNTED, 1, 2)
+    image.check()
+    assert registry.sitting({"img": {"job-7": 2}}, 3) == []  # nothing changed
+    # An open of the same allocation adds to the same use; leaving keeps the open.
+    use = image.open("job-7", 4)
+    assert registry.sitting({}, 5) == [image]
+    assert (image.refcount, use.cwd, use.opens) == (1, 0, 1)
+    image.close(use, 6)
+    assert (image.phase, image.idle_since) == (Phase.HOLDING, 6)
+    # A release forgets the processes too, until a scan finds them again.
+    registry.sitting({"img": {"job-8": 1}}, 7)
+    assert image.release("job-8", 8)
+    assert (image.phase, image.refcount) == (Phase.HOLDING, 0)
+    assert registry.sitting({"img": {"job-8": 1}}, 9) == [image]
+    image.check()
+    # An image that is not mounted does not count them.
+    other = registry["other"]
+    assert registry.sitting({"img": {"job-8": 1}, "other": {"job-8": 1}}, 10) == []
+    assert other.refcount == 0
+    # Nor does one being unmounted by force.
+    assert image.force_unmount(11) == ["job-8"]
+    assert registry.sitting({"img": {"job-8": 1}}, 12) == []

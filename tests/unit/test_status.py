@@ -17,26 +17,33 @@ def test_status_document_and_table() -> None:
         MountStatus("zeta", "/images/zeta.sqfs", "/run/pact/uenv/zeta", "/s/mnt/zeta", "holding",
                     0, {}, 12.3456, "2026-11-30T06:00:00Z", None),
         MountStatus("alpha", "/images/alpha.sqfs", "/run/pact/uenv/alpha", "/s/mnt/alpha",
-                    "mounted", 2, {"slurm-7": (0, True), "alloc-42": (3, False)}, None,
+                    "mounted", 3, {"slurm-7": (0, True, 0), "alloc-42": (3, False, 0),
+                                   "job-9": (0, False, 2)}, None,
                     "2026-11-30T06:00:00Z", None),
     ]
-    doc = json.loads(render_status(status_document("/run/pact/uenv", 60.0, False, mounts)))
+    doc = json.loads(render_status(status_document(
+        "/run/pact/uenv", 60.0, False, mounts,
+        {"at": "2026-11-30T06:01:00Z", "differences": ["x: y"]})))
     assert doc["version"] == 1
+    assert doc["verify"] == {"at": "2026-11-30T06:01:00Z", "differences": ["x: y"]}
     assert [m["name"] for m in doc["mounts"]] == ["alpha", "zeta"]
     assert doc["mounts"][0]["allocations"] == {
-        "alloc-42": {"opens": 3, "acquired": False}, "slurm-7": {"opens": 0, "acquired": True}}
+        "alloc-42": {"opens": 3, "acquired": False, "cwd": 0},
+        "job-9": {"opens": 0, "acquired": False, "cwd": 2},
+        "slurm-7": {"opens": 0, "acquired": True, "cwd": 0}}
     assert doc["mounts"][1]["hold_remaining"] == 12.346
     assert set(doc["mounts"][0]) == {"name", "image_path", "mount_point", "backing", "state",
                                      "refcount", "allocations", "hold_remaining", "mounted_at",
                                      "error"}
     table = format_table(doc)
-    assert "alpha  mounted  2" in table
-    assert "alloc-42(3),slurm-7(0+acq)" in table
+    assert "alpha  mounted  3" in table
+    assert "alloc-42(3),job-9(0+cwd),slurm-7(0+acq)" in table
     assert "zeta   holding  0     12s" in table
 
 
 def test_empty_table() -> None:
     doc = status_document("/run/pact/uenv", 5.0, True, [])
+    assert doc["verify"] is None
     assert format_table(doc) == "uenvfs at /run/pact/uenv: hold time 5 s, EMERGENCY MODE\n" \
                                 "no image mounted\n"
 
@@ -66,7 +73,7 @@ def test_mount_statuses_from_the_registry() -> None:
     assert sorted(statuses) == ["bad", "idle", "leaving", "used"]
     used = statuses["used"]
     assert (used.state, used.refcount, used.hold_remaining) == ("mounted", 2, None)
-    assert used.allocations == {"slurm-7": (0, True), "alloc-1": (1, False)}
+    assert used.allocations == {"slurm-7": (0, True, 0), "alloc-1": (1, False, 0)}
     assert (used.image_path, used.mount_point, used.backing) == (
         "/images/used.sqfs", "/run/pact/uenv/used", "/s/mnt/used")
     assert used.mounted_at == "1970-01-01T00:00:00Z"

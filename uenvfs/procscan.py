@@ -1,0 +1,202 @@
+"""What the processes of the node hold in a FUSE filesystem, from /proc alone.
+
+FUSE sees opens, not uses: a process whose working directory is inside an image holds no
+handle, and a file description passed to another process or inherited by a child is counted
+for whoever opened it. The kernel knows every use; `scan` asks it, for every process and
+thread of every mount namespace (a bind mount of the filesystem has the same device):
+
+  - `cwd`, `root`: `/proc/<pid>/task/<tid>/cwd` and `root` (threads may differ: `unshare`);
+  - `fd`: `/proc/<pid>/fd/<n>` (one entry per descriptor; `descriptions` tells which share
+    one open file description, after a fork or an SCM_RIGHTS pass, with `kcmp(2)`);
+  - `map`: `/proc/<pid>/maps` (a mapping keeps its file open after the descriptor is closed);
+  - `exe`: `/proc/<pid>/exe` (a running program).
+
+Each link is looked at with `statx(2)` and `AT_STATX_DONT_SYNC`: the kernel answers with the
+device and inode number it holds, without asking the filesystem. So this never sends a request
+to the FUSE daemon, and the daemon may scan its own mount (in a worker thread, still: /proc of
+thousands of processes takes milliseconds).
+
+Blocking and without state: for worker threads and the CLI.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+AT_FDCWD = -100
+AT_STATX_DONT_SYNC = 0x4000
+STATX_INO = 0x100
+STATX_SIZE = 256
+SYS_KCMP = 312  # x86_64
+KCMP_FILE = 0
+
+CWD_KINDS = ("cwd", "root")
+ALL_KINDS = ("cwd", "root", "fd", "map", "exe")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_statx = _libc.statx
+_statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
+                   ctypes.c_void_p]
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """One use of an inode of the filesystem by one process (thread *tid* for cwd/root)."""
+
+    pid: int
+    tid: int
+    uid: int
+    kind: str  # one of ALL_KINDS
+    ino: int
+    fd: int = -1  # the descriptor, for kind "fd"
+
+
+def device_of(mountpoint: str | Path, mountinfo: str = "/proc/self/mountinfo") -> int | None:
+    """The device number of the filesystem mounted at *mountpoint* (the last mount there),
+    from the mount table, without touching the mount: for the daemon of that very mount."""
+    wanted = os.fsencode(mountpoint)
+    found = None
+    try:
+        with open(mountinfo, "rb") as table:
+            for line in table:
+                fields = line.split()
+                if len(fields) > 4 and _unescape(fields[4]) == wanted:
+                    major, minor = fields[2].split(b":")
+                    found = os.makedev(int(major), int(minor))
+    except (OSError, ValueError):
+        return None
+    return found
+
+
+def _unescape(field: bytes) -> bytes:
+    """A path of the mount table: space, tab, newline and backslash are octal escapes."""
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        if field[i:i + 1] == b"\\" and field[i + 1:i + 4].isdigit():
+            out.append(int(field[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return bytes(out)
+
+
+def identity(path: bytes, buf: ctypes.Array[ctypes.c_char] | None = None
+             ) -> tuple[int, int] | None:
+    """(device, inode) of what *path* leads to, as the kernel holds it (never asking the
+    filesystem); None if it cannot be looked at (the process is gone, or not ours to see).
+    *buf*: a `statx` buffer to reuse (`ctypes.create_string_buffer(STATX_SIZE)`)."""
+    if buf is None:
+        buf = ctypes.create_string_buffer(STATX_SIZE)
+    if _statx(AT_FDCWD, path, AT_STATX_DONT_SYNC, STATX_INO, buf) != 0:
+        return None
+    ino, = struct.unpack_from("=Q", buf, 32)
+    major, minor = struct.unpack_from("=II", buf, 136)
+    return os.makedev(major, minor), ino
+
+
+def _numbers(path: bytes) -> list[int]:
+    try:
+        return [int(n) for n in os.listdir(path) if n.isdigit()]
+    except OSError:
+        return []
+
+
+def _uid(base: bytes) -> int:
+    try:
+        return os.stat(base).st_uid
+    except OSError:
+        return -1
+
+
+def scan(dev: int, kinds: Iterable[str] = ALL_KINDS, proc: bytes = b"/proc") -> list[Hold]:
+    """Every use of the filesystem of device *dev* of the given *kinds*, by every process
+    (uid -1: the process went away meanwhile)."""
+    want = frozenset(kinds)
+    links = [k for k in ("cwd", "root") if k in want]
+    dev_text = b"%02x:%02x" % (os.major(dev), os.minor(dev))
+    buf = ctypes.create_string_buffer(STATX_SIZE)
+    found: list[Hold] = []
+    for pid in _numbers(proc):
+        base = b"%s/%d" % (proc, pid)
+        mine: list[tuple[int, str, int, int]] = []  # tid, kind, ino, fd
+        if links:
+            # The threads of a process share its working directory and root, unless one of
+            # them unshared them (CLONE_FS): look at every thread only when there are several.
+            tids = [pid]
+            try:
+                if os.stat(base + b"/task").st_nlink > 3:
+                    tids = _numbers(base + b"/task")
+            except OSError:
+                continue
+            for tid in tids:
+                task = base if tid == pid else b"%s/task/%d" % (base, tid)
+                for kind in links:
+                    held = identity(b"%s/%s" % (task, kind.encode()), buf)
+                    if held is not None and held[0] == dev:
+                        mine.append((tid, kind, held[1], -1))
+        if "fd" in want:
+            for fd in _numbers(base + b"/fd"):
+                held = identity(b"%s/fd/%d" % (base, fd), buf)
+                if held is not None and held[0] == dev:
+                    mine.append((pid, "fd", held[1], fd))
+        if "map" in want:
+            mine.extend((pid, "map", ino, -1) for ino in _mapped(base, dev_text))
+        if "exe" in want:
+            held = identity(base + b"/exe", buf)
+            if held is not None and held[0] == dev:
+                mine.append((pid, "exe", held[1], -1))
+        if mine:
+            uid = _uid(base)
+            found.extend(Hold(pid, tid, uid, kind, ino, fd) for tid, kind, ino, fd in mine)
+    return found
+
+
+def _mapped(base: bytes, dev_text: bytes) -> set[int]:
+    """The inodes of device *dev_text* (as maps writes it, hex major:minor) mapped by a
+    process."""
+    inodes: set[int] = set()
+    try:
+        with open(base + b"/maps", "rb") as maps:
+            for line in maps:
+                fields = line.split(None, 5)
+                if len(fields) > 4 and fields[3] == dev_text:
+                    inodes.add(int(fields[4]))
+    except (OSError, ValueError):
+        pass
+    return inodes
+
+
+def same_description(a: Hold, b: Hold) -> bool:
+    """Whether two descriptors are one open file description (`kcmp(2)`, KCMP_FILE)."""
+    if a.pid == b.pid and a.fd == b.fd:
+        return True
+    return bool(_syscall(SYS_KCMP, a.pid, b.pid, KCMP_FILE, a.fd, b.fd) == 0)
+
+
+def descriptions(holds: Iterable[Hold]) -> list[list[Hold]]:
+    """The `fd` holds grouped by open file description: each group is one open of the
+    filesystem, shared by fork, dup or SCM_RIGHTS."""
+    groups: list[list[Hold]] = []
+    by_ino: dict[int, list[list[Hold]]] = {}
+    for hold in holds:
+        if hold.kind != "fd":
+            continue
+        candidates = by_ino.setdefault(hold.ino, [])
+        for group in candidates:
+            if same_description(group[0], hold):
+                group.append(hold)
+                break
+        else:
+            group = [hold]
+            candidates.append(group)
+            groups.append(group)
+    return groups
