@@ -96,14 +96,6 @@ async def _tune_after_init(fs: UenvFS, config: Config) -> None:
     _tune_readahead(config)
 
 
-async def _watch_uses(fs: UenvFS) -> None:
-    """Count the processes sitting in images (see uses.py), once the mount is there."""
-    await fs.initialized.wait()
-    await trio.lowlevel.checkpoint()
-    await fs.uses.start()
-    await fs.uses.run()
-
-
 def _prepare_dirs(config: Config) -> None:
     for directory in (config.state_dir, config.backing_root, config.mountpoint):
         try:
@@ -201,6 +193,7 @@ async def run(config: Config) -> None:
         pyfuse3.init(fs, str(config.mountpoint), options)
     except RuntimeError as exc:
         raise StartupError(f"cannot mount FUSE at {config.mountpoint}: {exc}") from exc
+    fs.uses.find_device()  # processes sitting in images are found by the mount's device
     log.info("serving %s (images from %s, backend %s, hold time %g s)", config.mountpoint,
              ", ".join(map(str, catalog.image_dirs)) or "-", backend.name, config.hold_time)
     fuse_open = True
@@ -210,7 +203,7 @@ async def run(config: Config) -> None:
             serving = trio.CancelScope()
             nursery.start_soon(_signals, manager, serving, name="signals")
             nursery.start_soon(_tune_after_init, fs, config, name="readahead")
-            nursery.start_soon(_watch_uses, fs, name="uses")
+            nursery.start_soon(fs.uses.run, name="uses")
             with serving:
                 _sd_notify("READY=1")
                 await pyfuse3.main(max_tasks=MAX_REQUESTS)

@@ -211,6 +211,16 @@ class UenvFS(ReadOnlyOperations):
         self._check_still(mount)
         return st
 
+    async def _on_storage(self, mount: Mount, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` on *mount*'s backing files: at once, or on guarded storage in a worker
+        thread of the image (then ESTALE if the mount changed meanwhile). Not for the hot
+        handlers (lookup, getattr, open, read): they avoid the coroutine when not guarded."""
+        if not mount.guarded:
+            return fn(*args)
+        result = await self.workers.run(mount.name, fn, *args)
+        self._check_still(mount)
+        return result
+
     def _check_still(self, mount: Mount) -> None:
         """After waiting for a worker thread: ESTALE if *mount* is no longer the image's (it
         was unmounted or replaced meanwhile); the kernel looks the path up again."""
@@ -220,11 +230,7 @@ class UenvFS(ReadOnlyOperations):
     @fuse_errors
     async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileNameT:
         mount, path = await self._backing(self.inodes[inode])
-        if mount.guarded:
-            target = await self.workers.run(mount.name, paths.call, os.readlink, path)
-            self._check_still(mount)
-            return FileNameT(target)
-        return FileNameT(paths.call(os.readlink, path))
+        return FileNameT(await self._on_storage(mount, paths.call, os.readlink, path))
 
     @fuse_errors
     async def access(self, inode: InodeT, mode: ModeT, ctx: pyfuse3.RequestContext) -> bool:
@@ -239,9 +245,7 @@ class UenvFS(ReadOnlyOperations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         mount, path = self._backing_now(node) or await self._backing(node)
         try:
-            if mount.guarded:
-                return await self.workers.run(mount.name, _getxattr, path, name)
-            return _getxattr(path, name)
+            return await self._on_storage(mount, _getxattr, path, name)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
@@ -255,10 +259,7 @@ class UenvFS(ReadOnlyOperations):
         if node is None or self._browsing(node):
             return []
         mount, path = self._backing_now(node) or await self._backing(node)
-        if mount.guarded:
-            names = await self.workers.run(mount.name, _listxattr, path)
-        else:
-            names = _listxattr(path)
+        names = await self._on_storage(mount, _listxattr, path)
         return [XAttrNameT(os.fsencode(n)) for n in names]
 
     def _browsing(self, node: Node) -> bool:

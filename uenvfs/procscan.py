@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ AT_FDCWD = -100
 AT_STATX_DONT_SYNC = 0x4000
 STATX_INO = 0x100
 STATX_SIZE = 256
-SYS_KCMP = 312  # x86_64
+# kcmp's number: x86_64's own, else that of the generic table (aarch64, as on GH200 nodes).
+SYS_KCMP = 312 if platform.machine() == "x86_64" else 272
 KCMP_FILE = 0
 
 CWD_KINDS = ("cwd", "root")

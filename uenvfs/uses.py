@@ -69,9 +69,10 @@ class UseScanner:
     _sitting: bool = False  # the last scan found processes sitting in mounted images
     _lock: trio.Lock = field(default_factory=trio.Lock)
 
-    async def start(self) -> None:
-        """Learn the device of the mount (after it is mounted; from the mount table)."""
-        self.dev = await trio.to_thread.run_sync(procscan.device_of, self.mountpoint)
+    def find_device(self) -> None:
+        """Learn the device of the mount, from the mount table (once it is mounted, before it
+        serves: it reads /proc only)."""
+        self.dev = procscan.device_of(self.mountpoint)
         if self.dev is None:
             log.warning("cannot find %s in the mount table: working directories in images "
                         "are not counted", self.mountpoint)

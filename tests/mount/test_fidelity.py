@@ -91,15 +91,19 @@ def snapshot(root: Path) -> dict[str, dict[str, Any]]:
     return entries
 
 
-@pytest.fixture
-def fidelity(make_daemon: DaemonFactory, world_tmp: Path) -> Iterator[tuple[Daemon, Path]]:
-    """A daemon serving the fidelity image, and a kernel mount of the same image."""
+@pytest.fixture(params=["auto", "always"])
+def fidelity(make_daemon: DaemonFactory, world_tmp: Path, request: pytest.FixtureRequest
+             ) -> Iterator[tuple[Daemon, Path]]:
+    """A daemon serving the fidelity image, and a kernel mount of the same image; the image
+    on a local disk as it is (`auto`), and as if on storage that may hang (`always`: every
+    lookup, open and read the caches cannot answer goes through a worker thread)."""
     if shutil.which("gcc") is None:
         pytest.fail("gcc is needed to build the compiled program of the fidelity image")
     src = world_tmp / "src"
     src.mkdir()
     make_tree(src)
     daemon = make_daemon()
+    daemon.config = f'storage_guard = "{request.param}"\n'
     image = daemon.images / "fid.sqfs"
     daemon.images.mkdir(parents=True)
     # mksquashfs: the tool real uenv images are built with; it keeps hardlinks, xattrs, times.
