@@ -70,6 +70,9 @@ def make_daemon(world_tmp: Path) -> Iterator[DaemonFactory]:
             code = daemon.stop()
             if code != 0:
                 problems.append(f"uenvfs serve exited {code} on SIGTERM")
+        if daemon.process is not None and daemon.processes_left():
+            daemon.kill()
+            problems.append("uenvfs processes left running after the keeper exited")
     roots = {d.root for d in daemons}
     for root in roots:
         left = clean_up(root)

@@ -6,6 +6,7 @@ mount would deadlock a daemon sharing the test's event loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -133,8 +134,10 @@ class Daemon:
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         env = {**os.environ, **self.env}
+        # A session of its own: the keeper, its servers and any keeper they start, killed
+        # together by `kill` and checked for leftovers at the end.
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=log, env=env,
-                                        stdin=subprocess.DEVNULL)
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         self.wait_ready()
         return self
@@ -169,9 +172,42 @@ class Daemon:
         return self.process.returncode
 
     def kill(self) -> None:
+        """kill -9 of every uenvfs process of this daemon: keeper and server (without systemd,
+        that ends the connection)."""
         assert self.process is not None
-        self.process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
+        wait_until(lambda: not self.processes_left(), what="every uenvfs process to die")
+
+    def processes_left(self) -> list[int]:
+        """The uenvfs processes (keeper, servers) of this daemon's session still there; not
+        what they started (a program map's children are the map's business)."""
+        assert self.process is not None
+        left = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if (fields[0] != "Z" and int(fields[3]) == self.process.pid
+                    and b"uenvfs" in cmdline):
+                left.append(int(entry.name))
+        return left
+
+    def server_pid(self) -> int:
+        """The pid of the process answering FUSE requests (from .status)."""
+        return int(self.status()["server"]["pid"])
+
+    def kill_server(self, sig: int = signal.SIGKILL) -> int:
+        """Kill the server (not the keeper); returns its pid."""
+        pid = self.server_pid()
+        os.kill(pid, sig)
+        return pid
 
     def log(self) -> str:
         try:

@@ -82,8 +82,6 @@ def read_status(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .daemon import serve  # imports pyfuse3: only the daemon needs it
-
     overrides = {
         "mountpoint": Path(args.mountpoint) if args.mountpoint else None,
         "images": tuple(Path(p) for p in args.images) if args.images else None,
@@ -98,7 +96,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg = config_mod.load(Path(args.config) if args.config else None, overrides)
     except config_mod.ConfigError as exc:
         raise CliError(f"configuration: {exc}", EXIT_USAGE) from exc
-    return serve(cfg)
+    from .keeper import ENV_KEEPER, setup_logging
+    from .keeper import serve as keep
+
+    if ENV_KEEPER in os.environ:  # started by the keeper: serve
+        from .daemon import serve  # imports pyfuse3: only the server needs it
+
+        return serve(cfg)
+
+    setup_logging(cfg.log_level)
+    return keep()
 
 
 def cmd_status(args: argparse.Namespace) -> int:

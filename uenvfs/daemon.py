@@ -13,14 +13,16 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import stat
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from . import fastloop, journal, recovery, squashfs
+from . import fastloop, fusedev, journal, recovery, squashfs
+from . import ledger as ledger_mod
 from .allocation import AllocationResolver
 from .backend import make_backend, mount_at, read_mountinfo
 from .catalog import Catalog
@@ -29,8 +31,11 @@ from .descriptors import RESERVE, DescriptorBudget
 from .errors import CommandError, MountError, StartupError
 from .fs import UenvFS
 from .inodes import InodePrefixes
+from .keeper import ENV_KEEPER, ENV_RESUME, setup_logging
+from .link import Link
 from .manager import Manager
 from .ownership import clear_stale_mount, lock_state_dir
+from .status import Server
 
 log = logging.getLogger(__name__)
 
@@ -41,33 +46,11 @@ MAX_REQUESTS = 1000
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
 def _raise_fd_limit() -> None:
     """Every open file in every image holds one backing fd: allow as many as the system does."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def _sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state, if it asked."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        log.warning("cannot notify systemd at %s: %s", address, exc)
 
 
 def _tune_readahead(config: Config) -> None:
@@ -159,8 +142,12 @@ async def _expire_on_signal(manager: Manager) -> None:
     log.info("SIGUSR1: %s", await manager.expire_idle())
 
 
-async def run(config: Config) -> None:
-    """Serve until a signal or an external unmount, then shut down cleanly."""
+async def run(config: Config, link: Link, resume: Resume | None) -> None:
+    """Serve until a signal or an external unmount, then shut down cleanly.
+
+    A new connection is mounted here and handed to the keeper; a live one (*resume*) is
+    taken over with what its ledger says.
+    """
     backend = make_backend(config.backend, config.mount_timeout)
     missing = backend.missing_tools()
     if missing:
@@ -183,34 +170,64 @@ async def run(config: Config) -> None:
     fs.uses.hold_time = lambda: manager.registry.hold_time
     manager.listener = fs.listener
 
-    lock = lock_state_dir(config.state_dir)  # held until the process exits
-    await clear_stale_mount(config)
+    found: ledger_mod.Found | None = None
+    if resume is None:
+        lock = lock_state_dir(config.state_dir, os.getppid())  # the keeper's pid
+        await clear_stale_mount(config)
+    else:
+        lock = resume.lock if resume.lock >= 0 else lock_state_dir(config.state_dir,
+                                                                    os.getppid())
+        found = resume.ledger.read()
+        restore_versions(manager, fs, found)
     _prepare_dirs(config)
     await recover(manager)
+    if resume is None:
+        try:
+            fuse_fd, init = fusedev.mount(config.mountpoint)
+        except OSError as exc:
+            raise StartupError(f"cannot mount FUSE at {config.mountpoint}: {exc}") from exc
+        ledger = ledger_mod.SharedLedger.create(init)
+        ledger.start()
+        link.hold(fuse_fd, ledger.fd, lock)
+        server = Server(os.getpid(), time.time(), 0)
+    else:
+        assert found is not None
+        fuse_fd, ledger, init = resume.fuse, resume.ledger, found.init
+        ledger.resumed(found)
+        link.resumed_with(fuse_fd, ledger.fd, lock)
+        server = Server(os.getpid(), time.time(), found.resumes + 1)
+    manager.server = server
+    manager.mounter.attach(ledger)
+    fs.attach(ledger)
+    if found is not None:
+        restore_handles(fs, found)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     options |= {"fsname=uenvfs", "subtype=uenvfs", "allow_other"}
+    pipe = fusedev.init_pipe(init)
+    fs.connect(fuse_fd, pipe)
     try:
-        pyfuse3.init(fs, str(config.mountpoint), options)
+        pyfuse3.init(fs, f"/dev/fd/{pipe}", options)
     except RuntimeError as exc:
-        raise StartupError(f"cannot mount FUSE at {config.mountpoint}: {exc}") from exc
+        raise StartupError(f"cannot start FUSE on {config.mountpoint}: {exc}") from exc
     fs.uses.find_device()  # processes sitting in images are found by the mount's device
-    log.info("serving %s (images from %s, backend %s, hold time %g s)", config.mountpoint,
+    log.info("%s %s (images from %s, backend %s, hold time %g s)",
+             "resumed" if resume else "serving", config.mountpoint,
              ", ".join(map(str, catalog.image_dirs)) or "-", backend.name, config.hold_time)
-    fuse_open = True
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.run)
             serving = trio.CancelScope()
             nursery.start_soon(_signals, manager, serving, name="signals")
-            nursery.start_soon(_tune_after_init, fs, config, name="readahead")
+            if resume is None:
+                nursery.start_soon(_tune_after_init, fs, config, name="readahead")
             nursery.start_soon(fs.uses.run, name="uses")
+            nursery.start_soon(link.watch, name="keeper")
+            nursery.start_soon(_ready_after_init, fs, link, resume is not None, name="ready")
             with serving:
-                _sd_notify("READY=1")
                 await pyfuse3.main(max_tasks=MAX_REQUESTS)
                 log.info("%s was unmounted from outside; shutting down", config.mountpoint)
-            _sd_notify("STOPPING=1")
-            pyfuse3.close(unmount=True)
-            fuse_open = False
+            link.send("stopping")
+            _end_connection(config)
             # Uses through open files die with the connection (the kernel can no longer send
             # their releases); only acquisitions outlive the daemon, through the journal.
             fs.close_all()
@@ -218,17 +235,75 @@ async def run(config: Config) -> None:
             resolver.close()
             nursery.cancel_scope.cancel()
     finally:
-        if fuse_open:
-            pyfuse3.close(unmount=True)
+        pyfuse3.close(unmount=False)
     os.close(lock)
     log.info("stopped")
 
 
+def _end_connection(config: Config) -> None:
+    """Unmount the filesystem: the connection ends once the keeper lets go of it too."""
+    try:
+        fusedev.unmount(config.mountpoint)
+    except OSError as exc:
+        log.error("%s", exc)
+
+
+async def _ready_after_init(fs: UenvFS, link: Link, resumed: bool) -> None:
+    """Once libfuse went through INIT (and requests the last server left unanswered were
+    queued again, see UenvFS.init): the keeper (and systemd through it) learns that we serve;
+    a resumed server first counts the processes sitting in images."""
+    await fs.initialized.wait()
+    if fs.resent is False:
+        log.error("this kernel cannot queue again the requests the last server had read "
+                  "(FUSE_NOTIFY_RESEND, Linux 6.9): the processes that made them wait forever")
+    if resumed:
+        await fs.uses.refresh(0.0)  # who sits in images now
+    link.send("ready")
+
+
+@dataclass
+class Resume:
+    """What the keeper handed a server that takes over a live connection."""
+
+    fuse: int
+    ledger: ledger_mod.SharedLedger
+    lock: int  # -1: none (systemd's store keeps no lock): take it anew
+
+    @classmethod
+    def from_env(cls, text: str) -> Resume:
+        fuse, ledger, lock = (int(part) for part in text.split(","))
+        for fd in (fuse, ledger, lock):
+            if fd >= 0:
+                os.set_inheritable(fd, False)
+        try:
+            return cls(fuse, ledger_mod.SharedLedger(ledger), lock)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot read the ledger of the connection: {exc}") from exc
+
+
+def restore_versions(manager: Manager, fs: UenvFS, found: ledger_mod.Found) -> None:
+    """The inode prefixes the last server handed out: the same numbers mean the same files."""
+    fs.inodes.prefixes.continue_after(found.last_prefix)
+    manager.mounter.restore(found.versions)
+    fs.inodes.restore(found)
+
+
+def restore_handles(fs: UenvFS, found: ledger_mod.Found) -> None:
+    """The handles the last server opened, counted again for their allocations."""
+    restored = fs.restore_handles(found.handles)
+    log.info("resumed the connection (resume %d): %d nodes, %d handles (%d counted)",
+             found.resumes + 1, len(found.nodes), len(found.handles), restored)
+
+
 def serve(config: Config) -> int:
+    """A server: started by the keeper (keeper.py), for a new connection or a live one."""
     setup_logging(config.log_level)
     try:
+        link = Link(int(os.environ.pop(ENV_KEEPER)))
+        text = os.environ.pop(ENV_RESUME, None)
+        resume = Resume.from_env(text) if text else None
         with fastloop.installed(linger=config.linger_us / 1e6):  # warns if pyfuse3 is unknown
-            trio.run(run, config)
+            trio.run(run, config, link, resume)
     except StartupError as exc:
         log.error("%s", exc)
         return 1

@@ -25,13 +25,24 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
-from . import guard, metrics, paths
+from . import fusedev, guard, metrics, paths
+from . import ledger as kinds
 from .allocation import AllocationResolver
 from .attributes import from_stat, negative_entry
 from .descriptors import DescriptorBudget
 from .errors import MountError, errno_of
 from .guard import Workers
-from .handles import DirHandle, FileHandle, GuardedFileHandle, HandleTable, RootDirHandle
+from .handles import (
+    OPEN_FLAGS,
+    DeadHandle,
+    DirHandle,
+    FileHandle,
+    GuardedFileHandle,
+    Handle,
+    HandleTable,
+    ReopenedFileHandle,
+    RootDirHandle,
+)
 from .inodes import (
     CONTROL,
     METRICS,
@@ -44,11 +55,12 @@ from .inodes import (
     child_ino,
 )
 from .interfaces import ImageService
+from .ledger import Ledger, SharedLedger, Slot
 from .listener import FsListener
 from .listings import Listing, ListingCache, scan
 from .prefetch import Prefetcher
 from .readonly import ReadOnlyOperations
-from .root import WRITE_FLAGS, Gauges, MountRoot
+from .root import WRITE_FLAGS, ControlHandle, Gauges, MountRoot
 from .uses import FRESH, UseScanner
 
 if TYPE_CHECKING:
@@ -59,7 +71,6 @@ log = logging.getLogger(__name__)
 NAME_MAX = 255
 FMODE_EXEC = 0o40  # the kernel's __FMODE_EXEC: this open is execve loading a program
 EXEC_SETTLE = (0.05, 0.5)  # when to look at an executing program's allocation again
-OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -126,10 +137,72 @@ class UenvFS(ReadOnlyOperations):
         self.uses = UseScanner(mountpoint or Path(), self.inodes, self.resolver, images)
         self.listener = FsListener(images, self.handles, self.uses)
         self.initialized = trio.Event()  # set once the kernel's INIT request was answered
+        self._live = self._pipe = -1  # the connection, and the pipe libfuse starts on
+        self._ledger: Ledger | None = None
+        self.resent: bool | None = None  # whether init() had unanswered requests queued again
+
+    def attach(self, ledger: Ledger) -> None:
+        """Keep the nodes and handles in *ledger* from now on, for the next server."""
+        self.inodes.attach(ledger)
+        self.handles.ledger = ledger
+        self._ledger = ledger
+
+    def connect(self, live: int, pipe: int) -> None:
+        """libfuse starts on *pipe*, which holds the INIT of the connection *live* (see
+        fusedev.py); `init` puts the connection in its place."""
+        self._live, self._pipe = live, pipe
 
     def init(self) -> None:
-        """pyfuse3 calls this while answering the kernel's INIT; the reply follows at once."""
+        """pyfuse3 calls this while answering INIT; the reply follows at once, to the live
+        connection.
+
+        Requests that a server before this one read and did not answer are queued again
+        here, before this server reads any: later, it could read one, then get it again.
+        Not before the connection's first INIT was answered: that INIT would come again.
+        """
+        if self._pipe >= 0:
+            trio.lowlevel.notify_closing(self._pipe)
+            fusedev.switch_to(self._live, self._pipe)
+            ledger = self._ledger
+            if ledger is not None and isinstance(ledger, SharedLedger):
+                if ledger.initialized:
+                    self.resent = fusedev.resend(self._pipe)
+                else:
+                    ledger.mark_initialized()
         self.initialized.set()
+
+    def restore_handles(self, slots: Sequence[Slot]) -> int:
+        """The handles a server before this one opened, again in use with their numbers;
+        those into images counted for their allocations. Returns how many were."""
+        later = []
+        counted = 0
+        for slot in slots:
+            if slot.kind == kinds.DATA:
+                later.append(slot)  # after the counts: they show them
+                continue
+            handle = self._restored(slot)
+            counted += isinstance(handle, (FileHandle, DirHandle))
+            self.handles.restore(slot.fh, handle)
+        for slot in later:
+            self.handles.restore(slot.fh, self.root.data(slot.extra))
+        return counted
+
+    def _restored(self, slot: Slot) -> Handle:
+        if slot.kind == kinds.ROOT_DIR:
+            return RootDirHandle(self.root.entries())
+        if slot.kind == kinds.CONTROL:
+            return ControlHandle(slot.extra2, slot.extra, slot.alloc, self.root)
+        node = self.inodes.get(slot.ino)
+        mount = None if node is None else self.images.mounted(node.image)
+        if (slot.dead or node is None or mount is None or not slot.alloc
+                or (node.prefix and node.prefix != mount.version.prefix)):
+            return DeadHandle()
+        use = self.images.open(node.image, slot.alloc)
+        if slot.kind == kinds.DIR:
+            return DirHandle(node.image, use, node, None)
+        _, path = backing_path(node, mount)
+        return ReopenedFileHandle(node.image, use, node.ino, -1, self.prefetcher, self.budget,
+                                  slot.alloc, path=path, guarded=mount.guarded)
 
     # -- the backing mounts --------------------------------------------------------------
 
@@ -307,7 +380,10 @@ class UenvFS(ReadOnlyOperations):
 
     @fuse_errors
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries, parent = self.handles[fh].listing()
+        handle = self.handles[fh]
+        if isinstance(handle, DirHandle) and handle.entries is None:
+            await self._list_again(handle)
+        entries, parent = handle.listing()
         add_lookup = self.inodes.add_lookup
         for index in range(start_id, len(entries)):
             name, attrs = entries[index]
@@ -316,6 +392,16 @@ class UenvFS(ReadOnlyOperations):
             if parent is not None and index >= 2:  # entries 0 and 1 are . and ..
                 # readdirplus makes the kernel know the entry, as a lookup would.
                 add_lookup(attrs.st_ino, parent, attrs.st_ino >> PREFIX_SHIFT, name, attrs.st_mode)
+
+    async def _list_again(self, handle: DirHandle) -> None:
+        """The listing of a directory opened by a server before this one."""
+        node = handle.node
+        mount, path = self._backing_now(node) or await self._backing(node)
+        prefix = mount.version.prefix
+        entries = self.listings.recall((prefix, node.rel))
+        if entries is None:
+            entries = self.listings.add((prefix, node.rel), await self._scan(node, path, prefix))
+        handle.entries = entries
 
     @fuse_errors
     async def releasedir(self, fh: FileHandleT) -> None:
@@ -427,7 +513,7 @@ class UenvFS(ReadOnlyOperations):
         self._release(fh)
 
     def _release(self, fh: int) -> None:
-        handle = self.handles.pop(fh, None)
+        handle = self.handles.release(fh)
         if handle is not None:
             handle.release(self.images)
 

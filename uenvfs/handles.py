@@ -11,21 +11,34 @@ import os
 from dataclasses import dataclass
 
 import pyfuse3
+import trio
 from pyfuse3 import FileHandleT
 
+from . import ledger as kinds
+from . import paths
 from .descriptors import DescriptorBudget
 from .guard import Workers, is_cached
 from .inodes import Node
 from .interfaces import ImageService
+from .ledger import NO_LEDGER, Ledger
 from .listings import Listing
 from .prefetch import Prefetcher, Readahead
 from .state import Use
+
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+Entry = tuple[int, int, str, int, int]
 
 
 class Handle:
     """An open file or directory of the filesystem. The base kind can do nothing (EBADF)."""
 
     __slots__ = ()
+
+    def entry(self) -> Entry:
+        """What the ledger keeps of this handle: kind, node id, allocation, two numbers."""
+        raise NotImplementedError
 
     def read(self, off: int, size: int) -> bytes:
         raise pyfuse3.FUSEError(errno.EBADF)
@@ -79,6 +92,9 @@ class FileHandle(ImageHandle):
     readahead: Readahead | None = None  # made on the first read
     reading: int = 0  # reads of `fd` under way in worker threads
 
+    def entry(self) -> Entry:
+        return kinds.FILE, self.ino, self.owner, 0, 0
+
     def read(self, off: int, size: int) -> bytes:
         if self.dead:
             raise pyfuse3.FUSEError(errno.EIO)
@@ -108,8 +124,9 @@ class FileHandle(ImageHandle):
                 self._close_fd()
 
     def _close_fd(self) -> None:
-        os.close(self.fd)
-        self.budget.give_back(self.owner)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.budget.give_back(self.owner)
 
     def release(self, images: ImageService) -> None:
         self.close()
@@ -149,15 +166,82 @@ class GuardedFileHandle(FileHandle):
 
 
 @dataclass(eq=False, slots=True)
+class ReopenedFileHandle(GuardedFileHandle):
+    """A file that a server before this one opened (see ledger.py): its backing file is
+    opened again at its first read, in a worker thread of the image; reads then go as for any
+    file of its mount (*guarded*: those that would wait, in worker threads)."""
+
+    path: bytes = b""
+    guarded: bool = False
+    opening: trio.Event | None = None
+
+    def waits(self, off: int, size: int) -> bool:
+        if self.fd < 0:
+            return not self.dead
+        return self.guarded and GuardedFileHandle.waits(self, off, size)
+
+    async def read_waiting(self, workers: Workers, off: int, size: int) -> bytes:
+        if self.fd < 0:
+            await self._reopen(workers)
+        if self.guarded:
+            return await GuardedFileHandle.read_waiting(self, workers, off, size)
+        return self.read(off, size)
+
+    async def _reopen(self, workers: Workers) -> None:
+        if self.opening is not None:
+            await self.opening.wait()  # another read is opening it
+        else:
+            self.opening = trio.Event()
+            try:
+                self.budget.take(self.owner)
+                try:
+                    fd = await workers.run(self.image, paths.open_file, self.path, OPEN_FLAGS)
+                except BaseException:
+                    self.budget.give_back(self.owner)
+                    raise
+                if self.dead:
+                    os.close(fd)
+                    self.budget.give_back(self.owner)
+                else:
+                    self.fd, self.size = fd, os.fstat(fd).st_size
+            finally:
+                self.opening.set()
+                self.opening = None
+        if self.fd < 0:
+            raise pyfuse3.FUSEError(errno.EIO)  # force-unmounted meanwhile
+
+
+@dataclass(eq=False, slots=True)
+class DeadHandle(Handle):
+    """A handle of a server before this one that can no longer be served (its image was
+    force-unmounted, or its mount is gone): EIO."""
+
+    def entry(self) -> Entry:
+        return kinds.FILE, 0, "", 0, 0
+
+    def read(self, off: int, size: int) -> bytes:
+        raise pyfuse3.FUSEError(errno.EIO)
+
+    def waits(self, off: int, size: int) -> bool:
+        return False
+
+    def listing(self) -> tuple[Listing, Node | None]:
+        raise pyfuse3.FUSEError(errno.EIO)
+
+
+@dataclass(eq=False, slots=True)
 class DirHandle(ImageHandle):
     """An open directory of an image: its listing, replayed to every readdir."""
 
     node: Node
-    entries: Listing
+    entries: Listing | None  # None: to be listed again (opened by a server before this one)
     dead: bool = False  # the image was force-unmounted
 
+    def entry(self) -> Entry:
+        return kinds.DIR, self.node.ino, self.use.alloc, 0, 0
+
     def listing(self) -> tuple[Listing, Node | None]:
-        if self.dead:
+        if self.dead or self.entries is None:
             raise pyfuse3.FUSEError(errno.EIO)
         return self.entries, self.node
 
@@ -172,26 +256,39 @@ class RootDirHandle(Handle):
 
     entries: Listing
 
+    def entry(self) -> Entry:
+        return kinds.ROOT_DIR, 0, "", 0, 0
+
     def listing(self) -> tuple[Listing, Node | None]:
         return self.entries, None
 
 
 class HandleTable(dict[int, Handle]):
-    """The open handles by number. Numbers are never reused; `table[fh]` of an unknown number
-    raises EBADF."""
+    """The open handles by number, each kept in the ledger too (for the next server; it
+    numbers them). `table[fh]` of an unknown number raises EBADF."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._next = 1
+        self.ledger: Ledger = NO_LEDGER
 
     def __missing__(self, fh: int) -> Handle:
         raise pyfuse3.FUSEError(errno.EBADF)
 
     def add(self, handle: Handle) -> FileHandleT:
-        fh = self._next
-        self._next += 1
+        fh = self.ledger.opened(*handle.entry())
         self[fh] = handle
         return FileHandleT(fh)
+
+    def restore(self, fh: int, handle: Handle) -> None:
+        """A handle that a server before this one opened (in the ledger already)."""
+        self[fh] = handle
+
+    def release(self, fh: int) -> Handle | None:
+        """Forget handle *fh*; returns it (None if unknown: released already)."""
+        handle = self.pop(fh, None)
+        if handle is not None:
+            self.ledger.released(fh)
+        return handle
 
     def counted(self) -> int:
         """How many handles count as uses of images."""
@@ -202,10 +299,11 @@ class HandleTable(dict[int, Handle]):
         many handles that changed, and the inodes whose cached pages must go."""
         killed = 0
         inodes = set()
-        for handle in self.values():
+        for fh, handle in self.items():
             if isinstance(handle, ImageHandle) and handle.image == image:
                 ino = handle.kill()
                 if ino is not None:
+                    self.ledger.killed(fh)
                     killed += 1
                     if ino:
                         inodes.add(ino)

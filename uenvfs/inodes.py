@@ -25,10 +25,13 @@ from typing import TYPE_CHECKING
 import pyfuse3
 from pyfuse3 import InodeT
 
+from .ledger import NO_LEDGER, Found, Ledger
+
 if TYPE_CHECKING:
     from .mounting import Mount
 
 ROOT = pyfuse3.ROOT_INODE
+RESTORED = 1 << 62  # the lookups of a node restored from the ledger: never forgotten
 CONTROL, STATUS, METRICS = InodeT(2), InodeT(3), InodeT(4)
 PREFIX_SHIFT = 44
 INO_MASK = (1 << PREFIX_SHIFT) - 1
@@ -47,6 +50,10 @@ class InodePrefixes:
         prefix = self._next
         self._next += 1
         return prefix
+
+    def continue_after(self, last: int) -> None:
+        """Hand out numbers after *last* (the last one a server before this one gave)."""
+        self._next = max(self._next, last + 1)
 
 
 @dataclass(eq=False)
@@ -109,15 +116,24 @@ class InodeTable(dict[int, Node]):
         super().__init__()
         self.prefixes = prefixes
         self.image_inos: dict[str, int] = {}
+        self.ledger: Ledger = NO_LEDGER  # where new nodes are written for the next server
 
     def __missing__(self, ino: int) -> Node:
         raise pyfuse3.FUSEError(errno.ESTALE)
+
+    def attach(self, ledger: Ledger) -> None:
+        """Write new nodes to *ledger* from now on (and the image directories known now)."""
+        self.ledger = ledger
+        for name, ino in self.image_inos.items():
+            ledger.image_dir(ino >> PREFIX_SHIFT, name)
 
     def image_ino(self, name: str) -> int:
         """The inode number of image *name*'s directory (made on first use)."""
         ino = self.image_inos.get(name)
         if ino is None:
-            ino = self.image_inos[name] = self.prefixes.new() << PREFIX_SHIFT
+            prefix = self.prefixes.new()
+            self.ledger.image_dir(prefix, name)
+            ino = self.image_inos[name] = prefix << PREFIX_SHIFT
             self[ino] = Node(ino, name, 0, b"")
         return ino
 
@@ -127,7 +143,19 @@ class InodeTable(dict[int, Node]):
         if node is None:
             node = self[ino] = Node(ino, parent.image, prefix, parent.child(name),
                                     stat.S_ISDIR(mode))
+            self.ledger.node(ino, node.rel, node.is_dir)
         node.lookups += 1
+
+    def restore(self, found: Found) -> None:
+        """The nodes a server before this one gave the kernel (see ledger.py). Their lookup
+        counts are not known: they stay for this server's life."""
+        for name, prefix in found.image_dirs.items():
+            ino = self.image_inos[name] = prefix << PREFIX_SHIFT
+            self[ino] = Node(ino, name, 0, b"")
+        for ino, (rel, is_dir) in found.nodes.items():
+            version = found.versions.get(ino >> PREFIX_SHIFT)
+            if version is not None:
+                self[ino] = Node(ino, version[0], ino >> PREFIX_SHIFT, rel, is_dir, RESTORED)
 
     def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         """The kernel's FORGET: it dropped *count* lookups of each inode."""

@@ -34,7 +34,7 @@ from .metrics import Metrics
 from .mounting import Mount, Mounter
 from .recovery import Adoption
 from .state import Phase, Registry, Use
-from .status import iso_time, mount_statuses, status_document
+from .status import Server, iso_time, mount_statuses, status_document
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class Manager:
         # The filesystem: an image's handles must die / its cached names go stale.
         self.listener: MountListener = NoListener()
         self.last_verify: dict[str, Any] | None = None  # the last `verify`: when, what differed
+        self.server: Server | None = None  # the process serving (set by the daemon)
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -369,7 +370,7 @@ class Manager:
             backing_root=self.config.backing_root, image_paths=self.mounter.paths,
             mounts=ChainMap[str, Mount](self.mounts, self._unmounting))
         return status_document(str(self.config.mountpoint), self.registry.hold_time,
-                               self.executor.emergency, mounts, self.last_verify)
+                               self.executor.emergency, mounts, self.last_verify, self.server)
 
     async def shutdown(self) -> None:
         """Unmount every idle image; acquired images stay mounted for the next daemon to adopt."""

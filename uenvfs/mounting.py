@@ -10,7 +10,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from .config import Config
 from .errors import TRANSIENT_ERRNOS, MountFailed, NodeResourceFailed, UnmountFailed
 from .guard import Storage
 from .inodes import Identity, ImageVersion, InodePrefixes
+from .ledger import NO_LEDGER, Ledger
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,22 @@ class Mounter:
         self._mount_file = backend.mount_file if isinstance(backend, FileMountBackend) else None
         self._versions: dict[str, ImageVersion] = {}  # the last one of each name
         self.storage = Storage(config.storage_guard)
+        self.ledger: Ledger = NO_LEDGER  # versions are written there for the next server
+
+    def attach(self, ledger: Ledger) -> None:
+        """Write the versions to *ledger* from now on (and those known now)."""
+        self.ledger = ledger
+        for name, version in self._versions.items():
+            self._record(name, version)
+
+    def _record(self, name: str, version: ImageVersion) -> None:
+        self.ledger.version(version.prefix, name, version.identity, version.validated)
+
+    def restore(self, versions: Mapping[int, tuple[str, Identity, bool]]) -> None:
+        """The versions a server before this one handed out (prefix -> name, identity,
+        validated): the last one of each name is its version again."""
+        for prefix, (name, identity, validated) in sorted(versions.items()):
+            self._versions[name] = ImageVersion(prefix, identity, validated)
 
     async def mount(self, name: str) -> Mount:
         """Mount *name*'s image at its backing directory. Raises `MountError`.
@@ -178,6 +195,7 @@ class Mounter:
             if self.config.validate and not version.validated:
                 await self._validate(path, probe)
                 version.validated = True
+                self._record(name, version)
             if mount_file is None:
                 await self.backend.mount(path, target)
                 source = self.backend.mounted(target)
@@ -256,6 +274,7 @@ class Mounter:
         if last is not None and last.identity == identity:
             return last
         new = self._versions[name] = ImageVersion(self.prefixes.new(), identity)
+        self._record(name, new)
         if last is not None:
             log.info("%s: image file changed since its last mount; new inode numbers", name)
             self.version_changed(name)

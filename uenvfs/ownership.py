@@ -26,8 +26,9 @@ LOCK_NAME = "lock"
 PROBE_SECONDS = 2.0  # how long a live FUSE daemon may take to answer statfs at start-up
 
 
-def lock_state_dir(state_dir: Path) -> int:
-    """Lock *state_dir* for this process (released when it exits); returns the lock's fd.
+def lock_state_dir(state_dir: Path, pid: int) -> int:
+    """Lock *state_dir* for the uenvfs whose keeper is *pid* (released when the last process
+    holding the returned fd exits: the keeper holds it too); returns the lock's fd.
 
     Raises `StartupError` naming the holder's pid if another daemon holds it.
     """
@@ -47,7 +48,7 @@ def lock_state_dir(state_dir: Path) -> int:
                                f"{state_dir}; stop it first") from None
         raise StartupError(f"cannot lock {path}: {exc.strerror}") from exc
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.pwrite(fd, f"{pid}\n".encode(), 0)
     return fd
 
 

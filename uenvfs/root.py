@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import pyfuse3
 
 from . import control, metrics
+from . import ledger as kinds
 from .allocation import AllocationResolver
 from .attributes import KERNEL_CACHE_SECONDS, from_stat, synthetic
 from .errors import CommandError
-from .handles import Handle
+from .handles import Entry, Handle
 from .inodes import CONTROL, METRICS, ROOT, STATUS, InodeTable
 from .interfaces import ImageService
 from .listings import Listing
@@ -37,7 +38,11 @@ Gauges = dict[str, dict[Labels, float]]
 class DataHandle(Handle):
     """An open `.status` or `.metrics`: a snapshot taken at open, so reads are consistent."""
 
+    ino: int  # STATUS or METRICS
     data: bytes
+
+    def entry(self) -> Entry:
+        return kinds.DATA, 0, "", self.ino, 0
 
     def read(self, off: int, size: int) -> bytes:
         return self.data[off : off + size]
@@ -51,6 +56,9 @@ class ControlHandle(Handle):
     uid: int
     alloc: str
     root: MountRoot
+
+    def entry(self) -> Entry:
+        return kinds.CONTROL, 0, self.alloc, self.uid, self.pid
 
     async def write(self, data: bytes) -> int:
         await self.root.control(self, data)
@@ -134,9 +142,13 @@ class MountRoot:
             return ControlHandle(ctx.pid, ctx.uid, self.resolver.resolve(ctx.pid, ctx.uid), self)
         if flags & WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
+        return self.data(ino)
+
+    def data(self, ino: int) -> DataHandle:
+        """A new handle of `.status` or `.metrics` (*ino*), as of now."""
         if ino == STATUS:
-            return DataHandle(render_status(self.images.status()))
-        return DataHandle(metrics.render(self.images.metrics, self.gauges()))
+            return DataHandle(ino, render_status(self.images.status()))
+        return DataHandle(ino, metrics.render(self.images.metrics, self.gauges()))
 
     async def control(self, caller: ControlHandle, data: bytes) -> None:
         """Apply the commands *caller* wrote, in order; the first that fails fails the write."""

@@ -25,6 +25,21 @@ from .state import Phase, Registry
 STATUS_VERSION = 1
 
 
+@dataclass(frozen=True)
+class Server:
+    """The process that answers FUSE requests: `.status`'s `server` object."""
+
+    pid: int
+    started: float  # unix time
+    resumes: int  # how many times the connection was resumed by a new server before it
+
+    def to_json(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {"pid": self.pid, "version": __version__, "started": round(self.started, 3),
+                "resumes": self.resumes}
+
+
 class Mounted(Protocol):
     """What the document needs of a backing mount."""
 
@@ -108,12 +123,13 @@ def mount_statuses(
 
 def status_document(
     mountpoint: str, hold_time: float, emergency: bool, mounts: Sequence[MountStatus],
-    verify: Mapping[str, Any] | None = None,
+    verify: Mapping[str, Any] | None = None, server: Server | None = None,
 ) -> dict[str, Any]:
     """The document; *verify*: the last comparison of the counts with the processes
-    (`{"at": time, "differences": [...]}`), or None before the first."""
+    (`{"at": time, "differences": [...]}`), or None before the first; *server*: who serves."""
     return {
         "version": STATUS_VERSION,
+        "server": None if server is None else server.to_json(),
         "mountpoint": mountpoint,
         "hold_time": hold_time,
         "emergency": emergency,
@@ -133,6 +149,10 @@ def format_table(document: Mapping[str, Any]) -> str:
         f"uenvfs at {document['mountpoint']}: hold time {document['hold_time']:g} s"
         + (", EMERGENCY MODE" if document.get("emergency") else "")
     )
+    server = document.get("server")
+    if server:
+        head += (f"\nserved by pid {server['pid']} (uenvfs {server['version']}) since "
+                 f"{iso_time(server['started'])}, connection resumed {server['resumes']} times")
     mounts = document.get("mounts", [])
     if not mounts:
         return head + "\nno image mounted\n"

@@ -209,14 +209,15 @@ def test_stopped_daemon_makes_callers_wait_not_fail(daemon: Daemon) -> None:
     assert (daemon.mountpoint / "img/f").read_text() == "patience"
     assert daemon.process is not None
     mounts_before = daemon.backing_mounts()
-    daemon.process.send_signal(signal.SIGSTOP)
+    server = daemon.server_pid()
+    os.kill(server, signal.SIGSTOP)
     try:
         reader = subprocess.Popen(["cat", str(daemon.mountpoint / "img/f")],
                                   stdout=subprocess.PIPE, text=True)
         time.sleep(3)
         assert reader.poll() is None  # waiting, not failing
     finally:
-        daemon.process.send_signal(signal.SIGCONT)
+        os.kill(server, signal.SIGCONT)
     out, _ = reader.communicate(timeout=30)
     assert (reader.returncode, out) == (0, "patience")
     assert daemon.backing_mounts() == mounts_before

@@ -13,7 +13,7 @@ import pytest
 
 from uenvfs.descriptors import DescriptorBudget
 from uenvfs.handles import DirHandle, FileHandle, Handle, HandleTable, RootDirHandle
-from uenvfs.inodes import Node
+from uenvfs.inodes import STATUS, Node
 from uenvfs.listings import Listing
 from uenvfs.prefetch import Prefetcher
 from uenvfs.root import DataHandle
@@ -53,8 +53,9 @@ def open_file(path: Path, image: str, prefetcher: Prefetcher) -> FileHandle:
 def test_numbers_are_never_reused_and_unknown_ones_are_ebadf() -> None:
     table = HandleTable()
     first = table.add(RootDirHandle(Listing()))
-    del table[first]
-    second = table.add(DataHandle(b"x"))
+    assert table.release(first) is not None
+    assert table.release(first) is None
+    second = table.add(DataHandle(STATUS, b"x"))
     assert (first, second) == (1, 2)
     assert errno_of(table.__getitem__, first) == errno.EBADF
     assert table.get(first) is None
@@ -67,7 +68,7 @@ async def test_each_kind_does_what_it_can(tmp_path: Path, prefetcher: Prefetcher
     file = open_file(tmp_path / "f", "img", prefetcher)
     directory = DirHandle("img", Use("alloc"), node, entries)
     root = RootDirHandle(entries)
-    data = DataHandle(b"status")
+    data = DataHandle(STATUS, b"status")
     assert file.read(2, 3) == b"nte"
     assert data.read(2, 100) == b"atus"
     assert directory.listing() == (entries, node)
@@ -96,7 +97,7 @@ def test_force_unmount_kills_the_handles_of_one_image(
     file = open_file(tmp_path / "f", "img", prefetcher)
     other = open_file(tmp_path / "f", "other", prefetcher)
     directory = DirHandle("img", Use("alloc"), node, Listing())
-    for handle in (file, other, directory, RootDirHandle(Listing()), DataHandle(b"")):
+    for handle in (file, other, directory, RootDirHandle(Listing()), DataHandle(STATUS, b"")):
         table.add(handle)
     assert table.counted() == 3
     assert table.kill("img") == (2, [99])

@@ -1,0 +1,321 @@
+"""The keeper: holds the FUSE connection, and keeps a server answering it.
+
+`uenvfs serve` runs as the keeper. It starts the server (the same command, with
+UENVFS_KEEPER set in its environment), which mounts the filesystem and hands the keeper the
+connection's descriptors: /dev/fuse, the ledger (ledger.py) and the state directory's lock.
+From then on both hold them, so the connection outlives either process:
+
+  - the server dies (a bug, kill -9, the OOM killer): the keeper starts a new one at once,
+    which resumes the connection (fusedev.py); requests wait in the kernel meanwhile;
+  - the keeper dies: the server starts a new keeper and hands it the descriptors;
+  - `uenvfs restart` (`.control` `restart`): the keeper starts a new server from the installed
+    code, which takes over from the old one once it is ready;
+  - under systemd, the keeper also keeps the descriptors in systemd's store (FDSTORE=1), and
+    takes them back from LISTEN_FDS when it starts, so that even the death of every uenvfs
+    process does not end the connection.
+
+The connection ends when the server stops on purpose (SIGTERM, `uenvfs stop`, an unmount from
+outside): it says so ("stopping"), unmounts, and the keeper exits with its exit status.
+Signals the keeper gets (TERM, INT, HUP, USR1) go to the server.
+
+Small on purpose: the standard library only, one loop over poll(2), no state but the
+descriptors and the current server. Messages on the socket pair with the server are words,
+one per datagram (SOCK_SEQPACKET), the descriptors with "hold".
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from . import fusedev
+
+log = logging.getLogger("uenvfs.keeper")
+
+ENV_KEEPER = "UENVFS_KEEPER"  # in a server: its socket to the keeper
+ENV_RESUME = "UENVFS_RESUME"  # in a server: fuse,ledger,lock descriptors to resume with
+ENV_SERVER = "UENVFS_SERVER"  # in a keeper started by a server: pid, and the server's argv
+FD_NAMES = ("fuse", "ledger")  # the names of the descriptors in systemd's store
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+# A server that dies before it serves is started again after these pauses (one more each
+# time in a row): a server that cannot start must not take the node's CPU meanwhile.
+BACKOFF = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _sd_notify(message: str, fds: Sequence[int] = ()) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            socket.send_fds(sock, [message.encode()], list(fds))
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", address, exc)
+
+
+def stored_fds() -> dict[str, int]:
+    """The descriptors systemd gave back from its store (LISTEN_FDS), by name."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return {}
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)
+    found = {}
+    for index in range(count):
+        fd = 3 + index
+        os.set_inheritable(fd, False)
+        name = names[index] if index < len(names) else ""
+        if name in FD_NAMES and name not in found:
+            found[name] = fd
+        else:
+            os.close(fd)
+    return found
+
+
+class Keeper:
+    """Holds the connection's descriptors and runs its server; see the module's docstring."""
+
+    def __init__(self, server_argv: list[str], held: dict[str, int] | None = None,
+                 server_pid: int | None = None, sock: socket.socket | None = None) -> None:
+        self.server_argv = server_argv
+        self.held = dict(held or {})  # fuse, ledger, lock
+        self.server_pid = server_pid
+        self.sock = sock  # to the current server
+        self.pidfd: int | None = None if server_pid is None else os.pidfd_open(server_pid)
+        self.stopping = False  # the server stops on purpose
+        self.stop_asked = False  # we were told to stop (and told the server)
+        self.status: int | None = None  # the stopped server's exit status
+        self.failed_starts = 0  # servers in a row that died before serving
+        self.serving = server_pid is not None  # the current server said "ready"
+        self.start_at: float | None = None  # when to start the next server
+        self.pending: list[int] = []  # signals for the next server
+        self.ready_told = False
+
+    # -- the server ---------------------------------------------------------------------
+
+    def start_server(self, resume: bool) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ)
+        env[ENV_KEEPER] = str(theirs.fileno())
+        env.pop(ENV_SERVER, None)
+        pass_fds = [theirs.fileno()]
+        if resume:
+            fds = [self.held.get(n, -1) for n in ("fuse", "ledger", "lock")]
+            env[ENV_RESUME] = ",".join(map(str, fds))
+            pass_fds += [fd for fd in fds if fd >= 0]
+        else:
+            env.pop(ENV_RESUME, None)
+        process = subprocess.Popen(self.server_argv, env=env, pass_fds=pass_fds)
+        theirs.close()
+        self.sock = ours
+        self.server_pid = process.pid
+        self.pidfd = os.pidfd_open(process.pid)
+        self.serving = False
+        log.info("started server pid %d%s", process.pid, " to resume the connection"
+                 if resume else "")
+
+    def _server_gone(self) -> int | None:
+        """The server exited: reap it (if it is our child). Returns its exit status if known."""
+        assert self.server_pid is not None
+        status = None
+        try:
+            _, raw = os.waitpid(self.server_pid, 0)
+            status = os.waitstatus_to_exitcode(raw)
+        except ChildProcessError:
+            pass  # not our child (we replaced a keeper): its status is its parent's
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+        if self.sock is not None:
+            self._drain()
+            self.sock.close()
+        self.pidfd = self.sock = None
+        pid, self.server_pid = self.server_pid, None
+        if status is not None and status < 0:
+            log.error("server pid %d was killed by %s", pid, signal.Signals(-status).name)
+        elif not self.stopping and "fuse" in self.held:
+            log.error("server pid %d exited (status %s) without stopping", pid, status)
+        return status
+
+    def _drain(self) -> None:
+        assert self.sock is not None
+        self.sock.setblocking(False)
+        while True:
+            try:
+                if not self._receive():
+                    return
+            except BlockingIOError:
+                return
+
+    def _receive(self) -> bool:
+        """Handle one message from the server; False at the end of the stream."""
+        assert self.sock is not None
+        data, fds, _, _ = socket.recv_fds(self.sock, 4096, 8)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return False
+        word, _, rest = data.decode().partition(" ")
+        if word == "hold":
+            self._hold(dict(zip(("fuse", "ledger", "lock"), fds, strict=False)))
+        else:
+            for fd in fds:
+                os.close(fd)
+        if word == "ready":
+            self.serving = True
+            self.failed_starts = 0
+            if not self.ready_told:
+                self.ready_told = True
+                _sd_notify("READY=1")
+            for signum in self.pending:
+                self._forward(signum)
+            self.pending.clear()
+        elif word == "stopping":
+            self.stopping = True
+            _sd_notify("STOPPING=1")
+        elif word == "status":
+            _sd_notify(f"STATUS={rest}")
+        return True
+
+    def _hold(self, fds: dict[str, int]) -> None:
+        for fd in self.held.values():
+            os.close(fd)
+        self.held = fds
+        stored = {name: fd for name, fd in fds.items() if name in FD_NAMES}
+        for name, fd in stored.items():
+            _sd_notify(f"FDSTORE=1\nFDNAME={name}", [fd])
+        log.info("holding the FUSE connection (fds %s)", fds)
+
+    def _forward(self, signum: int) -> None:
+        if self.server_pid is None:
+            self.pending.append(signum)
+            return
+        try:
+            os.kill(self.server_pid, signum)
+        except ProcessLookupError:
+            self.pending.append(signum)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Keep a server running until it stops on purpose; returns its exit status."""
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        for handled in SIGNALS:
+            signal.signal(handled, lambda *_: None)
+        if self.server_pid is None:
+            self.start_server(resume="fuse" in self.held)
+        while True:
+            timeout = None
+            if self.start_at is not None:
+                timeout = max(0, int((self.start_at - time.monotonic()) * 1000))
+                if timeout == 0:
+                    self.start_at = None
+                    self.start_server(resume=True)
+                    continue
+            poll = select.poll()
+            poll.register(wake_r, select.POLLIN)
+            if self.pidfd is not None:
+                poll.register(self.pidfd, select.POLLIN)
+            if self.sock is not None:
+                poll.register(self.sock.fileno(), select.POLLIN)
+            try:
+                events = dict(poll.poll(timeout))
+            except InterruptedError:
+                continue
+            if wake_r in events:
+                for signum in os.read(wake_r, 64):
+                    if signum in (signal.SIGTERM, signal.SIGINT):
+                        self.stop_asked = True
+                    self._forward(signum)
+            if self.sock is not None and self.sock.fileno() in events:
+                try:
+                    if not self._receive():
+                        self.sock.close()
+                        self.sock = None
+                except OSError as exc:
+                    log.warning("reading from the server: %s", exc)
+            if self.pidfd is not None and self.pidfd in events:
+                status = self._server_gone()
+                code = self._after_server(status)
+                if code is not None:
+                    return code
+
+    def _after_server(self, status: int | None) -> int | None:
+        """The server is gone: the exit status to exit with, or None after starting another."""
+        fuse = self.held.get("fuse")
+        if self.stopping or fuse is None or not fusedev.alive(fuse):
+            # On purpose, before it handed us a connection, or the connection ended anyway.
+            self._release()
+            return 0 if status is None else (status if status >= 0 else 128 - status)
+        if self.stop_asked:
+            self.pending.append(signal.SIGTERM)  # it died before it stopped: the next one
+        if not self.serving:
+            self.failed_starts += 1
+        pause = BACKOFF[min(self.failed_starts, len(BACKOFF)) - 1] if self.failed_starts else 0
+        if pause:
+            log.error("%d servers in a row died before serving; next try in %g s (the "
+                      "connection waits)", self.failed_starts, pause)
+        self.start_at = time.monotonic() + pause
+        return None
+
+    def _release(self) -> None:
+        if self.held:
+            _sd_notify("FDSTOREREMOVE=1\nFDNAME=fuse")
+            _sd_notify("FDSTOREREMOVE=1\nFDNAME=ledger")
+        for fd in self.held.values():
+            os.close(fd)
+        self.held = {}
+
+
+def server_argv() -> list[str]:
+    """The command that starts a server: this very `uenvfs serve` command."""
+    return [sys.executable, "-m", "uenvfs", *sys.argv[1:]]
+
+
+def serve() -> int:
+    """`uenvfs serve`: the keeper of a new connection, or of one systemd kept."""
+    held = stored_fds()
+    if held and ("fuse" not in held or "ledger" not in held or not fusedev.alive(held["fuse"])):
+        log.warning("systemd's store holds no live FUSE connection of uenvfs; mounting anew")
+        for fd in held.values():
+            os.close(fd)
+        held = {}
+    return Keeper(server_argv(), held).run()
+
+
+def adopt_server() -> int:
+    """A keeper started by a server whose keeper died: hold its descriptors and watch it."""
+    info = json.loads(os.environ.pop(ENV_SERVER))
+    held = dict(zip(("fuse", "ledger", "lock"), info["fds"], strict=True))
+    sock = socket.socket(fileno=info["sock"])
+    try:
+        keeper = Keeper(info["argv"], held, info["pid"], sock)
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            return 1  # the server is gone already
+        raise
+    keeper.ready_told = True
+    return keeper.run()
+
+
+if __name__ == "__main__":
+    setup_logging(os.environ.get("UENVFS_LOG_LEVEL", "INFO"))
+    sys.exit(adopt_server())

@@ -1,0 +1,301 @@
+"""The ledger: what a new server needs to answer the requests of a live connection.
+
+The kernel goes on sending the node ids and file handles that the server before handed out
+(see fusedev.py). A node id says which image version an inode belongs to and its inode number
+in the backing mount, not its path; a file handle is a number. The ledger keeps, in shared
+memory that outlives the server (a memfd held with the connection's descriptor, see keeper.py):
+
+  - the connection's INIT request, to start libfuse again;
+  - every inode prefix handed out: the image directory of a name, the versions of an image;
+  - the path in its image of every node id the kernel was given (an append-only log);
+  - every open handle: its kind, its node, the allocation it counts for.
+
+Each is written before the answer that hands it to the kernel, so a server that dies at any
+point leaves a ledger that names everything the kernel may ask about. The writes are stores
+to memory (no system call): a few hundred nanoseconds on the requests that add something.
+
+Layout of the memfd (sparse: only what is written takes memory)::
+
+    0         header: magic, format, INIT request, resumes, the log's active half and
+              used bytes, the handle slots in use
+    4 KiB     SLOTS handle slots of 32 bytes: a handle number is gen << 32 | slot
+    + 32 MiB  two halves of LOG bytes: records appended to the active half; when it fills
+              up, the live records are written to the other half, which becomes active
+
+A record is appended first and counted (`used`) after, so one half-written at a crash is not
+read. A log record: kind (u8), flag (u8), length (u16), a number (u64), then `length` bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"UENVLDG1"
+HEADER = struct.Struct("=8sIIQBxxxxxxxQQQ")  # magic, format, init length, resumes,
+# active half, pad, used[0], used[1], slots in use (high-water)
+INITIALIZED_AT, USED_AT, SLOTS_USED_AT = 25, 32, 48  # offsets of a byte and two u64
+HEADER_SIZE = 4096
+INIT_AT = 512  # the INIT request (at most 512 bytes) sits here
+SLOTS = 1 << 20
+SLOT = struct.Struct("=IBBHIIQQ")  # gen, kind, flags, pad, alloc id, extra, node id, extra2
+SLOTS_AT = HEADER_SIZE
+LOG_AT = SLOTS_AT + SLOTS * SLOT.size
+LOG = 256 << 20
+SIZE = LOG_AT + 2 * LOG
+RECORD = struct.Struct("=BBHQ")
+
+# Log records
+NODE, IMAGE_DIR, VERSION, ALLOC = 1, 2, 3, 4
+IDENTITY = struct.Struct("=qqqq")
+
+# Handle kinds (0: free slot)
+FREE, FILE, DIR, ROOT_DIR, CONTROL, DATA = 0, 1, 2, 3, 4, 5
+DEAD = 1  # flag: force-unmounted, answers EIO
+
+
+@dataclass
+class Slot:
+    """An open handle as the ledger has it."""
+
+    fh: int
+    kind: int
+    dead: bool
+    alloc: str
+    ino: int
+    extra: int = 0
+    extra2: int = 0
+
+
+@dataclass
+class Found:
+    """Everything a ledger holds, read by a new server."""
+
+    init: bytes
+    resumes: int
+    nodes: dict[int, tuple[bytes, bool]] = field(default_factory=dict)  # ino -> rel, is_dir
+    image_dirs: dict[str, int] = field(default_factory=dict)  # name -> prefix
+    versions: dict[int, tuple[str, tuple[int, int, int, int], bool]] = field(
+        default_factory=dict)  # prefix -> name, identity, validated
+    handles: list[Slot] = field(default_factory=list)
+
+    @property
+    def last_prefix(self) -> int:
+        return max([*self.image_dirs.values(), *self.versions, 0])
+
+
+class LedgerError(Exception):
+    """Not a ledger this uenvfs can read (another format, or none)."""
+
+
+class Ledger:
+    """A ledger that keeps nothing (a filesystem with no connection to resume: unit tests).
+    Handles are numbered from 1 up."""
+
+    fd = -1
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def node(self, ino: int, rel: bytes, is_dir: bool) -> None:
+        """The kernel is given node *ino*, the file at *rel* in its image."""
+
+    def image_dir(self, prefix: int, name: str) -> None:
+        """Image *name*'s directory has inode prefix *prefix*."""
+
+    def version(self, prefix: int, name: str, identity: tuple[int, int, int, int],
+                validated: bool) -> None:
+        """A version of image *name* has inode prefix *prefix*."""
+
+    def opened(self, kind: int, ino: int, alloc: str = "", extra: int = 0,
+               extra2: int = 0) -> int:
+        """Record a new handle; returns its number."""
+        self._next += 1
+        return self._next
+
+    def killed(self, fh: int) -> None:
+        """The handle *fh* answers EIO from now on (its image was force-unmounted)."""
+
+    def released(self, fh: int) -> None:
+        """The handle *fh* is closed."""
+
+
+NO_LEDGER = Ledger()
+
+
+class SharedLedger(Ledger):
+    """The ledger in the memfd *fd* (kept open: it is handed to the next server)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        if os.fstat(fd).st_size < SIZE:
+            os.ftruncate(fd, SIZE)
+        self.map = mmap.mmap(fd, SIZE)
+        self._allocs: dict[str, int] = {}
+        self._free: list[int] = []
+        self._gens: dict[int, int] = {}
+        self.full = False  # the log could not take a record: resuming would miss some nodes
+
+    @classmethod
+    def create(cls, init: bytes) -> SharedLedger:
+        """A new, empty ledger for the connection whose INIT request is *init*."""
+        if len(init) > HEADER_SIZE - INIT_AT:
+            raise LedgerError(f"INIT request of {len(init)} bytes")
+        fd = os.memfd_create("uenvfs-ledger", os.MFD_CLOEXEC)
+        ledger = cls(fd)
+        ledger.map[INIT_AT:INIT_AT + len(init)] = init
+        ledger._header(init_length=len(init), resumes=0, active=0, used=(0, 0), slots=0)
+        return ledger
+
+    # -- the header ---------------------------------------------------------------------
+
+    def _read_header(self) -> tuple[int, int, int, tuple[int, int], int]:
+        magic, fmt, init_length, resumes, active, used0, used1, slots = HEADER.unpack_from(
+            self.map, 0)
+        if magic != MAGIC or fmt != 1:
+            raise LedgerError("not a uenvfs ledger of format 1")
+        return init_length, resumes, active, (used0, used1), slots
+
+    def _header(self, *, init_length: int, resumes: int, active: int,
+                used: tuple[int, int], slots: int) -> None:
+        HEADER.pack_into(self.map, 0, MAGIC, 1, init_length, resumes, active, *used, slots)
+
+    # -- reading, by a new server ----------------------------------------------------------
+
+    def read(self) -> Found:
+        """Everything in the ledger. Raises `LedgerError` if it is not one."""
+        init_length, resumes, active, used, slots = self._read_header()
+        found = Found(bytes(self.map[INIT_AT:INIT_AT + init_length]), resumes)
+        allocs: dict[int, str] = {}
+        for kind, flag, number, data in self._records(active, used[active]):
+            if kind == NODE:
+                found.nodes[number] = (data, bool(flag))
+            elif kind == IMAGE_DIR:
+                found.image_dirs[data.decode()] = number
+            elif kind == VERSION:
+                identity = IDENTITY.unpack_from(data)
+                name = data[IDENTITY.size:].decode()
+                found.versions[number] = (name, identity, bool(flag))
+            elif kind == ALLOC:
+                allocs[number] = data.decode()
+        for index in range(slots):
+            gen, kind, flags, _, alloc, extra, ino, extra2 = SLOT.unpack_from(
+                self.map, SLOTS_AT + index * SLOT.size)
+            if kind != FREE:
+                found.handles.append(Slot(gen << 32 | index, kind, bool(flags & DEAD),
+                                          allocs.get(alloc, ""), ino, extra, extra2))
+        return found
+
+    def _records(self, half: int, used: int) -> Iterator[tuple[int, int, int, bytes]]:
+        at = LOG_AT + half * LOG
+        end = at + used
+        while at + RECORD.size <= end:
+            kind, flag, length, number = RECORD.unpack_from(self.map, at)
+            at += RECORD.size
+            yield kind, flag, number, bytes(self.map[at:at + length])
+            at += length
+
+    @property
+    def initialized(self) -> bool:
+        """Whether a server answered the connection's INIT (then the kernel never sends it
+        again, and the requests a dead server read can be queued again)."""
+        return bool(self.map[INITIALIZED_AT])
+
+    def mark_initialized(self) -> None:
+        self.map[INITIALIZED_AT] = 1
+
+    def resumed(self, found: Found) -> None:
+        """A new server takes over this ledger, as *found* by `read`: count the resume and
+        carry on with its handles and allocations."""
+        init_length, resumes, active, used, slots = self._read_header()
+        self._header(init_length=init_length, resumes=resumes + 1, active=active, used=used,
+                     slots=slots)
+        self._active, self._used, self._slots = active, used[active], slots
+        self._allocs = {}
+        for index in range(slots):
+            gen, kind = SLOT.unpack_from(self.map, SLOTS_AT + index * SLOT.size)[:2]
+            self._gens[index] = gen
+            if kind == FREE:
+                self._free.append(index)
+        self._free.reverse()
+        for name, number in self._alloc_records(active, used[active]):
+            self._allocs[name] = number
+
+    def _alloc_records(self, half: int, used: int) -> Iterator[tuple[str, int]]:
+        for kind, _, number, data in self._records(half, used):
+            if kind == ALLOC:
+                yield data.decode(), number
+
+    # -- writing ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start writing an empty ledger (made by `create`)."""
+        self._active, self._used, self._slots = 0, 0, 0
+
+    def _append(self, kind: int, flag: int, number: int, data: bytes) -> None:
+        size = RECORD.size + len(data)
+        if self._used + size > LOG:
+            self.full = True
+            log.error("the ledger's log is full: nodes looked up from now on cannot be "
+                      "resumed after a crash")
+            return
+        at = LOG_AT + self._active * LOG + self._used
+        RECORD.pack_into(self.map, at, kind, flag, len(data), number)
+        self.map[at + RECORD.size:at + size] = data
+        self._used += size
+        struct.pack_into("=Q", self.map, USED_AT + 8 * self._active, self._used)
+
+    def node(self, ino: int, rel: bytes, is_dir: bool) -> None:
+        self._append(NODE, is_dir, ino, rel)
+
+    def image_dir(self, prefix: int, name: str) -> None:
+        self._append(IMAGE_DIR, 0, prefix, name.encode())
+
+    def version(self, prefix: int, name: str, identity: tuple[int, int, int, int],
+                validated: bool) -> None:
+        self._append(VERSION, validated, prefix, IDENTITY.pack(*identity) + name.encode())
+
+    def _alloc_id(self, alloc: str) -> int:
+        number = self._allocs.get(alloc)
+        if number is None:
+            number = self._allocs[alloc] = len(self._allocs) + 1
+            self._append(ALLOC, 0, number, alloc.encode())
+        return number
+
+    def opened(self, kind: int, ino: int, alloc: str = "", extra: int = 0,
+               extra2: int = 0) -> int:
+        if self._free:
+            index = self._free.pop()
+        elif self._slots < SLOTS:
+            index = self._slots
+            self._slots += 1
+            struct.pack_into("=Q", self.map, SLOTS_USED_AT, self._slots)
+        else:
+            raise OSError(24, "too many open handles")  # EMFILE
+        gen = (self._gens.get(index, 0) + 1) & 0xFFFFFFFF
+        self._gens[index] = gen
+        SLOT.pack_into(self.map, SLOTS_AT + index * SLOT.size, gen, kind, 0, 0,
+                       self._alloc_id(alloc) if alloc else 0, extra, ino, extra2)
+        return gen << 32 | index
+
+    def killed(self, fh: int) -> None:
+        index = fh & 0xFFFFFFFF
+        at = SLOTS_AT + index * SLOT.size
+        if SLOT.unpack_from(self.map, at)[0] == fh >> 32:
+            self.map[at + 5] |= DEAD
+
+    def released(self, fh: int) -> None:
+        index = fh & 0xFFFFFFFF
+        at = SLOTS_AT + index * SLOT.size
+        if index < self._slots and SLOT.unpack_from(self.map, at)[0] == fh >> 32:
+            self.map[at + 4] = FREE
+            self._free.append(index)
+
+    def close(self) -> None:
+        self.map.close()

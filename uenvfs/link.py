@@ -1,0 +1,80 @@
+"""The server's side of the keeper (see keeper.py): tell it what it must know, and replace it
+if it dies."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from .keeper import ENV_SERVER, server_argv
+
+log = logging.getLogger(__name__)
+
+
+class Link:
+    """The socket to this server's keeper, and the descriptors the keeper must hold."""
+
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(False)
+        self.held: list[int] = []  # fuse, ledger, lock: what a new keeper gets
+        self.replacements = 0
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    def send(self, word: str, fds: Sequence[int] = ()) -> None:
+        try:
+            socket.send_fds(self.sock, [word.encode()], list(fds))
+        except OSError as exc:
+            log.warning("cannot tell the keeper %r: %s", word, exc.strerror)
+
+    def hold(self, fuse: int, ledger: int, lock: int) -> None:
+        """Have the keeper hold the connection (a new one, mounted by this server)."""
+        self.held = [fuse, ledger, lock]
+        self.send("hold", self.held)
+
+    def resumed_with(self, fuse: int, ledger: int, lock: int) -> None:
+        """The keeper handed us these (it holds them already)."""
+        self.held = [fuse, ledger, lock]
+
+    async def watch(self) -> None:
+        """Until cancelled: when the keeper dies, start another that holds our descriptors."""
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if data:
+                log.debug("keeper says %r", data)
+                continue
+            for child in self._children:
+                child.poll()  # reap a keeper we started that died
+            if not self.held:
+                log.error("the keeper is gone before holding the connection")
+                await trio.sleep_forever()
+            log.error("the keeper died: starting another to hold the FUSE connection")
+            self._replace()
+
+    def _replace(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ)
+        env[ENV_SERVER] = json.dumps({"pid": os.getpid(), "fds": self.held,
+                                      "sock": theirs.fileno(), "argv": server_argv()})
+        self._children.append(subprocess.Popen(
+            [sys.executable, "-m", "uenvfs.keeper"], env=env,
+            pass_fds=[theirs.fileno(), *self.held], stdin=subprocess.DEVNULL))
+        theirs.close()
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+        ours.setblocking(False)
+        self.sock = ours
+        self.replacements += 1
