@@ -436,8 +436,12 @@ class Mounts:
                  "uenvfs to see every file closed (refcount 0)")
 
     def uenvfs_pid(self) -> int:
+        """The process that answers FUSE requests: the server (`.status` names it), not the
+        keeper that `uenvfs serve` runs as; a uenvfs without one is a single process."""
         assert self.uenvfs is not None
-        return self.uenvfs.pid
+        status = json.loads((self.fuse_mountpoint / ".status").read_bytes())
+        server = status.get("server")
+        return int(server["pid"]) if server else self.uenvfs.pid
 
     def uenvfs_backend(self) -> str:
         for line in self.uenvfs_log.read_text(errors="replace").splitlines():

@@ -270,6 +270,32 @@ def cmd_env(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+RESTART_TIMEOUT = 120.0  # seconds `uenvfs restart` waits for the new server
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    """`restart`, then wait until the new server answers (its pid in `.status`)."""
+    import time
+
+    before = _server(read_status(args))
+    started = time.monotonic()
+    send(args, str(control.Restart()))
+    while time.monotonic() - started < RESTART_TIMEOUT:
+        time.sleep(0.05)
+        now = _server(read_status(args))
+        if now and before and now["pid"] != before["pid"]:
+            print(f"restarted: server pid {before['pid']} (uenvfs {before['version']}) -> "
+                  f"pid {now['pid']} (uenvfs {now['version']})")
+            return EXIT_OK
+    raise CliError(f"no new server took over within {RESTART_TIMEOUT:g} s; the old one goes "
+                   "on serving (the daemon's log says why)")
+
+
+def _server(document: dict[str, object]) -> dict[str, object]:
+    server = document.get("server")
+    return server if isinstance(server, dict) else {}
+
+
 def _command(kind: type[control.Command]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         line = kind.line_from(args)
@@ -377,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the configured one, /run/pact/uenv)")
 
     for verb, kind in control.COMMANDS.items():
-        kind.add_arguments(add(verb, kind.help, _command(kind)))
+        run = cmd_restart if kind is control.Restart else _command(kind)
+        kind.add_arguments(add(verb, kind.help, run))
     return parser
 
 

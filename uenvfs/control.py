@@ -250,6 +250,12 @@ class Verify(Command):
     pass
 
 
+@command("restart", "hand the FUSE connection to a new server started from the installed "
+         "code, keeping every mount, count and timer (jobs notice nothing)")
+class Restart(Command):
+    pass
+
+
 # -- parsing -----------------------------------------------------------------------------------
 
 

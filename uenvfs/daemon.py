@@ -8,6 +8,7 @@ backing mount; a mount still in use stays for the next daemon to adopt.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -17,11 +18,12 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pyfuse3
 import trio
 
-from . import fastloop, fusedev, journal, recovery, squashfs
+from . import fastloop, fusedev, handover, journal, recovery, squashfs
 from . import ledger as ledger_mod
 from .allocation import AllocationResolver
 from .backend import make_backend, mount_at, read_mountinfo
@@ -31,7 +33,7 @@ from .descriptors import RESERVE, DescriptorBudget
 from .errors import CommandError, MountError, StartupError
 from .fs import UenvFS
 from .inodes import InodePrefixes
-from .keeper import ENV_KEEPER, ENV_RESUME, setup_logging
+from .keeper import ENV_KEEPER, ENV_RESUME, ENV_STANDBY, setup_logging
 from .link import Link
 from .manager import Manager
 from .ownership import clear_stale_mount, lock_state_dir
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 # first mount stall every other image; each waiting request costs a task and a receive buffer
 # (1 MiB of address space, of which it touches only what the request needs).
 MAX_REQUESTS = 1000
+DRAIN = 1.0  # seconds an old server lets its requests finish before it hands over
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
@@ -79,8 +82,11 @@ async def _tune_after_init(fs: UenvFS, config: Config) -> None:
     _tune_readahead(config)
 
 
-def _prepare_dirs(config: Config) -> None:
-    for directory in (config.state_dir, config.backing_root, config.mountpoint):
+def _prepare_dirs(config: Config, resuming: bool) -> None:
+    """The directories uenvfs needs; not the mountpoint when resuming: it is our live mount,
+    and a stat of it would wait for this very process."""
+    mountpoint = () if resuming else (config.mountpoint,)
+    for directory in (config.state_dir, config.backing_root, *mountpoint):
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -170,6 +176,10 @@ async def run(config: Config, link: Link, resume: Resume | None) -> None:
     fs.uses.hold_time = lambda: manager.registry.hold_time
     manager.listener = fs.listener
 
+    handed: dict[str, Any] | None = None
+    if resume is not None and resume.standby:
+        # Started by `restart`: everything is ready; the old server stops, then we go on.
+        handed = _read_handed(await link.wait_go())
     found: ledger_mod.Found | None = None
     if resume is None:
         lock = lock_state_dir(config.state_dir, os.getppid())  # the keeper's pid
@@ -179,7 +189,7 @@ async def run(config: Config, link: Link, resume: Resume | None) -> None:
                                                                     os.getppid())
         found = resume.ledger.read()
         restore_versions(manager, fs, found)
-    _prepare_dirs(config)
+    _prepare_dirs(config, resuming=resume is not None)
     await recover(manager)
     if resume is None:
         try:
@@ -201,6 +211,8 @@ async def run(config: Config, link: Link, resume: Resume | None) -> None:
     fs.attach(ledger)
     if found is not None:
         restore_handles(fs, found)
+    if handed is not None:
+        handover.apply(manager, handed)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     options |= {"fsname=uenvfs", "subtype=uenvfs", "allow_other"}
     pipe = fusedev.init_pipe(init)
@@ -213,10 +225,13 @@ async def run(config: Config, link: Link, resume: Resume | None) -> None:
     log.info("%s %s (images from %s, backend %s, hold time %g s)",
              "resumed" if resume else "serving", config.mountpoint,
              ", ".join(map(str, catalog.image_dirs)) or "-", backend.name, config.hold_time)
+    manager.restarter = link.request_restart
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.run)
             serving = trio.CancelScope()
+            handing_over = trio.Event()
+            link.on_handover = lambda: nursery.start_soon(_drain, serving, handing_over)
             nursery.start_soon(_signals, manager, serving, name="signals")
             if resume is None:
                 nursery.start_soon(_tune_after_init, fs, config, name="readahead")
@@ -225,7 +240,10 @@ async def run(config: Config, link: Link, resume: Resume | None) -> None:
             nursery.start_soon(_ready_after_init, fs, link, resume is not None, name="ready")
             with serving:
                 await pyfuse3.main(max_tasks=MAX_REQUESTS)
-                log.info("%s was unmounted from outside; shutting down", config.mountpoint)
+                if not handing_over.is_set():
+                    log.info("%s was unmounted from outside; shutting down", config.mountpoint)
+            if handing_over.is_set():
+                _hand_over(manager, link)  # does not return
             link.send("stopping")
             _end_connection(config)
             # Uses through open files die with the connection (the kernel can no longer send
@@ -238,6 +256,49 @@ async def run(config: Config, link: Link, resume: Resume | None) -> None:
         pyfuse3.close(unmount=False)
     os.close(lock)
     log.info("stopped")
+
+
+async def _drain(serving: trio.CancelScope, handing_over: trio.Event) -> None:
+    """The new server is ready to take over: read no more requests, let those under way
+    finish (a `.control` command must not be made twice), for `DRAIN` seconds at most; the
+    rest the new server gets again (see UenvFS.init)."""
+    if handing_over.is_set():
+        return
+    handing_over.set()
+    log.info("handing over to a new server: finishing the requests under way")
+    pyfuse3.terminate()
+    await trio.sleep(DRAIN)
+    log.warning("requests still under way after %g s: the new server answers them", DRAIN)
+    serving.cancel()
+
+
+def _hand_over(manager: Manager, link: Link) -> NoReturn:
+    """Give the new server what only our memory holds, and exit at once (the keeper holds
+    the connection, the ledger has every node and handle)."""
+    fd = os.memfd_create("uenvfs-handover", os.MFD_CLOEXEC)
+    os.write(fd, json.dumps(handover.capture(manager)).encode())
+    log.info("handed over; exiting")
+    link.send("handed", [fd])
+    os._exit(0)
+
+
+def _read_handed(fd: int | None) -> dict[str, Any] | None:
+    if fd is None:
+        log.warning("the old server died before it handed over: resuming as after a crash")
+        return None
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        document: dict[str, Any] = json.loads(b"".join(chunks))
+        return document
+    except (OSError, ValueError) as exc:
+        log.error("cannot read the state the old server handed over (%s): resuming as after "
+                  "a crash", exc)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _end_connection(config: Config) -> None:
@@ -268,6 +329,7 @@ class Resume:
     fuse: int
     ledger: ledger_mod.SharedLedger
     lock: int  # -1: none (systemd's store keeps no lock): take it anew
+    standby: bool = False  # started by `restart`: take over once the old server stopped
 
     @classmethod
     def from_env(cls, text: str) -> Resume:
@@ -302,6 +364,9 @@ def serve(config: Config) -> int:
         link = Link(int(os.environ.pop(ENV_KEEPER)))
         text = os.environ.pop(ENV_RESUME, None)
         resume = Resume.from_env(text) if text else None
+        standby = os.environ.pop(ENV_STANDBY, "")
+        if resume is not None:
+            resume.standby = bool(standby)
         with fastloop.installed(linger=config.linger_us / 1e6):  # warns if pyfuse3 is unknown
             trio.run(run, config, link, resume)
     except StartupError as exc:

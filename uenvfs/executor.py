@@ -17,6 +17,7 @@ from .control import (
     Reconcile,
     Release,
     Reload,
+    Restart,
     Verify,
 )
 from .errors import CommandError, JournalWriteFailed, MountError
@@ -141,6 +142,10 @@ class Executor:
     @handles(Reload)
     async def reload(self, cmd: Reload) -> str:
         return await self.manager.reload()
+
+    @handles(Restart)
+    async def restart(self, cmd: Restart) -> str:
+        return self.manager.restart()
 
     @handles(Verify)
     async def verify(self, cmd: Verify) -> str:

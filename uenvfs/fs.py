@@ -477,6 +477,7 @@ class UenvFS(ReadOnlyOperations):
             moved = self.images.transfer(handle.image, handle.use, alloc)
             if moved is not None:
                 handle.use = moved
+                self.handles.ledger.moved(fh, alloc)
                 return
 
     def _gauges(self) -> Gauges:

@@ -25,6 +25,7 @@ one per datagram (SOCK_SEQPACKET), the descriptors with "hold".
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from . import fusedev
 
@@ -44,6 +46,7 @@ log = logging.getLogger("uenvfs.keeper")
 ENV_KEEPER = "UENVFS_KEEPER"  # in a server: its socket to the keeper
 ENV_RESUME = "UENVFS_RESUME"  # in a server: fuse,ledger,lock descriptors to resume with
 ENV_SERVER = "UENVFS_SERVER"  # in a keeper started by a server: pid, and the server's argv
+ENV_STANDBY = "UENVFS_STANDBY"  # in a server started by `restart`: wait for "go"
 FD_NAMES = ("fuse", "ledger")  # the names of the descriptors in systemd's store
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 # A server that dies before it serves is started again after these pauses (one more each
@@ -90,6 +93,18 @@ def stored_fds() -> dict[str, int]:
     return found
 
 
+@dataclass(eq=False)
+class Child:
+    """A server process: the current one, or a new one getting ready to take over."""
+
+    pid: int
+    pidfd: int
+    sock: socket.socket
+    serving: bool = False  # it said "ready"
+    standby: bool = False  # a new server that said it is ready to take over
+    handed: int | None = None  # the state an old server handed over (a memfd)
+
+
 class Keeper:
     """Holds the connection's descriptors and runs its server; see the module's docstring."""
 
@@ -97,25 +112,28 @@ class Keeper:
                  server_pid: int | None = None, sock: socket.socket | None = None) -> None:
         self.server_argv = server_argv
         self.held = dict(held or {})  # fuse, ledger, lock
-        self.server_pid = server_pid
-        self.sock = sock  # to the current server
-        self.pidfd: int | None = None if server_pid is None else os.pidfd_open(server_pid)
+        self.current: Child | None = None
+        if server_pid is not None and sock is not None:
+            self.current = Child(server_pid, os.pidfd_open(server_pid), sock, serving=True)
+        self.next: Child | None = None  # started by `restart`
+        self.retired: list[Child] = []  # old servers that handed over, until they exit
         self.stopping = False  # the server stops on purpose
         self.stop_asked = False  # we were told to stop (and told the server)
-        self.status: int | None = None  # the stopped server's exit status
         self.failed_starts = 0  # servers in a row that died before serving
-        self.serving = server_pid is not None  # the current server said "ready"
         self.start_at: float | None = None  # when to start the next server
         self.pending: list[int] = []  # signals for the next server
         self.ready_told = False
 
-    # -- the server ---------------------------------------------------------------------
+    # -- servers ------------------------------------------------------------------------
 
-    def start_server(self, resume: bool) -> None:
+    def start_server(self, resume: bool, standby: bool = False) -> Child:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ)
         env[ENV_KEEPER] = str(theirs.fileno())
         env.pop(ENV_SERVER, None)
+        env.pop(ENV_STANDBY, None)
+        if standby:
+            env[ENV_STANDBY] = "1"
         pass_fds = [theirs.fileno()]
         if resume:
             fds = [self.held.get(n, -1) for n in ("fuse", "ledger", "lock")]
@@ -125,49 +143,38 @@ class Keeper:
             env.pop(ENV_RESUME, None)
         process = subprocess.Popen(self.server_argv, env=env, pass_fds=pass_fds)
         theirs.close()
-        self.sock = ours
-        self.server_pid = process.pid
-        self.pidfd = os.pidfd_open(process.pid)
-        self.serving = False
-        log.info("started server pid %d%s", process.pid, " to resume the connection"
-                 if resume else "")
+        child = Child(process.pid, os.pidfd_open(process.pid), ours)
+        log.info("started server pid %d%s", process.pid,
+                 " to take over the connection" if standby else
+                 " to resume the connection" if resume else "")
+        return child
 
-    def _server_gone(self) -> int | None:
-        """The server exited: reap it (if it is our child). Returns its exit status if known."""
-        assert self.server_pid is not None
+    def _gone(self, child: Child) -> int | None:
+        """*child* exited: reap it (if it is ours) and read what it said last. Returns its
+        exit status if known."""
         status = None
         try:
-            _, raw = os.waitpid(self.server_pid, 0)
+            _, raw = os.waitpid(child.pid, 0)
             status = os.waitstatus_to_exitcode(raw)
         except ChildProcessError:
             pass  # not our child (we replaced a keeper): its status is its parent's
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-        if self.sock is not None:
-            self._drain()
-            self.sock.close()
-        self.pidfd = self.sock = None
-        pid, self.server_pid = self.server_pid, None
+        os.close(child.pidfd)
+        if child.sock.fileno() >= 0:  # else: closed at its end of stream already
+            child.sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                while self._receive(child):
+                    pass
+            child.sock.close()
         if status is not None and status < 0:
-            log.error("server pid %d was killed by %s", pid, signal.Signals(-status).name)
-        elif not self.stopping and "fuse" in self.held:
-            log.error("server pid %d exited (status %s) without stopping", pid, status)
+            log.error("server pid %d was killed by %s", child.pid, signal.Signals(-status).name)
+        elif not self.stopping and child.handed is None and "fuse" in self.held:
+            log.error("server pid %d exited (%s) without stopping", child.pid,
+                      "status unknown: not our child" if status is None else f"status {status}")
         return status
 
-    def _drain(self) -> None:
-        assert self.sock is not None
-        self.sock.setblocking(False)
-        while True:
-            try:
-                if not self._receive():
-                    return
-            except BlockingIOError:
-                return
-
-    def _receive(self) -> bool:
-        """Handle one message from the server; False at the end of the stream."""
-        assert self.sock is not None
-        data, fds, _, _ = socket.recv_fds(self.sock, 4096, 8)
+    def _receive(self, child: Child) -> bool:
+        """Handle one message from *child*; False at the end of its stream."""
+        data, fds, _, _ = socket.recv_fds(child.sock, 4096, 8)
         if not data:
             for fd in fds:
                 os.close(fd)
@@ -175,24 +182,40 @@ class Keeper:
         word, _, rest = data.decode().partition(" ")
         if word == "hold":
             self._hold(dict(zip(("fuse", "ledger", "lock"), fds, strict=False)))
+        elif word == "handed" and fds:
+            child.handed = fds[0]
+            for fd in fds[1:]:
+                os.close(fd)
+            self._take_over()
         else:
             for fd in fds:
                 os.close(fd)
         if word == "ready":
-            self.serving = True
-            self.failed_starts = 0
-            if not self.ready_told:
-                self.ready_told = True
-                _sd_notify("READY=1")
-            for signum in self.pending:
-                self._forward(signum)
-            self.pending.clear()
+            self._ready(child)
         elif word == "stopping":
             self.stopping = True
             _sd_notify("STOPPING=1")
         elif word == "status":
             _sd_notify(f"STATUS={rest}")
+        elif word == "restart":
+            self._restart()
+        elif word == "standby" and child is self.next:
+            child.standby = True
+            if self.current is None:
+                self._take_over()
+            else:
+                _send(self.current, "handover")
         return True
+
+    def _ready(self, child: Child) -> None:
+        child.serving = True
+        self.failed_starts = 0
+        if not self.ready_told:
+            self.ready_told = True
+            _sd_notify("READY=1")
+        for signum in self.pending:
+            self._forward(signum)
+        self.pending.clear()
 
     def _hold(self, fds: dict[str, int]) -> None:
         for fd in self.held.values():
@@ -203,12 +226,42 @@ class Keeper:
             _sd_notify(f"FDSTORE=1\nFDNAME={name}", [fd])
         log.info("holding the FUSE connection (fds %s)", fds)
 
+    def _restart(self) -> None:
+        """Start a new server from the installed code; it takes over once it is ready."""
+        if self.next is not None:
+            log.info("a restart is under way already (new server pid %d)", self.next.pid)
+            return
+        if "fuse" not in self.held or self.stopping:
+            return
+        self.next = self.start_server(resume=True, standby=True)
+
+    def _take_over(self) -> None:
+        """The new server goes on from here: with the state the old one handed over, or (it
+        died) with none, as after a crash."""
+        new = self.next
+        if new is None or not new.standby:
+            return  # not ready yet: it takes over when it says so
+        old = self.current
+        handed = old.handed if old is not None else None
+        if old is not None and handed is None:
+            return  # the old server serves until it hands over (or dies)
+        _send(new, "go", [handed] if handed is not None else [])
+        if handed is not None:
+            os.close(handed)
+            if old is not None:
+                old.handed = -1  # handed over: its exit is no crash
+        self.current, self.next = new, None
+        log.info("server pid %d takes over the connection%s", new.pid,
+                 "" if handed is not None else " (the old server died: as after a crash)")
+        if old is not None:
+            self.retired.append(old)
+
     def _forward(self, signum: int) -> None:
-        if self.server_pid is None:
+        if self.current is None:
             self.pending.append(signum)
             return
         try:
-            os.kill(self.server_pid, signum)
+            os.kill(self.current.pid, signum)
         except ProcessLookupError:
             self.pending.append(signum)
 
@@ -220,22 +273,23 @@ class Keeper:
         signal.set_wakeup_fd(wake_w)
         for handled in SIGNALS:
             signal.signal(handled, lambda *_: None)
-        if self.server_pid is None:
-            self.start_server(resume="fuse" in self.held)
+        if self.current is None:
+            self.current = self.start_server(resume="fuse" in self.held)
         while True:
             timeout = None
             if self.start_at is not None:
                 timeout = max(0, int((self.start_at - time.monotonic()) * 1000))
                 if timeout == 0:
                     self.start_at = None
-                    self.start_server(resume=True)
+                    self.current = self.start_server(resume=True)
                     continue
+            children = [c for c in (self.current, self.next, *self.retired) if c is not None]
             poll = select.poll()
             poll.register(wake_r, select.POLLIN)
-            if self.pidfd is not None:
-                poll.register(self.pidfd, select.POLLIN)
-            if self.sock is not None:
-                poll.register(self.sock.fileno(), select.POLLIN)
+            for child in children:
+                poll.register(child.pidfd, select.POLLIN)
+                if child.sock.fileno() >= 0:
+                    poll.register(child.sock.fileno(), select.POLLIN)
             try:
                 events = dict(poll.poll(timeout))
             except InterruptedError:
@@ -245,20 +299,41 @@ class Keeper:
                     if signum in (signal.SIGTERM, signal.SIGINT):
                         self.stop_asked = True
                     self._forward(signum)
-            if self.sock is not None and self.sock.fileno() in events:
-                try:
-                    if not self._receive():
-                        self.sock.close()
-                        self.sock = None
-                except OSError as exc:
-                    log.warning("reading from the server: %s", exc)
-            if self.pidfd is not None and self.pidfd in events:
-                status = self._server_gone()
-                code = self._after_server(status)
-                if code is not None:
-                    return code
+            for child in children:
+                if child.sock.fileno() in events and child.pidfd not in events:
+                    try:
+                        if not self._receive(child):
+                            child.sock.close()
+                    except OSError as exc:
+                        log.warning("reading from server pid %d: %s", child.pid, exc)
+            for child in children:
+                if child.pidfd in events:
+                    code = self._exited(child)
+                    if code is not None:
+                        return code
 
-    def _after_server(self, status: int | None) -> int | None:
+    def _exited(self, child: Child) -> int | None:
+        """*child* is gone: the exit status to exit with, or None to go on."""
+        status = self._gone(child)
+        if child in self.retired:
+            self.retired.remove(child)
+            return None
+        if child is self.next:
+            self.next = None
+            log.error("restart failed: the new server pid %d died before it took over; the "
+                      "old one goes on serving", child.pid)
+            if self.current is None:
+                return self._after_server(status, served=False)
+            return None
+        self.current = None
+        if self.next is not None:
+            # The old server died during a restart: the new one resumes, as after a crash,
+            # now or once it is ready.
+            self._take_over()
+            return None
+        return self._after_server(status, child.serving)
+
+    def _after_server(self, status: int | None, served: bool) -> int | None:
         """The server is gone: the exit status to exit with, or None after starting another."""
         fuse = self.held.get("fuse")
         if self.stopping or fuse is None or not fusedev.alive(fuse):
@@ -267,7 +342,7 @@ class Keeper:
             return 0 if status is None else (status if status >= 0 else 128 - status)
         if self.stop_asked:
             self.pending.append(signal.SIGTERM)  # it died before it stopped: the next one
-        if not self.serving:
+        if not served:
             self.failed_starts += 1
         pause = BACKOFF[min(self.failed_starts, len(BACKOFF)) - 1] if self.failed_starts else 0
         if pause:
@@ -283,6 +358,13 @@ class Keeper:
         for fd in self.held.values():
             os.close(fd)
         self.held = {}
+
+
+def _send(child: Child, word: str, fds: Sequence[int] = ()) -> None:
+    try:
+        socket.send_fds(child.sock, [word.encode()], list(fds))
+    except OSError as exc:
+        log.warning("cannot tell server pid %d %r: %s", child.pid, word, exc.strerror)
 
 
 def server_argv() -> list[str]:

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 MAGIC = b"UENVLDG1"
-HEADER = struct.Struct("=8sIIQBxxxxxxxQQQ")  # magic, format, init length, resumes,
-# active half, pad, used[0], used[1], slots in use (high-water)
+HEADER = struct.Struct("=8sIIQBBxxxxxxQQQ")  # magic, format, init length, resumes,
+# active half, initialized, pad, used[0], used[1], slots in use (high-water)
 INITIALIZED_AT, USED_AT, SLOTS_USED_AT = 25, 32, 48  # offsets of a byte and two u64
 HEADER_SIZE = 4096
 INIT_AT = 512  # the INIT request (at most 512 bytes) sits here
@@ -119,6 +119,9 @@ class Ledger:
         self._next += 1
         return self._next
 
+    def moved(self, fh: int, alloc: str) -> None:
+        """The handle *fh* counts for *alloc* from now on (an executable, see fs.py)."""
+
     def killed(self, fh: int) -> None:
         """The handle *fh* answers EIO from now on (its image was force-unmounted)."""
 
@@ -156,7 +159,7 @@ class SharedLedger(Ledger):
     # -- the header ---------------------------------------------------------------------
 
     def _read_header(self) -> tuple[int, int, int, tuple[int, int], int]:
-        magic, fmt, init_length, resumes, active, used0, used1, slots = HEADER.unpack_from(
+        magic, fmt, init_length, resumes, active, _, used0, used1, slots = HEADER.unpack_from(
             self.map, 0)
         if magic != MAGIC or fmt != 1:
             raise LedgerError("not a uenvfs ledger of format 1")
@@ -164,7 +167,8 @@ class SharedLedger(Ledger):
 
     def _header(self, *, init_length: int, resumes: int, active: int,
                 used: tuple[int, int], slots: int) -> None:
-        HEADER.pack_into(self.map, 0, MAGIC, 1, init_length, resumes, active, *used, slots)
+        HEADER.pack_into(self.map, 0, MAGIC, 1, init_length, resumes, active,
+                         self.map[INITIALIZED_AT], *used, slots)
 
     # -- reading, by a new server ----------------------------------------------------------
 
@@ -283,6 +287,12 @@ class SharedLedger(Ledger):
         SLOT.pack_into(self.map, SLOTS_AT + index * SLOT.size, gen, kind, 0, 0,
                        self._alloc_id(alloc) if alloc else 0, extra, ino, extra2)
         return gen << 32 | index
+
+    def moved(self, fh: int, alloc: str) -> None:
+        index = fh & 0xFFFFFFFF
+        at = SLOTS_AT + index * SLOT.size
+        if index < self._slots and SLOT.unpack_from(self.map, at)[0] == fh >> 32:
+            struct.pack_into("=I", self.map, at + 8, self._alloc_id(alloc))
 
     def killed(self, fh: int) -> None:
         index = fh & 0xFFFFFFFF

@@ -3,13 +3,14 @@ if it dies."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -27,6 +28,7 @@ class Link:
         self.held: list[int] = []  # fuse, ledger, lock: what a new keeper gets
         self.replacements = 0
         self._children: list[subprocess.Popen[bytes]] = []
+        self.on_handover: Callable[[], None] | None = None  # the keeper asks us to stop
 
     def send(self, word: str, fds: Sequence[int] = ()) -> None:
         try:
@@ -43,6 +45,31 @@ class Link:
         """The keeper handed us these (it holds them already)."""
         self.held = [fuse, ledger, lock]
 
+    def ready(self) -> None:
+        self.send("ready")
+
+    def request_restart(self) -> None:
+        """Have the keeper start a new server, which takes over once it is ready."""
+        self.send("restart")
+
+    async def wait_go(self) -> int | None:
+        """A new server started by `restart`: say we are ready to take over, and wait until
+        the old server has stopped. Returns the state it handed over (a memfd), or None if
+        it died instead."""
+        self.send("standby")
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            try:
+                data, fds, _, _ = socket.recv_fds(self.sock, 4096, 4)
+            except BlockingIOError:
+                continue
+            if not data:
+                raise OSError(errno.EPIPE, "the keeper is gone")
+            if data == b"go":
+                return fds[0] if fds else None
+            for fd in fds:
+                os.close(fd)
+
     async def watch(self) -> None:
         """Until cancelled: when the keeper dies, start another that holds our descriptors."""
         while True:
@@ -53,6 +80,9 @@ class Link:
                 continue
             except OSError:
                 data = b""
+            if data == b"handover" and self.on_handover is not None:
+                self.on_handover()
+                continue
             if data:
                 log.debug("keeper says %r", data)
                 continue

@@ -84,6 +84,7 @@ class Manager:
         self.listener: MountListener = NoListener()
         self.last_verify: dict[str, Any] | None = None  # the last `verify`: when, what differed
         self.server: Server | None = None  # the process serving (set by the daemon)
+        self.restarter: Callable[[], None] | None = None  # asks the keeper for a new server
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -317,6 +318,13 @@ class Manager:
         await self._wait_settled(name)
         await self.journal.durable()
         return f"force-unmounted {name}"
+
+    def restart(self) -> str:
+        """Have a new server started from the installed code take over (see keeper.py)."""
+        if self.restarter is None:
+            raise CommandError(errno.EOPNOTSUPP, "this server has no keeper to restart it")
+        self.restarter()
+        return "a new server takes over once it is ready"
 
     async def reload(self) -> str:
         before = set(self.catalog.listing())

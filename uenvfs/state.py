@@ -256,6 +256,14 @@ class Image:
             self.phase = Phase.UNMOUNTED
             self.error = None
 
+    def failed_before(self, now: float, error: str, retry_in: float) -> None:
+        """The server before this one failed to mount the image: it stays failed for the
+        rest of that negative-cache time (a planned restart)."""
+        self._require("failed_before", Phase.UNMOUNTED)
+        self.phase = Phase.FAILED
+        self.error = error
+        self.retry_at = now + retry_in
+
     def unmount_failed(self, now: float, error: str) -> None:
         """The backing mount is still there: hold it again, the timer retries later."""
         self._require("unmount_failed", Phase.UNMOUNTING)

@@ -369,7 +369,7 @@ def test_churn_keeps_refcounts_exact(daemon: Daemon) -> None:
             sat += sum(map(len, sitting.values()))
             mounts_seen = max(mounts_seen, len(daemon.backing_mounts()))
             checkpoints += 1
-            rss.append(rss_kib(daemon.process.pid))
+            rss.append(rss_kib(daemon.server_pid()))
             for _, w in workers:
                 assert w.stdin is not None
                 w.stdin.write("resume\n")
