@@ -8,6 +8,7 @@ backing mount; a mount still in use stays for the next daemon to adopt.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -187,7 +188,11 @@ async def run(config: Config, link: Link, resume: Resume | None) -> None:
     else:
         lock = resume.lock if resume.lock >= 0 else lock_state_dir(config.state_dir,
                                                                     os.getppid())
-        found = resume.ledger.read()
+        try:
+            found = resume.ledger.read()
+        except ledger_mod.LedgerError as exc:
+            raise StartupError(f"cannot resume the connection: its ledger is {exc}; only a "
+                               "stop and start (which ends the connection) can go on") from exc
         restore_versions(manager, fs, found)
     _prepare_dirs(config, resuming=resume is not None)
     await recover(manager)
@@ -209,6 +214,7 @@ async def run(config: Config, link: Link, resume: Resume | None) -> None:
     manager.server = server
     manager.mounter.attach(ledger)
     fs.attach(ledger)
+    ledger.live = lambda: itertools.chain(fs.inodes.records(), manager.mounter.records())
     if found is not None:
         restore_handles(fs, found)
     if handed is not None:
@@ -237,7 +243,8 @@ async def run(config: Config, link: Link, resume: Resume | None) -> None:
                 nursery.start_soon(_tune_after_init, fs, config, name="readahead")
             nursery.start_soon(fs.uses.run, name="uses")
             nursery.start_soon(link.watch, name="keeper")
-            nursery.start_soon(_ready_after_init, fs, link, resume is not None, name="ready")
+            nursery.start_soon(_ready_after_init, fs, manager, link, resume is not None,
+                               name="ready")
             with serving:
                 await pyfuse3.main(max_tasks=MAX_REQUESTS)
                 if not handing_over.is_set():
@@ -309,17 +316,23 @@ def _end_connection(config: Config) -> None:
         log.error("%s", exc)
 
 
-async def _ready_after_init(fs: UenvFS, link: Link, resumed: bool) -> None:
+async def _ready_after_init(fs: UenvFS, manager: Manager, link: Link, resumed: bool) -> None:
     """Once libfuse went through INIT (and requests the last server left unanswered were
     queued again, see UenvFS.init): the keeper (and systemd through it) learns that we serve;
-    a resumed server first counts the processes sitting in images."""
+    a resumed server first counts the processes sitting in images, and checks its counts."""
     await fs.initialized.wait()
     if fs.resent is False:
         log.error("this kernel cannot queue again the requests the last server had read "
                   "(FUSE_NOTIFY_RESEND, Linux 6.9): the processes that made them wait forever")
     if resumed:
         await fs.uses.refresh(0.0)  # who sits in images now
-    link.send("ready")
+    link.ready()
+    if resumed:
+        # The counts came from the ledger (open handles), the journal (acquisitions) and a
+        # scan (working directories): compare them with a full scan, for `.status`.
+        # (Processes that open and close files meanwhile may differ for a moment: INFO.)
+        outcome = await manager.verify(logging.INFO)
+        log.info("resumed counts checked against the processes: %s", outcome)
 
 
 @dataclass

@@ -18,14 +18,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyfuse3
 from pyfuse3 import InodeT
 
-from .ledger import NO_LEDGER, Found, Ledger
+from .ledger import NO_LEDGER, Found, Ledger, Record, image_dir_record, node_record
 
 if TYPE_CHECKING:
     from .mounting import Mount
@@ -145,6 +145,14 @@ class InodeTable(dict[int, Node]):
                                     stat.S_ISDIR(mode))
             self.ledger.node(ino, node.rel, node.is_dir)
         node.lookups += 1
+
+    def records(self) -> Iterator[Record]:
+        """The ledger's records of every node and image directory the kernel may ask about."""
+        for name, ino in self.image_inos.items():
+            yield image_dir_record(ino >> PREFIX_SHIFT, name)
+        for node in self.values():
+            if node.prefix:
+                yield node_record(node.ino, node.rel, node.is_dir)
 
     def restore(self, found: Found) -> None:
         """The nodes a server before this one gave the kernel (see ledger.py). Their lookup

@@ -47,6 +47,7 @@ ENV_KEEPER = "UENVFS_KEEPER"  # in a server: its socket to the keeper
 ENV_RESUME = "UENVFS_RESUME"  # in a server: fuse,ledger,lock descriptors to resume with
 ENV_SERVER = "UENVFS_SERVER"  # in a keeper started by a server: pid, and the server's argv
 ENV_STANDBY = "UENVFS_STANDBY"  # in a server started by `restart`: wait for "go"
+ENV_FDSTORE = "UENVFS_FDSTORE"  # in a server: systemd keeps the connection too (see Link)
 FD_NAMES = ("fuse", "ledger")  # the names of the descriptors in systemd's store
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 # A server that dies before it serves is started again after these pauses (one more each
@@ -123,6 +124,7 @@ class Keeper:
         self.start_at: float | None = None  # when to start the next server
         self.pending: list[int] = []  # signals for the next server
         self.ready_told = False
+        self.restart_first = False  # a re-executed keeper: restart the server at once
 
     # -- servers ------------------------------------------------------------------------
 
@@ -132,6 +134,9 @@ class Keeper:
         env[ENV_KEEPER] = str(theirs.fileno())
         env.pop(ENV_SERVER, None)
         env.pop(ENV_STANDBY, None)
+        env.pop(ENV_FDSTORE, None)
+        if os.environ.get("NOTIFY_SOCKET"):
+            env[ENV_FDSTORE] = "1"
         if standby:
             env[ENV_STANDBY] = "1"
         pass_fds = [theirs.fileno()]
@@ -198,6 +203,7 @@ class Keeper:
         elif word == "status":
             _sd_notify(f"STATUS={rest}")
         elif word == "restart":
+            self._reexec()
             self._restart()
         elif word == "standby" and child is self.next:
             child.standby = True
@@ -225,6 +231,27 @@ class Keeper:
         for name, fd in stored.items():
             _sd_notify(f"FDSTORE=1\nFDNAME={name}", [fd])
         log.info("holding the FUSE connection (fds %s)", fds)
+
+    def _reexec(self) -> None:
+        """Become the installed keeper (same pid: systemd's main process stays), holding what
+        this one holds, then restart the server. If that cannot run, the server replaces us
+        (or systemd restarts uenvfs): the connection is held by the server meanwhile."""
+        current = self.current
+        if current is None or self.next is not None or "fuse" not in self.held:
+            return
+        fds = [self.held.get(n, -1) for n in ("fuse", "ledger", "lock")]
+        info = {"pid": current.pid, "fds": fds, "sock": current.sock.fileno(),
+                "argv": self.server_argv, "restart": True}
+        for fd in [*fds, current.sock.fileno()]:
+            if fd >= 0:
+                os.set_inheritable(fd, True)
+        env = {**os.environ, ENV_SERVER: json.dumps(info),
+               "UENVFS_LOG_LEVEL": logging.getLevelName(logging.getLogger().level)}
+        log.info("restart: the keeper runs the installed code first (pid %d stays)", os.getpid())
+        try:
+            os.execve(sys.executable, [sys.executable, "-m", "uenvfs.keeper"], env)
+        except OSError as exc:
+            log.error("cannot run the installed keeper (%s); restarting the server only", exc)
 
     def _restart(self) -> None:
         """Start a new server from the installed code; it takes over once it is ready."""
@@ -275,6 +302,8 @@ class Keeper:
             signal.signal(handled, lambda *_: None)
         if self.current is None:
             self.current = self.start_server(resume="fuse" in self.held)
+        if self.restart_first:
+            self._restart()
         while True:
             timeout = None
             if self.start_at is not None:
@@ -386,7 +415,10 @@ def serve() -> int:
 def adopt_server() -> int:
     """A keeper started by a server whose keeper died: hold its descriptors and watch it."""
     info = json.loads(os.environ.pop(ENV_SERVER))
-    held = dict(zip(("fuse", "ledger", "lock"), info["fds"], strict=True))
+    held = {name: fd for name, fd in zip(("fuse", "ledger", "lock"), info["fds"], strict=True)
+            if fd >= 0}
+    for fd in [*held.values(), info["sock"]]:
+        os.set_inheritable(fd, False)
     sock = socket.socket(fileno=info["sock"])
     try:
         keeper = Keeper(info["argv"], held, info["pid"], sock)
@@ -395,6 +427,8 @@ def adopt_server() -> int:
             return 1  # the server is gone already
         raise
     keeper.ready_told = True
+    if info.get("restart"):
+        keeper.restart_first = True
     return keeper.run()
 
 

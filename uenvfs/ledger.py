@@ -32,7 +32,8 @@ import logging
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,14 @@ log = logging.getLogger(__name__)
 MAGIC = b"UENVLDG1"
 HEADER = struct.Struct("=8sIIQBBxxxxxxQQQ")  # magic, format, init length, resumes,
 # active half, initialized, pad, used[0], used[1], slots in use (high-water)
-INITIALIZED_AT, USED_AT, SLOTS_USED_AT = 25, 32, 48  # offsets of a byte and two u64
+ACTIVE_AT, INITIALIZED_AT, USED_AT, SLOTS_USED_AT = 24, 25, 32, 48  # offsets
 HEADER_SIZE = 4096
 INIT_AT = 512  # the INIT request (at most 512 bytes) sits here
 SLOTS = 1 << 20
 SLOT = struct.Struct("=IBBHIIQQ")  # gen, kind, flags, pad, alloc id, extra, node id, extra2
 SLOTS_AT = HEADER_SIZE
 LOG_AT = SLOTS_AT + SLOTS * SLOT.size
-LOG = 256 << 20
+LOG = 32 << 20  # about 600,000 nodes of paths 40 bytes long
 SIZE = LOG_AT + 2 * LOG
 RECORD = struct.Struct("=BBHQ")
 
@@ -88,6 +89,22 @@ class Found:
     @property
     def last_prefix(self) -> int:
         return max([*self.image_dirs.values(), *self.versions, 0])
+
+
+Record = tuple[int, int, int, bytes]  # kind, flag, number, data
+
+
+def node_record(ino: int, rel: bytes, is_dir: bool) -> Record:
+    return NODE, is_dir, ino, rel
+
+
+def image_dir_record(prefix: int, name: str) -> Record:
+    return IMAGE_DIR, 0, prefix, name.encode()
+
+
+def version_record(prefix: int, name: str, identity: tuple[int, int, int, int],
+                   validated: bool) -> Record:
+    return VERSION, validated, prefix, IDENTITY.pack(*identity) + name.encode()
 
 
 class LedgerError(Exception):
@@ -144,6 +161,10 @@ class SharedLedger(Ledger):
         self._free: list[int] = []
         self._gens: dict[int, int] = {}
         self.full = False  # the log could not take a record: resuming would miss some nodes
+        # What a compaction keeps: every node, image directory and version in use (the
+        # server sets it; see `records` of InodeTable and Mounter).
+        self.live: Callable[[], Iterable[Record]] = lambda: ()
+        self._compacting = False
 
     @classmethod
     def create(cls, init: bytes) -> SharedLedger:
@@ -244,10 +265,8 @@ class SharedLedger(Ledger):
 
     def _append(self, kind: int, flag: int, number: int, data: bytes) -> None:
         size = RECORD.size + len(data)
-        if self._used + size > LOG:
+        if self._used + size > LOG and (self._compacting or not self._compact()):
             self.full = True
-            log.error("the ledger's log is full: nodes looked up from now on cannot be "
-                      "resumed after a crash")
             return
         at = LOG_AT + self._active * LOG + self._used
         RECORD.pack_into(self.map, at, kind, flag, len(data), number)
@@ -255,15 +274,46 @@ class SharedLedger(Ledger):
         self._used += size
         struct.pack_into("=Q", self.map, USED_AT + 8 * self._active, self._used)
 
+    def _compact(self) -> bool:
+        """The active half is full: write what is live (`live()`, and the allocations) to
+        the other half, which becomes the active one. False if even that leaves no room:
+        nodes looked up from then on would not be found by a server after a crash."""
+        if self.full:
+            return False
+        started = time.monotonic()
+        self._compacting = True
+        old, new = self._active, 1 - self._active
+        self._active, self._used = new, 0
+        struct.pack_into("=Q", self.map, USED_AT + 8 * new, 0)
+        for kind, flag, number, data in self.live():
+            self._append(kind, flag, number, data)
+        for alloc, number in self._allocs.items():
+            self._append(ALLOC, 0, number, alloc.encode())
+        self._compacting = False
+        if self.full:  # what is live does not fit: keep the old half, and stop adding
+            self._active, self._used = old, self._read_header()[3][old]
+            log.error("the ledger's log is full: nodes looked up from now on cannot be "
+                      "resumed after a crash")
+            return False
+        self.map[ACTIVE_AT] = new  # the switch: one byte, after the new half is complete
+        self.map.madvise(mmap.MADV_REMOVE, LOG_AT + old * LOG, LOG)  # give the memory back
+        log.info("ledger: %d live bytes of %d compacted in %.3f s", self._used, LOG,
+                 time.monotonic() - started)
+        if self._used > LOG * 3 // 4:
+            self.full = True
+            log.error("the ledger's log is full (%d bytes live): nodes looked up from now on "
+                      "cannot be resumed after a crash", self._used)
+        return not self.full
+
     def node(self, ino: int, rel: bytes, is_dir: bool) -> None:
-        self._append(NODE, is_dir, ino, rel)
+        self._append(*node_record(ino, rel, is_dir))
 
     def image_dir(self, prefix: int, name: str) -> None:
-        self._append(IMAGE_DIR, 0, prefix, name.encode())
+        self._append(*image_dir_record(prefix, name))
 
     def version(self, prefix: int, name: str, identity: tuple[int, int, int, int],
                 validated: bool) -> None:
-        self._append(VERSION, validated, prefix, IDENTITY.pack(*identity) + name.encode())
+        self._append(*version_record(prefix, name, identity, validated))
 
     def _alloc_id(self, alloc: str) -> int:
         number = self._allocs.get(alloc)

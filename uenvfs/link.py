@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from .keeper import ENV_SERVER, server_argv
+from .keeper import ENV_FDSTORE, ENV_SERVER, server_argv
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,12 @@ class Link:
             if not self.held:
                 log.error("the keeper is gone before holding the connection")
                 await trio.sleep_forever()
+            if os.environ.get(ENV_FDSTORE):
+                # Under systemd: its store holds the connection, and it starts the service
+                # again, whose keeper starts a server; this one must not serve beside it.
+                log.error("the keeper died: systemd holds the FUSE connection and starts "
+                          "uenvfs again; exiting")
+                os._exit(1)
             log.error("the keeper died: starting another to hold the FUSE connection")
             self._replace()
 

@@ -256,12 +256,13 @@ class Manager:
         """Count the processes sitting in images now, before anything is unmounted."""
         await self.listener.check_uses(0.0)
 
-    async def verify(self) -> str:
-        """Compare every count with a full scan of the processes; kept for `.status`."""
+    async def verify(self, level: int = logging.WARNING) -> str:
+        """Compare every count with a full scan of the processes; kept for `.status`. Each
+        difference is logged at *level*."""
         differences = await self.listener.verify()
         self.last_verify = {"at": iso_time(time.time()), "differences": differences}
         for text in differences:
-            log.warning("verify: %s", text)
+            log.log(level, "verify: %s", text)
         if not differences:
             return "every count agrees with the processes"
         return f"{len(differences)} difference(s) from the processes"

@@ -10,7 +10,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from .config import Config
 from .errors import TRANSIENT_ERRNOS, MountFailed, NodeResourceFailed, UnmountFailed
 from .guard import Storage
 from .inodes import Identity, ImageVersion, InodePrefixes
-from .ledger import NO_LEDGER, Ledger
+from .ledger import NO_LEDGER, Ledger, Record, version_record
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,11 @@ class Mounter:
         self.ledger = ledger
         for name, version in self._versions.items():
             self._record(name, version)
+
+    def records(self) -> Iterator[Record]:
+        """The ledger's records of the last version of every image."""
+        for name, v in self._versions.items():
+            yield version_record(v.prefix, name, v.identity, v.validated)
 
     def _record(self, name: str, version: ImageVersion) -> None:
         self.ledger.version(version.prefix, name, version.identity, version.validated)

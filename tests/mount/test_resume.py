@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -101,8 +102,10 @@ def test_jobs_notice_no_crash_of_the_server(daemon: Daemon) -> None:
                                stdout=subprocess.PIPE, text=True, env=env)
     jobs: list[subprocess.Popen[str]] = [reader, program]
     try:
-        assert reader.stdout is not None and reader.stdin is not None
-        assert program.stdout is not None and program.stdin is not None
+        assert reader.stdout is not None
+        assert reader.stdin is not None
+        assert program.stdout is not None
+        assert program.stdin is not None
         assert reader.stdout.readline() == "ready\n"
         program.stdin.write("1\n")
         program.stdin.flush()
@@ -183,7 +186,7 @@ def test_twenty_crashes_under_churn(daemon: Daemon) -> None:
             time.sleep(0.3)
             old = daemon.kill_server()
             started = time.monotonic()
-            wait_until(lambda old=old: _serving_other_than(daemon, old), timeout=30,
+            wait_until(functools.partial(_serving_other_than, daemon, old), timeout=30,
                        what="a new server")
             pauses.append(time.monotonic() - started)
         for _, w in workers:
@@ -208,7 +211,8 @@ def test_twenty_crashes_under_churn(daemon: Daemon) -> None:
     finally:
         results = []
         for _, w in workers:
-            assert w.stdin is not None and w.stdout is not None
+            assert w.stdin is not None
+            assert w.stdout is not None
             w.stdin.write("stop\n")
             w.stdin.close()
             results.append(json.loads(w.stdout.readline() or "{}"))
@@ -327,7 +331,7 @@ def test_restart_carries_every_count_and_timer_over(make_daemon: DaemonFactory) 
     daemon.control("acquire acq job-9")
     daemon.control("emergency on")
     assert (daemon.mountpoint / "idle/f").read_text() == "idle"
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="Input/output error"):
         (daemon.mountpoint / "broken/f").read_text()
     env = {**os.environ, "PACT_ALLOCATION_ID": "job-1"}
     sitter = subprocess.Popen(["sleep", "600"], cwd=daemon.mountpoint / "held", env=env)

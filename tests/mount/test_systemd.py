@@ -1,0 +1,135 @@
+"""systemd's file descriptor store keeps the FUSE connection when every uenvfs process dies.
+
+This machine has no systemd as PID 1: a stand-in listens on NOTIFY_SOCKET, keeps what is
+stored there (FDSTORE=1, FDNAME=) and forgets it on FDSTOREREMOVE=1, as systemd does; the next
+`uenvfs serve` gets the descriptors back as systemd passes them (LISTEN_FDS, LISTEN_FDNAMES,
+LISTEN_PID, descriptors from 3 on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ..support import Daemon, wait_until
+
+pytestmark = pytest.mark.fuse
+
+# Puts the given descriptors at 3, 4, ... and starts `uenvfs serve` as systemd would.
+AS_SYSTEMD = r"""
+import os, sys
+names, fds, argv = sys.argv[1].split(":"), [int(fd) for fd in sys.argv[2].split(",")], sys.argv[3:]
+high = [os.dup(fd) for fd in fds]
+for index, fd in enumerate(high):
+    os.dup2(fd, 3 + index, inheritable=True)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)),
+                  LISTEN_FDNAMES=":".join(names))
+os.execv(sys.executable, [sys.executable, "-m", "uenvfs", *argv])
+"""
+
+
+class StandIn:
+    """What systemd does with the notifications of a service: READY=1, FDSTORE=1 with FDNAME=,
+    FDSTOREREMOVE=1."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.stored: dict[str, int] = {}
+        self.messages: list[str] = []
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._receive, daemon=True)
+        self.thread.start()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.sock, 4096, 16)
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            with self.lock:
+                self.messages.append(data.decode())
+                name = fields.get("FDNAME", "stored")
+                if fields.get("FDSTORE") == "1" and fds:
+                    old = self.stored.pop(name, None)
+                    if old is not None:
+                        os.close(old)
+                    self.stored[name] = fds[0]
+                    fds = fds[1:]
+                if fields.get("FDSTOREREMOVE") == "1" and name in self.stored:
+                    os.close(self.stored.pop(name))
+            for fd in fds:
+                os.close(fd)
+
+    def close(self) -> None:
+        self.sock.close()
+        with self.lock:
+            for fd in self.stored.values():
+                os.close(fd)
+            self.stored.clear()
+
+
+@pytest.fixture
+def systemd(daemon: Daemon) -> Iterator[StandIn]:
+    stand_in = StandIn(daemon.root / "notify.sock")
+    daemon.env["NOTIFY_SOCKET"] = str(stand_in.path)
+    try:
+        yield stand_in
+    finally:
+        stand_in.close()
+
+
+def test_the_store_keeps_the_connection_when_every_process_dies(
+    daemon: Daemon, systemd: StandIn
+) -> None:
+    data = os.urandom(1 << 20)
+    daemon.image("img", {"f": data, "g": "g"})
+    daemon.start()
+    wait_until(lambda: sorted(systemd.stored) == ["fuse", "ledger"],
+               what="the connection in the store")
+    assert any("READY=1" in m for m in systemd.messages)
+    holder = open(daemon.mountpoint / "img/f", "rb")  # noqa: SIM115
+    reader: subprocess.Popen[str] | None = None
+    try:
+        first = holder.read(len(data) // 2)
+        daemon.allow_leftovers = False
+        daemon.kill()  # keeper and server: without the store, the connection would end here
+        reader = subprocess.Popen(["cat", str(daemon.mountpoint / "img/g")],
+                                  stdout=subprocess.PIPE, text=True)
+        with systemd.lock:
+            names = ":".join(systemd.stored)
+            fds = list(systemd.stored.values())
+        log = daemon.log_path.open("ab")
+        daemon.log_offset = daemon.log_path.stat().st_size
+        daemon.process = subprocess.Popen(
+            [sys.executable, "-c", AS_SYSTEMD, names, ",".join(map(str, fds)),
+             *daemon.command()[3:]],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, pass_fds=fds,
+            env={**os.environ, **daemon.env}, start_new_session=True)
+        log.close()
+        wait_until(lambda: " resumed " in daemon.log(), what="the connection resumed")
+        out, _ = reader.communicate(timeout=30)
+        assert (reader.returncode, out) == (0, "g")
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        assert first + holder.read() == data
+        assert daemon.status()["server"]["resumes"] == 1
+    finally:
+        holder.close()
+        if reader is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                reader.communicate(timeout=5)
+            reader.kill()
+            reader.wait()
+    daemon.wait_idle("img")
+    assert daemon.stop() == 0
+    assert systemd.stored == {}  # a clean stop ends the connection: nothing to resume

@@ -1,0 +1,140 @@
+"""The ledger: what one server writes, the next one reads, whatever moment the first died at."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from uenvfs import ledger
+from uenvfs.ledger import (
+    CONTROL,
+    DIR,
+    FILE,
+    LOG_AT,
+    RECORD,
+    SharedLedger,
+    Slot,
+    image_dir_record,
+    node_record,
+)
+
+INIT = b"I" * 104
+
+
+@pytest.fixture
+def written() -> Iterator[SharedLedger]:
+    book = SharedLedger.create(INIT)
+    book.start()
+    yield book
+    book.close()
+    os.close(book.fd)
+
+
+def again(book: SharedLedger) -> SharedLedger:
+    """The ledger as a new server opens it (the same memfd, another mapping)."""
+    return SharedLedger(book.fd)
+
+
+def test_a_new_server_reads_what_the_last_one_wrote(written: SharedLedger) -> None:
+    written.image_dir(1, "img")
+    written.version(2, "img", (1, 2, 3, 4), False)
+    written.version(2, "img", (1, 2, 3, 4), True)  # validated since: the last record wins
+    written.node(2 << 44 | 7, b"dir", True)
+    written.node(2 << 44 | 8, b"dir/f", False)
+    fh_file = written.opened(FILE, 2 << 44 | 8, "job-1")
+    fh_dir = written.opened(DIR, 2 << 44 | 7, "job-2")
+    fh_control = written.opened(CONTROL, 0, "job-1", 0, 4242)
+    written.moved(fh_file, "job-3")
+    written.killed(fh_dir)
+    found = again(written).read()
+    assert found.init == INIT
+    assert found.resumes == 0
+    assert found.image_dirs == {"img": 1}
+    assert found.versions == {2: ("img", (1, 2, 3, 4), True)}
+    assert found.nodes == {2 << 44 | 7: (b"dir", True), 2 << 44 | 8: (b"dir/f", False)}
+    assert found.last_prefix == 2
+    assert found.handles == [
+        Slot(fh_file, FILE, False, "job-3", 2 << 44 | 8),
+        Slot(fh_dir, DIR, True, "job-2", 2 << 44 | 7),
+        Slot(fh_control, CONTROL, False, "job-1", 0, 0, 4242),
+    ]
+
+
+def test_handle_numbers_are_never_given_twice(written: SharedLedger) -> None:
+    first = written.opened(FILE, 10, "a")
+    written.released(first)
+    second = written.opened(FILE, 11, "a")
+    assert first & 0xFFFFFFFF == second & 0xFFFFFFFF  # the slot is used again...
+    assert first != second  # ...with another generation
+    written.released(first)  # a stale number (a release the kernel sent again) changes nothing
+    assert [s.fh for s in again(written).read().handles] == [second]
+
+
+def test_a_resumed_ledger_goes_on_where_the_last_server_stopped(
+    written: SharedLedger,
+) -> None:
+    kept = written.opened(FILE, 10, "a")
+    gone = written.opened(FILE, 11, "b")
+    written.released(gone)
+    written.mark_initialized()
+    book = again(written)
+    found = book.read()
+    book.resumed(found)
+    assert book.initialized  # counting the resume keeps the flag
+    new = book.opened(FILE, 12, "a")
+    assert new not in (kept, gone)
+    third = again(written)
+    found = third.read()
+    assert found.resumes == 1
+    assert sorted(s.fh for s in found.handles) == sorted([kept, new])
+    assert {s.alloc for s in found.handles} == {"a"}
+
+
+def test_a_record_half_written_at_a_crash_is_not_read(written: SharedLedger) -> None:
+    written.node(5, b"complete", False)
+    used = written._used  # the record a crash interrupts: written, not yet counted
+    at = LOG_AT + used
+    RECORD.pack_into(written.map, at, ledger.NODE, 0, 4, 6)
+    written.map[at + RECORD.size:at + RECORD.size + 2] = b"ha"
+    assert again(written).read().nodes == {5: (b"complete", False)}
+
+
+def test_a_full_log_keeps_what_is_live(written: SharedLedger,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ledger, "LOG", 4096)
+    live = {(1 << 44) | i: b"live/%d" % i for i in range(5)}
+    written.live = lambda: [image_dir_record(1, "img"),
+                            *(node_record(ino, rel, False) for ino, rel in live.items())]
+    written.image_dir(1, "img")
+    fh = written.opened(FILE, 1 << 44, "job-1")
+    for i in range(400):  # nodes the kernel forgot long ago: dropped at the compaction
+        written.node((1 << 44) | (100 + i), b"forgotten/%d" % i, False)
+    assert not written.full
+    found = again(written).read()
+    assert {ino: rel for ino, (rel, _) in found.nodes.items() if ino in live} == live
+    assert len(found.nodes) < 100  # what was forgotten is gone
+    assert found.image_dirs == {"img": 1}
+    assert [(s.fh, s.alloc) for s in found.handles] == [(fh, "job-1")]
+
+
+def test_a_log_too_small_for_what_is_live_stops_growing(
+    written: SharedLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ledger, "LOG", 1024)
+    written.live = lambda: [node_record(i, b"x" * 50, False) for i in range(100)]
+    for i in range(100):
+        written.node(i, b"x" * 50, False)
+    assert written.full
+    found = again(written).read()
+    assert 0 < len(found.nodes) < 100  # what it held before it filled up is still there
+
+
+def test_not_a_ledger_is_refused() -> None:
+    fd = os.memfd_create("not-a-ledger")
+    try:
+        with pytest.raises(ledger.LedgerError):
+            SharedLedger(fd).read()
+    finally:
+        os.close(fd)
