@@ -166,8 +166,7 @@ class Daemon:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                self.kill()
                 raise AssertionError("uenvfs serve did not stop in time:\n" + self.log()) from None
         return self.process.returncode
 

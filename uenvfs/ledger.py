@@ -165,6 +165,7 @@ class SharedLedger(Ledger):
         # server sets it; see `records` of InodeTable and Mounter).
         self.live: Callable[[], Iterable[Record]] = lambda: ()
         self._compacting = False
+        self._logged: set[int] = set()  # the node ids in the log
 
     @classmethod
     def create(cls, init: bytes) -> SharedLedger:
@@ -251,6 +252,7 @@ class SharedLedger(Ledger):
         self._free.reverse()
         for name, number in self._alloc_records(active, used[active]):
             self._allocs[name] = number
+        self._logged = set(found.nodes)
 
     def _alloc_records(self, half: int, used: int) -> Iterator[tuple[str, int]]:
         for kind, _, number, data in self._records(half, used):
@@ -285,8 +287,11 @@ class SharedLedger(Ledger):
         old, new = self._active, 1 - self._active
         self._active, self._used = new, 0
         struct.pack_into("=Q", self.map, USED_AT + 8 * new, 0)
+        logged = set()
         for kind, flag, number, data in self.live():
             self._append(kind, flag, number, data)
+            if kind == NODE:
+                logged.add(number)
         for alloc, number in self._allocs.items():
             self._append(ALLOC, 0, number, alloc.encode())
         self._compacting = False
@@ -295,6 +300,7 @@ class SharedLedger(Ledger):
             log.error("the ledger's log is full: nodes looked up from now on cannot be "
                       "resumed after a crash")
             return False
+        self._logged = logged
         self.map[ACTIVE_AT] = new  # the switch: one byte, after the new half is complete
         self.map.madvise(mmap.MADV_REMOVE, LOG_AT + old * LOG, LOG)  # give the memory back
         log.info("ledger: %d live bytes of %d compacted in %.3f s", self._used, LOG,
@@ -306,7 +312,11 @@ class SharedLedger(Ledger):
         return not self.full
 
     def node(self, ino: int, rel: bytes, is_dir: bool) -> None:
-        self._append(*node_record(ino, rel, is_dir))
+        # Once per inode: looked up again after the kernel forgot it, it has a path already
+        # (an image never changes, so any of its paths stays right).
+        if ino not in self._logged:
+            self._logged.add(ino)
+            self._append(*node_record(ino, rel, is_dir))
 
     def image_dir(self, prefix: int, name: str) -> None:
         self._append(*image_dir_record(prefix, name))

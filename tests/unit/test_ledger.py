@@ -138,3 +138,12 @@ def test_not_a_ledger_is_refused() -> None:
             SharedLedger(fd).read()
     finally:
         os.close(fd)
+
+
+def test_a_node_looked_up_again_takes_no_more_room(written: SharedLedger) -> None:
+    written.node(5, b"a/b", False)
+    used = written._used
+    written.node(5, b"a/b", False)  # the kernel forgot it and looked it up again
+    written.node(5, b"other/name", False)  # or found it by another name (a hard link)
+    assert written._used == used
+    assert again(written).read().nodes == {5: (b"a/b", False)}
