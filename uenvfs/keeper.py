@@ -340,6 +340,20 @@ class Keeper:
                     code = self._exited(child)
                     if code is not None:
                         return code
+            self._reap_strays()
+
+    def _reap_strays(self) -> None:
+        """Reap children we do not track: an old server that exited while this keeper was
+        being executed again (it forgot them)."""
+        tracked = {c.pid for c in (self.current, self.next, *self.retired) if c is not None}
+        while True:
+            try:
+                found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if found is None or found.si_pid in tracked:
+                return
+            os.waitpid(found.si_pid, 0)
 
     def _exited(self, child: Child) -> int | None:
         """*child* is gone: the exit status to exit with, or None to go on."""

@@ -181,6 +181,8 @@ def test_twenty_crashes_under_churn(daemon: Daemon) -> None:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             env={**os.environ, "PACT_ALLOCATION_ID": alloc})))
     pauses = []
+    assert daemon.process is not None
+    keeper_fds = _fds(daemon.process.pid)
     try:
         for _ in range(20):
             time.sleep(0.3)
@@ -222,12 +224,17 @@ def test_twenty_crashes_under_churn(daemon: Daemon) -> None:
     assert errors == 0, [r["last_error"] for r in results if r.get("errors")]
     assert sum(r.get("reads", 0) for r in results) > 1000
     assert daemon.status()["server"]["resumes"] == 20
+    assert _fds(daemon.process.pid) == keeper_fds  # no descriptor leaked by the keeper
     wait_until(lambda: daemon.backing_mounts() == [], what="every image to unmount at the end")
     wait_until(lambda: loop_count(daemon.root) == loops_before,
                what="every loop device to be detached")
     pauses.sort()
     print(f"20 crashes: new server answering after {pauses[10]:.3f} s (median), "
           f"{pauses[-1]:.3f} s (max)")
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def _dead(pid: int) -> bool:
@@ -339,6 +346,8 @@ def test_restart_carries_every_count_and_timer_over(make_daemon: DaemonFactory) 
     try:
         time.sleep(0.5)
         before = daemon.status()
+        assert daemon.process is not None
+        keeper_fds = _fds(daemon.process.pid)
         out = daemon.cli("restart")
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith(f"restarted: server pid {before['server']['pid']} ")
@@ -359,6 +368,12 @@ def test_restart_carries_every_count_and_timer_over(make_daemon: DaemonFactory) 
         assert left_after > 100  # the per-image hold time (120 s), not the global one (300)
         assert holder.read() == "held"
         verified(daemon)
+        for _ in range(3):  # again and again: the keeper (same pid) holds no more than before
+            assert daemon.cli("restart").returncode == 0
+        assert daemon.status()["server"]["resumes"] == 4
+        assert _fds(daemon.process.pid) == keeper_fds
+        assert uses(daemon) == {m: a for m, a in (
+            (m["name"], m["allocations"]) for m in before["mounts"]) if a}
     finally:
         holder.close()
         sitter.kill()
