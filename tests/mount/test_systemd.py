@@ -9,6 +9,8 @@ LISTEN_PID, descriptors from 3 on).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from ..support import Daemon, wait_until
+from .test_resume import READER
 
 pytestmark = pytest.mark.fuse
 
@@ -29,7 +32,9 @@ import os, sys
 names, fds, argv = sys.argv[1].split(":"), [int(fd) for fd in sys.argv[2].split(",")], sys.argv[3:]
 high = [os.dup(fd) for fd in fds]
 for index, fd in enumerate(high):
-    os.dup2(fd, 3 + index, inheritable=True)
+    if fd != 3 + index:
+        os.dup2(fd, 3 + index)
+    os.set_inheritable(3 + index, True)
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)),
                   LISTEN_FDNAMES=":".join(names))
 os.execv(sys.executable, [sys.executable, "-m", "uenvfs", *argv])
@@ -93,16 +98,21 @@ def test_the_store_keeps_the_connection_when_every_process_dies(
     daemon: Daemon, systemd: StandIn
 ) -> None:
     data = os.urandom(1 << 20)
-    daemon.image("img", {"f": data, "g": "g"})
+    daemon.image("img", {"f": data, "g": "g", "small": "small"})
     daemon.start()
     wait_until(lambda: sorted(systemd.stored) == ["fuse", "ledger"],
                what="the connection in the store")
     assert any("READY=1" in m for m in systemd.messages)
-    holder = open(daemon.mountpoint / "img/f", "rb")  # noqa: SIM115
+    # The job holding a file is a process of its own: this one must hold no file of the mount
+    # while no server runs (a fork of it would close that file, which waits for a server).
+    holder = subprocess.Popen([sys.executable, "-c", READER, str(daemon.mountpoint / "img/f"),
+                               str(len(data) // 2)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdin is not None
+    assert holder.stdout is not None
     reader: subprocess.Popen[str] | None = None
     try:
-        first = holder.read(len(data) // 2)
-        daemon.allow_leftovers = False
+        assert holder.stdout.readline() == "ready\n"
         daemon.kill()  # keeper and server: without the store, the connection would end here
         reader = subprocess.Popen(["cat", str(daemon.mountpoint / "img/g")],
                                   stdout=subprocess.PIPE, text=True)
@@ -121,10 +131,15 @@ def test_the_store_keeps_the_connection_when_every_process_dies(
         out, _ = reader.communicate(timeout=30)
         assert (reader.returncode, out) == (0, "g")
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        assert first + holder.read() == data
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        report = json.loads(holder.stdout.readline())
+        assert report["sha256"] == hashlib.sha256(data).hexdigest()
         assert daemon.status()["server"]["resumes"] == 1
     finally:
-        holder.close()
+        holder.stdin.close()
+        holder.wait(30)
+        holder.stdout.close()
         if reader is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 reader.communicate(timeout=5)
