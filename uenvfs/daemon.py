@@ -17,7 +17,6 @@ import shutil
 import signal
 import stat
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -38,6 +37,7 @@ from .keeper import ENV_KEEPER, ENV_RESUME, ENV_STANDBY, setup_logging
 from .link import Link
 from .manager import Manager
 from .ownership import clear_stale_mount, lock_state_dir
+from .resume import Resume, read_handed, restore_handles, restore_versions
 from .status import Server
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ async def run(config: Config, link: Link, resume: Resume | None) -> None:
     handed: dict[str, Any] | None = None
     if resume is not None and resume.standby:
         # Started by `restart`: everything is ready; the old server stops, then we go on.
-        handed = _read_handed(await link.wait_go())
+        handed = read_handed(await link.wait_go())
     found: ledger_mod.Found | None = None
     if resume is None:
         lock = lock_state_dir(config.state_dir, os.getppid())  # the keeper's pid
@@ -216,7 +216,7 @@ async def run(config: Config, link: Link, resume: Resume | None) -> None:
     fs.attach(ledger)
     ledger.live = lambda: itertools.chain(fs.inodes.records(), manager.mounter.records())
     if found is not None:
-        restore_handles(fs, found)
+        restore_handles(fs, found, ledger, config.mountpoint)
     if handed is not None:
         handover.apply(manager, handed)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
@@ -289,25 +289,6 @@ def _hand_over(manager: Manager, link: Link) -> NoReturn:
     os._exit(0)
 
 
-def _read_handed(fd: int | None) -> dict[str, Any] | None:
-    if fd is None:
-        log.warning("the old server died before it handed over: resuming as after a crash")
-        return None
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        document: dict[str, Any] = json.loads(b"".join(chunks))
-        return document
-    except (OSError, ValueError) as exc:
-        log.error("cannot read the state the old server handed over (%s): resuming as after "
-                  "a crash", exc)
-        return None
-    finally:
-        os.close(fd)
-
-
 def _end_connection(config: Config) -> None:
     """Unmount the filesystem: the connection ends once the keeper lets go of it too."""
     try:
@@ -333,41 +314,6 @@ async def _ready_after_init(fs: UenvFS, manager: Manager, link: Link, resumed: b
         # (Processes that open and close files meanwhile may differ for a moment: INFO.)
         outcome = await manager.verify(logging.INFO)
         log.info("resumed counts checked against the processes: %s", outcome)
-
-
-@dataclass
-class Resume:
-    """What the keeper handed a server that takes over a live connection."""
-
-    fuse: int
-    ledger: ledger_mod.SharedLedger
-    lock: int  # -1: none (systemd's store keeps no lock): take it anew
-    standby: bool = False  # started by `restart`: take over once the old server stopped
-
-    @classmethod
-    def from_env(cls, text: str) -> Resume:
-        fuse, ledger, lock = (int(part) for part in text.split(","))
-        for fd in (fuse, ledger, lock):
-            if fd >= 0:
-                os.set_inheritable(fd, False)
-        try:
-            return cls(fuse, ledger_mod.SharedLedger(ledger), lock)
-        except (OSError, ValueError) as exc:
-            raise StartupError(f"cannot read the ledger of the connection: {exc}") from exc
-
-
-def restore_versions(manager: Manager, fs: UenvFS, found: ledger_mod.Found) -> None:
-    """The inode prefixes the last server handed out: the same numbers mean the same files."""
-    fs.inodes.prefixes.continue_after(found.last_prefix)
-    manager.mounter.restore(found.versions)
-    fs.inodes.restore(found)
-
-
-def restore_handles(fs: UenvFS, found: ledger_mod.Found) -> None:
-    """The handles the last server opened, counted again for their allocations."""
-    restored = fs.restore_handles(found.handles)
-    log.info("resumed the connection (resume %d): %d nodes, %d handles (%d counted)",
-             found.resumes + 1, len(found.nodes), len(found.handles), restored)
 
 
 def serve(config: Config) -> int:

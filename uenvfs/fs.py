@@ -85,6 +85,10 @@ def fuse_errors(
 
     @functools.wraps(fn)
     async def wrapper(self: UenvFS, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        if self.handles.unconfirmed:
+            # The answers that gave them to the kernel were written before this request was
+            # read (a handler returns and its answer is written in one step): see ledger.py.
+            self.handles.confirm()
         counters = self.metrics
         counters.requests[op] += 1
         try:
@@ -351,7 +355,7 @@ class UenvFS(ReadOnlyOperations):
     @fuse_errors
     async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
         if inode == ROOT:
-            return self.handles.add(RootDirHandle(self.root.entries()))
+            return self.handles.add(RootDirHandle(self.root.entries()), ctx.pid)
         if inode <= METRICS:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         node = self.inodes[inode]
@@ -371,7 +375,7 @@ class UenvFS(ReadOnlyOperations):
         alloc = self.resolver.resolve(ctx.pid, ctx.uid)
         # No await from here on: the count is of the mount just checked.
         use = self.images.open(node.image, alloc)
-        return self.handles.add(DirHandle(node.image, use, node, entries))
+        return self.handles.add(DirHandle(node.image, use, node, entries), ctx.pid)
 
     async def _scan(self, node: Node, path: bytes, prefix: int) -> Listing:
         """The listing of *node* at *path*, read in a worker thread of the image (an image on
@@ -419,7 +423,7 @@ class UenvFS(ReadOnlyOperations):
             if inode != CONTROL:
                 await self.uses.refresh(FRESH)  # .status and .metrics count them right
             control = self.root.open(inode, flags, ctx)
-            return pyfuse3.FileInfo(fh=self.handles.add(control), direct_io=True)
+            return pyfuse3.FileInfo(fh=self.handles.add(control, ctx.pid), direct_io=True)
         if flags & WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self.inodes[inode]
@@ -443,7 +447,7 @@ class UenvFS(ReadOnlyOperations):
                                                    self.budget, alloc, size=size)
         else:
             handle = FileHandle(node.image, use, inode, fd, self.prefetcher, self.budget, alloc)
-        fh = self.handles.add(handle)
+        fh = self.handles.add(handle, ctx.pid)
         if not final:
             self.images.spawn(self._recount_exec, fh, handle, ctx.pid, ctx.uid,
                               task=f"exec:{ctx.pid}")

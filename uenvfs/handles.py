@@ -20,7 +20,7 @@ from .descriptors import DescriptorBudget
 from .guard import Workers, is_cached
 from .inodes import Node
 from .interfaces import ImageService
-from .ledger import NO_LEDGER, Ledger
+from .ledger import Ledger
 from .listings import Listing
 from .prefetch import Prefetcher, Readahead
 from .state import Use
@@ -269,15 +269,27 @@ class HandleTable(dict[int, Handle]):
 
     def __init__(self) -> None:
         super().__init__()
-        self.ledger: Ledger = NO_LEDGER
+        self.ledger = Ledger()  # numbers from 1 up; the server gives it the shared one
+        # Handles whose answer to the kernel was not written yet when they were added: it
+        # is, once any later request is handled (see fs.fuse_errors).
+        self.unconfirmed: list[int] = []
 
     def __missing__(self, fh: int) -> Handle:
         raise pyfuse3.FUSEError(errno.EBADF)
 
-    def add(self, handle: Handle) -> FileHandleT:
-        fh = self.ledger.opened(*handle.entry())
+    def add(self, handle: Handle, pid: int = 0) -> FileHandleT:
+        """Number *handle* (opened by process *pid*), to be answered at once."""
+        kind, ino, alloc, extra, extra2 = handle.entry()
+        fh = self.ledger.opened(kind, ino, alloc, extra, extra2 or pid)
         self[fh] = handle
+        self.unconfirmed.append(fh)
         return FileHandleT(fh)
+
+    def confirm(self) -> None:
+        """The answers of the handles added so far are written (see `unconfirmed`)."""
+        for fh in self.unconfirmed:
+            self.ledger.confirm(fh)
+        self.unconfirmed.clear()
 
     def restore(self, fh: int, handle: Handle) -> None:
         """A handle that a server before this one opened (in the ledger already)."""

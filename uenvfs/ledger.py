@@ -59,6 +59,7 @@ IDENTITY = struct.Struct("=qqqq")
 # Handle kinds (0: free slot)
 FREE, FILE, DIR, ROOT_DIR, CONTROL, DATA = 0, 1, 2, 3, 4, 5
 DEAD = 1  # flag: force-unmounted, answers EIO
+PENDING = 2  # flag: the answer that gives the handle to the kernel may not have reached it
 
 
 @dataclass
@@ -71,7 +72,8 @@ class Slot:
     alloc: str
     ino: int
     extra: int = 0
-    extra2: int = 0
+    extra2: int = 0  # for a file or directory: the pid that opened it
+    pending: bool = False
 
 
 @dataclass
@@ -132,9 +134,12 @@ class Ledger:
 
     def opened(self, kind: int, ino: int, alloc: str = "", extra: int = 0,
                extra2: int = 0) -> int:
-        """Record a new handle; returns its number."""
+        """Record a new handle, pending until `confirm`; returns its number."""
         self._next += 1
         return self._next
+
+    def confirm(self, fh: int) -> None:
+        """The answer that gave *fh* to the kernel was written: it is the kernel's."""
 
     def moved(self, fh: int, alloc: str) -> None:
         """The handle *fh* counts for *alloc* from now on (an executable, see fs.py)."""
@@ -215,7 +220,8 @@ class SharedLedger(Ledger):
                 self.map, SLOTS_AT + index * SLOT.size)
             if kind != FREE:
                 found.handles.append(Slot(gen << 32 | index, kind, bool(flags & DEAD),
-                                          allocs.get(alloc, ""), ino, extra, extra2))
+                                          allocs.get(alloc, ""), ino, extra, extra2,
+                                          bool(flags & PENDING)))
         return found
 
     def _records(self, half: int, used: int) -> Iterator[tuple[int, int, int, bytes]]:
@@ -344,9 +350,13 @@ class SharedLedger(Ledger):
             raise OSError(24, "too many open handles")  # EMFILE
         gen = (self._gens.get(index, 0) + 1) & 0xFFFFFFFF
         self._gens[index] = gen
-        SLOT.pack_into(self.map, SLOTS_AT + index * SLOT.size, gen, kind, 0, 0,
+        SLOT.pack_into(self.map, SLOTS_AT + index * SLOT.size, gen, kind, PENDING, 0,
                        self._alloc_id(alloc) if alloc else 0, extra, ino, extra2)
         return gen << 32 | index
+
+    def confirm(self, fh: int) -> None:
+        at = SLOTS_AT + (fh & 0xFFFFFFFF) * SLOT.size + 5
+        self.map[at] &= ~PENDING & 0xFF
 
     def moved(self, fh: int, alloc: str) -> None:
         index = fh & 0xFFFFFFFF

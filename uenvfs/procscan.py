@@ -25,7 +25,7 @@ import ctypes
 import os
 import platform
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,38 +128,60 @@ def scan(dev: int, kinds: Iterable[str] = ALL_KINDS, proc: bytes = b"/proc") -> 
     buf = ctypes.create_string_buffer(STATX_SIZE)
     found: list[Hold] = []
     for pid in _numbers(proc):
-        base = b"%s/%d" % (proc, pid)
-        mine: list[tuple[int, str, int, int]] = []  # tid, kind, ino, fd
-        if links:
-            # The threads of a process share its working directory and root, unless one of
-            # them unshared them (CLONE_FS): look at every thread only when there are several.
-            tids = [pid]
-            try:
-                if os.stat(base + b"/task").st_nlink > 3:
-                    tids = _numbers(base + b"/task")
-            except OSError:
-                continue
-            for tid in tids:
-                task = base if tid == pid else b"%s/task/%d" % (base, tid)
-                for kind in links:
-                    held = identity(b"%s/%s" % (task, kind.encode()), buf)
-                    if held is not None and held[0] == dev:
-                        mine.append((tid, kind, held[1], -1))
-        if "fd" in want:
-            for fd in _numbers(base + b"/fd"):
-                held = identity(b"%s/fd/%d" % (base, fd), buf)
-                if held is not None and held[0] == dev:
-                    mine.append((pid, "fd", held[1], fd))
-        if "map" in want:
-            mine.extend((pid, "map", ino, -1) for ino in _mapped(base, dev_text))
-        if "exe" in want:
-            held = identity(base + b"/exe", buf)
-            if held is not None and held[0] == dev:
-                mine.append((pid, "exe", held[1], -1))
-        if mine:
-            uid = _uid(base)
-            found.extend(Hold(pid, tid, uid, kind, ino, fd) for tid, kind, ino, fd in mine)
+        found.extend(_holds(proc, pid, want, links, dev, dev_text, buf))
     return found
+
+
+def holds_of(pid: int, dev: int, proc: bytes = b"/proc") -> list[Hold]:
+    """What process *pid* holds of the filesystem of device *dev* (fds, maps, program)."""
+    dev_text = b"%02x:%02x" % (os.major(dev), os.minor(dev))
+    return _holds(proc, pid, frozenset(("fd", "map", "exe")), [], dev, dev_text,
+                  ctypes.create_string_buffer(STATX_SIZE))
+
+
+def _holds(proc: bytes, pid: int, want: frozenset[str], links: Sequence[str], dev: int,
+           dev_text: bytes, buf: ctypes.Array[ctypes.c_char]) -> list[Hold]:
+    base = b"%s/%d" % (proc, pid)
+    mine: list[tuple[int, str, int, int]] = []  # tid, kind, ino, fd
+    if links:
+        # The threads of a process share its working directory and root, unless one of
+        # them unshared them (CLONE_FS): look at every thread only when there are several.
+        tids = [pid]
+        try:
+            if os.stat(base + b"/task").st_nlink > 3:
+                tids = _numbers(base + b"/task")
+        except OSError:
+            return []
+        for tid in tids:
+            task = base if tid == pid else b"%s/task/%d" % (base, tid)
+            for kind in links:
+                held = identity(b"%s/%s" % (task, kind.encode()), buf)
+                if held is not None and held[0] == dev:
+                    mine.append((tid, kind, held[1], -1))
+    if "fd" in want:
+        for fd in _numbers(base + b"/fd"):
+            held = identity(b"%s/fd/%d" % (base, fd), buf)
+            if held is not None and held[0] == dev:
+                mine.append((pid, "fd", held[1], fd))
+    if "map" in want:
+        mine.extend((pid, "map", ino, -1) for ino in _mapped(base, dev_text))
+    if "exe" in want:
+        held = identity(base + b"/exe", buf)
+        if held is not None and held[0] == dev:
+            mine.append((pid, "exe", held[1], -1))
+    if not mine:
+        return []
+    uid = _uid(base)
+    return [Hold(pid, tid, uid, kind, ino, fd) for tid, kind, ino, fd in mine]
+
+
+def opens_of(holds: Iterable[Hold], ino: int) -> int:
+    """How many open file descriptions of *ino* the holds of one process are: its
+    descriptors of it (one per description), else 1 if it maps it or runs it."""
+    fds = [h for h in holds if h.kind == "fd" and h.ino == ino]
+    if fds:
+        return len(descriptions(fds))
+    return int(any(h.ino == ino for h in holds))
 
 
 def _mapped(base: bytes, dev_text: bytes) -> set[int]:

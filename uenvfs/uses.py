@@ -105,10 +105,13 @@ class UseScanner:
 
     async def _scan(self, kinds: Iterable[str]) -> list[Hold] | None:
         """`procscan.scan` in a worker thread; None if it takes over `SCAN_TIMEOUT` (it is
-        left to finish; /proc answers unless the kernel itself is stuck)."""
-        assert self.dev is not None
+        left to finish; /proc answers unless the kernel itself is stuck). Nothing is held
+        once the connection is gone (a shutdown during an await)."""
+        dev = self.dev
+        if dev is None:
+            return []
         with trio.move_on_after(SCAN_TIMEOUT):
-            return await trio.to_thread.run_sync(procscan.scan, self.dev, kinds,
+            return await trio.to_thread.run_sync(procscan.scan, dev, kinds,
                                                  abandon_on_cancel=True)
         log.warning("a scan of the processes took over %g s; given up", SCAN_TIMEOUT)
         return None
@@ -136,6 +139,8 @@ class UseScanner:
         await trio.sleep(SETTLE)
         await self.refresh()
         second = await self._compare()
+        if self.dev is None:
+            return ["the filesystem stopped during the comparison: nothing to compare"]
         return [text for key, text in second.items() if key in first]
 
     async def _compare(self) -> dict[tuple[str, str, str], str]:

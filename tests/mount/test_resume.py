@@ -203,8 +203,11 @@ def test_twenty_crashes_under_churn(daemon: Daemon) -> None:
             held.setdefault(alloc, []).extend(report["held"])
             sitting.setdefault(alloc, []).extend([report["cwd"]] if report["cwd"] else [])
         want = expected_uses(held, sitting)
-        wait_until(lambda: observed_uses(daemon) == want, timeout=10,
-                   what="the counts to equal what the workers hold")
+        try:
+            wait_until(lambda: observed_uses(daemon) == want, timeout=10,
+                       what="the counts to equal what the workers hold")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: want {want}, have {observed_uses(daemon)}") from None
         verified(daemon)
         for _, w in workers:
             assert w.stdin is not None

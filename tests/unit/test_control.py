@@ -109,11 +109,12 @@ def test_the_table_has_every_command_with_its_usage() -> None:
         "force-unmount": "force-unmount NAME",
         "reload": "reload",
         "verify": "verify",
+        "restart": "restart",
     }
     assert all(kind.verb == verb for verb, kind in COMMANDS.items())
     expected = ", ".join(COMMANDS)
     assert expected == ("acquire, release, reconcile, expire, hold-time, emergency, "
-                        "force-unmount, reload, verify")
+                        "force-unmount, reload, verify, restart")
     with pytest.raises(CommandError, match=f"expected one of: {expected}$"):
         parse_line("nosuch")
 

@@ -48,6 +48,7 @@ def test_a_new_server_reads_what_the_last_one_wrote(written: SharedLedger) -> No
     fh_control = written.opened(CONTROL, 0, "job-1", 0, 4242)
     written.moved(fh_file, "job-3")
     written.killed(fh_dir)
+    written.confirm(fh_file)  # its answer was written (fh_dir and fh_control: maybe not)
     found = again(written).read()
     assert found.init == INIT
     assert found.resumes == 0
@@ -57,8 +58,8 @@ def test_a_new_server_reads_what_the_last_one_wrote(written: SharedLedger) -> No
     assert found.last_prefix == 2
     assert found.handles == [
         Slot(fh_file, FILE, False, "job-3", 2 << 44 | 8),
-        Slot(fh_dir, DIR, True, "job-2", 2 << 44 | 7),
-        Slot(fh_control, CONTROL, False, "job-1", 0, 0, 4242),
+        Slot(fh_dir, DIR, True, "job-2", 2 << 44 | 7, pending=True),
+        Slot(fh_control, CONTROL, False, "job-1", 0, 0, 4242, pending=True),
     ]
 
 
@@ -147,3 +148,27 @@ def test_a_node_looked_up_again_takes_no_more_room(written: SharedLedger) -> Non
     written.node(5, b"other/name", False)  # or found it by another name (a hard link)
     assert written._used == used
     assert again(written).read().nodes == {5: (b"a/b", False)}
+
+
+def test_a_handle_whose_answer_may_be_lost_is_kept_only_if_its_opener_holds_it(
+    written: SharedLedger,
+) -> None:
+    from uenvfs.procscan import Hold
+    from uenvfs.resume import settle
+
+    got = written.opened(FILE, 10, "job", 0, 100)  # pid 100 holds inode 10
+    lost = written.opened(FILE, 11, "job", 0, 100)  # but not 11: its open is sent again
+    earlier = written.opened(FILE, 10, "job", 0, 200)  # pid 200 holds 10 once...
+    written.confirm(earlier)
+    twice = written.opened(FILE, 10, "job", 0, 200)  # ...so this second one never got there
+    closed = written.opened(DIR, 12, "job", 0, 300)  # pid 300 is gone (it closed it)
+    holds = {100: [Hold(100, 100, 0, "fd", 10, 3)], 200: [Hold(200, 200, 0, "map", 10)],
+             300: []}
+    book = again(written)
+    found = book.read()
+    book.resumed(found)
+    kept = settle(found.handles, book, 42, lambda pid, dev: holds[pid])
+    assert [s.fh for s in kept] == [got, earlier]
+    assert not {lost, twice, closed} & {s.fh for s in again(written).read().handles}
+    assert [(s.fh, s.pending) for s in again(written).read().handles] == [
+        (got, False), (earlier, False)]
