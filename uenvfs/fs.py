@@ -85,10 +85,6 @@ def fuse_errors(
 
     @functools.wraps(fn)
     async def wrapper(self: UenvFS, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        if self.handles.unconfirmed:
-            # The answers that gave them to the kernel were written before this request was
-            # read (a handler returns and its answer is written in one step): see ledger.py.
-            self.handles.confirm()
         counters = self.metrics
         counters.requests[op] += 1
         try:

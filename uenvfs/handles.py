@@ -270,26 +270,22 @@ class HandleTable(dict[int, Handle]):
     def __init__(self) -> None:
         super().__init__()
         self.ledger = Ledger()  # numbers from 1 up; the server gives it the shared one
-        # Handles whose answer to the kernel was not written yet when they were added: it
-        # is, once any later request is handled (see fs.fuse_errors).
-        self.unconfirmed: list[int] = []
+        # The handle added last: the handler that added it returns at once, and pyfuse3
+        # writes its answer in the same step, so it is the kernel's once another handle is
+        # added or released (until then the ledger has it as pending; see ledger.py).
+        self._last = 0
 
     def __missing__(self, fh: int) -> Handle:
         raise pyfuse3.FUSEError(errno.EBADF)
 
     def add(self, handle: Handle, pid: int = 0) -> FileHandleT:
         """Number *handle* (opened by process *pid*), to be answered at once."""
+        if self._last:
+            self.ledger.confirm(self._last)
         kind, ino, alloc, extra, extra2 = handle.entry()
-        fh = self.ledger.opened(kind, ino, alloc, extra, extra2 or pid)
+        fh = self._last = self.ledger.opened(kind, ino, alloc, extra, extra2 or pid)
         self[fh] = handle
-        self.unconfirmed.append(fh)
         return FileHandleT(fh)
-
-    def confirm(self) -> None:
-        """The answers of the handles added so far are written (see `unconfirmed`)."""
-        for fh in self.unconfirmed:
-            self.ledger.confirm(fh)
-        self.unconfirmed.clear()
 
     def restore(self, fh: int, handle: Handle) -> None:
         """A handle that a server before this one opened (in the ledger already)."""
@@ -297,6 +293,9 @@ class HandleTable(dict[int, Handle]):
 
     def release(self, fh: int) -> Handle | None:
         """Forget handle *fh*; returns it (None if unknown: released already)."""
+        if self._last:
+            self.ledger.confirm(self._last)
+            self._last = 0
         handle = self.pop(fh, None)
         if handle is not None:
             self.ledger.released(fh)

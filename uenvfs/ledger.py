@@ -11,7 +11,10 @@ memory that outlives the server (a memfd held with the connection's descriptor, 
   - every open handle: its kind, its node, the allocation it counts for.
 
 Each is written before the answer that hands it to the kernel, so a server that dies at any
-point leaves a ledger that names everything the kernel may ask about. The writes are stores
+point leaves a ledger that names everything the kernel may ask about. A handle is written as
+pending, and confirmed once the next handle is added or released (its answer is written by
+then); after a crash, a new server keeps a pending one only if the process that opened it
+holds it (see resume.settle): the kernel sends an open whose answer it never got again. The writes are stores
 to memory (no system call): a few hundred nanoseconds on the requests that add something.
 
 Layout of the memfd (sparse: only what is written takes memory)::
@@ -46,6 +49,7 @@ HEADER_SIZE = 4096
 INIT_AT = 512  # the INIT request (at most 512 bytes) sits here
 SLOTS = 1 << 20
 SLOT = struct.Struct("=IBBHIIQQ")  # gen, kind, flags, pad, alloc id, extra, node id, extra2
+GEN = struct.Struct("=I")  # a slot's first field
 SLOTS_AT = HEADER_SIZE
 LOG_AT = SLOTS_AT + SLOTS * SLOT.size
 LOG = 32 << 20  # about 600,000 nodes of paths 40 bytes long
@@ -373,7 +377,7 @@ class SharedLedger(Ledger):
     def released(self, fh: int) -> None:
         index = fh & 0xFFFFFFFF
         at = SLOTS_AT + index * SLOT.size
-        if index < self._slots and SLOT.unpack_from(self.map, at)[0] == fh >> 32:
+        if index < self._slots and GEN.unpack_from(self.map, at)[0] == fh >> 32:
             self.map[at + 4] = FREE
             self._free.append(index)
 
