@@ -7,20 +7,24 @@ From then on both hold them, so the connection outlives either process:
 
   - the server dies (a bug, kill -9, the OOM killer): the keeper starts a new one at once,
     which resumes the connection (fusedev.py); requests wait in the kernel meanwhile;
-  - the keeper dies: the server starts a new keeper and hands it the descriptors;
-  - `uenvfs restart` (`.control` `restart`): the keeper starts a new server from the installed
-    code, which takes over from the old one once it is ready;
+  - the keeper dies: the server starts a new keeper and hands it the descriptors (under
+    systemd the server exits instead, and systemd starts uenvfs again from its store);
+  - `uenvfs restart` (`.control` `restart`): the keeper runs the installed keeper code (exec,
+    same pid), which starts a new server from the installed code; it takes over from the old
+    one once it is ready (see handover.py);
   - under systemd, the keeper also keeps the descriptors in systemd's store (FDSTORE=1), and
     takes them back from LISTEN_FDS when it starts, so that even the death of every uenvfs
     process does not end the connection.
 
-The connection ends when the server stops on purpose (SIGTERM, `uenvfs stop`, an unmount from
-outside): it says so ("stopping"), unmounts, and the keeper exits with its exit status.
+The connection ends when the server stops on purpose (SIGTERM to the keeper, `systemctl stop`,
+an unmount from outside): it says so ("stopping"), unmounts, and the keeper exits with its
+exit status.
 Signals the keeper gets (TERM, INT, HUP, USR1) go to the server.
 
 Small on purpose: the standard library only, one loop over poll(2), no state but the
-descriptors and the current server. Messages on the socket pair with the server are words,
-one per datagram (SOCK_SEQPACKET), the descriptors with "hold".
+descriptors and its servers (the current one, and a new one during a restart). Messages on
+the socket pair with a server are words, one per datagram (SOCK_SEQPACKET), descriptors with
+"hold" and "handed".
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ Each is written before the answer that hands it to the kernel, so a server that 
 point leaves a ledger that names everything the kernel may ask about. A handle is written as
 pending, and confirmed once the next handle is added or released (its answer is written by
 then); after a crash, a new server keeps a pending one only if the process that opened it
-holds it (see resume.settle): the kernel sends an open whose answer it never got again. The writes are stores
-to memory (no system call): a few hundred nanoseconds on the requests that add something.
+holds it (see resume.settle): the kernel sends an open whose answer it never got again. The
+writes are stores to memory (no system call): under a microsecond on the requests that add
+something.
 
 Layout of the memfd (sparse: only what is written takes memory)::
 

@@ -107,7 +107,8 @@ class Link:
                                       "sock": theirs.fileno(), "argv": server_argv()})
         self._children.append(subprocess.Popen(
             [sys.executable, "-m", "uenvfs.keeper"], env=env,
-            pass_fds=[theirs.fileno(), *self.held], stdin=subprocess.DEVNULL))
+            pass_fds=[theirs.fileno(), *(fd for fd in self.held if fd >= 0)],
+            stdin=subprocess.DEVNULL))
         theirs.close()
         trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
