@@ -287,6 +287,9 @@ def cmd_restart(args: argparse.Namespace) -> int:
             print(f"restarted: server pid {before['pid']} (uenvfs {before['version']}) -> "
                   f"pid {now['pid']} (uenvfs {now['version']})")
             return EXIT_OK
+        error = now.get("restart_error")
+        if error and error != before.get("restart_error"):
+            raise CliError(f"restart failed: {error}; the old server goes on serving")
     raise CliError(f"no new server took over within {RESTART_TIMEOUT:g} s; the old one goes "
                    "on serving (the daemon's log says why)")
 

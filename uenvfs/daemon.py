@@ -8,6 +8,7 @@ backing mount; a mount still in use stays for the next daemon to adopt.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -238,6 +239,7 @@ async def run(config: Config, link: Link, resume: Resume | None) -> None:
             serving = trio.CancelScope()
             handing_over = trio.Event()
             link.on_handover = lambda: nursery.start_soon(_drain, serving, handing_over)
+            link.on_restart_failed = functools.partial(_restart_failed, server)
             nursery.start_soon(_signals, manager, serving, name="signals")
             if resume is None:
                 nursery.start_soon(_tune_after_init, fs, config, name="readahead")
@@ -287,6 +289,11 @@ def _hand_over(manager: Manager, link: Link) -> NoReturn:
     log.info("handed over; exiting")
     link.send("handed", [fd])
     os._exit(0)
+
+
+def _restart_failed(server: Server, why: str) -> None:
+    server.restart_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {why}"
+    log.error("restart failed: %s; serving on", why)
 
 
 def _end_connection(config: Config) -> None:

@@ -176,7 +176,8 @@ class Keeper:
             child.sock.close()
         if status is not None and status < 0:
             log.error("server pid %d was killed by %s", child.pid, signal.Signals(-status).name)
-        elif not self.stopping and child.handed is None and "fuse" in self.held:
+        elif (not self.stopping and child.handed is None and "fuse" in self.held
+              and child is not self.next):  # a new server that failed: `_exited` says so
             log.error("server pid %d exited (%s) without stopping", child.pid,
                       "status unknown: not our child" if status is None else f"status {status}")
         return status
@@ -367,8 +368,11 @@ class Keeper:
             return None
         if child is self.next:
             self.next = None
-            log.error("restart failed: the new server pid %d died before it took over; the "
-                      "old one goes on serving", child.pid)
+            how = "exited" if status is None else f"exited with status {status}"
+            why = f"the new server (pid {child.pid}) {how} before it took over (its log says why)"
+            log.error("restart failed: %s; the old server goes on serving", why)
+            if self.current is not None:
+                _send(self.current, f"restart-failed {why}")
             if self.current is None:
                 return self._after_server(status, served=False)
             return None

@@ -29,6 +29,7 @@ class Link:
         self.replacements = 0
         self._children: list[subprocess.Popen[bytes]] = []
         self.on_handover: Callable[[], None] | None = None  # the keeper asks us to stop
+        self.on_restart_failed: Callable[[str], None] | None = None  # the new server died
 
     def send(self, word: str, fds: Sequence[int] = ()) -> None:
         try:
@@ -82,6 +83,9 @@ class Link:
                 data = b""
             if data == b"handover" and self.on_handover is not None:
                 self.on_handover()
+                continue
+            if data.startswith(b"restart-failed ") and self.on_restart_failed is not None:
+                self.on_restart_failed(data.decode(errors="replace").partition(" ")[2])
                 continue
             if data:
                 log.debug("keeper says %r", data)

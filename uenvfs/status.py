@@ -25,19 +25,20 @@ from .state import Phase, Registry
 STATUS_VERSION = 1
 
 
-@dataclass(frozen=True)
+@dataclass
 class Server:
     """The process that answers FUSE requests: `.status`'s `server` object."""
 
     pid: int
     started: float  # unix time
     resumes: int  # how many times the connection was resumed by a new server before it
+    restart_error: str | None = None  # why the last `restart` failed (this one serves on)
 
     def to_json(self) -> dict[str, Any]:
         from . import __version__
 
         return {"pid": self.pid, "version": __version__, "started": round(self.started, 3),
-                "resumes": self.resumes}
+                "resumes": self.resumes, "restart_error": self.restart_error}
 
 
 class Mounted(Protocol):

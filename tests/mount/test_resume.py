@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 
 from ..conftest import DaemonFactory
-from ..support import Daemon, build_image, loop_count, wait_until
+from ..support import (
+    Daemon,
+    build_image,
+    loop_count,
+    release_holder,
+    spawn_holder,
+    wait_until,
+)
 from .test_hostile import answered, stop_all, storage_that_hangs
 
 pytestmark = pytest.mark.fuse
@@ -411,3 +418,29 @@ def test_restart_while_images_are_mounting(daemon: Daemon) -> None:
         daemon.control("expire")
         wait_until(lambda: loop_count(daemon.root) == loops_before,
                    what="no loop device left over")
+
+
+def test_a_restart_that_cannot_start_changes_nothing(daemon: Daemon) -> None:
+    daemon.image("img", {"f": "served on"})
+    daemon.start()
+    holder = spawn_holder(daemon.mountpoint / "img/f", alloc="job-1")
+    try:
+        before = daemon.status()["server"]
+        (daemon.root / "uenvfs.toml").write_text('storage_guard = "bogus"\n')  # read at start
+        daemon.expect(r"restart failed: the new server \(pid \d+\) exited with status 2")
+        daemon.expect(r"storage_guard must be one of")
+        out = daemon.cli("restart")
+        assert out.returncode == 1
+        assert "restart failed: " in out.stderr
+        assert "exited with status 2 before it took over" in out.stderr
+        after = daemon.status()
+        assert after["server"]["pid"] == before["pid"]
+        assert "exited with status 2" in after["server"]["restart_error"]
+        assert after["mounts"][0]["allocations"] == {
+            "job-1": {"opens": 1, "acquired": False, "cwd": 0}}
+        assert (daemon.mountpoint / "img/f").read_text() == "served on"
+        (daemon.root / "uenvfs.toml").write_text("")
+        assert daemon.cli("restart").returncode == 0
+        assert daemon.status()["server"]["pid"] != before["pid"]
+    finally:
+        release_holder(holder)
