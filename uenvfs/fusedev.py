@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 import struct
 from pathlib import Path
 
@@ -113,8 +114,6 @@ def resend(fd: int) -> bool:
 
 def alive(fd: int) -> bool:
     """Whether the connection *fd* still lives (it ends with its unmount or an abort)."""
-    import select
-
     poll = select.poll()
     poll.register(fd, select.POLLIN)
     return not any(event & (select.POLLERR | select.POLLHUP) for _, event in poll.poll(0))

@@ -26,7 +26,6 @@ class Link:
         self.sock = socket.socket(fileno=fd)
         self.sock.setblocking(False)
         self.held: list[int] = []  # fuse, ledger, lock: what a new keeper gets
-        self.replacements = 0
         self._children: list[subprocess.Popen[bytes]] = []
         self.on_handover: Callable[[], None] | None = None  # the keeper asks us to stop
         self.on_restart_failed: Callable[[str], None] | None = None  # the new server died
@@ -118,4 +117,3 @@ class Link:
         self.sock.close()
         ours.setblocking(False)
         self.sock = ours
-        self.replacements += 1

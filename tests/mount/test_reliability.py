@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -297,6 +298,66 @@ def rss_kib(pid: int) -> int:
 
 
 Uses = dict[str, dict[str, dict[str, int]]]  # image -> allocation -> {"opens", "cwd"}
+Workers = list[tuple[str, subprocess.Popen[str]]]  # (allocation, process)
+
+
+def start_workers(daemon: Daemon, count: int, allocs: int, names: list[str]) -> Workers:
+    """*count* WORKER processes over the images *names*, of *allocs* allocations in turn."""
+    workers: Workers = []
+    for n in range(count):
+        alloc = f"alloc-{n % allocs}"
+        workers.append((alloc, subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(daemon.mountpoint), alloc, str(n), *names],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "PACT_ALLOCATION_ID": alloc})))
+    return workers
+
+
+def _tell(workers: Workers, word: str) -> None:
+    for _, w in workers:
+        assert w.stdin is not None
+        w.stdin.write(word + "\n")
+        w.stdin.flush()
+
+
+def pause_workers(workers: Workers) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Hold every worker still; what they hold open, and where they sit, by allocation."""
+    _tell(workers, "pause")
+    held: dict[str, list[str]] = {}
+    sitting: dict[str, list[str]] = {}
+    for alloc, w in workers:
+        assert w.stdout is not None
+        report = json.loads(w.stdout.readline())
+        held.setdefault(alloc, []).extend(report["held"])
+        sitting.setdefault(alloc, []).extend([report["cwd"]] if report["cwd"] else [])
+    return held, sitting
+
+
+def resume_workers(workers: Workers) -> None:
+    _tell(workers, "resume")
+
+
+def stop_workers(workers: Workers) -> list[dict[str, Any]]:
+    """Stop every worker; their reports (reads, errors, last_error)."""
+    results = []
+    for _, w in workers:
+        assert w.stdin is not None
+        assert w.stdout is not None
+        w.stdin.write("stop\n")
+        w.stdin.close()
+        results.append(json.loads(w.stdout.readline() or "{}"))
+        w.wait(30)
+        w.stdout.close()
+    return results
+
+
+def wait_for_uses(daemon: Daemon, want: Uses) -> None:
+    """Releases of closed files reach the daemon asynchronously: allow them to land."""
+    try:
+        wait_until(functools.partial(lambda w: observed_uses(daemon) == w, want),
+                   timeout=10, what="refcounts to match what the workers hold")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: want {want}, have {observed_uses(daemon)}") from None
 
 
 def expected_uses(held: dict[str, list[str]], sitting: dict[str, list[str]]) -> Uses:
@@ -329,13 +390,7 @@ def test_churn_keeps_refcounts_exact(daemon: Daemon) -> None:
     loops_before = loop_count(daemon.root)
     daemon.start()
     assert daemon.process is not None
-    workers = []
-    for n in range(32):
-        alloc = f"alloc-{n % 8}"
-        workers.append((alloc, subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(daemon.mountpoint), alloc, str(n), *names],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env={**os.environ, "PACT_ALLOCATION_ID": alloc})))
+    workers = start_workers(daemon, 32, 8, names)
     rss: list[int] = []
     checkpoints = 0
     sat = 0  # workers found sitting in an image at checkpoints
@@ -344,24 +399,8 @@ def test_churn_keeps_refcounts_exact(daemon: Daemon) -> None:
     try:
         while time.monotonic() < end:
             time.sleep(min(2.0, max(0.0, end - time.monotonic())))
-            for _, w in workers:
-                assert w.stdin is not None
-                w.stdin.write("pause\n")
-                w.stdin.flush()
-            held: dict[str, list[str]] = {}
-            sitting: dict[str, list[str]] = {}
-            for alloc, w in workers:
-                assert w.stdout is not None
-                report = json.loads(w.stdout.readline())
-                held.setdefault(alloc, []).extend(report["held"])
-                sitting.setdefault(alloc, []).extend([report["cwd"]] if report["cwd"] else [])
-            want = expected_uses(held, sitting)
-            # Releases of closed files reach the daemon asynchronously: allow them to land.
-            try:
-                wait_until(functools.partial(lambda w: observed_uses(daemon) == w, want),
-                           timeout=10, what="refcounts to match what the workers hold")
-            except AssertionError as exc:
-                raise AssertionError(f"{exc}: want {want}, have {observed_uses(daemon)}") from None
+            held, sitting = pause_workers(workers)
+            wait_for_uses(daemon, expected_uses(held, sitting))
             # A scan of the processes agrees with every count.
             verified = daemon.cli("status", "--verify")
             assert (verified.returncode, verified.stdout) == (
@@ -370,20 +409,9 @@ def test_churn_keeps_refcounts_exact(daemon: Daemon) -> None:
             mounts_seen = max(mounts_seen, len(daemon.backing_mounts()))
             checkpoints += 1
             rss.append(rss_kib(daemon.server_pid()))
-            for _, w in workers:
-                assert w.stdin is not None
-                w.stdin.write("resume\n")
-                w.stdin.flush()
+            resume_workers(workers)
     finally:
-        results = []
-        for _, w in workers:
-            assert w.stdin is not None
-            assert w.stdout is not None
-            w.stdin.write("stop\n")
-            w.stdin.close()
-            results.append(json.loads(w.stdout.readline() or "{}"))
-            w.wait(30)
-            w.stdout.close()
+        results = stop_workers(workers)
     reads = sum(r.get("reads", 0) for r in results)
     errors = sum(r.get("errors", 0) for r in results)
     assert errors == 0, [r["last_error"] for r in results if r.get("errors")]

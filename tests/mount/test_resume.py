@@ -171,7 +171,14 @@ def test_jobs_notice_no_crash_of_the_server(daemon: Daemon) -> None:
 
 
 def test_twenty_crashes_under_churn(daemon: Daemon) -> None:
-    from .test_reliability import WORKER, expected_uses, observed_uses
+    from .test_reliability import (
+        expected_uses,
+        pause_workers,
+        resume_workers,
+        start_workers,
+        stop_workers,
+        wait_for_uses,
+    )
 
     daemon.hold_time = 0.05
     names = [f"img{i}" for i in range(4)]
@@ -180,13 +187,7 @@ def test_twenty_crashes_under_churn(daemon: Daemon) -> None:
     loops_before = loop_count(daemon.root)
     daemon.expect(r"keeper: server pid \d+ was killed by SIGKILL")
     daemon.start()
-    workers = []
-    for n in range(16):
-        alloc = f"alloc-{n % 4}"
-        workers.append((alloc, subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(daemon.mountpoint), alloc, str(n), *names],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env={**os.environ, "PACT_ALLOCATION_ID": alloc})))
+    workers = start_workers(daemon, 16, 4, names)
     pauses = []
     assert daemon.process is not None
     keeper_fds = _fds(daemon.process.pid)
@@ -198,38 +199,12 @@ def test_twenty_crashes_under_churn(daemon: Daemon) -> None:
             wait_until(functools.partial(_serving_other_than, daemon, old), timeout=30,
                        what="a new server")
             pauses.append(time.monotonic() - started)
-        for _, w in workers:
-            assert w.stdin is not None
-            w.stdin.write("pause\n")
-            w.stdin.flush()
-        held: dict[str, list[str]] = {}
-        sitting: dict[str, list[str]] = {}
-        for alloc, w in workers:
-            assert w.stdout is not None
-            report = json.loads(w.stdout.readline())
-            held.setdefault(alloc, []).extend(report["held"])
-            sitting.setdefault(alloc, []).extend([report["cwd"]] if report["cwd"] else [])
-        want = expected_uses(held, sitting)
-        try:
-            wait_until(lambda: observed_uses(daemon) == want, timeout=10,
-                       what="the counts to equal what the workers hold")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}: want {want}, have {observed_uses(daemon)}") from None
+        held, sitting = pause_workers(workers)
+        wait_for_uses(daemon, expected_uses(held, sitting))
         verified(daemon)
-        for _, w in workers:
-            assert w.stdin is not None
-            w.stdin.write("resume\n")
-            w.stdin.flush()
+        resume_workers(workers)
     finally:
-        results = []
-        for _, w in workers:
-            assert w.stdin is not None
-            assert w.stdout is not None
-            w.stdin.write("stop\n")
-            w.stdin.close()
-            results.append(json.loads(w.stdout.readline() or "{}"))
-            w.wait(30)
-            w.stdout.close()
+        results = stop_workers(workers)
     errors = sum(r.get("errors", 0) for r in results)
     assert errors == 0, [r["last_error"] for r in results if r.get("errors")]
     assert sum(r.get("reads", 0) for r in results) > 1000
