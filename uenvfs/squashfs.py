@@ -15,7 +15,6 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import tools
 from .errors import MountError
 
 RDSQUASHFS = "rdsquashfs"
@@ -66,6 +65,8 @@ async def read_file(image: Path, path: str, time_limit: float = READ_TIMEOUT) ->
     Raises NotInImage if the image has no such file, ImageError if it cannot be read.
     """
     command = [RDSQUASHFS, "-c", path, image_arg(image)]
+    from . import tools  # trio: not for the commands that only parse (uenvfs run)
+
     result = await tools.run(command, time_limit, error=ImageError, package=PACKAGE)
     if result.returncode == 0:
         return result.stdout
@@ -190,6 +191,8 @@ async def check_read_image(image: Path, header: bytes, size: int,
     problem = superblock_problem(header, size)
     if problem is not None:
         return problem
+    from . import tools
+
     result = await tools.run(check_command(image), time_limit, error=ImageError,
                              keep_stdout=False, package=PACKAGE)
     return check_result(result.returncode, "", result.stderr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,3 +240,37 @@ def shell_lines(env: Env, mount: str | None, target: str) -> list[str]:
     for name, ops in env.lists.items():
         lines.extend(_list_line(name, op, mount, target) for op in ops)
     return lines
+
+
+# -- the environment itself ------------------------------------------------------------------
+
+
+def expand(value: str, environ: Mapping[str, str]) -> str:
+    """*value* with `${@NAME@}` replaced by NAME of *environ* (empty when unset)."""
+    return _VIEW_VARIABLE.sub(lambda match: environ.get(match.group(1), ""), value)
+
+
+def apply_env(env: Env, environ: Mapping[str, str]) -> dict[str, str]:
+    """*environ* with the view's changes applied, exactly as `shell_lines` would apply them
+    in a shell (without moving paths): scalars, then each list operation in order."""
+    out = dict(environ)
+    for name, value in env.scalars.items():
+        if value is None:
+            out.pop(name, None)
+        else:
+            out[name] = expand(value, out)
+    for name, ops in env.lists.items():
+        for op in ops:
+            joined = expand(":".join(op.values), out)
+            current = out.get(name, "")
+            if op.op == "unset":
+                out.pop(name, None)
+            elif op.op == "set":
+                out[name] = joined
+            elif not op.values:
+                out[name] = current
+            elif op.op == "prepend":
+                out[name] = joined + (":" + current if current else "")
+            else:
+                out[name] = (current + ":" if current else "") + joined
+    return out

@@ -1,0 +1,159 @@
+"""A private mount namespace for one process, and bind mounts of images in it.
+
+`uenvfs run` and `uenvfs start` call `enter()` and then `bind()` for each image, before they
+exec the command. Root gets a new mount namespace only. Any other user gets a new user
+namespace too, in which its uid and gid are mapped to themselves (no other id is mapped, so
+no setuid helper is needed); the capabilities that the new user namespace gives are enough to
+bind-mount, and the exec of the command as a non-root uid drops them.
+
+Every mount is made a slave of the namespace it was copied from first: nothing mounted here
+reaches the host, and what the host unmounts goes away here too.
+
+Only the standard library; nothing may start a thread before `enter()` (the kernel refuses a
+new user namespace to a process with several threads).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_SLAVE = 1 << 19
+
+# The switches a site may use to turn unprivileged user namespaces off, and their "off" value.
+SYSCTLS = (
+    ("user.max_user_namespaces", "/proc/sys/user/max_user_namespaces", "0"),
+    ("kernel.unprivileged_userns_clone", "/proc/sys/kernel/unprivileged_userns_clone", "0"),
+    ("kernel.apparmor_restrict_unprivileged_userns",
+     "/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1"),
+)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_void_p]
+
+
+class NamespaceError(Exception):
+    """A namespace or a mount could not be made; the message says why and what to do."""
+
+
+def _errno_text(code: int) -> str:
+    return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+
+
+def userns_switches() -> list[str]:
+    """The sysctls of this machine that turn unprivileged user namespaces off, as
+    `name = value` lines, each marked when it is the value that refuses them."""
+    lines = []
+    for name, path, off in SYSCTLS:
+        try:
+            value = Path(path).read_text().strip()
+        except OSError:
+            continue  # not a switch of this kernel
+        lines.append(f"{name} = {value}" + (" (this refuses them)" if value == off else ""))
+    return lines
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as file:
+        file.write(text)
+
+
+def enter() -> None:
+    """Move this process into a new mount namespace (and user namespace unless root)."""
+    uid, gid = os.geteuid(), os.getegid()
+    flags = CLONE_NEWNS if uid == 0 else CLONE_NEWNS | CLONE_NEWUSER
+    if _libc.unshare(flags) != 0:
+        code = ctypes.get_errno()
+        if uid == 0:
+            raise NamespaceError(f"cannot create a mount namespace: {_errno_text(code)}")
+        switches = userns_switches()
+        raise NamespaceError(
+            f"cannot create a user namespace: {_errno_text(code)}. uenvfs run needs "
+            "unprivileged user namespaces, which this site may have turned off; the sysctls "
+            "that decide it: " + ("; ".join(switches) if switches else
+                                  "user.max_user_namespaces (must be > 0), and "
+                                  "kernel.unprivileged_userns_clone (must be 1) where it "
+                                  "exists"))
+    if uid != 0:
+        try:  # only our own ids: what an unprivileged process may map without a helper
+            _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
+            _write("/proc/self/setgroups", "deny\n")
+            _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
+        except OSError as exc:
+            raise NamespaceError(f"cannot map uid {uid} and gid {gid} in the new user "
+                                 f"namespace: {exc.strerror}") from exc
+    if _libc.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None) != 0:
+        code = ctypes.get_errno()
+        raise NamespaceError(f"cannot make the new mount namespace private: "
+                             f"{_errno_text(code)}")
+
+
+def bind(source: Path, target: Path) -> None:
+    """Bind-mount *source* (a directory of the running uenvfs) onto *target*."""
+    if _libc.mount(os.fsencode(source), os.fsencode(target), None, MS_BIND, None) != 0:
+        code = ctypes.get_errno()
+        hint = ""
+        if code == errno.EPERM and os.geteuid() != 0:
+            switches = [s for s in userns_switches() if "apparmor" in s]
+            hint = (" (the site's security policy may forbid mounts in user namespaces"
+                    + (f": {switches[0]}" if switches else "") + ")")
+        raise NamespaceError(f"cannot bind {source} on {target}: {_errno_text(code)}{hint}")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An image of a uenvfs bind-mounted somewhere in this process's mount namespace."""
+
+    name: str  # the image's name in uenvfs
+    mount_point: str
+    device: int  # the uenvfs instance's device number
+
+
+def _unescape(field: str) -> str:
+    """A path of the mount table: space, tab, newline and backslash are octal escapes."""
+    out = []
+    i = 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def bound_images(mountinfo: str, device: int | None = None) -> list[Bound]:
+    """The image directories of uenvfs bound elsewhere, from the text of a mountinfo file:
+    mounts of type fuse.uenvfs whose root is one image's directory, not the filesystem's
+    root. *device*: only those of this uenvfs (its device number). Later mounts over the
+    same mount point hide earlier ones: only the last one there is listed."""
+    found: dict[str, Bound] = {}
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        try:
+            dash = fields.index("-")
+            fstype = fields[dash + 1]
+            major, minor = fields[2].split(":")
+        except (ValueError, IndexError):
+            continue
+        mount_point = _unescape(fields[4])
+        dev = os.makedev(int(major), int(minor))
+        root = _unescape(fields[3]).strip("/")
+        if fstype != "fuse.uenvfs" or (device is not None and dev != device):
+            found.pop(mount_point, None)
+            continue
+        if not root or "/" in root:
+            found.pop(mount_point, None)
+            continue
+        found[mount_point] = Bound(root, mount_point, dev)
+    return list(found.values())

@@ -1,0 +1,218 @@
+"""`uenvfs run` and `uenvfs start`: a command in its own mount namespace, with images of the
+running uenvfs bind-mounted at the mount points they were built for.
+
+The images are looked up through the mount (which mounts them, as any access does), their
+`meta/env.json` read from there, the mount points checked, and only then is anything done:
+an error leaves no namespace and no mount behind. The command then replaces this process
+(exec): no uenvfs process stays between the job and its command. Every access through the
+bind goes to uenvfs like one at MOUNTPOINT/NAME, so it counts for the caller's allocation,
+and an image that expires while nothing uses it is mounted again at the next access.
+
+Exit codes, as env(1) and chroot(1) have them: 125 uenvfs run itself failed (the message
+says why), 126 the command cannot be executed, 127 it was not found; else the command's own.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pwd
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from . import namespace, session
+from .names import valid_name
+from .session import Image, SessionError
+from .uenv import ENV_JSON, Meta, MetaFormatError, parse_meta
+
+EXIT_FAILED, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND = 125, 126, 127
+
+
+class RunError(Exception):
+    """uenvfs run cannot set the session up; the message says why. Nothing has been done."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _status(mountpoint: Path) -> dict[str, object]:
+    try:
+        document: dict[str, object] = json.loads((mountpoint / ".status").read_bytes())
+    except FileNotFoundError as exc:
+        raise RunError(f"no uenvfs serving at {mountpoint} (is the uenvfs service "
+                       "running?)") from exc
+    except OSError as exc:
+        raise RunError(f"uenvfs at {mountpoint} does not answer: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise RunError(f"{mountpoint}/.status: {exc}") from exc
+    return document
+
+
+def _mount_entry(document: Mapping[str, object], name: str) -> dict[str, object]:
+    mounts = document.get("mounts")
+    for entry in mounts if isinstance(mounts, list) else []:
+        if isinstance(entry, dict) and entry.get("name") == name:
+            return entry
+    return {}
+
+
+def _served(mountpoint: Path) -> str:
+    try:
+        names = sorted(n for n in os.listdir(mountpoint) if not n.startswith("."))
+    except OSError:
+        return ""
+    shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+    return f" (uenvfs at {mountpoint} serves: {shown or 'no image'})"
+
+
+def _meta(mountpoint: Path, name: str) -> Meta | None:
+    """The image's meta/env.json read through uenvfs (None if it has none); this also mounts
+    the image. Fails with the reason if the image is unknown or cannot be mounted."""
+    directory = mountpoint / name
+    if not valid_name(name):
+        raise RunError(f"{name!r} is not an image name{_served(mountpoint)}")
+    try:
+        os.stat(directory)
+        data = (directory / ENV_JSON).read_bytes()
+    except FileNotFoundError as exc:
+        if not directory.exists():
+            raise RunError(f"no image {name!r}{_served(mountpoint)}") from exc
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EIO:
+            error = _mount_entry(_status(mountpoint), name).get("error")
+            raise RunError(f"image {name} cannot be mounted: {error or exc.strerror} "
+                           "(uenvfs status shows it)") from exc
+        raise RunError(f"{directory}: {exc.strerror}") from exc
+    try:
+        return parse_meta(data)
+    except MetaFormatError as exc:
+        raise RunError(f"image {name}: {ENV_JSON}: {exc}") from exc
+
+
+def _mount_point_ok(image: Image) -> None:
+    path = Path(image.mount)
+    try:
+        if path.is_dir():
+            return
+    except OSError as exc:
+        raise RunError(f"{image.name}: mount point {path}: {exc.strerror}") from exc
+    if path.exists():
+        raise RunError(f"{image.name}: mount point {path} is not a directory")
+    raise RunError(f"{image.name}: mount point {path} does not exist: root must create it "
+                   f"(mkdir {path}), or choose another with {image.name}:MOUNT")
+
+
+def bound_here(mountpoint: Path) -> list[namespace.Bound]:
+    """The images of the uenvfs at *mountpoint* bound in this process's namespace."""
+    from .procscan import device_of
+
+    device = device_of(mountpoint)
+    if device is None:
+        return []
+    try:
+        table = Path("/proc/self/mountinfo").read_text(errors="surrogateescape")
+    except OSError:
+        return []
+    return namespace.bound_images(table, device)
+
+
+def prepare(mountpoint: Path, images_text: str, views_text: str | None,
+            environ: Mapping[str, str]) -> tuple[list[Image], dict[str, str]]:
+    """The images still to bind, and the command's environment. Reads, mounts nothing."""
+    try:
+        specs = session.parse_images(images_text)
+        wanted = session.parse_views(views_text)
+    except SessionError as exc:
+        raise RunError(str(exc), EXIT_FAILED) from exc
+    _status(mountpoint)  # first: "not running" before "no such image"
+    metas = [_meta(mountpoint, spec.image) for spec in specs]
+    document = _status(mountpoint)  # now with the images mounted: their image files
+    images = []
+    for spec, meta in zip(specs, metas, strict=True):
+        image_path = _mount_entry(document, spec.image).get("image_path")
+        images.append(Image(spec.image, session.mount_point(spec, meta), meta,
+                            str(image_path or mountpoint / spec.image)))
+    bound = {b.mount_point: b.name for b in bound_here(mountpoint)}
+    try:
+        todo = session.check_mounts(images, str(mountpoint), bound)
+        views = session.choose_views(images, wanted)
+    except SessionError as exc:
+        raise RunError(str(exc)) from exc
+    for image in todo:
+        _mount_point_ok(image)
+    return todo, session.environment(environ, images, views)
+
+
+def _home() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        return "/"
+
+
+def enter(mountpoint: Path, todo: Sequence[Image], environ: dict[str, str]) -> None:
+    """Enter a new namespace, bind the images, and go back to the working directory."""
+    try:
+        cwd: str | None = os.getcwd()
+    except OSError:
+        cwd = None
+    try:
+        namespace.enter()
+        for image in todo:
+            namespace.bind(mountpoint / image.name, Path(image.mount))
+    except namespace.NamespaceError as exc:
+        raise RunError(str(exc)) from exc
+    for directory in (cwd, environ.get("HOME"), _home(), "/"):
+        if not directory:
+            continue
+        try:
+            os.chdir(directory)  # again: the path may now lead into an image
+        except OSError:
+            continue
+        if directory != cwd:
+            print(f"uenvfs: the working directory {cwd} is gone here; in {directory} instead",
+                  file=sys.stderr)
+            environ["PWD"] = directory
+        return
+
+
+def execute(command: Sequence[str], environ: Mapping[str, str]) -> int:
+    """exec *command*; returns an exit code only if that fails (with the reason printed)."""
+    try:
+        os.execvpe(command[0], list(command), dict(environ))
+    except FileNotFoundError:
+        print(f"uenvfs: {command[0]}: command not found", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except OSError as exc:
+        print(f"uenvfs: {command[0]}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CANNOT_EXECUTE
+    raise AssertionError("exec returned")  # pragma: no cover
+
+
+def run(mountpoint: Path, images_text: str, views_text: str | None,
+        command: Sequence[str]) -> int:
+    """`uenvfs run`: *command* in a session. Raises RunError before anything is done."""
+    if not command:
+        raise RunError("no command: uenvfs run IMAGE -- COMMAND [ARG...]")
+    todo, environ = prepare(mountpoint, images_text, views_text, os.environ)
+    enter(mountpoint, todo, environ)
+    return execute(command, environ)
+
+
+def shell() -> str:
+    """The user's shell: $SHELL, else the password database's, else /bin/sh."""
+    for candidate in (os.environ.get("SHELL"), _passwd_shell()):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return "/bin/sh"
+
+
+def _passwd_shell() -> str | None:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_shell
+    except KeyError:
+        return None
