@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from .mounts import clean_up, mounts_under
+from .mounts import clean_up, is_mounted, mounts_under
 from .support import Daemon
 
 FUSE_REASON = None
@@ -92,3 +92,23 @@ def daemon(make_daemon: DaemonFactory) -> Daemon:
     d = make_daemon()
     d.images.mkdir(parents=True, exist_ok=True)
     return d
+
+
+MOUNT_POINTS = ("/user-environment", "/user-tools")
+
+
+@pytest.fixture
+def mount_points() -> Iterator[None]:
+    """/user-environment and /user-tools exist (as on a uenv system) during the test."""
+    made = []
+    for path in map(Path, MOUNT_POINTS):
+        if not path.exists():
+            path.mkdir(mode=0o755)
+            made.append(path)
+    try:
+        yield
+    finally:
+        for path in map(Path, MOUNT_POINTS):
+            assert not is_mounted(path), f"{path} was left mounted outside any namespace"
+        for path in made:
+            path.rmdir()

@@ -10,13 +10,11 @@ namespaces of the commands under test.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -24,20 +22,12 @@ import pytest
 from ..conftest import DaemonFactory
 from ..mounts import is_mounted
 from ..support import Daemon, wait_until
+from ..uenv_images import greet_files, meta_json
 
 pytestmark = pytest.mark.fuse
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 USERS = {"root": [], "nobody": NOBODY}
-MOUNT_POINTS = ("/user-environment", "/user-tools")
-CC = shutil.which("cc") or shutil.which("gcc")
-
-LIBRARY = 'const char *greeting(void) { return "hello from libgreet"; }\n'
-PROGRAM = ('#include <stdio.h>\nconst char *greeting(void);\n'
-           'int main(void) { puts(greeting()); return 0; }\n')
-SCRIPT = '#!/user-environment/bin/interp\necho "script run by $0"\n'
-
-
 def _python_for_nobody() -> tuple[str, dict[str, str]]:
     """A Python that nobody can run inside its user namespace (where root's 0700 home, which
     may hold the test's interpreter, cannot be crossed), with what it needs to import uenvfs."""
@@ -52,60 +42,17 @@ def _python_for_nobody() -> tuple[str, dict[str, str]]:
     pytest.fail(f"nobody can run neither {sys.executable} nor /usr/bin/python3 with uenvfs")
 
 
-def _view(mount: str, name: str) -> dict[str, object]:
-    return {"description": f"the {name} view", "root": mount, "env": {"version": 1, "values": {
-        "list": {"PATH": [{"op": "prepend", "value": [f"{mount}/bin"]}]},
-        "scalar": {f"{name.upper()}_HOME": mount}}}}
-
-
-def _meta(name: str, mount: str, view: str) -> str:
-    return json.dumps({"name": name, "description": f"{name} for tests", "mount": mount,
-                       "views": {view: _view(mount, view)}})
-
-
-def _compile(work: Path) -> dict[str, bytes]:
-    """bin/greet and lib/libgreet.so, built with the library's path compiled in."""
-    if CC is None:
-        pytest.fail("a C compiler (cc) is needed to build the test program")
-    (work / "libgreet.c").write_text(LIBRARY)
-    (work / "greet.c").write_text(PROGRAM)
-    subprocess.run([CC, "-shared", "-fPIC", "-o", str(work / "libgreet.so"),
-                    str(work / "libgreet.c")], check=True)
-    subprocess.run([CC, "-o", str(work / "greet"), str(work / "greet.c"), f"-L{work}",
-                    "-lgreet", "-Wl,-rpath,/user-environment/lib"], check=True)
-    return {"bin/greet": (work / "greet").read_bytes(),
-            "lib/libgreet.so": (work / "libgreet.so").read_bytes()}
-
-
-@pytest.fixture
-def mount_points() -> Iterator[None]:
-    """/user-environment and /user-tools exist (as on a uenv system) during the test."""
-    made = []
-    for path in map(Path, MOUNT_POINTS):
-        if not path.exists():
-            path.mkdir(mode=0o755)
-            made.append(path)
-    try:
-        yield
-    finally:
-        for path in map(Path, MOUNT_POINTS):
-            assert not is_mounted(path), f"{path} was left mounted outside any namespace"
-        for path in made:
-            path.rmdir()
-
-
 @pytest.fixture
 def served(daemon: Daemon, mount_points: None) -> Daemon:
     """A daemon serving `greet` (built for /user-environment) and `tools` (/user-tools)."""
     work = daemon.root / "cc"
     work.mkdir()
     files: dict[str, bytes | str] = {
-        **_compile(work), "bin/hello": SCRIPT, "bin/interp": Path("/bin/sh").read_bytes(),
-        "share/data.txt": "data of greet\n",
-        "meta/env.json": _meta("greet-env", "/user-environment", "default")}
+        **greet_files(work),
+    }
     daemon.image("greet", files, mode=0o755)
     daemon.image("tools", {"bin/tool": "#!/bin/sh\necho tool here\n",
-                           "meta/env.json": _meta("tools-env", "/user-tools", "tools")},
+                           "meta/env.json": meta_json("tools-env", "/user-tools", "tools")},
                  mode=0o755)
     daemon.image("plain", {"bin/plain": "#!/bin/sh\necho plain\n"}, mode=0o755)
     daemon.start()
@@ -305,9 +252,9 @@ def test_user_namespaces_turned_off(served: Daemon, world_tmp: Path) -> None:
 def test_start_nested_runs_and_expiry(make_daemon: DaemonFactory, mount_points: None) -> None:
     daemon = make_daemon(hold_time=0.5)
     daemon.image("greet", {"share/data.txt": "data of greet\n",
-                           "meta/env.json": _meta("greet-env", "/user-environment", "default")})
+                           "meta/env.json": meta_json("greet-env", "/user-environment", "default")})
     daemon.image("tools", {"bin/tool": "#!/bin/sh\necho tool here\n",
-                           "meta/env.json": _meta("tools-env", "/user-tools", "tools")},
+                           "meta/env.json": meta_json("tools-env", "/user-tools", "tools")},
                  mode=0o755)
     daemon.start()
     python, env = _python_for_nobody()

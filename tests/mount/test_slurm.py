@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from ..support import Daemon, wait_until
+from ..uenv_images import greet_files
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "slurm"
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
@@ -353,3 +354,39 @@ def test_slurm_job_uses_its_uenv(daemon: Daemon, slurm: Slurm) -> None:
         "hello": {"opens": 0, "acquired": True, "cwd": 0}}
     assert _script("epilog", daemon, held).returncode == 0
     assert f"slurm-{held}" not in _allocations(daemon)
+
+
+def test_slurm_job_runs_in_its_uenv(daemon: Daemon, slurm: Slurm, mount_points: None) -> None:
+    """A batch script line and an srun line run a program built for /user-environment."""
+    work = daemon.root / "cc"
+    work.mkdir()
+    daemon.image("greet", greet_files(work), mode=0o755)
+    daemon.start()
+    uenvfs = f"{_uenvfs_command(slurm.root)} run --mountpoint {daemon.mountpoint} greet --"
+    go = slurm.root / "go"
+    script = slurm.root / "job.sh"
+    script.write_text(f"""#!/bin/sh
+{uenvfs} /user-environment/bin/greet
+srun {uenvfs} sh -c 'cd /user-environment && bin/greet && echo in-step &&
+    while [ ! -e {go} ]; do sleep 0.1; done'
+""")
+    job = slurm.sbatch("--comment=uenv=greet", str(script))
+    alloc = f"slurm-{job}"
+    out = slurm.root / f"job-{job}.out"
+
+    def stepping() -> bool:
+        if slurm.state(job) not in ("PENDING", "CONFIGURING", "RUNNING"):
+            raise AssertionError(f"job {job} is {slurm.state(job) or 'gone'}:\n"
+                                 f"{out.read_text() if out.exists() else ''}{slurm.logs()}")
+        return out.exists() and "in-step" in out.read_text()
+
+    wait_until(stepping, timeout=START_DEADLINE, what=f"job {job}'s step to run greet")
+    # The step sits in the image (its working directory): its allocation, acquired by the
+    # prolog, uses it.
+    wait_until(lambda: _allocations(daemon).get(alloc) == {
+        "greet": {"opens": 0, "acquired": True, "cwd": 1}}, what=f"{alloc}'s use in .status")
+    go.touch()
+    wait_until(lambda: slurm.state(job) == "", timeout=START_DEADLINE,
+               what=f"job {job} and its epilog to end")
+    assert out.read_text() == "hello from libgreet\nhello from libgreet\nin-step\n"
+    wait_until(lambda: alloc not in _allocations(daemon), what=f"the epilog to release {alloc}")
