@@ -1,0 +1,158 @@
+"""The pure part of `uenvfs run`: the command line's words, mount points, views and the
+environment; and the mount table's image binds. Applying a view in Python gives what the
+shell lines of `uenvfs env` give in a real shell."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from uenvfs import namespace, session
+from uenvfs.session import Image, ImageSpec, SessionError, ViewSpec
+from uenvfs.uenv import Env, ListOp, Meta, View, apply_env, shell_lines
+
+
+def test_image_words() -> None:
+    assert session.parse_images("a") == [ImageSpec("a", None)]
+    assert session.parse_images("a:/x/,b:/user-tools") == [ImageSpec("a", "/x"),
+                                                           ImageSpec("b", "/user-tools")]
+    # A uenv label has ':' before its tag: the mount point starts at the last ":/".
+    assert session.parse_images("prgenv/24.11:v1@daint:/opt//env") == [
+        ImageSpec("prgenv/24.11:v1@daint", "/opt/env")]
+    assert session.parse_images("prgenv/24.11:v1") == [ImageSpec("prgenv/24.11:v1", None)]
+    for bad in ("", "a,,b", ",a", "a,"):
+        with pytest.raises(SessionError):
+            session.parse_images(bad)
+
+
+def test_view_words() -> None:
+    assert session.parse_views(None) == []
+    assert session.parse_views("default,tools:dev") == [ViewSpec(None, "default"),
+                                                        ViewSpec("tools", "dev")]
+    with pytest.raises(SessionError, match="names no view"):
+        session.parse_views("tools:")
+
+
+def _meta(name: str | None, mount: str | None, *views: str, env: Env | None = None) -> Meta:
+    return Meta(name, None, mount, {v: View(v, "", env or Env()) for v in views})
+
+
+def _image(name: str, mount: str, meta: Meta | None = None) -> Image:
+    return Image(name, mount, meta, f"/images/{name}.sqfs")
+
+
+def test_mount_point_choice() -> None:
+    meta = _meta("x", "/opt/x/")
+    assert session.mount_point(ImageSpec("x", "/here"), meta) == "/here"
+    assert session.mount_point(ImageSpec("x", None), meta) == "/opt/x"
+    assert session.mount_point(ImageSpec("x", None), _meta("x", None)) == "/user-environment"
+    assert session.mount_point(ImageSpec("x", None), None) == "/user-environment"
+
+
+def test_mount_checks() -> None:
+    a, b = _image("a", "/user-environment"), _image("b", "/user-tools")
+    assert session.check_mounts([a, b], "/run/pact/uenv", {}) == [a, b]
+    # What an enclosing session already put there is not bound again.
+    assert session.check_mounts([a, b], "/run/pact/uenv", {"/user-environment": "a"}) == [b]
+    refused = {
+        "both want mount point /user-environment": [a, _image("b", "/user-environment")],
+        "are inside one another": [a, _image("b", "/user-environment/sub")],
+        "would hide uenvfs": [_image("a", "/run/pact/uenv/x")],
+        "must be an absolute path other than /": [_image("a", "/")],
+    }
+    for message, images in refused.items():
+        with pytest.raises(SessionError, match=message):
+            session.check_mounts(images, "/run/pact/uenv", {})
+    with pytest.raises(SessionError, match=re.escape("already holds image a (from an enclosing")):
+        session.check_mounts([_image("b", "/user-environment")], "/run/pact/uenv",
+                             {"/user-environment": "a"})
+    with pytest.raises(SessionError, match="would hide uenvfs"):
+        session.check_mounts([_image("a", "/run")], "/run/pact/uenv", {})
+
+
+def test_view_choice() -> None:
+    a = _image("a", "/ue", _meta("prgenv", "/ue", "default", "dev"))
+    b = _image("b", "/ut", _meta(None, "/ut", "default", "tools"))
+    c = _image("c", "/uc")
+    assert [(i.name, v.name) for i, v in session.choose_views(
+        [a, b], [ViewSpec(None, "tools"), ViewSpec("prgenv", "default"),
+                 ViewSpec("b", "default")])] == [("b", "tools"), ("a", "default"),
+                                                 ("b", "default")]
+    with pytest.raises(SessionError, match=re.escape("'default' is in several images (a, b): say")):
+        session.choose_views([a, b], [ViewSpec(None, "default")])
+    with pytest.raises(SessionError, match=re.escape(
+            "no view 'x': a has default, dev; b has default, tools; c has no meta/env.json")):
+        session.choose_views([a, b, c], [ViewSpec(None, "x")])
+    with pytest.raises(SessionError, match=re.escape("z is not one of the session's images (a")):
+        session.choose_views([a, b], [ViewSpec("z", "default")])
+    old = _image("o", "/uo", Meta("o", None, "/uo", {"v": View("v", "", None)}))
+    with pytest.raises(SessionError, match="only has an activation script"):
+        session.choose_views([old], [ViewSpec(None, "v")])
+
+
+def test_environment_of_a_session() -> None:
+    env = Env(lists={"PATH": (ListOp("prepend", ("/ue/bin",)),)}, scalars={"X_HOME": "/ue"})
+    a = _image("a", "/ue", _meta("prgenv", "/ue", "default", env=env))
+    b = _image("b", "/ut")
+    outer = {"PATH": "/bin", "UENV_MOUNT_LIST": "/old.sqfs:/ut,/keep.sqfs:/uk",
+             "UENV_VIEW": "/uk:keep:v"}
+    got = session.environment(outer, [a, b], session.choose_views([a], [ViewSpec(None,
+                                                                                 "default")]))
+    assert got == {"PATH": "/ue/bin:/bin", "X_HOME": "/ue",
+                   "UENV_MOUNT_LIST": "/keep.sqfs:/uk,/images/a.sqfs:/ue,/images/b.sqfs:/ut",
+                   "UENV_VIEW": "/uk:keep:v,/ue:prgenv:default"}
+    assert session.environment({}, [b], []) == {"UENV_MOUNT_LIST": "/images/b.sqfs:/ut"}
+
+
+MOUNTINFO = r"""22 1 254:0 / / rw - ext4 /dev/vda rw
+60 22 0:40 / /run/pact/uenv rw,nosuid - fuse.uenvfs uenvfs rw
+61 22 0:40 /acc /user-environment rw,nosuid - fuse.uenvfs uenvfs rw
+62 22 0:40 /acc/bin /opt/bin rw,nosuid - fuse.uenvfs uenvfs rw
+63 22 0:41 /other /user-tools rw,nosuid - fuse.uenvfs uenvfs rw
+64 22 0:40 /tools /with\040space rw,nosuid - fuse.uenvfs uenvfs rw
+65 22 0:40 /tools /user-tools rw,nosuid - fuse.uenvfs uenvfs rw
+66 22 0:40 /gone /hidden rw,nosuid - fuse.uenvfs uenvfs rw
+67 22 0:50 / /hidden rw - tmpfs tmpfs rw
+"""
+
+
+def test_bound_images_from_the_mount_table() -> None:
+    dev = os.makedev(0, 40)
+    assert [(b.name, b.mount_point) for b in namespace.bound_images(MOUNTINFO, dev)] == [
+        ("acc", "/user-environment"), ("tools", "/with space"), ("tools", "/user-tools")]
+    assert len(namespace.bound_images(MOUNTINFO)) == 3
+    assert namespace.bound_images("garbage\n\n1 2 3") == []
+
+
+# -- a view applied in Python is what its shell lines do in a shell ---------------------------
+
+_names = st.sampled_from(["PLIST", "LIBS", "HOME_X", "EMPTY"])  # not PATH: sh has its own
+_values = st.lists(st.sampled_from(["/a", "/b c", "x${@HOME_X@}y", "${@LIBS@}", "", "$q'\""]),
+                   max_size=3)
+_ops = st.builds(ListOp, st.sampled_from(["prepend", "append", "set", "unset"]),
+                 _values.map(tuple))
+_envs = st.builds(
+    Env,
+    lists=st.dictionaries(_names, st.lists(_ops, max_size=3).map(tuple), max_size=3),
+    scalars=st.dictionaries(st.sampled_from(["S1", "HOME_X"]),
+                            st.none() | st.sampled_from(["v", "${@PLIST@}/s", "a b"]),
+                            max_size=2),
+)
+_environs = st.dictionaries(_names, st.sampled_from(["", "/x", "/y:/z"]), max_size=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(env=_envs, environ=_environs)
+def test_apply_env_is_what_the_shell_lines_do(env: Env, environ: dict[str, str]) -> None:
+    lists = {k: v for k, v in env.lists.items() if k not in env.scalars}  # as parse_meta does
+    env = Env(lists, env.scalars)
+    script = "\n".join(shell_lines(env, None, "/unused")) + "\n/usr/bin/env -0"
+    done = subprocess.run(["/bin/sh", "-c", script], env=environ, capture_output=True, check=True)
+    shell = dict(item.split("=", 1) for item in done.stdout.decode().split("\0") if item)
+    shell = {k: v for k, v in shell.items() if k not in ("PWD", "SHLVL", "_", "OLDPWD")}
+    assert apply_env(env, environ) == shell
