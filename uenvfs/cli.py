@@ -286,46 +286,6 @@ def cmd_env(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from . import run
-
-    try:
-        return run.run(_mountpoint(args), args.images, args.view, args.argv)
-    except run.RunError as exc:
-        raise CliError(str(exc), exc.code) from exc
-
-
-def cmd_start(args: argparse.Namespace) -> int:
-    from . import run
-
-    try:
-        return run.run(_mountpoint(args), ",".join(args.images), args.view, [run.shell()])
-    except run.RunError as exc:
-        raise CliError(str(exc), exc.code) from exc
-
-
-RUN_EPILOG = """exit codes: 125 uenvfs run itself failed (the one-line message says why: no
-uenvfs serving, no such image, no such view, a mount point that does not exist or is taken,
-no user namespaces); 126 COMMAND cannot be executed; 127 COMMAND not found; else COMMAND's own
-exit code (uenvfs execs it: no uenvfs process stays in between)"""
-RUN_COMMANDS = ("run", "start")
-
-RUN_DESCRIPTION = (
-    "Run COMMAND with images of the running uenvfs at the mount points they were built for, "
-    "in a private mount namespace of its own (through a user namespace when not root: no "
-    "setuid program is needed). IMAGE is an image name that uenvfs serves; MOUNT is where "
-    "to put it (default: the 'mount' of its meta/env.json, else /user-environment); the "
-    "mount point must exist. --view applies views of meta/env.json to the environment with "
-    "the image's own paths (VIEW, or IMAGE:VIEW when several images have it; default: no "
-    "view). The command sees UENV_MOUNT_LIST (image-file:mount-point,...) and UENV_VIEW "
-    "(mount-point:uenv-name:view,...), as uenv sets them, and runs as the same user with the "
-    "same groups, in the same working directory. Every access through the mount point counts "
-    "for the caller's allocation; an image that expires while unused is mounted again at the "
-    "next access. Inside, `uenvfs status` says which images this process sees where. As a "
-    "user other than root, files of other users show as owned by nobody and setuid programs "
-    "do not gain privileges (only the caller's own ids exist in its user namespace).")
-
-
 RESTART_TIMEOUT = 120.0  # seconds `uenvfs restart` waits for the new server
 
 
@@ -461,23 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mountpoint", metavar="DIR", help="where uenvfs serves the images "
                    "(default: the configured one, /run/pact/uenv)")
 
-    p = add("run", "run a command with images at the mount points they were built for", cmd_run)
-    p.description = RUN_DESCRIPTION
-    p.epilog = RUN_EPILOG
-    p.usage = ("uenvfs run [--view VIEW[,VIEW...]] [--mountpoint DIR] IMAGE[:MOUNT][,...] "
-               "-- COMMAND [ARG...]")
-    p.add_argument("images", metavar="IMAGE[:MOUNT][,IMAGE[:MOUNT]...]")
-    p.add_argument("--view", metavar="VIEW[,VIEW...]", help="views to apply (VIEW or "
-                   "IMAGE:VIEW)")
-    p.add_argument("argv", nargs="*", metavar="-- COMMAND [ARG...]")
+    from .run import add_commands
 
-    p = add("start", "start the user's shell with images at the mount points they were built "
-            "for", cmd_start)
-    p.description = RUN_DESCRIPTION.replace("Run COMMAND", "Start the user's shell ($SHELL)")
-    p.epilog = RUN_EPILOG.replace("COMMAND", "the shell")
-    p.add_argument("images", nargs="+", metavar="IMAGE[:MOUNT]")
-    p.add_argument("--view", metavar="VIEW[,VIEW...]", help="views to apply (VIEW or "
-                   "IMAGE:VIEW)")
+    add_commands(sub, lambda name, help_text: add(name, help_text, _unreachable))
 
     for verb, kind in control.COMMANDS.items():
         run = cmd_restart if kind is control.Restart else _command(kind)
@@ -485,25 +431,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unreachable(args: argparse.Namespace) -> int:
+    raise AssertionError("run and start are handled by run.main")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     words = list(sys.argv[1:] if argv is None else argv)
-    command: list[str] | None = None
-    if words and words[0] in RUN_COMMANDS and "--" in words:  # the rest is the command's
-        at = words.index("--")
-        words, command = words[:at], words[at + 1:]
-    try:
-        args = parser.parse_args(words)
-    except SystemExit as exc:  # a usage error of run: 125, not a code the command could give
-        if exc.code == EXIT_USAGE and words and words[0] in RUN_COMMANDS:
-            return 125
-        raise
-    if command is not None:
-        if args.command == "start" or args.argv:
-            print(f"uenvfs {args.command}: unexpected words: "
-                  f"{' '.join(args.argv or command)}", file=sys.stderr)
-            return 125
-        args.argv = command
+    if words and words[0] in ("run", "start"):  # they start job steps: the short way
+        from .run import main as run_main
+
+        return run_main(words)
+    parser = build_parser()
+    args = parser.parse_args(words)
     try:
         code: int = args.func(args)
     except CliError as exc:

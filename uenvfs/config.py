@@ -29,8 +29,10 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from . import MOUNTPOINT
+
 DEFAULT_CONFIG_FILE = Path("/etc/uenvfs.toml")
-DEFAULT_MOUNTPOINT = Path("/run/pact/uenv")
+DEFAULT_MOUNTPOINT = Path(MOUNTPOINT)
 BACKENDS = ("auto", "kernel", "squashfuse")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 GUARD_MODES = ("auto", "always", "never")  # which images' storage is guarded (guard.py)

@@ -14,15 +14,16 @@ says why), 126 the command cannot be executed, 127 it was not found; else the co
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
 import pwd
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from . import namespace, session
+from . import MOUNTPOINT, namespace, session
 from .names import valid_name
 from .session import Image, SessionError
 from .uenv import ENV_JSON, Meta, MetaFormatError, parse_meta
@@ -216,3 +217,88 @@ def _passwd_shell() -> str | None:
         return pwd.getpwuid(os.getuid()).pw_shell
     except KeyError:
         return None
+
+
+# -- the command line ----------------------------------------------------------------------
+
+DESCRIPTION = (
+    "Run COMMAND with images of the running uenvfs at the mount points they were built for, "
+    "in a private mount namespace of its own (through a user namespace when not root: no "
+    "setuid program is needed). IMAGE is an image name that uenvfs serves; MOUNT is where "
+    "to put it (default: the 'mount' of its meta/env.json, else /user-environment); the "
+    "mount point must exist. --view applies views of meta/env.json to the environment with "
+    "the image's own paths (VIEW, or IMAGE:VIEW when several images have it; default: no "
+    "view). The command sees UENV_MOUNT_LIST (image-file:mount-point,...) and UENV_VIEW "
+    "(mount-point:uenv-name:view,...), as uenv sets them, and runs as the same user with the "
+    "same groups, in the same working directory. Every access through the mount point counts "
+    "for the caller's allocation; an image that expires while unused is mounted again at the "
+    "next access. Inside, `uenvfs status` says which images this process sees where. As a "
+    "user other than root, files of other users show as owned by nobody and setuid programs "
+    "do not gain privileges (only the caller's own ids exist in its user namespace).")
+EPILOG = """exit codes: 125 uenvfs run itself failed (the one-line message says why: no
+uenvfs serving, no such image, no such view, a mount point that does not exist or is taken,
+no user namespaces); 126 COMMAND cannot be executed; 127 COMMAND not found; else COMMAND's own
+exit code (uenvfs execs it: no uenvfs process stays in between)"""
+VIEW_HELP = "views to apply (VIEW, or IMAGE:VIEW when several images have one of that name)"
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                 add: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """The `run` and `start` subcommands; *add(name, help)* makes one (with --mountpoint)."""
+    p = add("run", "run a command with images at the mount points they were built for")
+    p.description, p.epilog = DESCRIPTION, EPILOG
+    p.usage = ("uenvfs run [--view VIEW[,VIEW...]] [--mountpoint DIR] IMAGE[:MOUNT][,...] "
+               "-- COMMAND [ARG...]")
+    p.add_argument("images", metavar="IMAGE[:MOUNT][,IMAGE[:MOUNT]...]")
+    p.add_argument("--view", metavar="VIEW[,VIEW...]", help=VIEW_HELP)
+    p.add_argument("argv", nargs="*", metavar="-- COMMAND [ARG...]")
+    p = add("start", "start the user's shell with images at the mount points they were "
+            "built for")
+    p.description = DESCRIPTION.replace("Run COMMAND", "Start the user's shell ($SHELL)")
+    p.epilog = EPILOG.replace("COMMAND", "the shell")
+    p.add_argument("images", nargs="+", metavar="IMAGE[:MOUNT]")
+    p.add_argument("--view", metavar="VIEW[,VIEW...]", help=VIEW_HELP)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uenvfs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--mountpoint", default=MOUNTPOINT,
+                       help="where uenvfs is mounted (default %(default)s)")
+        return p
+
+    add_commands(sub, add)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`uenvfs run ...` or `uenvfs start ...` (*argv* without the program name). Only an
+    error comes back: on success this process has become the command."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] | None = None
+    if "--" in words:  # everything after it is the command's
+        at = words.index("--")
+        words, command = words[:at], words[at + 1:]
+    try:
+        args = _parser().parse_args(words)
+    except SystemExit as exc:  # a usage error: 125, not a code the command could give
+        return EXIT_FAILED if exc.code else 0
+    if command is not None:
+        if args.command == "start" or args.argv:
+            print(f"uenvfs {args.command}: unexpected words: "
+                  f"{' '.join(args.argv or command)}", file=sys.stderr)
+            return EXIT_FAILED
+        args.argv = command
+    mountpoint = Path(args.mountpoint)
+    try:
+        if args.command == "start":
+            return run(mountpoint, ",".join(args.images), args.view, [shell()])
+        return run(mountpoint, args.images, args.view, args.argv)
+    except RunError as exc:
+        print(f"uenvfs {args.command}: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
