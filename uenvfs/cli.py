@@ -114,12 +114,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     document = read_status(args)
     if args.verify:
         return _print_verify(document, args.json)
-    here = _this_process(args)
     if args.json:
-        print(json.dumps({**document, "this_process": here}, indent=1))
+        print(json.dumps(document, indent=1))
     else:
         print(status.format_table(document), end="")
-        for entry in here:
+        for entry in _this_process(args):
             views = ", ".join(str(view) for view in entry["views"]) or "none"
             print(f"this process sees {entry['name']} at {entry['mount_point']} "
                   f"(views applied: {views})")
@@ -421,14 +420,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mountpoint", metavar="DIR", help="where uenvfs serves the images "
                    "(default: the configured one, /run/pact/uenv)")
 
-    from .run import add_commands
+    from .run import add_attach, add_commands
 
     add_commands(sub, lambda name, help_text: add(name, help_text, _unreachable))
+    add_attach(lambda name, help_text: add(name, help_text, _unreachable))
 
     for verb, kind in control.COMMANDS.items():
         run = cmd_restart if kind is control.Restart else _command(kind)
         kind.add_arguments(add(verb, kind.help, run))
     return parser
+
+
+RUN_COMMANDS = ("run", "start", "attach")  # run.py's own, with a lighter start
 
 
 def _unreachable(args: argparse.Namespace) -> int:
@@ -437,7 +440,7 @@ def _unreachable(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
-    if words and words[0] in ("run", "start"):  # they start job steps: the short way
+    if words and words[0] in RUN_COMMANDS:  # they start job steps: the short way
         from .run import main as run_main
 
         return run_main(words)

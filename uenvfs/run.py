@@ -148,6 +148,40 @@ def prepare(mountpoint: Path, images_text: str, views_text: str | None,
     return todo, session.environment(environ, images, views)
 
 
+def _own_namespace(document: Mapping[str, object]) -> bool:
+    """Whether this process's mount namespace is not the one uenvfs serves in (the host's)."""
+    server = document.get("server")
+    pid = server.get("pid") if isinstance(server, dict) else None
+    try:
+        return os.stat("/proc/self/ns/mnt").st_ino != os.stat(f"/proc/{pid}/ns/mnt").st_ino
+    except OSError:
+        return False
+
+
+def attach(mountpoint: Path, alloc: str) -> str:
+    """For the Slurm SPANK plugin: bind every image that *alloc* acquired at its mount point,
+    in this process's mount namespace, which the plugin made for a task (never the host's).
+    Returns UENV_MOUNT_LIST for the task ("" if the allocation acquired nothing)."""
+    document = _status(mountpoint)
+    if not _own_namespace(document):
+        raise RunError("attach binds images in its caller's mount namespace, and this is the "
+                       "one uenvfs serves in: only the SPANK plugin, which makes one for each "
+                       "task, runs it")
+    mounts = document.get("mounts")
+    names = [str(entry["name"]) for entry in (mounts if isinstance(mounts, list) else [])
+             if isinstance(entry, dict)
+             and entry.get("allocations", {}).get(alloc, {}).get("acquired") is True]
+    if not names:
+        return ""
+    todo, environ = prepare(mountpoint, ",".join(sorted(names)), None, {})
+    try:
+        for image in todo:
+            namespace.bind(mountpoint / image.name, Path(image.mount))
+    except namespace.NamespaceError as exc:
+        raise RunError(str(exc)) from exc
+    return environ[session.MOUNT_LIST]
+
+
 def _home() -> str:
     try:
         return pwd.getpwuid(os.getuid()).pw_dir
@@ -260,6 +294,18 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--view", metavar="VIEW[,VIEW...]", help=VIEW_HELP)
 
 
+def add_attach(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    p = add("attach", "for the Slurm SPANK plugin: bind the images an allocation acquired")
+    p.description = (
+        "For the Slurm SPANK plugin (scripts/slurm/uenvfs_spank.c), as root, in the mount "
+        "namespace the plugin made for a task: bind every image that ALLOC acquired at the "
+        "mount point of its meta/env.json (else /user-environment), and print the task's "
+        "UENV_MOUNT_LIST (nothing if ALLOC acquired no image). Refuses to run in the host's "
+        "mount namespace.")
+    p.epilog = "exit codes: 0 done; 125 failed (the one-line message says why)"
+    p.add_argument("alloc", metavar="ALLOC")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uenvfs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -271,6 +317,7 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     add_commands(sub, add)
+    add_attach(add)
     return parser
 
 
@@ -294,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.argv = command
     mountpoint = Path(args.mountpoint)
     try:
+        if args.command == "attach":
+            print(attach(mountpoint, args.alloc))
+            return 0
         if args.command == "start":
             return run(mountpoint, ",".join(args.images), args.view, [shell()])
         return run(mountpoint, args.images, args.view, args.argv)

@@ -206,6 +206,13 @@ def test_clear_errors_and_nothing_done(served: Daemon, world_tmp: Path) -> None:
     assert f"no uenvfs serving at {empty}" in done.stderr
     done = uenvfs(served, "run", "--bogus", "greet", command=["true"])
     assert done.returncode == 125
+    # attach (for the SPANK plugin) never binds in the namespace where uenvfs serves.
+    served.control("acquire greet job-1")
+    done = uenvfs(served, "attach", "job-1")
+    assert done.returncode == 125
+    assert "this is the one uenvfs serves in: only the SPANK plugin" in done.stderr
+    assert not is_mounted(Path("/user-environment"))
+    served.control("release job-1")
 
 
 USERNS_OFF = textwrap.dedent("""\
@@ -298,6 +305,15 @@ def test_start_nested_runs_and_expiry(make_daemon: DaemonFactory, mount_points: 
         assert say(f"{uenvfs} run tools:/user-environment {mp} -- true; echo $?") == ["125"]
         assert say(f"{uenvfs} status {mp} | tail -1") == [
             "this process sees greet at /user-environment (views applied: default)"]
+        # The session does not notice a crash of the server: the same connection goes on.
+        assert say("cd /user-environment/share") == []
+        old = daemon.kill_server()
+        wait_until(lambda: " resumed " in daemon.log() and daemon.server_pid() != old,
+                   what="a new server")
+        assert say("cat data.txt; cat /user-environment/share/data.txt") == [
+            "data of greet", "data of greet"]
+        wait_until(lambda: (daemon.mount_status("greet") or {}).get("allocations", {}).get(
+            "job-7", {}).get("cwd") == 1, what="the shell's working directory counted again")
     finally:
         shell.stdin.close()
         shell.wait(60)

@@ -8,6 +8,7 @@ them at the test's daemon. Nothing of a Slurm or munge installed on the machine 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from ..mounts import is_mounted
 from ..support import Daemon, wait_until
 from ..uenv_images import greet_files
 
@@ -138,6 +140,7 @@ class Slurm:
 
     root: Path
     mountpoint: Path
+    plugstack: str = ""  # the lines of a plugstack.conf, if any
     node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -167,7 +170,11 @@ class Slurm:
         for name in ("state", "spool"):
             (self.root / name).mkdir()
         r = self.root
-        self.conf.write_text(f"""\
+        plugstack = ""
+        if self.plugstack:
+            (r / "plugstack.conf").write_text(self.plugstack)
+            plugstack = f"PlugStackConfig={r / 'plugstack.conf'}\n"
+        self.conf.write_text(plugstack + f"""\
 ClusterName=uenvfstest
 SlurmctldHost={self.node}(127.0.0.1)
 SlurmctldPort={_free_port()}
@@ -300,6 +307,29 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 @pytest.fixture
 def slurm(daemon: Daemon) -> Iterator[Slurm]:
     """A running one-node Slurm whose prolog and epilog talk to *daemon* (not started yet)."""
+    yield from _slurm(daemon)
+
+
+@pytest.fixture
+def slurm_spank(daemon: Daemon) -> Iterator[Slurm]:
+    """The same, with scripts/slurm/uenvfs_spank.c built and in its plugstack.conf."""
+    root = daemon.root / "spank"
+    root.mkdir(mode=0o755)
+    plugin = root / "uenvfs_spank.so"
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or not Path("/usr/include/slurm/spank.h").exists():
+        reason = "needs a C compiler and Slurm's spank.h (apt-get install gcc libslurm-dev)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the SPANK test, but it {reason}", pytrace=False)
+        pytest.skip(reason)
+    subprocess.run([cc, "-Wall", "-Werror", "-shared", "-fPIC", "-o", str(plugin),
+                    str(SCRIPTS / "uenvfs_spank.c")], check=True)
+    line = (f"required {plugin} mountpoint={daemon.mountpoint} "
+            f"uenvfs={_uenvfs_command(root)}\n")
+    yield from _slurm(daemon, line)
+
+
+def _slurm(daemon: Daemon, plugstack: str = "") -> Iterator[Slurm]:
     if SLURM_REASON is not None:
         if os.environ.get("CI"):
             # CI installs Slurm (.ci/run): a skipped test there would hide a broken setup.
@@ -307,7 +337,7 @@ def slurm(daemon: Daemon) -> Iterator[Slurm]:
         pytest.skip(SLURM_REASON)
     root = daemon.root / "slurm"
     root.mkdir(mode=0o755)  # munged wants every directory above its socket searchable
-    cluster = Slurm(root, daemon.mountpoint)
+    cluster = Slurm(root, daemon.mountpoint, plugstack)
     try:
         yield cluster.start()
     finally:
@@ -390,3 +420,56 @@ srun {uenvfs} sh -c 'cd /user-environment && bin/greet && echo in-step &&
                what=f"job {job} and its epilog to end")
     assert out.read_text() == "hello from libgreet\nhello from libgreet\nin-step\n"
     wait_until(lambda: alloc not in _allocations(daemon), what=f"the epilog to release {alloc}")
+
+
+def test_slurm_steps_start_in_the_acquired_uenv(daemon: Daemon, slurm_spank: Slurm,
+                                                mount_points: None) -> None:
+    """With the SPANK plugin, the comment alone puts every task of the job in the image."""
+    slurm = slurm_spank
+    work = daemon.root / "cc"
+    work.mkdir()
+    daemon.image("greet", greet_files(work), mode=0o755)
+    daemon.image("other", {"f": "x"})
+    daemon.start()
+    go = slurm.root / "go"
+    script = slurm.root / "job.sh"
+    script.write_text(f"""#!/bin/sh
+/user-environment/bin/greet
+echo "$UENV_MOUNT_LIST"
+srun sh -c '/user-environment/bin/greet && cd /user-environment && echo in-step &&
+    while [ ! -e {go} ]; do sleep 0.1; done'
+""")
+    job = slurm.sbatch("--comment=uenv=greet", str(script))
+    alloc = f"slurm-{job}"
+    out = slurm.root / f"job-{job}.out"
+
+    def stepping() -> bool:
+        if slurm.state(job) not in ("PENDING", "CONFIGURING", "RUNNING"):
+            raise AssertionError(f"job {job} is {slurm.state(job) or 'gone'}:\n"
+                                 f"{out.read_text() if out.exists() else ''}{slurm.logs()}")
+        return out.exists() and "in-step" in out.read_text()
+
+    wait_until(stepping, timeout=START_DEADLINE, what=f"job {job}'s step to run greet")
+    wait_until(lambda: _allocations(daemon).get(alloc, {}).get("greet") == {
+        "opens": 0, "acquired": True, "cwd": 1}, what=f"{alloc}'s use in .status")
+    go.touch()
+    wait_until(lambda: slurm.state(job) == "", timeout=START_DEADLINE,
+               what=f"job {job} and its epilog to end")
+    assert out.read_text() == (f"hello from libgreet\n{daemon.images}/greet.sqfs:"
+                               "/user-environment\nhello from libgreet\nin-step\n")
+    assert not is_mounted(Path("/user-environment"))
+
+    # A job that acquired nothing is left alone; one whose image has no mount point here
+    # fails at once, saying why.
+    plain = slurm.sbatch("--wrap=test -e /user-environment/bin/greet || echo not-here")
+    wait_until(lambda: slurm.state(plain) == "", timeout=START_DEADLINE, what="the plain job")
+    assert (slurm.root / f"job-{plain}.out").read_text() == "not-here\n"
+    elsewhere = daemon.root / "gone"
+    daemon.image("away", {"meta/env.json": json.dumps({"mount": str(elsewhere)})})
+    daemon.control("reload")
+    failing = slurm.sbatch("--comment=uenv=away", "--wrap=echo ran")
+    wait_until(lambda: slurm.state(failing) == "", timeout=START_DEADLINE,
+               what="the job whose mount point is missing")
+    failed = (slurm.root / f"job-{failing}.out").read_text()
+    assert "ran" not in failed
+    assert f"mount point {elsewhere} does not exist: root must create it" in failed
