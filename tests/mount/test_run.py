@@ -307,6 +307,7 @@ def test_start_nested_runs_and_expiry(make_daemon: DaemonFactory, mount_points: 
             "this process sees greet at /user-environment (views applied: default)"]
         # The session does not notice a crash of the server: the same connection goes on.
         assert say("cd /user-environment/share") == []
+        daemon.expect(r"server pid \d+ was killed by SIGKILL")
         old = daemon.kill_server()
         wait_until(lambda: " resumed " in daemon.log() and daemon.server_pid() != old,
                    what="a new server")
