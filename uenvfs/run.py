@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{' '.join(args.argv or command)}", file=sys.stderr)
             return EXIT_FAILED
         args.argv = command
-    mountpoint = Path(args.mountpoint)
+    mountpoint = Path(args.mountpoint).absolute()
     try:
         if args.command == "attach":
             print(attach(mountpoint, args.alloc))

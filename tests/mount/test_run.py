@@ -120,6 +120,18 @@ def test_exit_codes_and_working_directory(served: Daemon, world_tmp: Path) -> No
     done = uenvfs(served, "run", "greet", command=["/user-environment/share/data.txt"])
     assert done.returncode == 126
     assert "Permission denied" in done.stderr or "Exec format error" in done.stderr
+    # The same groups: a file readable only through a supplementary group stays readable
+    # (the kernel keeps the groups; inside, `id` shows them as nogroup).
+    secret = world_tmp / "group-secret"
+    secret.write_text("for group 6\n")
+    os.chown(secret, 0, 6)
+    secret.chmod(0o640)
+    in_group = ["setpriv", "--reuid=65534", "--regid=65534", "--groups=6"]
+    done = uenvfs(served, "run", "greet", user=in_group, command=["cat", str(secret)])
+    assert (done.returncode, done.stdout) == (0, "for group 6\n"), done.stderr
+    done = uenvfs(served, "run", "greet", user=NOBODY, command=["cat", str(secret)])
+    assert done.returncode == 1
+    assert "Permission denied" in done.stderr
     # A working directory inside the image's mount point is found again in the image.
     done = uenvfs(served, "run", "greet", cwd="/user-environment", command=["ls"])
     assert done.stdout.split() == ["bin", "lib", "meta", "share"]
