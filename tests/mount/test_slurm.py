@@ -386,20 +386,13 @@ def test_slurm_job_uses_its_uenv(daemon: Daemon, slurm: Slurm) -> None:
     assert f"slurm-{held}" not in _allocations(daemon)
 
 
-def test_slurm_job_runs_in_its_uenv(daemon: Daemon, slurm: Slurm, mount_points: None) -> None:
-    """A batch script line and an srun line run a program built for /user-environment."""
-    work = daemon.root / "cc"
-    work.mkdir()
-    daemon.image("greet", greet_files(work), mode=0o755)
-    daemon.start()
-    uenvfs = f"{_uenvfs_command(slurm.root)} run --mountpoint {daemon.mountpoint} greet --"
+def _sitting_job(daemon: Daemon, slurm: Slurm, body: str) -> str:
+    """Run a job asking for `greet` whose script is *body*: its step ends up sitting in
+    /user-environment, prints "in-step" and waits for the file {go}. Checks the job's
+    allocation in .status meanwhile; returns the job's output once it and its epilog ended."""
     go = slurm.root / "go"
     script = slurm.root / "job.sh"
-    script.write_text(f"""#!/bin/sh
-{uenvfs} /user-environment/bin/greet
-srun {uenvfs} sh -c 'cd /user-environment && bin/greet && echo in-step &&
-    while [ ! -e {go} ]; do sleep 0.1; done'
-""")
+    script.write_text("#!/bin/sh\n" + body.format(go=go))
     job = slurm.sbatch("--comment=uenv=greet", str(script))
     alloc = f"slurm-{job}"
     out = slurm.root / f"job-{job}.out"
@@ -411,52 +404,57 @@ srun {uenvfs} sh -c 'cd /user-environment && bin/greet && echo in-step &&
         return out.exists() and "in-step" in out.read_text()
 
     wait_until(stepping, timeout=START_DEADLINE, what=f"job {job}'s step to run greet")
-    # The step sits in the image (its working directory): its allocation, acquired by the
-    # prolog, uses it.
-    wait_until(lambda: _allocations(daemon).get(alloc) == {
-        "greet": {"opens": 0, "acquired": True, "cwd": 1}}, what=f"{alloc}'s use in .status")
+    # The step sits in the image (its working directory; its `sleep` too, at times): its
+    # allocation, acquired by the prolog, uses it.
+    def sitting() -> bool:
+        use = _allocations(daemon).get(alloc, {}).get("greet")
+        return (isinstance(use, dict) and use["acquired"] is True and use["cwd"] >= 1
+                and use["opens"] == 0)
+
+    try:
+        wait_until(sitting, what=f"{alloc}'s use in .status")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {_allocations(daemon)}; {daemon.cli('status').stdout}"
+                             f"{out.read_text()}") from None
     go.touch()
     wait_until(lambda: slurm.state(job) == "", timeout=START_DEADLINE,
                what=f"job {job} and its epilog to end")
-    assert out.read_text() == "hello from libgreet\nhello from libgreet\nin-step\n"
     wait_until(lambda: alloc not in _allocations(daemon), what=f"the epilog to release {alloc}")
+    return out.read_text()
+
+
+def _serve_greet(daemon: Daemon) -> None:
+    work = daemon.root / "cc"
+    work.mkdir()
+    daemon.image("greet", greet_files(work), mode=0o755)
+    daemon.start()
+
+
+def test_slurm_job_runs_in_its_uenv(daemon: Daemon, slurm: Slurm, mount_points: None) -> None:
+    """A batch script line and an srun line run a program built for /user-environment."""
+    _serve_greet(daemon)
+    uenvfs = f"{_uenvfs_command(slurm.root)} run --mountpoint {daemon.mountpoint} greet --"
+    out = _sitting_job(daemon, slurm, f"""\
+{uenvfs} /user-environment/bin/greet
+srun {uenvfs} sh -c 'cd /user-environment && bin/greet && echo in-step &&
+    while [ ! -e {{go}} ]; do sleep 0.1; done'
+""")
+    assert out == "hello from libgreet\nhello from libgreet\nin-step\n"
 
 
 def test_slurm_steps_start_in_the_acquired_uenv(daemon: Daemon, slurm_spank: Slurm,
                                                 mount_points: None) -> None:
     """With the SPANK plugin, the comment alone puts every task of the job in the image."""
     slurm = slurm_spank
-    work = daemon.root / "cc"
-    work.mkdir()
-    daemon.image("greet", greet_files(work), mode=0o755)
-    daemon.image("other", {"f": "x"})
-    daemon.start()
-    go = slurm.root / "go"
-    script = slurm.root / "job.sh"
-    script.write_text(f"""#!/bin/sh
+    _serve_greet(daemon)
+    out = _sitting_job(daemon, slurm, """\
 /user-environment/bin/greet
 echo "$UENV_MOUNT_LIST"
 srun sh -c '/user-environment/bin/greet && cd /user-environment && echo in-step &&
     while [ ! -e {go} ]; do sleep 0.1; done'
 """)
-    job = slurm.sbatch("--comment=uenv=greet", str(script))
-    alloc = f"slurm-{job}"
-    out = slurm.root / f"job-{job}.out"
-
-    def stepping() -> bool:
-        if slurm.state(job) not in ("PENDING", "CONFIGURING", "RUNNING"):
-            raise AssertionError(f"job {job} is {slurm.state(job) or 'gone'}:\n"
-                                 f"{out.read_text() if out.exists() else ''}{slurm.logs()}")
-        return out.exists() and "in-step" in out.read_text()
-
-    wait_until(stepping, timeout=START_DEADLINE, what=f"job {job}'s step to run greet")
-    wait_until(lambda: _allocations(daemon).get(alloc, {}).get("greet") == {
-        "opens": 0, "acquired": True, "cwd": 1}, what=f"{alloc}'s use in .status")
-    go.touch()
-    wait_until(lambda: slurm.state(job) == "", timeout=START_DEADLINE,
-               what=f"job {job} and its epilog to end")
-    assert out.read_text() == (f"hello from libgreet\n{daemon.images}/greet.sqfs:"
-                               "/user-environment\nhello from libgreet\nin-step\n")
+    assert out == (f"hello from libgreet\n{daemon.images}/greet.sqfs:/user-environment\n"
+                   "hello from libgreet\nin-step\n")
     assert not is_mounted(Path("/user-environment"))
 
     # A job that acquired nothing is left alone; one whose image has no mount point here
