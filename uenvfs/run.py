@@ -123,7 +123,8 @@ def bound_here(mountpoint: Path) -> list[namespace.Bound]:
 
 def prepare(mountpoint: Path, images_text: str, views_text: str | None,
             environ: Mapping[str, str]) -> tuple[list[Image], dict[str, str]]:
-    """The images still to bind, and the command's environment. Reads, mounts nothing."""
+    """The images still to bind, and the command's environment. Binds nothing (the reads
+    through uenvfs mount the images, as any access does)."""
     try:
         specs = session.parse_images(images_text)
         wanted = session.parse_views(views_text)
