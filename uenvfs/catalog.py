@@ -1,8 +1,16 @@
-"""Image sources, autofs-style: image directories, map files and a program map.
+"""Image sources, autofs-style: image directories, map files, uenv repositories and a
+program map.
 
 Each source turns a name into the path of a SquashFS image. The first source that knows a
-name wins, in this order: image directories (in the order given), map files, program map.
-A name that is not one plain path component, or that no source knows, does not exist.
+name wins, in this order: image directories (in the order given), map files, repositories,
+program map. A name that is not one plain path component, or that no source knows, does not
+exist.
+
+A uenv repository serves each image (sha256) once, under its 16-digit id, and each of its
+labels as an alias of that name (a symlink in the mount root): `name+version+tag`, with
+`+system` and `+uarch` added unless the node's system and uarch are configured (records of
+other systems are then not served). So the tags of one image share one mount and one
+refcount, and no served name holds a `:` or `,`.
 """
 
 from __future__ import annotations
@@ -18,7 +26,9 @@ from typing import TypeVar
 
 import trio
 
+from . import repository
 from .names import valid_name
+from .repository import Record
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -89,6 +99,26 @@ def _is_image_file(path: Path) -> bool:
         return False
 
 
+def alias_name(record: Record, system: str | None, uarch: str | None) -> str:
+    """The served name of a repository record's label (see the module's docstring)."""
+    parts = [record.name, record.version, record.tag]
+    if not system:
+        parts.append(record.system)
+    if not uarch:
+        parts.append(record.uarch)
+    return "+".join(parts)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """What the listable sources hold: image name → file, alias → image name, and the
+    repository records served (for labels)."""
+
+    images: dict[str, Path] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    records: tuple[Record, ...] = ()
+
+
 @dataclass
 class Catalog:
     """name → image path, from every source. `refresh` re-reads the listable sources."""
@@ -104,6 +134,11 @@ class Catalog:
     refused: int = 0  # program-map calls refused for want of budget
     source_timeout: float = 30.0  # the longest wait for image directories and map files
     _hung: _Call | None = None  # the last call given up on (see `_off_loop`)
+    repos: Sequence[Path] = ()
+    system: str | None = None  # the node's: repository records of others are not served
+    uarch: str | None = None
+    _aliases: dict[str, str] = field(default_factory=dict)
+    _records: tuple[Record, ...] = ()
 
     def refresh(self) -> bool:
         """Re-read the directories and map files (at start; see `reread` for the daemon).
@@ -120,8 +155,9 @@ class Catalog:
         listing = await self._off_loop(self._read_sources)
         return None if listing is None else self._apply(listing)
 
-    def _read_sources(self) -> dict[str, Path]:
-        """What the directories and map files list now (blocking; touches no state)."""
+    def _read_sources(self) -> Sources:
+        """What the directories, map files and repositories list now (blocking; touches no
+        state)."""
         listing: dict[str, Path] = {}
         for directory in self.image_dirs:
             for name, path in self._scan_dir(directory).items():
@@ -134,18 +170,46 @@ class Catalog:
                 continue
             for name, path in parse_map(text, str(map_file)).items():
                 listing.setdefault(name, path)
-        return listing
+        aliases: dict[str, str] = {}
+        records: list[Record] = []
+        for root in self.repos:
+            repo = repository.read(root, self.system, self.uarch)
+            for problem in repo.problems:
+                log.warning("uenv repository: %s", problem)
+            for record in repo.records:
+                path = repo.image_file(record.sha256)
+                if listing.setdefault(record.id, path) != path:
+                    continue  # the id is another source's name, or another repository's
+                alias = alias_name(record, self.system, self.uarch)
+                if valid_name(alias) and alias not in listing:
+                    aliases.setdefault(alias, record.id)
+                records.append(record)
+        return Sources(listing, aliases, tuple(records))
 
-    def _apply(self, listing: dict[str, Path]) -> bool:
+    def _apply(self, sources: Sources) -> bool:
         self._answers.clear()
-        changed = listing != self._listing
+        listing = sources.images
+        changed = listing != self._listing or sources.aliases != self._aliases
         if changed:
             added = listing.keys() - self._listing.keys()
             removed = self._listing.keys() - listing.keys()
-            log.info("image sources: %d images (%d added, %d removed)",
-                     len(listing), len(added), len(removed))
+            log.info("image sources: %d images (%d added, %d removed), %d labels",
+                     len(listing), len(added), len(removed), len(sources.aliases))
         self._listing = listing
+        self._aliases = sources.aliases
+        self._records = sources.records
         return changed
+
+    def alias(self, name: str) -> str | None:
+        """The image name that the label name *name* stands for, or None."""
+        return self._aliases.get(name)
+
+    def aliases(self) -> dict[str, str]:
+        return dict(self._aliases)
+
+    def records(self) -> tuple[Record, ...]:
+        """The repository records served (for labels)."""
+        return self._records
 
     @staticmethod
     def _scan_dir(directory: Path) -> dict[str, Path]:

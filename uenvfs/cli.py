@@ -86,6 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "mountpoint": Path(args.mountpoint) if args.mountpoint else None,
         "images": tuple(Path(p) for p in args.images) if args.images else None,
         "maps": tuple(Path(p) for p in args.map) if args.map else None,
+        "repos": tuple(Path(p) for p in args.repo) if args.repo else None,
         "program_map": Path(args.program_map) if args.program_map else None,
         "hold_time": args.hold_time,
         "state_dir": Path(args.state_dir) if args.state_dir else None,
@@ -184,7 +185,8 @@ def _catalog(cfg: config_mod.Config, strict: bool) -> Catalog:
         raise CliError(f"image directory {missing[0]}: not a directory")
     catalog = catalog_mod.Catalog(image_dirs=dirs, map_files=cfg.maps,
                                   program_map=cfg.program_map,
-                                  program_timeout=cfg.program_timeout)
+                                  program_timeout=cfg.program_timeout, repos=cfg.repos,
+                                  system=cfg.system, uarch=cfg.uarch)
     catalog.refresh()
     return catalog
 
@@ -348,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", action="append", metavar="DIR",
                    help="image directory (repeatable; default /images)")
     p.add_argument("--map", action="append", metavar="FILE", help="map file (repeatable)")
+    p.add_argument("--repo", action="append", metavar="DIR",
+                   help="uenv repository: a directory with index.db (repeatable)")
     p.add_argument("--program-map", metavar="EXE", help="program map")
     p.add_argument("--hold-time", type=float, metavar="SECONDS",
                    help="unmount this long after the last use (default 60)")

@@ -47,6 +47,9 @@ class Config:
     mountpoint: Path = DEFAULT_MOUNTPOINT
     images: tuple[Path, ...] = (Path("/images"),)
     maps: tuple[Path, ...] = ()
+    repos: tuple[Path, ...] = ()  # uenv repositories (index.db, images/<sha256>/)
+    system: str | None = None  # the node's system and uarch: which repository records serve
+    uarch: str | None = None
     program_map: Path | None = None
     hold_time: float = 60.0
     state_dir: Path = Path("/run/pact/uenvfs")
@@ -93,7 +96,7 @@ class Config:
         return self
 
 
-_PATH_LISTS = {"images", "maps"}
+_PATH_LISTS = {"images", "maps", "repos"}
 _PATHS = {"mountpoint", "state_dir", "program_map"}
 _FLOATS = {"hold_time", "negative_cache", "mount_timeout", "program_timeout"}
 

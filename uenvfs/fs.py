@@ -302,7 +302,10 @@ class UenvFS(ReadOnlyOperations):
 
     @fuse_errors
     async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileNameT:
-        mount, path = await self._backing(self.inodes[inode])
+        node = self.inodes[inode]
+        if not node.prefix:  # in the root: a label's symlink
+            return FileNameT(self.root.readlink(node.image))
+        mount, path = await self._backing(node)
         return FileNameT(await self._on_storage(mount, paths.call, os.readlink, path))
 
     @fuse_errors

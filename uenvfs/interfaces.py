@@ -38,6 +38,12 @@ class ImageService(Protocol):
     def listed_names(self) -> Collection[str]:
         """The names the mount root lists."""
 
+    def alias_of(self, name: str) -> str | None:
+        """The image that the label name *name* stands for, or None."""
+
+    def aliases(self) -> dict[str, str]:
+        """Every label name of the root, with the image it stands for."""
+
     def open(self, name: str, alloc: str) -> Use:
         """Count a handle of *alloc* (the image is mounted: just after `ensure_mounted`)."""
 

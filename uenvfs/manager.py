@@ -132,6 +132,14 @@ class Manager:
         """The names the mount root lists: those of the listable image sources."""
         return self.catalog.listing().keys()
 
+    def alias_of(self, name: str) -> str | None:
+        """The image that the label name *name* stands for (a symlink in the root), or None."""
+        return self.catalog.alias(name)
+
+    def aliases(self) -> dict[str, str]:
+        """Every label name the root lists, with the image it stands for."""
+        return self.catalog.aliases()
+
     async def ensure_mounted(self, name: str) -> Mount:
         """The backing mount of *name*, mounting it first if needed.
 
@@ -273,7 +281,7 @@ class Manager:
         """Whether *name* is an image: in a source now, or still mounted or listed. *uid* asks
         (a program map's time is shared out between users)."""
         image = self.registry.images.get(name)
-        if image is not None and image.phase is not Phase.UNMOUNTED:
+        if (image is not None and image.phase is not Phase.UNMOUNTED) or self.alias_of(name):
             return True
         refused = self.catalog.refused
         path = await self.catalog.resolve(name, uid)

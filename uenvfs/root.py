@@ -107,6 +107,11 @@ class MountRoot:
         real ones show as soon as the image is mounted.
         """
         ino = self.inodes.image_ino(name)
+        target = self.images.alias_of(name)
+        if target is not None:  # a label: a symlink to its image, which a reload may change
+            attrs = synthetic(ino, stat.S_IFLNK | 0o777, self.started_ns, timeout=1.0)
+            attrs.st_size = len(target.encode())
+            return attrs
         mount = self.images.mounted(name)
         if mount is not None:
             return from_stat(os.lstat(mount.backing), ino)
@@ -120,9 +125,16 @@ class MountRoot:
         entries += [(n, self.attrs(i)) for n, i in SPECIAL_NAMES.items()]
         # The sources' names only: a name removed from them is still served while mounted,
         # but no longer listed.
-        names = sorted(self.images.listed_names())
+        names = sorted([*self.images.listed_names(), *self.images.aliases()])
         entries += [(name.encode(), self.image_attrs(name)) for name in names]
         return entries
+
+    def readlink(self, name: str) -> bytes:
+        """The target of the label *name*: the name of its image (ENOENT once it is gone)."""
+        target = self.images.alias_of(name)
+        if target is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return target.encode()
 
     def attrs(self, ino: int) -> pyfuse3.EntryAttributes:
         """The attributes of the root or of a control file."""

@@ -1,0 +1,65 @@
+"""uenv repositories served by a real daemon: each image once under its id, each label a
+symlink to it; the node's system only; tags of one image share one mount and one refcount;
+a tag moved by a pull is followed at the next reload; a missing image file is skipped."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ..support import Daemon, build_image, release_holder, spawn_holder, wait_until
+from ..uenv_repos import Pulled, make_repository, pull
+
+pytestmark = pytest.mark.fuse
+
+
+def _pulled(root: Path, text: str, date: str, system: str, version: str,
+            tags: tuple[str, ...]) -> Pulled:
+    image = build_image(root / f"{text}.sqfs", {"which": f"{text}\n"})
+    return Pulled(image.read_bytes(), date, system, "gh200", "prgenv-gnu", version, tags)
+
+
+def test_repository_served_by_id_with_label_links(daemon: Daemon) -> None:
+    work = daemon.root / "built"
+    new = _pulled(work, "new", "2024-11-20", "daint", "24.11", ("v1", "latest"))
+    old = _pulled(work, "old", "2024-07-01", "daint", "24.7", ("v1",))
+    eiger = _pulled(work, "eiger", "2024-11-21", "eiger", "24.11", ("v1",))
+    gone = _pulled(work, "gone", "2024-10-01", "daint", "24.9", ("v1",))
+    repo = make_repository(daemon.root / "repo", [new, old, eiger, gone])
+    (repo / "images" / gone.sha256 / "store.squashfs").unlink()
+    daemon.config = 'system = "daint"\nuarch = "gh200"\n'
+    daemon.extra_args = ["--repo", str(repo)]
+    daemon.expect(r"uenv repository: .*prgenv-gnu/24.9:v1@daint%gh200: no image file")
+    daemon.start()
+    mp = daemon.mountpoint
+    names = sorted(n for n in os.listdir(mp) if not n.startswith("."))
+    labels = ["prgenv-gnu+24.11+latest", "prgenv-gnu+24.11+v1", "prgenv-gnu+24.7+v1"]
+    assert names == sorted([new.sha256[:16], old.sha256[:16], *labels])
+    assert os.readlink(mp / "prgenv-gnu+24.11+v1") == new.sha256[:16]
+    assert os.readlink(mp / "prgenv-gnu+24.11+latest") == new.sha256[:16]
+    assert (mp / "prgenv-gnu+24.7+v1" / "which").read_text() == "old\n"
+    assert not (mp / eiger.sha256[:16]).exists()  # another system's
+
+    # Two labels of one image: one mount, one refcount for the allocation.
+    a = spawn_holder(mp / "prgenv-gnu+24.11+v1" / "which", alloc="job-1")
+    b = spawn_holder(mp / "prgenv-gnu+24.11+latest" / "which", alloc="job-1")
+    try:
+        entry = daemon.mount_status(new.sha256[:16])
+        assert entry is not None
+        assert (entry["refcount"], entry["allocations"]["job-1"]["opens"]) == (1, 2)
+        assert [Path(m.mount_point).name for m in daemon.backing_mounts()].count(
+            new.sha256[:16]) == 1
+    finally:
+        release_holder(a)
+        release_holder(b)
+
+    # A pull moves `latest` to a new image: the link follows at the next reload.
+    newer = _pulled(work, "newer", "2024-12-01", "daint", "24.11", ("v2", "latest"))
+    pull(repo, newer)
+    daemon.control("reload")
+    wait_until(lambda: os.readlink(mp / "prgenv-gnu+24.11+latest") == newer.sha256[:16],
+               what="the moved tag")
+    assert (mp / "prgenv-gnu+24.11+latest" / "which").read_text() == "newer\n"
+    assert (mp / "prgenv-gnu+24.11+v1" / "which").read_text() == "new\n"
