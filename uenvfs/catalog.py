@@ -28,7 +28,7 @@ import trio
 
 from . import repository
 from .names import valid_name
-from .repository import Record
+from .repository import LabelError, Record
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -201,8 +201,27 @@ class Catalog:
         return changed
 
     def alias(self, name: str) -> str | None:
-        """The image name that the label name *name* stands for, or None."""
-        return self._aliases.get(name)
+        """The image name that *name* stands for when it is a label name (listed), or a
+        label, sha256 or id of a repository record that names one image; else None."""
+        target = self._aliases.get(name)
+        if target is not None or not self._records or name in self._listing:
+            return target  # an image's own name (its id) is the image, not a link to it
+        try:
+            return self.label(name)
+        except LabelError:
+            return None
+
+    def label(self, text: str) -> str | None:
+        """The image name of the label (or sha256, or id) *text*: None if no record matches;
+        LabelError if it is not a label or matches several images (the message lists them)."""
+        if not self._records:
+            return None
+        try:
+            return repository.resolve(self._records, text)[0].id
+        except LabelError as exc:
+            if str(exc).startswith("no "):
+                return None
+            raise
 
     def aliases(self) -> dict[str, str]:
         return dict(self._aliases)

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal, Self, TypeVar, dataclass_transform
 
 from .errors import CommandError
 from .names import valid_alloc, valid_name
+from .repository import LabelError, parse_label
 
 MAX_WRITE = 64 * 1024
 MAX_LINE = 4096
@@ -60,8 +61,12 @@ class Word:
 
 
 def _name(word: str) -> str:
+    """An image name, or a uenv label (name/version:tag@system%uarch, sha256 or id)."""
     if not valid_name(word):
-        raise _invalid(f"invalid image name {word!r}")
+        try:
+            parse_label(word)
+        except LabelError:
+            raise _invalid(f"invalid image name or uenv label {word!r}") from None
     return word
 
 

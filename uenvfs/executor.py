@@ -21,6 +21,7 @@ from .control import (
     Verify,
 )
 from .errors import CommandError, JournalWriteFailed, MountError
+from .repository import LabelError
 
 if TYPE_CHECKING:
     from .manager import Manager
@@ -59,20 +60,32 @@ class Executor:
         except JournalWriteFailed as exc:
             raise CommandError(errno.EIO, str(exc)) from exc
 
-    async def _require_known(self, name: str) -> None:
-        if not await self.manager.known(name):
-            raise CommandError(errno.ENOENT, f"no image named {name!r}")
+    async def _image(self, word: str) -> str:
+        """The image that *word* names: an image name, or a label (listed, partial, sha256
+        or id) of a repository's image. ENOENT if none; EINVAL if a label is ambiguous."""
+        manager = self.manager
+        if not (manager.registry.images.get(word) or manager.catalog.remembers(word)):
+            try:
+                target = manager.catalog.alias(word) or manager.catalog.label(word)
+            except LabelError as exc:
+                raise CommandError(errno.EINVAL, str(exc)) from exc
+            if target is not None:
+                return target
+        if not await self.manager.known(word):
+            labels = " and no uenv label matches it" if manager.catalog.records() else ""
+            raise CommandError(errno.ENOENT, f"no image named {word!r}{labels}")
+        return word
 
     @handles(Acquire)
     async def acquire(self, cmd: Acquire) -> str:
         manager = self.manager
-        await self._require_known(cmd.name)
+        name = await self._image(cmd.name)
         while True:
             try:
-                await manager.ensure_mounted(cmd.name)
+                await manager.ensure_mounted(name)
             except MountError as exc:
                 raise CommandError(errno.EIO, str(exc)) from exc
-            image = manager.registry[cmd.name]
+            image = manager.registry[name]
             if image.is_mounted:
                 new = image.acquire(cmd.alloc, manager.clock())
                 await manager.journal.durable()
@@ -81,8 +94,9 @@ class Executor:
     @handles(Release)
     async def release(self, cmd: Release) -> str:
         manager = self.manager
-        names = None if cmd.name is None else [cmd.name]
-        if cmd.name is not None and cmd.alloc not in manager.registry[cmd.name].users:
+        name = None if cmd.name is None else await self._image(cmd.name)
+        names = None if name is None else [name]
+        if name is not None and cmd.alloc not in manager.registry[name].users:
             raise CommandError(errno.ENOENT, f"{cmd.alloc} does not use {cmd.name}")
         left = manager.registry.release(cmd.alloc, manager.clock(), names)
         if not left:
@@ -105,12 +119,12 @@ class Executor:
     async def expire(self, cmd: Expire) -> str:
         if cmd.name is None:
             return await self.manager.expire_idle()
-        await self._require_known(cmd.name)
-        image = self.manager.registry[cmd.name]
+        name = await self._image(cmd.name)
+        image = self.manager.registry[name]
         if image.refcount:
             raise CommandError(errno.EPERM,
                                f"{cmd.name} is in use by {image.refcount} allocations")
-        return await self.manager.expire([cmd.name])
+        return await self.manager.expire([name])
 
     @handles(HoldTime)
     async def hold_time(self, cmd: HoldTime) -> str:
@@ -118,8 +132,7 @@ class Executor:
         if cmd.name is None:
             registry.hold_time = cmd.seconds
         else:
-            await self._require_known(cmd.name)
-            registry[cmd.name].hold_time = cmd.seconds
+            registry[await self._image(cmd.name)].hold_time = cmd.seconds
         self.manager.timer.wake()
         return f"hold time {cmd.seconds:g} s"
 
@@ -136,8 +149,7 @@ class Executor:
     async def force_unmount(self, cmd: ForceUnmount) -> str:
         if not self.emergency:
             raise CommandError(errno.EPERM, "force-unmount is only allowed in emergency mode")
-        await self._require_known(cmd.name)
-        return await self.manager.force_unmount(cmd.name)
+        return await self.manager.force_unmount(await self._image(cmd.name))
 
     @handles(Reload)
     async def reload(self, cmd: Reload) -> str:

@@ -31,6 +31,7 @@ COLUMNS = ("system", "uarch", "name", "version", "tag", "date", "size", "sha256"
 LOCK_TIMEOUT = 2.0  # seconds to wait for a writer's lock before the index counts as locked
 
 _WORD = r"[A-Za-z0-9_.-]+"  # as uenv allows in each part
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # no leading '.' or '-': never '..' or an option
 _PART = re.compile(rf"([/:@%])({_WORD})")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[0-9a-f]{16}")
@@ -63,7 +64,7 @@ _STAGE = {"/": 1, ":": 2, "@": 3, "%": 3}
 
 def parse_label(text: str) -> Label:
     """`name[/version][:tag][@system][%uarch]` (system and uarch in either order)."""
-    match = re.match(_WORD, text)
+    match = re.match(_NAME, text)
     if match is None:
         raise LabelError(f"{text!r} is not a uenv label (name/version:tag@system%uarch)")
     parts: dict[str, str] = {}

@@ -63,3 +63,34 @@ def test_repository_served_by_id_with_label_links(daemon: Daemon) -> None:
                what="the moved tag")
     assert (mp / "prgenv-gnu+24.11+latest" / "which").read_text() == "newer\n"
     assert (mp / "prgenv-gnu+24.11+v1" / "which").read_text() == "new\n"
+
+
+def test_labels_wherever_a_name_is_taken(daemon: Daemon) -> None:
+    work = daemon.root / "built"
+    new = _pulled(work, "new", "2024-11-20", "daint", "24.11", ("v1", "latest"))
+    old = _pulled(work, "old", "2024-07-01", "daint", "24.7", ("v1",))
+    make_repository(daemon.root / "repo", [new, old])
+    daemon.config = f'system = "daint"\nuarch = "gh200"\nrepos = ["{daemon.root / "repo"}"]\n'
+    daemon.expect(r"control from .*: acquire prgenv-gnu job-3: failed: prgenv-gnu is ambiguous")
+    daemon.expect(r"acquire prgenv-gnu/25.1 job-3: failed: no image named 'prgenv-gnu/25.1' "
+                  "and no uenv label matches it")
+    daemon.start()
+    ids = {new.sha256[:16]: "job-1", old.sha256[:16]: "job-2"}
+    for label, alloc in (("prgenv-gnu/24.11:v1@daint%gh200", "job-1"), ("prgenv-gnu/24.7", "job-2"),
+                         (new.sha256, "job-4"), (old.sha256[:16], "job-5")):
+        done = daemon.cli("acquire", label, alloc)
+        assert done.returncode == 0, (label, done.stderr)
+    acquired = {m["name"]: sorted(m["allocations"]) for m in daemon.status()["mounts"]}
+    assert acquired == {new.sha256[:16]: ["job-1", "job-4"], old.sha256[:16]: ["job-2", "job-5"]}
+    assert set(acquired) == set(ids)
+    ambiguous = daemon.cli("acquire", "prgenv-gnu", "job-3")
+    assert ambiguous.returncode == 1
+    assert "Invalid argument" in ambiguous.stderr
+    missing = daemon.cli("acquire", "prgenv-gnu/25.1", "job-3")
+    assert (missing.returncode, "No such file or directory" in missing.stderr) == (1, True)
+    assert daemon.cli("release", "job-1", "prgenv-gnu/24.11:latest").returncode == 0
+    # A path by sha256 or by a label that is one word leads to the image too.
+    assert os.readlink(daemon.mountpoint / new.sha256) == new.sha256[:16]
+    assert (daemon.mountpoint / new.sha256 / "which").read_text() == "new\n"
+    for alloc in ("job-2", "job-4", "job-5"):
+        assert daemon.cli("release", alloc).returncode == 0

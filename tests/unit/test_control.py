@@ -55,7 +55,7 @@ def test_parse_line(line: str, command: Command) -> None:
     [
         ("bad", "unknown command 'bad'"),
         ("acquire img", "usage: acquire NAME ALLOC"),
-        ("acquire ../etc alloc", "invalid image name"),
+        ("acquire ../etc alloc", "invalid image name or uenv label"),
         ("acquire .hidden alloc", "invalid image name"),
         ("acquire img al/loc", "invalid allocation id"),
         ("release", "usage: release ALLOC [NAME]"),

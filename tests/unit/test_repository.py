@@ -29,7 +29,8 @@ def test_labels() -> None:
         "prgenv-gnu", "24.11", "v1", "daint", "gh200")
     assert parse_label("cp2k%zen2@eiger") == Label("cp2k", system="eiger", uarch="zen2")
     assert str(parse_label("a:v1%x")) == "a:v1%x"
-    for bad in ("", "/24.11", "a b", "a:v1/2", "a/1/2", "a@x@y", "a/1:", "a,b", "a:/x"):
+    for bad in ("", "/24.11", "a b", "a:v1/2", "a/1/2", "a@x@y", "a/1:", "a,b", "a:/x", "../etc",
+                "-x/1"):
         with pytest.raises(LabelError):
             parse_label(bad)
 
