@@ -22,6 +22,7 @@ from .errors import CommandError
 
 if TYPE_CHECKING:
     from .catalog import Catalog
+    from .repository import Record
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 CHECK_TIMEOUT = 300.0  # seconds `uenvfs check` gives rdsquashfs by default
@@ -165,6 +166,7 @@ def _image_config(args: argparse.Namespace) -> config_mod.Config:
     """The configuration, with the flags of `images` and `env` (--images, --mountpoint)."""
     overrides = {
         "images": tuple(Path(p) for p in args.images) if getattr(args, "images", None) else None,
+        "repos": tuple(Path(p) for p in args.repo) if getattr(args, "repo", None) else None,
         "mountpoint": Path(args.mountpoint) if getattr(args, "mountpoint", None) else None,
     }
     config_file = getattr(args, "config", None)
@@ -193,27 +195,58 @@ def _catalog(cfg: config_mod.Config, strict: bool) -> Catalog:
 
 def _find_image(text: str, file_first: bool,
                 load_config: Callable[[], config_mod.Config]) -> tuple[str | None, Path]:
-    """(image name, image path) for *text*: a path to an image file (anything with a '/';
-    no name then), or an image name resolved through the image sources as the daemon does.
-    *file_first*: an existing file named *text* wins over an image name."""
+    """(image name, image path) for *text*: a path to an image file (starting with '/' or
+    '.', or any existing file that is not an image's name; no name then), or an image name or
+    uenv label resolved through the image sources as the daemon does. *file_first*: an
+    existing file named *text* wins over an image name."""
     from .names import valid_name
+    from .repository import LabelError, parse_label
 
     as_file = Path(text)
-    if "/" in text or (file_first and as_file.is_file()):
+    if text.startswith(("/", ".")) or (file_first and as_file.is_file()):
         if not as_file.is_file():
             raise CliError(f"{text}: no such image file")
         return None, as_file
-    if valid_name(text):
+    try:
+        is_label = valid_name(text) or bool(parse_label(text))
+    except LabelError:
+        is_label = False
+    if is_label:
         import trio  # not at the top: the commands to the daemon need not pay for it
 
         catalog = _catalog(load_config(), strict=False)
-        path = trio.run(catalog.resolve, text)
+        path = trio.run(catalog.resolve, text) if valid_name(text) else None
         if path is not None:
             return text, path
+        try:
+            name = catalog.alias(text) or catalog.label(text)
+        except LabelError as exc:
+            raise CliError(str(exc)) from exc
+        if name is not None:
+            return name, catalog.listing()[name]
     if as_file.is_file():
         return None, as_file
-    raise CliError(f"{text}: no such image (not a name that the image sources know, "
-                   "nor an image file)")
+    raise CliError(f"{text}: no such image (not a name or uenv label that the image sources "
+                   "know, nor an image file)")
+
+
+def _image_rows(catalog: Catalog, cfg: config_mod.Config
+                ) -> list[tuple[str, Path, Record | None]]:
+    """(name as served, image file, repository record) of every image and label: an image
+    of a repository is one row per label, named as the label is served."""
+    from .catalog import alias_name
+
+    labels: dict[str, list[Record]] = {}
+    for record in catalog.records():
+        labels.setdefault(record.id, []).append(record)
+    rows: list[tuple[str, Path, Record | None]] = []
+    for name, path in sorted(catalog.listing().items()):
+        for record in labels.get(name, []):
+            alias = alias_name(record, cfg.system, cfg.uarch)
+            rows.append((alias if catalog.alias(alias) == name else name, path, record))
+        if name not in labels:
+            rows.append((name, path, None))
+    return rows
 
 
 def cmd_images(args: argparse.Namespace) -> int:
@@ -221,8 +254,9 @@ def cmd_images(args: argparse.Namespace) -> int:
 
     from .images import describe_images, format_images
 
-    catalog = _catalog(_image_config(args), strict=True)
-    infos = trio.run(describe_images, sorted(catalog.listing().items()))
+    cfg = _image_config(args)
+    catalog = _catalog(cfg, strict=True)
+    infos = trio.run(describe_images, _image_rows(catalog, cfg))
     if args.json:
         print(json.dumps([info.as_json() for info in infos], indent=1))
     else:
@@ -263,14 +297,14 @@ def cmd_env(args: argparse.Namespace) -> int:
 
     from .catalog import name_of
     from .squashfs import ImageError, NotInImage
-    from .uenv import ENV_JSON, choose_view, read_meta, shell_lines
+    from .uenv import ENV_JSON, choose_view, read_image_meta, shell_lines
 
     cfg = _image_config(args)
     name, path = _find_image(args.name, False, lambda: cfg)
     if name is None:  # an image file: served under its file name without the suffix
         name = name_of(path.name) or path.name
     try:
-        uenv = trio.run(read_meta, path)
+        uenv = trio.run(read_image_meta, path)
         view = choose_view(uenv, args.view)
     except NotInImage as exc:
         raise CliError(f"{args.name}: {path} has no {ENV_JSON}, so no views") from exc
@@ -383,9 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image directory (repeatable; replaces the configured ones)")
     p.add_argument("--config", metavar="FILE", help="configuration file "
                    "(default /etc/uenvfs.toml if it exists)")
+    p.add_argument("--repo", action="append", metavar="DIR",
+                   help="uenv repository (repeatable; replaces the configured ones)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of objects: name, image_path, size (bytes), "
-                   "uenv_name, description, mount, views, problem")
+                   "uenv_name, description, mount, views, problem; and for the labels of a "
+                   "uenv repository label, sha256, id, date, system, uarch (else null)")
 
     p = add("check", "validate an image without mounting it", cmd_check, mountpoint=False)
     p.description = (
@@ -395,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
         "reason. IMAGE is a path to an image file, or an image name of the configured sources.")
     p.epilog = IMAGE_EPILOG
     p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--repo", action="append", metavar="DIR",
+                   help="uenv repository (repeatable; replaces the configured ones)")
+    p.add_argument("--config", metavar="FILE", help="configuration file "
+                   "(default /etc/uenvfs.toml if it exists)")
     p.add_argument("--timeout", type=float, default=CHECK_TIMEOUT, metavar="SECONDS",
                    help="give up after this long (default %(default)g)")
 
@@ -417,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME")
     p.add_argument("--view", help="the view (default: the one named 'default', else the "
                    "only one)")
+    p.add_argument("--repo", action="append", metavar="DIR",
+                   help="uenv repository (repeatable; replaces the configured ones)")
+
     p.add_argument("--images", action="append", metavar="DIR",
                    help="image directory (repeatable; replaces the configured ones)")
     p.add_argument("--config", metavar="FILE", help="configuration file "

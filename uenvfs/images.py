@@ -9,8 +9,9 @@ from typing import Any
 
 import trio
 
+from .repository import Record
 from .squashfs import READ_TIMEOUT, ImageError, NotInImage
-from .uenv import ENV_JSON, MetaFormatError, read_meta
+from .uenv import ENV_JSON, MetaFormatError, read_image_meta
 
 
 @dataclass(frozen=True)
@@ -26,34 +27,42 @@ class ImageInfo:
     mount: str | None = None
     views: tuple[str, ...] = ()
     problem: str | None = None
+    record: Record | None = None  # the repository record of this label, if it is one
 
     def as_json(self) -> dict[str, Any]:
+        r = self.record
         return {"name": self.name, "image_path": self.image_path, "size": self.size,
                 "uenv_name": self.uenv_name, "description": self.description,
-                "mount": self.mount, "views": list(self.views), "problem": self.problem}
+                "mount": self.mount, "views": list(self.views), "problem": self.problem,
+                "label": r and r.label, "sha256": r and r.sha256, "id": r and r.id,
+                "date": r and r.date, "system": r and r.system, "uarch": r and r.uarch}
 
 
-async def describe_image(name: str, image: Path, time_limit: float = READ_TIMEOUT) -> ImageInfo:
-    """Name, path, size and uenv metadata of one image; never raises for a bad image."""
+async def describe_image(name: str, image: Path, time_limit: float = READ_TIMEOUT,
+                         record: Record | None = None) -> ImageInfo:
+    """Name, path, size and uenv metadata of one image (a repository's from the meta/ beside
+    it); never raises for a bad image. *record*: the repository record of this label."""
     try:
         size = (await trio.Path(image).stat()).st_size
     except OSError as exc:
-        return ImageInfo(name, str(image), None, problem=f"image missing: {exc.strerror}")
+        return ImageInfo(name, str(image), None, problem=f"image missing: {exc.strerror}",
+                         record=record)
     try:
-        meta = await read_meta(image, time_limit)
+        meta = await read_image_meta(image, time_limit)
     except NotInImage:
-        return ImageInfo(name, str(image), size, problem=f"no {ENV_JSON}")
+        return ImageInfo(name, str(image), size, problem=f"no {ENV_JSON}", record=record)
     except MetaFormatError as exc:
-        return ImageInfo(name, str(image), size, problem=f"broken {exc}")
+        return ImageInfo(name, str(image), size, problem=f"broken {exc}", record=record)
     except ImageError as exc:
-        return ImageInfo(name, str(image), size, problem=str(exc))
+        return ImageInfo(name, str(image), size, problem=str(exc), record=record)
     return ImageInfo(name, str(image), size, meta.name, meta.description, meta.mount,
-                     tuple(meta.views))
+                     tuple(meta.views), record=record)
 
 
-async def describe_images(images: Iterable[tuple[str, Path]]) -> list[ImageInfo]:
-    """`describe_image` of each (name, path), one after the other."""
-    return [await describe_image(name, path) for name, path in images]
+async def describe_images(
+        images: Iterable[tuple[str, Path, Record | None]]) -> list[ImageInfo]:
+    """`describe_image` of each (name, path, record), one after the other."""
+    return [await describe_image(name, path, record=record) for name, path, record in images]
 
 
 def human_size(size: int | None) -> str:

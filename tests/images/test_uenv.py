@@ -186,6 +186,8 @@ def test_images_json(capsys: pytest.CaptureFixture[str], images: Path, config: P
         "name": "multi", "image_path": str(multi), "size": multi.stat().st_size,
         "uenv_name": "prgenv", "description": "a test uenv", "mount": MOUNT,
         "views": ["default", "extra"], "problem": None,
+        # the fields of a uenv repository's labels: none for an image directory's image
+        "label": None, "sha256": None, "id": None, "date": None, "system": None, "uarch": None,
     }
     assert listing["single"]["description"] is None
     assert listing["single"]["views"] == ["tools"]
