@@ -74,7 +74,7 @@ def _meta(mountpoint: Path, name: str) -> Meta | None:
     the image. Fails with the reason if the image is unknown or cannot be mounted."""
     directory = mountpoint / name
     if not valid_name(name):
-        raise RunError(f"{name!r} is not an image name{_served(mountpoint)}")
+        raise RunError(f"no image or uenv label {name!r}{_served(mountpoint)}")
     try:
         os.stat(directory)
         data = (directory / ENV_JSON).read_bytes()
@@ -92,6 +92,36 @@ def _meta(mountpoint: Path, name: str) -> Meta | None:
         return parse_meta(data)
     except MetaFormatError as exc:
         raise RunError(f"image {name}: {ENV_JSON}: {exc}") from exc
+
+
+def _served_name(mountpoint: Path, word: str, config_file: Path | None) -> str:
+    """The name under which uenvfs serves what *word* names: an image name as it is, a
+    label's link (`prgenv-gnu+24.11+v1`, a sha256 or a one-word label) read from the mount;
+    any other label resolved in the configured repositories as the daemon resolves it."""
+    if valid_name(word):
+        try:
+            return os.readlink(mountpoint / word)  # a label: the link leads to the image
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # not a link: an image's own name
+                return word
+            if exc.errno != errno.ENOENT:
+                raise RunError(f"{mountpoint / word}: {exc.strerror}") from exc
+    from . import config, repository
+
+    try:
+        cfg = config.load(config_file)
+    except config.ConfigError as exc:
+        raise RunError(f"configuration: {exc}") from exc
+    records = [record for root in cfg.repos
+               for record in repository.read(root, cfg.system, cfg.uarch).records]
+    if not records:
+        return word  # not a label of any repository: "no image" says the rest
+    try:
+        return repository.resolve(records, word)[0].id
+    except repository.LabelError as exc:
+        if str(exc).startswith("no "):
+            return word
+        raise RunError(str(exc)) from exc
 
 
 def _mount_point_ok(image: Image) -> None:
@@ -122,7 +152,8 @@ def bound_here(mountpoint: Path) -> list[namespace.Bound]:
 
 
 def prepare(mountpoint: Path, images_text: str, views_text: str | None,
-            environ: Mapping[str, str]) -> tuple[list[Image], dict[str, str]]:
+            environ: Mapping[str, str], config_file: Path | None = None
+            ) -> tuple[list[Image], dict[str, str]]:
     """The images still to bind, and the command's environment. Binds nothing (the reads
     through uenvfs mount the images, as any access does)."""
     try:
@@ -131,6 +162,8 @@ def prepare(mountpoint: Path, images_text: str, views_text: str | None,
     except SessionError as exc:
         raise RunError(str(exc), EXIT_FAILED) from exc
     _status(mountpoint)  # first: "not running" before "no such image"
+    specs = [session.ImageSpec(_served_name(mountpoint, spec.image, config_file), spec.mount)
+             for spec in specs]
     metas = [_meta(mountpoint, spec.image) for spec in specs]
     document = _status(mountpoint)  # now with the images mounted: their image files
     images = []
@@ -230,11 +263,11 @@ def execute(command: Sequence[str], environ: Mapping[str, str]) -> int:
 
 
 def run(mountpoint: Path, images_text: str, views_text: str | None,
-        command: Sequence[str]) -> int:
+        command: Sequence[str], config_file: Path | None = None) -> int:
     """`uenvfs run`: *command* in a session. Raises RunError before anything is done."""
     if not command:
         raise RunError("no command: uenvfs run IMAGE -- COMMAND [ARG...]")
-    todo, environ = prepare(mountpoint, images_text, views_text, os.environ)
+    todo, environ = prepare(mountpoint, images_text, views_text, os.environ, config_file)
     enter(mountpoint, todo, environ)
     return execute(command, environ)
 
@@ -259,7 +292,9 @@ def _passwd_shell() -> str | None:
 DESCRIPTION = (
     "Run COMMAND with images of the running uenvfs at the mount points they were built for, "
     "in a private mount namespace of its own (through a user namespace when not root: no "
-    "setuid program is needed). IMAGE is an image name that uenvfs serves; MOUNT is where "
+    "setuid program is needed). IMAGE is an image name that uenvfs serves, or a uenv label "
+    "of its repositories (name/version:tag@system%uarch, partial, a sha256 or an id; "
+    "resolved with the repositories of --config); MOUNT is where "
     "to put it (default: the 'mount' of its meta/env.json, else /user-environment); the "
     "mount point must exist. --view applies views of meta/env.json to the environment with "
     "the image's own paths (VIEW, or IMAGE:VIEW when several images have it; default: no "
@@ -274,6 +309,8 @@ EPILOG = """exit codes: 125 uenvfs run itself failed (the one-line message says 
 uenvfs serving, no such image, no such view, a mount point that does not exist or is taken,
 no user namespaces); 126 COMMAND cannot be executed; 127 COMMAND not found; else COMMAND's own
 exit code (uenvfs execs it: no uenvfs process stays in between)"""
+CONFIG_HELP = ("configuration file whose uenv repositories resolve labels (default "
+               "/etc/uenvfs.toml if it exists)")
 VIEW_HELP = "views to apply (VIEW, or IMAGE:VIEW when several images have one of that name)"
 
 
@@ -286,6 +323,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                "-- COMMAND [ARG...]")
     p.add_argument("images", metavar="IMAGE[:MOUNT][,IMAGE[:MOUNT]...]")
     p.add_argument("--view", metavar="VIEW[,VIEW...]", help=VIEW_HELP)
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     p.add_argument("argv", nargs="*", metavar="-- COMMAND [ARG...]")
     p = add("start", "start the user's shell with images at the mount points they were "
             "built for")
@@ -293,6 +331,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.epilog = EPILOG.replace("COMMAND", "the shell")
     p.add_argument("images", nargs="+", metavar="IMAGE[:MOUNT]")
     p.add_argument("--view", metavar="VIEW[,VIEW...]", help=VIEW_HELP)
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
 
 
 def add_attach(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
@@ -345,9 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "attach":
             print(attach(mountpoint, args.alloc))
             return 0
+        config_file = Path(args.config) if args.config else None
         if args.command == "start":
-            return run(mountpoint, ",".join(args.images), args.view, [shell()])
-        return run(mountpoint, args.images, args.view, args.argv)
+            return run(mountpoint, ",".join(args.images), args.view, [shell()], config_file)
+        return run(mountpoint, args.images, args.view, args.argv, config_file)
     except RunError as exc:
         print(f"uenvfs {args.command}: {exc}", file=sys.stderr)
         return exc.code

@@ -5,6 +5,8 @@ a tag moved by a pull is followed at the next reload; a missing image file is sk
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,32 @@ def test_labels_wherever_a_name_is_taken(daemon: Daemon) -> None:
     assert (daemon.mountpoint / new.sha256 / "which").read_text() == "new\n"
     for alloc in ("job-2", "job-4", "job-5"):
         assert daemon.cli("release", alloc).returncode == 0
+
+
+def test_run_takes_labels(daemon: Daemon, mount_points: None) -> None:
+    work = daemon.root / "built"
+    new = _pulled(work, "new", "2024-11-20", "daint", "24.11", ("v1", "latest"))
+    old = _pulled(work, "old", "2024-07-01", "daint", "24.7", ("v1",))
+    make_repository(daemon.root / "repo", [new, old])
+    daemon.config = f'system = "daint"\nuarch = "gh200"\nrepos = ["{daemon.root / "repo"}"]\n'
+    daemon.start()
+    config = str(daemon.root / "uenvfs.toml")  # the daemon's, as /etc/uenvfs.toml would be
+
+    def run(*words: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "uenvfs", "run", "--mountpoint",
+                               str(daemon.mountpoint), "--config", config, *words],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    for label, content in (("prgenv-gnu/24.11:latest", "new"), ("prgenv-gnu+24.7+v1", "old"),
+                           (new.sha256[:16], "new"), ("prgenv-gnu/24.7%gh200", "old")):
+        done = run(label, "--", "sh", "-c", 'cat /user-environment/which; echo "$UENV_MOUNT_LIST"')
+        image = old if content == "old" else new
+        assert (done.returncode, done.stdout) == (0, (
+            f"{content}\n{daemon.root}/repo/images/{image.sha256}/store.squashfs:"
+            "/user-environment\n")), (label, done.stderr)
+    done = run("prgenv-gnu", "--", "true")
+    assert done.returncode == 125
+    assert "uenvfs run: prgenv-gnu is ambiguous: it matches 2 images" in done.stderr
+    done = run("prgenv-gnu/25.1", "--", "true")
+    assert done.returncode == 125
+    assert "no image or uenv label 'prgenv-gnu/25.1'" in done.stderr
