@@ -13,6 +13,7 @@ import pytest
 
 from ..support import Daemon, build_image, release_holder, spawn_holder, wait_until
 from ..uenv_repos import Pulled, make_repository, pull
+from .test_slurm import _script
 
 pytestmark = pytest.mark.fuse
 
@@ -96,6 +97,13 @@ def test_labels_wherever_a_name_is_taken(daemon: Daemon) -> None:
     assert (daemon.mountpoint / new.sha256 / "which").read_text() == "new\n"
     for alloc in ("job-2", "job-4", "job-5"):
         assert daemon.cli("release", alloc).returncode == 0
+    # The Slurm prolog takes labels from the job's comment.
+    done = _script("prolog", daemon, 7, SLURM_JOB_COMMENT="uenv=prgenv-gnu/24.7:v1@daint")
+    assert done.returncode == 0, done.stderr
+    entry = daemon.mount_status(old.sha256[:16])
+    assert entry is not None
+    assert entry["allocations"]["slurm-7"]["acquired"] is True
+    assert _script("epilog", daemon, 7).returncode == 0
 
 
 def test_run_takes_labels(daemon: Daemon, mount_points: None) -> None:
