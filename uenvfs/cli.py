@@ -407,8 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("images", "list the images of the image sources, with their uenv metadata",
             cmd_images, mountpoint=False)
     p.description = (
-        "List every image that the image directories and map files name (a program map cannot "
-        "be listed): name, image path, size, and from its meta/env.json the uenv name, views "
+        "List every image that the image directories, map files and uenv repositories name "
+        "(a program map cannot be listed; a repository's image once per label): name as "
+        "served, image path, size, and from its meta/env.json the uenv name, views "
         "and description. An image without meta/env.json, with a broken one, or that cannot "
         "be read is listed too, with the reason in the last column. Default sources: those "
         "of the configuration file (/etc/uenvfs.toml, else the directory /images).")
@@ -429,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Validate IMAGE without mounting it: its superblock (SquashFS 4.0 magic, size not "
         "truncated), then every inode and directory entry, the ID and fragment tables "
         "(rdsquashfs -d; file data is not read). Prints 'IMAGE: ok (...)' or fails with the "
-        "reason. IMAGE is a path to an image file, or an image name of the configured sources.")
+        "reason. IMAGE is a path to an image file, or an image name or uenv label "
+        "(name/version:tag@system%uarch, partial, sha256 or id) of the configured sources.")
     p.epilog = IMAGE_EPILOG
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--repo", action="append", metavar="DIR",
@@ -452,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
         "build mount point compiled in (RPATHs, scripts) may still need the image there. "
         "${@VAR@} in a value becomes the shell's ${VAR-}. Unlike uenv, repeated entries of "
         "a list are not removed (the first one still wins a lookup). "
-        "NAME is an image name of the image sources or a path to an image file (then NAME is "
-        "its file name without .sqfs).")
+        "NAME is an image name or uenv label of the image sources (a repository's image is "
+        "served under its id) or a path to an image file (then NAME is its file name without "
+        ".sqfs).")
     p.epilog = IMAGE_EPILOG
     p.add_argument("name", metavar="NAME")
     p.add_argument("--view", help="the view (default: the one named 'default', else the "
