@@ -26,7 +26,7 @@ from pathlib import Path
 from . import MOUNTPOINT, namespace, session
 from .names import valid_name
 from .session import Image, SessionError
-from .uenv import ENV_JSON, Meta, MetaFormatError, parse_meta
+from .uenv import ENV_JSON, REPOSITORY_IMAGE, Meta, MetaFormatError, parse_meta
 
 EXIT_FAILED, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND = 125, 126, 127
 
@@ -124,6 +124,21 @@ def _served_name(mountpoint: Path, word: str, config_file: Path | None) -> str:
         raise RunError(str(exc)) from exc
 
 
+def _meta_beside(image_path: Path) -> Meta | None:
+    """The meta/env.json beside a uenv repository's image file (`images/<sha256>/`), if any."""
+    beside = image_path.parent / ENV_JSON
+    if image_path.name != REPOSITORY_IMAGE:
+        return None
+    try:
+        return parse_meta(beside.read_bytes())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise RunError(f"{beside}: {exc.strerror}") from exc
+    except MetaFormatError as exc:
+        raise RunError(f"{beside}: {exc}") from exc
+
+
 def _mount_point_ok(image: Image) -> None:
     path = Path(image.mount)
     try:
@@ -169,6 +184,8 @@ def prepare(mountpoint: Path, images_text: str, views_text: str | None,
     images = []
     for spec, meta in zip(specs, metas, strict=True):
         image_path = _mount_entry(document, spec.image).get("image_path")
+        if meta is None and image_path:  # a repository's image: its meta/ may be beside it
+            meta = _meta_beside(Path(str(image_path)))
         images.append(Image(spec.image, session.mount_point(spec, meta), meta,
                             str(image_path or mountpoint / spec.image)))
     bound = {b.mount_point: b.name for b in bound_here(mountpoint)}

@@ -4,6 +4,8 @@ a tag moved by a pull is followed at the next reload; a missing image file is sk
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -109,6 +111,10 @@ def test_labels_wherever_a_name_is_taken(daemon: Daemon) -> None:
 def test_run_takes_labels(daemon: Daemon, mount_points: None) -> None:
     work = daemon.root / "built"
     new = _pulled(work, "new", "2024-11-20", "daint", "24.11", ("v1", "latest"))
+    new = dataclasses.replace(new, meta={"env.json": json.dumps({
+        "name": "prgenv-gnu", "mount": "/user-environment", "views": {"default": {"env": {
+            "values": {"list": {"PATH": [{"op": "prepend",
+                                          "value": ["/user-environment/bin"]}]}}}}}})})
     old = _pulled(work, "old", "2024-07-01", "daint", "24.7", ("v1",))
     make_repository(daemon.root / "repo", [new, old])
     daemon.config = f'system = "daint"\nuarch = "gh200"\nrepos = ["{daemon.root / "repo"}"]\n'
@@ -127,6 +133,10 @@ def test_run_takes_labels(daemon: Daemon, mount_points: None) -> None:
         assert (done.returncode, done.stdout) == (0, (
             f"{content}\n{daemon.root}/repo/images/{image.sha256}/store.squashfs:"
             "/user-environment\n")), (label, done.stderr)
+    # Views from the meta/ of the repository (the image holds none).
+    done = run("--view", "default", "prgenv-gnu/24.11:v1", "--", "sh", "-c", 'echo "$PATH"')
+    assert (done.returncode, done.stdout) == (
+        0, f"/user-environment/bin:{os.environ['PATH']}\n"), done.stderr
     done = run("prgenv-gnu", "--", "true")
     assert done.returncode == 125
     assert "uenvfs run: prgenv-gnu is ambiguous: it matches 2 images" in done.stderr
