@@ -102,7 +102,8 @@ def test_the_store_keeps_the_connection_when_every_process_dies(
     daemon.start()
     wait_until(lambda: sorted(systemd.stored) == ["fuse", "ledger"],
                what="the connection in the store")
-    assert any("READY=1" in m for m in systemd.messages)
+    # READY=1 follows the store (the keeper says it once the server answers).
+    wait_until(lambda: any("READY=1" in m for m in systemd.messages), what="READY=1")
     # The job holding a file is a process of its own: this one must hold no file of the mount
     # while no server runs (a fork of it would close that file, which waits for a server).
     holder = subprocess.Popen([sys.executable, "-c", READER, str(daemon.mountpoint / "img/f"),
