@@ -69,6 +69,15 @@ def test_repository_served_by_id_with_label_links(daemon: Daemon) -> None:
     assert (mp / "prgenv-gnu+24.11+latest" / "which").read_text() == "newer\n"
     assert (mp / "prgenv-gnu+24.11+v1" / "which").read_text() == "new\n"
 
+    # The links the kernel knows stay links for a new server after a crash.
+    daemon.expect(r"server pid \d+ was killed by SIGKILL")
+    old_server = daemon.kill_server()
+    wait_until(lambda: " resumed " in daemon.log() and daemon.server_pid() != old_server,
+               what="a new server")
+    assert os.readlink(mp / "prgenv-gnu+24.11+v1") == new.sha256[:16]
+    assert (mp / "prgenv-gnu+24.11+latest" / "which").read_text() == "newer\n"
+    assert os.path.islink(mp / "prgenv-gnu+24.7+v1")
+
 
 def test_labels_wherever_a_name_is_taken(daemon: Daemon) -> None:
     work = daemon.root / "built"
