@@ -385,9 +385,16 @@ class Manager:
         mounts = mount_statuses(
             self.registry, self.clock(), mountpoint=self.config.mountpoint,
             backing_root=self.config.backing_root, image_paths=self.mounter.paths,
-            mounts=ChainMap[str, Mount](self.mounts, self._unmounting))
+            mounts=ChainMap[str, Mount](self.mounts, self._unmounting), labels=self._labels())
         return status_document(str(self.config.mountpoint), self.registry.hold_time,
                                self.executor.emergency, mounts, self.last_verify, self.server)
+
+    def _labels(self) -> dict[str, list[str]]:
+        """The uenv labels of each repository image (by its served name, the id)."""
+        labels: dict[str, list[str]] = {}
+        for record in self.catalog.records():
+            labels.setdefault(record.id, []).append(record.label)
+        return {name: sorted(found) for name, found in labels.items()}
 
     async def shutdown(self) -> None:
         """Unmount every idle image; acquired images stay mounted for the next daemon to adopt."""

@@ -3,7 +3,7 @@
 Pure: no trio, no pyfuse3. The document (version 1) lists every image that is not unmounted:
 
     {"version": 1, "mountpoint": "/run/pact/uenv", "hold_time": 60.0, "emergency": false,
-     "mounts": [{"name": "pytorch-2.5", "image_path": "/images/pytorch-2.5.sqfs",
+     "mounts": [{"name": "pytorch-2.5", "labels": [], "image_path": "/images/pytorch-2.5.sqfs",
                  "mount_point": "/run/pact/uenv/pytorch-2.5",
                  "backing": "/run/pact/uenvfs/mnt/pytorch-2.5", "state": "mounted",
                  "refcount": 1,
@@ -61,10 +61,12 @@ class MountStatus:
     hold_remaining: float | None = None
     mounted_at: str | None = None
     error: str | None = None
+    labels: tuple[str, ...] = ()  # uenv labels of a repository's image (served by its id)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "labels": list(self.labels),
             "image_path": self.image_path,
             "mount_point": self.mount_point,
             "backing": self.backing,
@@ -94,6 +96,7 @@ def mount_statuses(
     backing_root: Path,
     image_paths: Mapping[str, Path],
     mounts: Mapping[str, Mounted],
+    labels: Mapping[str, Sequence[str]] | None = None,
 ) -> list[MountStatus]:
     """Every image that is not unmounted. An image being unmounted shows as holding, its hold
     time over (it is still mounted, and idle)."""
@@ -118,6 +121,7 @@ def mount_statuses(
             hold_remaining=None if deadline is None else max(0.0, deadline - now),
             mounted_at=iso_time(mount.mounted_at) if mount else None,
             error=image.error,
+            labels=tuple((labels or {}).get(image.name, ())),
         ))
     return statuses
 
@@ -165,7 +169,10 @@ def format_table(document: Mapping[str, Any]) -> str:
             for a, u in m["allocations"].items()
         )
         hold = "" if m["hold_remaining"] is None else f"{m['hold_remaining']:.0f}s"
-        rows.append((m["name"], m["state"], str(m["refcount"]), hold, allocs or "-",
+        labels = m.get("labels") or []
+        name = m["name"] + (f" ({labels[0]}{f' +{len(labels) - 1}' if len(labels) > 1 else ''})"
+                            if labels else "")
+        rows.append((name, m["state"], str(m["refcount"]), hold, allocs or "-",
                      m["error"] or ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1]

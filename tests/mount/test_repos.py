@@ -54,6 +54,10 @@ def test_repository_served_by_id_with_label_links(daemon: Daemon) -> None:
         entry = daemon.mount_status(new.sha256[:16])
         assert entry is not None
         assert (entry["refcount"], entry["allocations"]["job-1"]["opens"]) == (1, 2)
+        assert entry["labels"] == ["prgenv-gnu/24.11:latest@daint%gh200",
+                                   "prgenv-gnu/24.11:v1@daint%gh200"]
+        table = daemon.cli("status").stdout
+        assert f"{new.sha256[:16]} (prgenv-gnu/24.11:latest@daint%gh200 +1)  mounted" in table
         assert [Path(m.mount_point).name for m in daemon.backing_mounts()].count(
             new.sha256[:16]) == 1
     finally:

@@ -34,7 +34,8 @@ def test_status_document_and_table() -> None:
     assert doc["mounts"][1]["hold_remaining"] == 12.346
     assert set(doc["mounts"][0]) == {"name", "image_path", "mount_point", "backing", "state",
                                      "refcount", "allocations", "hold_remaining", "mounted_at",
-                                     "error"}
+                                     "error", "labels"}
+    assert doc["mounts"][0]["labels"] == []
     table = format_table(doc)
     assert "alpha  mounted  3" in table
     assert "alloc-42(3),job-9(0+cwd),slurm-7(0+acq)" in table
