@@ -139,6 +139,7 @@ class Catalog:
     uarch: str | None = None
     _aliases: dict[str, str] = field(default_factory=dict)
     _records: tuple[Record, ...] = ()
+    _last_read: dict[Path, repository.Repository] = field(default_factory=dict)
 
     def refresh(self) -> bool:
         """Re-read the directories and map files (at start; see `reread` for the daemon).
@@ -157,7 +158,8 @@ class Catalog:
 
     def _read_sources(self) -> Sources:
         """What the directories, map files and repositories list now (blocking; touches no
-        state)."""
+        state but the last good read of each repository, kept for when its index cannot be
+        read)."""
         listing: dict[str, Path] = {}
         for directory in self.image_dirs:
             for name, path in self._scan_dir(directory).items():
@@ -176,6 +178,12 @@ class Catalog:
             repo = repository.read(root, self.system, self.uarch)
             for problem in repo.problems:
                 log.warning("uenv repository: %s", problem)
+            if repo.readable:
+                self._last_read[root] = repo
+            elif root in self._last_read:  # locked by a pull, say: what it held a moment ago
+                repo = self._last_read[root]
+                log.warning("uenv repository %s: serving the %d records of its last read",
+                            root, len(repo.records))
             for record in repo.records:
                 path = repo.image_file(record.sha256)
                 if listing.setdefault(record.id, path) != path:

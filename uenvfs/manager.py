@@ -336,13 +336,14 @@ class Manager:
         return "a new server takes over once it is ready"
 
     async def reload(self) -> str:
-        before = set(self.catalog.listing())
+        before, links = set(self.catalog.listing()), self.catalog.aliases()
         if await self.catalog.reread() is None:
             raise CommandError(errno.EIO, f"image sources gave no answer in "
                                f"{self.catalog.source_timeout:g} s; kept the listing of "
                                f"{len(before)} images")
-        after = set(self.catalog.listing())
-        self.listener.listing_changed(before ^ after)
+        after, now = set(self.catalog.listing()), self.catalog.aliases()
+        moved = {name for name in links.keys() | now.keys() if links.get(name) != now.get(name)}
+        self.listener.listing_changed((before ^ after) | moved)
         return f"{len(after)} images ({len(after - before)} added, {len(before - after)} removed)"
 
     # -- journal and recovery -------------------------------------------------------------

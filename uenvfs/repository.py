@@ -115,6 +115,7 @@ class Repository:
     path: Path
     records: list[Record] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    readable: bool = True  # False: the index itself could not be read (records empty)
 
     def image_file(self, sha256: str) -> Path:
         return self.path / "images" / sha256 / "store.squashfs"
@@ -136,11 +137,13 @@ def read(path: Path, system: str | None = None, uarch: str | None = None) -> Rep
     index = path / INDEX
     if not index.is_file():
         repo.problems.append(f"{path}: no {INDEX} (not a uenv repository)")
+        repo.readable = False
         return repo
     try:
         connection = _open(index)
     except sqlite3.Error as exc:
         repo.problems.append(f"{index}: cannot open: {exc}")
+        repo.readable = False
         return repo
     try:
         rows = connection.execute(f"SELECT {', '.join(COLUMNS)} FROM records").fetchall()
@@ -150,9 +153,11 @@ def read(path: Path, system: str | None = None, uarch: str | None = None) -> Rep
                   "unknown schema (no records view with the columns of uenv's)"
                   if "no such" in text else text)
         repo.problems.append(f"{index}: {reason}")
+        repo.readable = False
         return repo
     except sqlite3.DatabaseError as exc:
         repo.problems.append(f"{index}: not a readable SQLite database: {exc}")
+        repo.readable = False
         return repo
     finally:
         connection.close()

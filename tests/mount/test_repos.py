@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,26 @@ def test_run_takes_labels(daemon: Daemon, mount_points: None) -> None:
     done = run("prgenv-gnu/25.1", "--", "true")
     assert done.returncode == 125
     assert "no image or uenv label 'prgenv-gnu/25.1'" in done.stderr
+
+
+def test_a_pull_under_way_changes_nothing(daemon: Daemon) -> None:
+    """An index locked by a writer at a reload: the repository's last read stays served."""
+    work = daemon.root / "built"
+    new = _pulled(work, "new", "2024-11-20", "daint", "24.11", ("v1",))
+    repo = make_repository(daemon.root / "repo", [new])
+    daemon.config = f'system = "daint"\nuarch = "gh200"\nrepos = ["{repo}"]\n'
+    daemon.expect(r"uenv repository: .*index.db: locked by a writer")
+    daemon.expect(r"uenv repository .*: serving the 1 records of its last read")
+    daemon.start()
+    writer = sqlite3.connect(repo / "index.db", isolation_level=None)
+    try:
+        writer.execute("BEGIN EXCLUSIVE")
+        daemon.control("reload")
+        assert os.readlink(daemon.mountpoint / "prgenv-gnu+24.11+v1") == new.sha256[:16]
+        assert "serving the 1 records of its last read" in daemon.log()
+        writer.execute("DELETE FROM tags")
+        writer.execute("COMMIT")
+    finally:
+        writer.close()
+    daemon.control("reload")
+    assert not os.path.lexists(daemon.mountpoint / "prgenv-gnu+24.11+v1")
