@@ -20,11 +20,14 @@ Pure but for `read` (sqlite3 and a few stats): no trio, no pyfuse3.
 from __future__ import annotations
 
 import re
-import sqlite3
 import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import sqlite3
 
 INDEX = "index.db"
 COLUMNS = ("system", "uarch", "name", "version", "tag", "date", "size", "sha256", "id")
@@ -125,6 +128,8 @@ class Repository:
 
 
 def _open(index: Path) -> sqlite3.Connection:
+    import sqlite3  # here: a daemon without repositories need not load it
+
     uri = f"file:{urllib.parse.quote(str(index))}?mode=ro"
     return sqlite3.connect(uri, uri=True, timeout=LOCK_TIMEOUT)
 
@@ -133,6 +138,8 @@ def read(path: Path, system: str | None = None, uarch: str | None = None) -> Rep
     """The repository at *path*: its records of *system* and *uarch* (None: any) whose
     image file is there. Never raises: what is wrong goes to `problems`, and the records
     that can be read are kept."""
+    import sqlite3
+
     repo = Repository(path)
     index = path / INDEX
     if not index.is_file():
