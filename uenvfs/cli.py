@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import __version__, control, status
 from . import config as config_mod
-from . import control, status
 from .errors import CommandError
 
 if TYPE_CHECKING:
@@ -29,7 +29,8 @@ CHECK_TIMEOUT = 300.0  # seconds `uenvfs check` gives rdsquashfs by default
 
 EPILOG = """exit codes: 0 success; 1 the daemon refused the command or failed (the one-line
 message says why: 'Invalid argument', 'No such file or directory', 'Operation not permitted',
-'Permission denied', 'Input/output error'); 2 bad usage; 3 no uenvfs serving at the mountpoint"""
+'Permission denied', 'Input/output error'); 2 bad usage; 3 no uenvfs serving at the mountpoint;
+141 the reader of the output went away (uenvfs status | head), as a process killed by SIGPIPE"""
 
 IMAGE_EPILOG = """exit codes: 0 success; 1 failed: the image is not valid or cannot be read, the
 name is unknown, meta/env.json is missing or broken, no such view (the one-line message says
@@ -368,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="uenvfs", description="Lazy-mounting FUSE filesystem for uenv SquashFS images.",
         epilog=EPILOG,
     )
+    parser.add_argument("--version", action="version", version=f"uenvfs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str, func: Callable[[argparse.Namespace], int],
@@ -489,6 +491,18 @@ def _unreachable(args: argparse.Namespace) -> int:
     raise AssertionError("run and start are handled by run.main")
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # as a process killed by SIGPIPE: what shells report
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises nothing more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words and words[0] in RUN_COMMANDS:  # they start job steps: the short way
@@ -504,6 +518,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `uenvfs images | head`: the reader has gone; say nothing
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         print(f"uenvfs {args.command}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILED if exc.errno != errno.ENOTCONN else EXIT_NO_DAEMON
