@@ -32,6 +32,9 @@ message says why: 'Invalid argument', 'No such file or directory', 'Operation no
 'Permission denied', 'Input/output error'); 2 bad usage; 3 no uenvfs serving at the mountpoint;
 141 the reader of the output went away (uenvfs status | head), as a process killed by SIGPIPE"""
 
+CHECK_EPILOG = """exit codes: 0 the image is valid; 1 it is not, or it cannot be read, or the name
+or label is unknown or ambiguous (the one-line message says why); 2 bad usage or configuration.
+check reads the image itself (rdsquashfs from squashfs-tools-ng) and needs no running daemon."""
 IMAGE_EPILOG = """exit codes: 0 success; 1 failed: the image is not valid or cannot be read, the
 name is unknown, meta/env.json is missing or broken, no such view (the one-line message says
 why); 2 bad usage or configuration. These commands read the images themselves (with rdsquashfs from
@@ -434,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(rdsquashfs -d; file data is not read). Prints 'IMAGE: ok (...)' or fails with the "
         "reason. IMAGE is a path to an image file, or an image name or uenv label "
         "(name/version:tag@system%uarch, partial, sha256 or id) of the configured sources.")
-    p.epilog = IMAGE_EPILOG
+    p.epilog = CHECK_EPILOG
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--repo", action="append", metavar="DIR",
                    help="uenv repository (repeatable; replaces the configured ones)")
