@@ -251,6 +251,9 @@ def test_junk_never_crashes_and_rejected_changes_nothing(served: Daemon, data: b
     if code == errno.EINVAL:
         after = served.status()
         for doc in (before, after):
+            # An idle image (refcount 0) may be unmounted by its hold timer (hold time 0 here)
+            # between the two reads: that is no change of the command's.
+            doc["mounts"] = [m for m in doc["mounts"] if m["refcount"]]
             for m in doc["mounts"]:
                 m.pop("hold_remaining")
         assert after == before
