@@ -28,7 +28,7 @@ import trio
 
 from . import repository
 from .names import valid_name
-from .repository import LabelError, Record
+from .repository import LabelError, NoMatch, Record
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -209,27 +209,26 @@ class Catalog:
         return changed
 
     def alias(self, name: str) -> str | None:
-        """The image name that *name* stands for when it is a label name (listed), or a
+        """The image name that *name* stands for when it is a label link (listed), or a
         label, sha256 or id of a repository record that names one image; else None."""
-        target = self._aliases.get(name)
-        if target is not None or not self._records or name in self._listing:
-            return target  # an image's own name (its id) is the image, not a link to it
+        if name in self._listing:
+            return None  # an image's own name (its id) is the image, not a link to it
         try:
             return self.label(name)
         except LabelError:
             return None
 
     def label(self, text: str) -> str | None:
-        """The image name of the label (or sha256, or id) *text*: None if no record matches;
-        LabelError if it is not a label or matches several images (the message lists them)."""
-        if not self._records:
-            return None
+        """The image name of the label link, label, sha256 or id *text*: None if nothing
+        matches; LabelError if it is not a label or matches several images (the message
+        lists them)."""
+        target = self._aliases.get(text)
+        if target is not None or not self._records:
+            return target
         try:
             return repository.resolve(self._records, text)[0].id
-        except LabelError as exc:
-            if str(exc).startswith("no "):
-                return None
-            raise
+        except NoMatch:
+            return None
 
     def aliases(self) -> dict[str, str]:
         return dict(self._aliases)

@@ -223,7 +223,7 @@ def _find_image(text: str, file_first: bool,
         if path is not None:
             return text, path
         try:
-            name = catalog.alias(text) or catalog.label(text)
+            name = catalog.label(text)
         except LabelError as exc:
             raise CliError(str(exc)) from exc
         if name is not None:

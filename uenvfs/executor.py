@@ -66,7 +66,7 @@ class Executor:
         manager = self.manager
         if not (manager.registry.images.get(word) or manager.catalog.remembers(word)):
             try:
-                target = manager.catalog.alias(word) or manager.catalog.label(word)
+                target = manager.catalog.label(word)
             except LabelError as exc:
                 raise CommandError(errno.EINVAL, str(exc)) from exc
             if target is not None:

@@ -44,6 +44,10 @@ class LabelError(Exception):
     """A label that is not well formed, matches nothing or several images; says which."""
 
 
+class NoMatch(LabelError):
+    """A well-formed label (or sha256, or id) that no record matches."""
+
+
 @dataclass(frozen=True)
 class Label:
     """What a label asks for; None: any."""
@@ -199,12 +203,12 @@ def resolve(records: Sequence[Record], text: str) -> list[Record]:
     if _SHA256.fullmatch(text) or _ID.fullmatch(text):
         found = [r for r in records if text in (r.sha256, r.id)]
         if not found:
-            raise LabelError(f"no image with sha256 or id {text}")
+            raise NoMatch(f"no image with sha256 or id {text}")
         return found
     label = parse_label(text)
     found = [r for r in records if r.matches(label)]
     if not found:
-        raise LabelError(f"no uenv matches {text}")
+        raise NoMatch(f"no uenv matches {text}")
     images = {r.sha256 for r in found}
     if len(images) > 1:
         raise LabelError(f"{text} is ambiguous: it matches {len(images)} images: "

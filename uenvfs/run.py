@@ -118,9 +118,9 @@ def _served_name(mountpoint: Path, word: str, config_file: Path | None) -> str:
         return word  # not a label of any repository: "no image" says the rest
     try:
         return repository.resolve(records, word)[0].id
+    except repository.NoMatch:
+        return word
     except repository.LabelError as exc:
-        if str(exc).startswith("no "):
-            return word
         raise RunError(str(exc)) from exc
 
 
