@@ -214,6 +214,7 @@ async def run(config: Config, link: Link, resume: Resume | None) -> None:
         link.resumed_with(fuse_fd, ledger.fd, lock)
         server = Server(os.getpid(), time.time(), found.resumes + 1)
     manager.server = server
+    manager.metrics.started = server.started  # process_start_time_seconds, as in .status
     manager.mounter.attach(ledger)
     fs.attach(ledger)
     ledger.live = lambda: itertools.chain(fs.inodes.records(), manager.mounter.records())

@@ -287,6 +287,7 @@ class Manager:
         path = await self.catalog.resolve(name, uid)
         if self.catalog.refused > refused:
             self.metrics.inc("uenvfs_program_map_refused_total", uid=str(uid))
+            self.metrics.inc("uenvfs_program_map_refusals_total")
         return path is not None
 
     async def execute(self, command: Command) -> str:

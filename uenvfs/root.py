@@ -160,7 +160,10 @@ class MountRoot:
         """A new handle of `.status` or `.metrics` (*ino*), as of now."""
         if ino == STATUS:
             return DataHandle(ino, render_status(self.images.status()))
-        return DataHandle(ino, metrics.render(self.images.metrics, self.gauges()))
+        counters = self.images.metrics
+        gauges = self.gauges()
+        gauges.update(metrics.process_gauges(counters.started))
+        return DataHandle(ino, metrics.render(counters, gauges, self.images.listed_names()))
 
     async def control(self, caller: ControlHandle, data: bytes) -> None:
         """Apply the commands *caller* wrote, in order; the first that fails fails the write."""
