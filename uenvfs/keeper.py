@@ -423,8 +423,33 @@ def server_argv() -> list[str]:
     return [sys.executable, "-m", "uenvfs", *sys.argv[1:]]
 
 
+def kernel_refusal(code: int, release: str) -> str:
+    """The one line `serve` refuses to start with when pidfd_open failed with *code* on the
+    kernel *release*."""
+    if code == errno.ENOSYS:
+        return f"uenvfs needs Linux 5.3 or later (pidfd_open); this kernel is {release}"
+    return (f"uenvfs needs pidfd_open (Linux 5.3 or later), which fails here: "
+            f"{os.strerror(code)} (kernel {release}; a seccomp filter?)")
+
+
+def check_kernel() -> str | None:
+    """Why uenvfs cannot run on this kernel, in one line; None if it can. The keeper watches
+    its servers through pidfds: probe pidfd_open (Linux 5.3) on our own pid."""
+    if not hasattr(os, "pidfd_open"):
+        return "uenvfs needs os.pidfd_open (Linux 5.3); this Python was built without it"
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError as exc:
+        return kernel_refusal(exc.errno or errno.ENOSYS, os.uname().release)
+    return None
+
+
 def serve() -> int:
     """`uenvfs serve`: the keeper of a new connection, or of one systemd kept."""
+    refusal = check_kernel()
+    if refusal is not None:
+        print(f"uenvfs serve: {refusal}", file=sys.stderr)
+        return 1
     held = stored_fds()
     if held and ("fuse" not in held or "ledger" not in held or not fusedev.alive(held["fuse"])):
         log.warning("systemd's store holds no live FUSE connection of uenvfs; mounting anew")

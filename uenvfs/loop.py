@@ -4,16 +4,20 @@ Starting mount(8) costs a fork, an exec and the loading of libmount and libblkid
 much as the mount itself (3-6 ms of a 4 ms mount here). These functions are blocking; the
 backend (or the mounter, through `mount_file`) runs them in a worker thread.
 
-    attach: open the image read-only, LOOP_CTL_GET_FREE, LOOP_CONFIGURE (read-only, autoclear)
+    attach: open the image read-only, LOOP_CTL_GET_FREE, LOOP_CONFIGURE (read-only, autoclear);
+            a kernel before 5.8 does not know LOOP_CONFIGURE: there LOOP_SET_FD (read-only, as
+            the image and the device are open read-only), then LOOP_SET_STATUS64 (autoclear)
     mount:  mount(2) of /dev/loopN, squashfs, ro,nosuid,nodev; then close our loop fd, so that
             the mount holds the last reference and unmounting detaches the device
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import struct
 from pathlib import Path
@@ -21,6 +25,9 @@ from pathlib import Path
 LOOP_CONTROL = "/dev/loop-control"
 LOOP_CTL_GET_FREE = 0x4C82
 LOOP_CONFIGURE = 0x4C0A  # Linux 5.8
+LOOP_SET_FD = 0x4C00  # before 5.8: LOOP_SET_FD, then LOOP_SET_STATUS64 (LOOP_CLR_FD to undo)
+LOOP_CLR_FD = 0x4C01
+LOOP_SET_STATUS64 = 0x4C04
 LOOP_GET_STATUS64 = 0x4C05
 LOOP_INFO64 = "=5Q4I64s64s32s2Q"  # struct loop_info64
 LO_FLAGS_READ_ONLY = 1
@@ -29,6 +36,15 @@ LO_NAME_SIZE = 64
 MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
 MNT_DETACH = 2
 ATTEMPTS = 8  # another process may take the free device between asking and configuring it
+# What a loop device answers to a request it does not know: EINVAL (lo_ioctl's default case),
+# or ENOTTY (the 32-bit compat path, lo_compat_ioctl).
+UNKNOWN_REQUEST = (errno.EINVAL, errno.ENOTTY)
+
+# False once this kernel has shown that it does not know LOOP_CONFIGURE (before Linux 5.8):
+# from then on this process attaches with LOOP_SET_FD and LOOP_SET_STATUS64 straight away.
+use_configure = True
+
+log = logging.getLogger("uenvfs.loop")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -44,14 +60,19 @@ def _fail(call: str, code: int) -> LoopError:
     return LoopError(code, f"{call}: {os.strerror(code)}")
 
 
-def loop_config(image_fd: int, name: bytes) -> bytes:
-    """struct loop_config: fd, block_size, struct loop_info64, reserved."""
-    info = struct.pack(
+def loop_info64(name: bytes, flags: int) -> bytes:
+    """struct loop_info64 with *flags* and the file name *name* (truncated, terminated)."""
+    return struct.pack(
         LOOP_INFO64,
         0, 0, 0, 0, 0,  # device, inode, rdevice (read-only), offset, sizelimit
-        0, 0, 0, LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,  # number, encryption x2, flags
+        0, 0, 0, flags,  # number (read-only), encryption type and key size, flags
         name[: LO_NAME_SIZE - 1], b"", b"", 0, 0,
     )
+
+
+def loop_config(image_fd: int, name: bytes) -> bytes:
+    """struct loop_config: fd, block_size, struct loop_info64, reserved."""
+    info = loop_info64(name, LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR)
     return struct.pack("=II", image_fd, 0) + info + bytes(64)
 
 
@@ -64,16 +85,51 @@ def _attach(image_fd: int, name: bytes) -> tuple[int, str]:
             device = f"/dev/loop{number}"
             loop_fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                fcntl.ioctl(loop_fd, LOOP_CONFIGURE, loop_config(image_fd, name))
-            except OSError as exc:
+                _bind(loop_fd, device, image_fd, name)
+            except LoopError as exc:
                 os.close(loop_fd)
                 if exc.errno == errno.EBUSY:
                     continue  # taken meanwhile: ask again
-                raise _fail(f"LOOP_CONFIGURE {device}", exc.errno or errno.EIO) from exc
+                raise
             return loop_fd, device
     finally:
         os.close(control)
     raise _fail("no free loop device", errno.EBUSY)
+
+
+def _bind(loop_fd: int, device: str, image_fd: int, name: bytes) -> None:
+    """Bind the free loop device open as *loop_fd* to *image_fd*: read-only, autoclear."""
+    global use_configure
+    if not use_configure:
+        _set_fd(loop_fd, device, image_fd, name)
+        return
+    try:
+        fcntl.ioctl(loop_fd, LOOP_CONFIGURE, loop_config(image_fd, name))
+        return
+    except OSError as exc:
+        if exc.errno not in UNKNOWN_REQUEST:
+            raise _fail(f"LOOP_CONFIGURE {device}", exc.errno or errno.EIO) from exc
+    # Unknown, or a real EINVAL; then the old way fails too, and says why.
+    _set_fd(loop_fd, device, image_fd, name)
+    use_configure = False
+    log.info("this kernel does not know LOOP_CONFIGURE (Linux 5.8): loop devices are set "
+             "up with LOOP_SET_FD and LOOP_SET_STATUS64")
+
+
+def _set_fd(loop_fd: int, device: str, image_fd: int, name: bytes) -> None:
+    """The way before LOOP_CONFIGURE, in two steps. LOOP_SET_FD binds the device, read-only
+    as the image and the device are open read-only (LOOP_SET_STATUS64 cannot set read-only);
+    then LOOP_SET_STATUS64 sets autoclear and the file name, or LOOP_CLR_FD unbinds again."""
+    try:
+        fcntl.ioctl(loop_fd, LOOP_SET_FD, image_fd)
+    except OSError as exc:
+        raise _fail(f"LOOP_SET_FD {device}", exc.errno or errno.EIO) from exc
+    try:
+        fcntl.ioctl(loop_fd, LOOP_SET_STATUS64, loop_info64(name, LO_FLAGS_AUTOCLEAR))
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(loop_fd, LOOP_CLR_FD)
+        raise _fail(f"LOOP_SET_STATUS64 {device}", exc.errno or errno.EIO) from exc
 
 
 def mount_image(image: Path, target: Path) -> str:
