@@ -14,6 +14,7 @@ class FakeBackend:
 
     name = "fake"
     fstype = "fake"
+    timeout = 30.0
 
     def __init__(self, delay: float = 0.01) -> None:
         self.delay = delay

@@ -101,6 +101,7 @@ class MountBackend(Protocol):
 
     name: str
     fstype: str
+    timeout: float  # seconds a mount or unmount may take (mount_timeout)
 
     def missing_tools(self) -> list[str]: ...
 

@@ -27,6 +27,7 @@ from typing import TypeVar
 import trio
 
 from . import repository
+from .config import Config
 from .names import valid_name
 from .repository import LabelError, NoMatch, Record
 
@@ -140,6 +141,19 @@ class Catalog:
     _aliases: dict[str, str] = field(default_factory=dict)
     _records: tuple[Record, ...] = ()
     _last_read: dict[Path, repository.Repository] = field(default_factory=dict)
+
+    def configure(self, config: Config) -> None:
+        """Take the sources and timeouts of *config* (a reload); `reread` then reads them."""
+        if (config.system, config.uarch) != (self.system, self.uarch):
+            self._last_read.clear()  # records of another system: not a fallback any more
+        if (config.program_map, config.negative_cache) != (self.program_map, self.answer_ttl):
+            self._answers.clear()
+        self.image_dirs, self.map_files, self.repos = config.images, config.maps, config.repos
+        self.system, self.uarch, self.program_map = config.system, config.uarch, config.program_map
+        self.program_timeout, self.answer_ttl = config.program_timeout, config.negative_cache
+        self.source_timeout = config.mount_timeout
+        self._last_read = {root: read for root, read in self._last_read.items()
+                           if root in self.repos}
 
     def refresh(self) -> bool:
         """Re-read the directories and map files (at start; see `reread` for the daemon).

@@ -98,8 +98,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "backend": args.backend,
         "log_level": args.log_level,
     }
+    file = Path(args.config) if args.config else None
     try:
-        cfg = config_mod.load(Path(args.config) if args.config else None, overrides)
+        cfg = config_mod.load(file, overrides)
     except config_mod.ConfigError as exc:
         raise CliError(f"configuration: {exc}", EXIT_USAGE) from exc
     from .keeper import ENV_KEEPER, setup_logging
@@ -108,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if ENV_KEEPER in os.environ:  # started by the keeper: serve
         from .daemon import serve  # imports pyfuse3: only the server needs it
 
-        return serve(cfg)
+        return serve(cfg, lambda: config_mod.load(file, overrides))
 
     setup_logging(cfg.log_level)
     return keep()
@@ -356,15 +357,36 @@ def _server(document: dict[str, object]) -> dict[str, object]:
 
 def _command(kind: type[control.Command]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        line = kind.line_from(args)
         try:
+            line = kind.line_from(args)
             control.parse_line(line)  # catch a bad word here, with the reason, before sending
         except CommandError as exc:
             raise CliError(str(exc), EXIT_USAGE) from exc
-        send(args, line)
+        try:
+            send(args, line)
+        except CliError as exc:
+            if kind is control.Release:
+                exc.args = (str(exc) + _swapped(args),)
+            raise
         return EXIT_OK
 
     return run
+
+
+def _swapped(args: argparse.Namespace) -> str:
+    """A hint when the words of `release ALLOC NAME` look swapped ("" if they do not)."""
+    try:
+        document = read_status(args)
+    except CliError:
+        return ""
+    listed = document.get("mounts")
+    mounts = [m for m in listed if isinstance(m, dict)] if isinstance(listed, list) else []
+    names = {m["name"] for m in mounts} | {label for m in mounts for label in m.get("labels", [])}
+    allocs = {alloc for m in mounts for alloc in m.get("allocations", {})}
+    if args.name in allocs and args.alloc in names and args.alloc not in allocs:
+        return (f"; did you mean 'uenvfs release {args.name} {args.alloc}'? (release takes "
+                "the allocation first)")
+    return ""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -158,3 +158,62 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> C
         if value is not None:
             values[key] = value
     return replace(Config(), **values).checked()
+
+
+# -- what a reload can change ------------------------------------------------------------------
+
+# Applied by `reload` (SIGHUP) in the running server.
+LIVE = ("images", "maps", "repos", "system", "uarch", "program_map", "hold_time",
+        "negative_cache", "mount_timeout", "program_timeout", "log_level")
+# Set once per FUSE connection or state directory: a stop and start (which unmounts) applies
+# them; every other key takes a new server (`uenvfs restart`, `systemctl reload uenvfs`).
+CONNECTION = ("mountpoint", "state_dir", "read_ahead_kb")
+
+
+def as_json(config: Config) -> dict[str, Any]:
+    """*config* as JSON values (paths as strings), e.g. to compare with a later one."""
+    values: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, tuple):
+            value = [str(v) for v in value]
+        elif isinstance(value, Path):
+            value = str(value)
+        values[f.name] = value
+    return values
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What changed from one configuration to the next, as `key: old -> new` texts, by what
+    applies it."""
+
+    live: tuple[str, ...] = ()
+    restart: tuple[str, ...] = ()  # a new server: `uenvfs restart`
+    connection: tuple[str, ...] = ()  # a stop and start
+
+    def keys(self, kind: str) -> tuple[str, ...]:
+        return tuple(text.split(":", 1)[0] for text in getattr(self, kind))
+
+
+def changes(old: dict[str, Any], new: dict[str, Any]) -> Changes:
+    """The differences of two `as_json` configurations (a key missing from *old*, written by
+    an older uenvfs, is no change)."""
+    texts: dict[str, list[str]] = {"live": [], "restart": [], "connection": []}
+    for key, value in new.items():
+        if key not in old or old[key] == value:
+            continue
+        kind = "live" if key in LIVE else "connection" if key in CONNECTION else "restart"
+        texts[kind].append(f"{key}: {_show(old[key])} -> {_show(value)}")
+    return Changes(*(tuple(texts[k]) for k in ("live", "restart", "connection")))
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(value) + "]"
+    return "none" if value is None else str(value)
+
+
+def live_part(current: Config, new: Config) -> Config:
+    """*current* with the keys that a reload applies taken from *new*."""
+    return replace(current, **{key: getattr(new, key) for key in LIVE})

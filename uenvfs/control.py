@@ -2,7 +2,7 @@
 
 Pure: no trio, no pyfuse3. A command line is words separated by blanks:
 
-    acquire NAME ALLOC        release ALLOC [NAME]      reconcile [ALLOC ...]
+    acquire NAME ALLOC        release ALLOC [NAME]      reconcile ALLOC... | --none
     expire [NAME]             hold-time SECONDS [NAME]  emergency on|off
     force-unmount NAME        reload
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
@@ -28,6 +29,8 @@ from typing import Any, ClassVar, Literal, Self, TypeVar, dataclass_transform
 from .errors import CommandError
 from .names import valid_alloc, valid_name
 from .repository import LabelError, parse_label
+
+log = logging.getLogger(__name__)
 
 MAX_WRITE = 64 * 1024
 MAX_LINE = 4096
@@ -219,9 +222,48 @@ class Release(Command):
     name: str | None = field(default=None, metadata=NAME.meta)
 
 
-@command("reconcile", "the given allocations are all that live: release every other one")
+@command("reconcile", "the given allocations are all that live: release every other one "
+         "(--none: no allocation lives)")
 class Reconcile(Command):
+    """`reconcile ALLOC...` or `reconcile --none`. The empty form is spelled out, since a
+    command substitution that failed (`reconcile $(squeue ...)`) would otherwise release every
+    acquisition on the node. A bare `reconcile` line in `.control` keeps its old meaning,
+    `--none`, for scripts written against it; the CLI refuses it."""
+
     allocs: tuple[str, ...] = field(default=(), metadata=ALLOC.meta)
+
+    NONE: ClassVar[str] = "--none"
+
+    @classmethod
+    def from_words(cls, args: Sequence[str]) -> Self:
+        if list(args) == [cls.NONE]:
+            return cls()
+        if cls.NONE in args:
+            raise _invalid("reconcile takes allocations or --none, not both")
+        if not args:
+            log.warning("a bare 'reconcile' releases every acquisition on the node; write "
+                        "'reconcile --none' for that (an empty list may be a command that "
+                        "failed)")
+        return super().from_words(args)
+
+    def __str__(self) -> str:
+        return super().__str__() if self.allocs else f"{self.verb} {self.NONE}"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument(cls.NONE, action="store_true", dest="none",
+                            help="no allocation lives: release every acquisition on the node")
+
+    @classmethod
+    def line_from(cls, args: argparse.Namespace) -> str:
+        if args.none:
+            return f"{cls.verb} {cls.NONE}" + "".join(f" {a}" for a in args.allocs)
+        if not args.allocs:
+            raise _invalid(f"reconcile needs the live allocations, or {cls.NONE} to release "
+                           "every acquisition on the node (an empty list is refused: it may "
+                           "be a command that failed)")
+        return super().line_from(args)
 
 
 @command("expire", "unmount now every idle image (or NAME)")
@@ -259,6 +301,9 @@ class Verify(Command):
          "code, keeping every mount, count and timer (jobs notice nothing)")
 class Restart(Command):
     pass
+
+
+Reconcile.usage = f"reconcile ALLOC... | {Reconcile.NONE}"
 
 
 # -- parsing -----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import shutil
 import signal
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -34,12 +35,13 @@ from .descriptors import RESERVE, DescriptorBudget
 from .errors import CommandError, MountError, StartupError
 from .fs import UenvFS
 from .inodes import InodePrefixes
-from .keeper import ENV_KEEPER, ENV_RESUME, ENV_STANDBY, setup_logging
+from .keeper import ENV_HEARTBEAT, ENV_KEEPER, ENV_RESUME, ENV_STANDBY, HEARTBEAT, setup_logging
 from .link import Link
 from .manager import Manager
 from .ownership import clear_stale_mount, lock_state_dir
 from .resume import Resume, read_handed, restore_handles, restore_versions
 from .status import Server
+from .status import summary as status_summary
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,8 @@ def _prepare_dirs(config: Config, resuming: bool) -> None:
 
 
 async def recover(manager: Manager) -> None:
-    """Rebuild the state from the kernel's mount table and the journal (the contract's WI6)."""
+    """Rebuild the state from the kernel's mount table and the journal (invariant WI6 of
+    docs/interface.md: nothing is mounted twice, no acquisition is lost)."""
     config = manager.config
     try:
         found = journal.load(config.journal_path)
@@ -106,6 +109,8 @@ async def recover(manager: Manager) -> None:
         log.warning("journal %s unreadable (%s): recovering from the mount table alone",
                     config.journal_path, exc)
         found = None
+    if found is not None:
+        manager.restore_settings(found)
     plan = recovery.plan(found, read_mountinfo(), config.backing_root,
                          recovery.loop_backing_file)
     for entry in plan.detach:
@@ -150,7 +155,8 @@ async def _expire_on_signal(manager: Manager) -> None:
     log.info("SIGUSR1: %s", await manager.expire_idle())
 
 
-async def run(config: Config, link: Link, resume: Resume | None) -> None:
+async def run(config: Config, link: Link, resume: Resume | None,
+              reread: Callable[[], Config] | None = None) -> None:
     """Serve until a signal or an external unmount, then shut down cleanly.
 
     A new connection is mounted here and handed to the keeper; a live one (*resume*) is
@@ -169,6 +175,7 @@ async def run(config: Config, link: Link, resume: Resume | None) -> None:
     catalog.refresh()
     prefixes = InodePrefixes()  # image versions (the manager's) and directories (the fs')
     manager = Manager(config, backend, catalog, prefixes=prefixes)
+    manager.reread_config = reread
     resolver = AllocationResolver()
     _raise_fd_limit()
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -249,6 +256,7 @@ async def run(config: Config, link: Link, resume: Resume | None) -> None:
             nursery.start_soon(link.watch, name="keeper")
             nursery.start_soon(_ready_after_init, fs, manager, link, resume is not None,
                                name="ready")
+            nursery.start_soon(_report, fs, manager, link, name="report")
             with serving:
                 await pyfuse3.main(max_tasks=MAX_REQUESTS)
                 if not handing_over.is_set():
@@ -325,8 +333,19 @@ async def _ready_after_init(fs: UenvFS, manager: Manager, link: Link, resumed: b
         log.info("resumed counts checked against the processes: %s", outcome)
 
 
-def serve(config: Config) -> int:
-    """A server: started by the keeper (keeper.py), for a new connection or a live one."""
+async def _report(fs: UenvFS, manager: Manager, link: Link) -> None:
+    """Tell the keeper how we serve, every few seconds, once serving: for systemd's STATUS=,
+    and as the keeper's proof that this server's loop runs (its watchdog, see keeper.py)."""
+    interval = float(os.environ.pop(ENV_HEARTBEAT, "") or HEARTBEAT)
+    await fs.initialized.wait()
+    while True:
+        link.send("status " + status_summary(manager.status()))
+        await trio.sleep(interval)
+
+
+def serve(config: Config, reread: Callable[[], Config] | None = None) -> int:
+    """A server: started by the keeper (keeper.py), for a new connection or a live one.
+    *reread* reads the configuration again (file and flags), for `reload`."""
     setup_logging(config.log_level)
     try:
         link = Link(int(os.environ.pop(ENV_KEEPER)))
@@ -336,7 +355,7 @@ def serve(config: Config) -> int:
         if resume is not None:
             resume.standby = bool(standby)
         with fastloop.installed(linger=config.linger_us / 1e6):  # warns if pyfuse3 is unknown
-            trio.run(run, config, link, resume)
+            trio.run(run, config, link, resume, reread)
     except StartupError as exc:
         log.error("%s", exc)
         return 1

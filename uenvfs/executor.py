@@ -94,7 +94,15 @@ class Executor:
     @handles(Release)
     async def release(self, cmd: Release) -> str:
         manager = self.manager
-        name = None if cmd.name is None else await self._image(cmd.name)
+        try:
+            name = None if cmd.name is None else await self._image(cmd.name)
+        except CommandError as exc:
+            swapped = cmd.name in manager.registry.allocations() and await manager.known(cmd.alloc)
+            if exc.errno == errno.ENOENT and swapped:
+                raise CommandError(errno.ENOENT, f"{exc}; did you mean 'release "
+                                   f"{cmd.name} {cmd.alloc}'? (release takes the allocation "
+                                   "first)") from exc
+            raise
         names = None if name is None else [name]
         if name is not None and cmd.alloc not in manager.registry[name].users:
             raise CommandError(errno.ENOENT, f"{cmd.alloc} does not use {cmd.name}")
@@ -128,12 +136,13 @@ class Executor:
 
     @handles(HoldTime)
     async def hold_time(self, cmd: HoldTime) -> str:
-        registry = self.manager.registry
+        manager = self.manager
         if cmd.name is None:
-            registry.hold_time = cmd.seconds
+            manager.registry.hold_time = manager.hold_time_set = cmd.seconds
         else:
-            registry[await self._image(cmd.name)].hold_time = cmd.seconds
-        self.manager.timer.wake()
+            manager.registry[await self._image(cmd.name)].hold_time = cmd.seconds
+        manager.timer.wake()
+        await manager.journal.durable()  # it outlives a restart, as an acquisition does
         return f"hold time {cmd.seconds:g} s"
 
     @handles(Emergency)
@@ -143,6 +152,7 @@ class Executor:
             log.warning("emergency mode ON: force-unmount is allowed")
         else:
             log.info("emergency mode off")
+        await self.manager.journal.durable()  # it outlives a restart, as an acquisition does
         return "emergency " + ("on" if self.emergency else "off")
 
     @handles(ForceUnmount)

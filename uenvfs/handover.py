@@ -7,7 +7,7 @@ running hold timers (as time left), failed images with their error and retry tim
 processes sitting in images, and the last verification. Times are carried as seconds left, so
 the deadlines stay where they were.
 
-    {"hold_time": 60.0, "emergency": false, "verify": null,
+    {"hold_time": 60.0, "hold_time_set": null, "emergency": false, "verify": null,
      "images": {"x": {"hold_time": 5.0, "phase": "holding", "hold_left": 3.2,
                       "error": null, "retry_in": 0.0, "acquired": ["job-1"],
                       "cwd": {"job-2": 1}}}}
@@ -40,7 +40,8 @@ def capture(manager: Manager) -> dict[str, Any]:
             "acquired": sorted(a for a, u in image.users.items() if u.acquired),
             "cwd": {a: u.cwd for a, u in image.users.items() if u.cwd},
         }
-    return {"hold_time": registry.hold_time, "emergency": manager.executor.emergency,
+    return {"hold_time": registry.hold_time, "hold_time_set": manager.hold_time_set,
+            "emergency": manager.executor.emergency,
             "verify": manager.last_verify, "images": images}
 
 
@@ -49,7 +50,13 @@ def apply(manager: Manager, document: dict[str, Any]) -> None:
     ledger's handles were counted again."""
     registry = manager.registry
     now = manager.clock()
-    registry.hold_time = float(document["hold_time"])
+    if "hold_time_set" in document:
+        # The configured hold time is the new server's own (a restart applies a changed
+        # configuration); one set by `hold-time` goes on.
+        if document["hold_time_set"] is not None:
+            registry.hold_time = manager.hold_time_set = float(document["hold_time_set"])
+    else:  # handed over by an older server, which kept no difference
+        registry.hold_time = float(document["hold_time"])
     manager.executor.emergency = bool(document["emergency"])
     manager.last_verify = document.get("verify")
     for name, was in document["images"].items():

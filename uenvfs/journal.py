@@ -1,15 +1,22 @@
-"""The crash-safe journal: every backing mount the daemon made and every acquired allocation.
+"""The crash-safe journal: every backing mount the daemon made, every acquired allocation,
+and the operator's settings made by command.
 
 Written atomically (temp file, fsync, rename, fsync of the directory) whenever it changes, so
-that after a crash or a restart the daemon finds its mounts and the allocations that acquired
-them (the contract's WI6). The kernel's mount table stays the authority on what is mounted: the
-journal only adds what the mount table cannot say (image identity, acquisitions).
+that after a crash or a restart the daemon finds its mounts, the allocations that acquired
+them, and the hold times and emergency mode set through `.control` (invariant WI6 in
+docs/interface.md). The kernel's mount table stays the authority on what is mounted: the
+journal only adds what the mount table cannot say (image identity, acquisitions, settings).
 
     {"version": 1,
      "mounts": {"pytorch-2.5": {"image_path": "/images/pytorch-2.5.sqfs",
                                 "backing": "/run/pact/uenvfs/mnt/pytorch-2.5",
                                 "identity": [64769, 1234, 104857600, 1732950000000000000],
-                                "acquired": ["slurm-7"]}}}
+                                "acquired": ["slurm-7"], "mounted_at": 1732950000.0}},
+     "hold_time": 5.0, "hold_times": {"pytorch-2.5": 600.0}, "emergency": false}
+
+`hold_time` is the global hold time set by `hold-time SECONDS` (null: the configured one),
+`hold_times` those set for single images. The three settings are optional when read, so a
+journal written by an older uenvfs reads as "nothing set", and an older uenvfs ignores them.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
 from collections.abc import Mapping
@@ -56,10 +64,15 @@ class MountRecord:
 @dataclass(frozen=True)
 class Journal:
     mounts: Mapping[str, MountRecord] = field(default_factory=dict)
+    hold_time: float | None = None  # set by `hold-time SECONDS`; None: the configured one
+    hold_times: Mapping[str, float] = field(default_factory=dict)  # `hold-time SECONDS NAME`
+    emergency: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"version": VERSION,
-                "mounts": {name: r.to_json() for name, r in sorted(self.mounts.items())}}
+                "mounts": {name: r.to_json() for name, r in sorted(self.mounts.items())},
+                "hold_time": self.hold_time, "hold_times": dict(sorted(self.hold_times.items())),
+                "emergency": self.emergency}
 
 
 def _record(name: str, raw: Any) -> MountRecord:
@@ -98,7 +111,25 @@ def parse(data: bytes) -> Journal:
     mounts = raw.get("mounts")
     if not isinstance(mounts, dict):
         raise JournalError("no mounts table")
-    return Journal({name: _record(name, entry) for name, entry in mounts.items()})
+    hold_time, hold_times = raw.get("hold_time"), raw.get("hold_times", {})
+    emergency = raw.get("emergency", False)
+    if hold_time is not None and not _seconds(hold_time):
+        raise JournalError(f"bad hold_time {hold_time!r}")
+    if not isinstance(hold_times, dict) or not all(
+        valid_name(name) and _seconds(value) for name, value in hold_times.items()
+    ):
+        raise JournalError("bad hold_times table")
+    if not isinstance(emergency, bool):
+        raise JournalError(f"bad emergency {emergency!r}")
+    return Journal({name: _record(name, entry) for name, entry in mounts.items()},
+                   None if hold_time is None else float(hold_time),
+                   {name: float(value) for name, value in hold_times.items()}, emergency)
+
+
+def _seconds(value: Any) -> bool:
+    """Whether *value* is a hold time: a finite number >= 0."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value) and value >= 0)
 
 
 def load(path: Path) -> Journal | None:

@@ -52,6 +52,8 @@ ENV_RESUME = "UENVFS_RESUME"  # in a server: fuse,ledger,lock descriptors to res
 ENV_SERVER = "UENVFS_SERVER"  # in a keeper started by a server: pid, and the server's argv
 ENV_STANDBY = "UENVFS_STANDBY"  # in a server started by `restart`: wait for "go"
 ENV_FDSTORE = "UENVFS_FDSTORE"  # in a server: systemd keeps the connection too (see Link)
+ENV_HEARTBEAT = "UENVFS_HEARTBEAT"  # in a server: seconds between its "status" messages
+HEARTBEAT = 5.0  # seconds between a server's "status" messages, at most
 FD_NAMES = ("fuse", "ledger")  # the names of the descriptors in systemd's store
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 # A server that dies before it serves is started again after these pauses (one more each
@@ -76,6 +78,16 @@ def _sd_notify(message: str, fds: Sequence[int] = ()) -> None:
             socket.send_fds(sock, [message.encode()], list(fds))
     except OSError as exc:
         log.warning("cannot notify systemd at %s: %s", address, exc)
+
+
+def watchdog_seconds() -> float:
+    """systemd's WatchdogSec= for this process, in seconds (0: none); taken from the
+    environment, so that no server sees it."""
+    usec = os.environ.pop("WATCHDOG_USEC", "")
+    pid = os.environ.pop("WATCHDOG_PID", "")
+    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return 0.0
+    return int(usec) / 1e6
 
 
 def stored_fds() -> dict[str, int]:
@@ -108,6 +120,8 @@ class Child:
     serving: bool = False  # it said "ready"
     standby: bool = False  # a new server that said it is ready to take over
     handed: int | None = None  # the state an old server handed over (a memfd)
+    heard: float = 0.0  # when it last said something (time.monotonic())
+    status: str = ""  # the last STATUS= it asked for
 
 
 class Keeper:
@@ -129,6 +143,8 @@ class Keeper:
         self.pending: list[int] = []  # signals for the next server
         self.ready_told = False
         self.restart_first = False  # a re-executed keeper: restart the server at once
+        self.watchdog = watchdog_seconds()  # systemd's WatchdogSec=, if set
+        self.pinged = 0.0  # when we last told systemd WATCHDOG=1
 
     # -- servers ------------------------------------------------------------------------
 
@@ -143,6 +159,8 @@ class Keeper:
             env[ENV_FDSTORE] = "1"
         if standby:
             env[ENV_STANDBY] = "1"
+        if self.watchdog:
+            env[ENV_HEARTBEAT] = f"{min(HEARTBEAT, self.watchdog / 4):g}"
         pass_fds = [theirs.fileno()]
         if resume:
             fds = [self.held.get(n, -1) for n in ("fuse", "ledger", "lock")]
@@ -152,7 +170,7 @@ class Keeper:
             env.pop(ENV_RESUME, None)
         process = subprocess.Popen(self.server_argv, env=env, pass_fds=pass_fds)
         theirs.close()
-        child = Child(process.pid, os.pidfd_open(process.pid), ours)
+        child = Child(process.pid, os.pidfd_open(process.pid), ours, heard=time.monotonic())
         log.info("started server pid %d%s", process.pid,
                  " to take over the connection" if standby else
                  " to resume the connection" if resume else "")
@@ -189,6 +207,7 @@ class Keeper:
             for fd in fds:
                 os.close(fd)
             return False
+        child.heard = time.monotonic()
         word, _, rest = data.decode().partition(" ")
         if word == "hold":
             self._hold(dict(zip(("fuse", "ledger", "lock"), fds, strict=False)))
@@ -205,7 +224,8 @@ class Keeper:
         elif word == "stopping":
             self.stopping = True
             _sd_notify("STOPPING=1")
-        elif word == "status":
+        elif word == "status" and rest != child.status and child is self.current:
+            child.status = rest
             _sd_notify(f"STATUS={rest}")
         elif word == "restart":
             self._reexec()
@@ -324,6 +344,8 @@ class Keeper:
                 poll.register(child.pidfd, select.POLLIN)
                 if child.sock.fileno() >= 0:
                     poll.register(child.sock.fileno(), select.POLLIN)
+            if self.watchdog:
+                timeout = min(timeout if timeout is not None else 1 << 30, self._watch())
             try:
                 events = dict(poll.poll(timeout))
             except InterruptedError:
@@ -346,6 +368,25 @@ class Keeper:
                     if code is not None:
                         return code
             self._reap_strays()
+
+    def _watch(self) -> int:
+        """systemd's watchdog (WatchdogSec=): tell it that the keeper runs, and kill a
+        serving server that has said nothing for that long (its loop hangs: a new server
+        then resumes the connection, as after a crash). Returns the milliseconds until the
+        next look."""
+        now = time.monotonic()
+        child = self.current
+        if child is not None and child.serving and now - child.heard > self.watchdog:
+            log.error("server pid %d said nothing for %.1f s (WatchdogSec=%g): killing it; a "
+                      "new one resumes the connection", child.pid, now - child.heard,
+                      self.watchdog)
+            child.heard = now  # once: its exit comes through its pidfd
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
+        if now - self.pinged >= self.watchdog / 4:
+            self.pinged = now
+            _sd_notify("WATCHDOG=1")
+        return max(1, int((self.pinged + self.watchdog / 4 - now) * 1000))
 
     def _reap_strays(self) -> None:
         """Reap children we do not track: an old server that exited while this keeper was

@@ -19,9 +19,10 @@ from typing import Any
 
 import trio
 
+from . import config as config_mod
 from .backend import MountBackend
 from .catalog import Catalog
-from .config import Config
+from .config import Config, ConfigError
 from .control import Command
 from .errors import CommandError, JournalWriteFailed, MountError, MountFailed, RefcountInconsistency
 from .executor import Executor
@@ -64,6 +65,9 @@ class Manager:
         self.catalog = catalog
         self.clock = clock
         self.registry = Registry(config.hold_time)
+        # The global hold time set by `hold-time` (None: the configured one). It is journaled,
+        # so it outlives a restart; a reload that changes the configured one replaces it.
+        self.hold_time_set: float | None = None
         self.metrics = Metrics()
         self.mounts: dict[str, Mount] = {}  # serving: MOUNTED or HOLDING
         self._unmounting: dict[str, Mount] = {}  # being detached by their unmount task
@@ -85,6 +89,8 @@ class Manager:
         self.last_verify: dict[str, Any] | None = None  # the last `verify`: when, what differed
         self.server: Server | None = None  # the process serving (set by the daemon)
         self.restarter: Callable[[], None] | None = None  # asks the keeper for a new server
+        # Reads the configuration file again (with the command line's flags), for `reload`.
+        self.reread_config: Callable[[], Config] | None = None
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -337,6 +343,49 @@ class Manager:
         return "a new server takes over once it is ready"
 
     async def reload(self) -> str:
+        """Re-read the configuration file, apply what can change live, then re-read the
+        image sources. A configuration that cannot be used changes nothing (EINVAL)."""
+        configured = await self._reconfigure()
+        return configured + await self._reread_sources()
+
+    async def _reconfigure(self) -> str:
+        if self.reread_config is None:
+            return ""
+        try:
+            new = await trio.to_thread.run_sync(self.reread_config)
+        except ConfigError as exc:
+            raise CommandError(errno.EINVAL, f"{exc}; nothing changed") from exc
+        found = config_mod.changes(config_mod.as_json(self.config), config_mod.as_json(new))
+        if found.live:
+            self._apply_config(new, found.keys("live"))
+            log.info("reload: configuration applied: %s", "; ".join(found.live))
+        if found.restart:
+            log.warning("reload: configuration changes that take a new server (uenvfs "
+                        "restart, or systemctl reload uenvfs): %s", "; ".join(found.restart))
+        if found.connection:
+            log.warning("reload: configuration changes that take a stop and start of uenvfs "
+                        "(it unmounts: release every image first): %s",
+                        "; ".join(found.connection))
+        waiting = len(found.restart) + len(found.connection)
+        return (f"configuration: {len(found.live)} changes applied"
+                + (f", {waiting} need a restart (see the log)" if waiting else "") + "; ")
+
+    def _apply_config(self, new: Config, keys: Collection[str]) -> None:
+        """Take the live keys of *new* (`config.LIVE`) that changed, *keys*."""
+        self.config = self.mounter.config = config_mod.live_part(self.config, new)
+        self.catalog.configure(self.config)
+        self.backend.timeout = self.config.mount_timeout
+        if "hold_time" in keys:
+            if self.hold_time_set is not None:
+                log.info("the configured hold time replaces the one set by hold-time (%g s)",
+                         self.hold_time_set)
+            self.registry.hold_time, self.hold_time_set = self.config.hold_time, None
+            self.timer.wake()
+            self.journal.soon()
+        if "log_level" in keys:
+            logging.getLogger().setLevel(self.config.log_level.upper())
+
+    async def _reread_sources(self) -> str:
         before, links = set(self.catalog.listing()), self.catalog.aliases()
         if await self.catalog.reread() is None:
             raise CommandError(errno.EIO, f"image sources gave no answer in "
@@ -350,14 +399,31 @@ class Manager:
     # -- journal and recovery -------------------------------------------------------------
 
     def journal_state(self) -> Journal:
-        """What must survive a crash: the backing mounts and the allocations that acquired them."""
+        """What must survive a crash: the backing mounts, the allocations that acquired them,
+        and the settings made by command (hold times, emergency mode)."""
         records = {}
         for mounts in (self.mounts, self._unmounting):
             for name, mount in mounts.items():
                 acquired = tuple(a for a, u in self.registry[name].users.items() if u.acquired)
                 records[name] = MountRecord(str(mount.image_path), str(mount.backing),
                                             mount.version.identity, acquired, mount.mounted_at)
-        return Journal(records)
+        hold_times = {i.name: i.hold_time for i in self.registry if i.hold_time is not None}
+        return Journal(records, self.hold_time_set, hold_times, self.executor.emergency)
+
+    def restore_settings(self, found: Journal) -> None:
+        """Take back the settings made by command before a restart (see `journal_state`)."""
+        if found.hold_time is not None:
+            self.hold_time_set = self.registry.hold_time = found.hold_time
+            log.info("hold time %g s, as set by hold-time before the restart (configured: %g s)",
+                     found.hold_time, self.config.hold_time)
+        for name, seconds in found.hold_times.items():
+            self.registry[name].hold_time = seconds
+        if found.hold_times:
+            log.info("hold times of single images, as set before the restart: %s",
+                     ", ".join(f"{n} {s:g} s" for n, s in sorted(found.hold_times.items())))
+        if found.emergency:
+            self.executor.emergency = True
+            log.warning("emergency mode ON, as before the restart: force-unmount is allowed")
 
     def adopt(self, found: Adoption) -> None:
         """Serve a backing mount found at start-up: refcount 0 and its hold timer, plus the

@@ -178,3 +178,12 @@ def format_table(document: Mapping[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1]
              for r in rows]
     return head + "\n" + "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def summary(document: Mapping[str, Any]) -> str:
+    """One line for systemd's STATUS= (`systemctl status uenvfs`)."""
+    states = [mount["state"] for mount in document["mounts"]]
+    allocations = {alloc for mount in document["mounts"] for alloc in mount["allocations"]}
+    emergency = "; EMERGENCY MODE" if document["emergency"] else ""
+    return (f"{states.count('mounted')} images in use, {states.count('holding')} held idle, "
+            f"{states.count('failed')} failed; {len(allocations)} allocations{emergency}")

@@ -54,3 +54,24 @@ def test_a_bad_value_is_refused_with_its_reason(tmp_path: Path, text: str, messa
 def test_a_missing_file_given_by_name_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="No such file"):
         config.load(tmp_path / "absent.toml")
+
+
+def test_changes_say_what_a_reload_applies_and_what_takes_a_restart(tmp_path: Path) -> None:
+    old = config.load(write(tmp_path, 'hold_time = 60\nlinger_us = 100\n'))
+    new = config.load(write(tmp_path, 'hold_time = 30\nlinger_us = 0\nmaps = ["/etc/m"]\n'
+                                      'read_ahead_kb = 128\nlog_level = "DEBUG"\n'))
+    found = config.changes(config.as_json(old), config.as_json(new))
+    assert found.live == ("maps: [] -> [/etc/m]", "hold_time: 60.0 -> 30.0",
+                          "log_level: INFO -> DEBUG")
+    assert found.restart == ("linger_us: 100 -> 0",)
+    assert found.connection == ("read_ahead_kb: 1024 -> 128",)
+    assert found.keys("live") == ("maps", "hold_time", "log_level")
+    applied = config.live_part(old, new)
+    assert (applied.hold_time, applied.maps, applied.log_level) == (30.0, (Path("/etc/m"),),
+                                                                   "DEBUG")
+    assert (applied.linger_us, applied.read_ahead_kb) == (100, 1024)  # not applied live
+    # Every key is in exactly one group, and a key an older server did not know is no change.
+    assert not set(config.LIVE) & set(config.CONNECTION)
+    assert set(config.LIVE) | set(config.CONNECTION) <= set(config.as_json(old))
+    assert config.changes({"hold_time": 60.0}, config.as_json(new)).live == (
+        "hold_time: 60.0 -> 30.0",)

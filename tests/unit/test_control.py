@@ -33,7 +33,8 @@ from uenvfs.errors import CommandError
         ("acquire pytorch-2.5 alloc-42", Acquire("pytorch-2.5", "alloc-42")),
         ("  release   slurm-7  ", Release("slurm-7")),
         ("release slurm-7 img", Release("slurm-7", "img")),
-        ("reconcile", Reconcile()),
+        ("reconcile --none", Reconcile()),
+        ("reconcile", Reconcile()),  # the old spelling of --none, kept for .control
         ("reconcile a b c", Reconcile(("a", "b", "c"))),
         ("expire", Expire()),
         ("expire img", Expire("img")),
@@ -66,6 +67,9 @@ def test_parse_line(line: str, command: Command) -> None:
         ("emergency maybe", "usage: emergency on|off"),
         ("force-unmount", "usage"),
         ("reload now", "usage: reload"),
+        ("reconcile --none a", "allocations or --none, not both"),
+        ("reconcile a --none", "allocations or --none, not both"),
+        ("reconcile --all", "invalid allocation id '--all'"),
         ("expire a b", "usage"),
         ("x" * 5000, "longer than"),
     ],
@@ -102,7 +106,7 @@ def test_the_table_has_every_command_with_its_usage() -> None:
     assert {verb: kind.usage for verb, kind in COMMANDS.items()} == {
         "acquire": "acquire NAME ALLOC",
         "release": "release ALLOC [NAME]",
-        "reconcile": "reconcile [ALLOC ...]",
+        "reconcile": "reconcile ALLOC... | --none",
         "expire": "expire [NAME]",
         "hold-time": "hold-time SECONDS [NAME]",
         "emergency": "emergency on|off",
@@ -125,7 +129,7 @@ def test_the_table_has_every_command_with_its_usage() -> None:
         (["acquire", "img", "alloc-1"], "acquire img alloc-1"),
         (["release", "alloc-1"], "release alloc-1"),
         (["release", "alloc-1", "img"], "release alloc-1 img"),
-        (["reconcile"], "reconcile"),
+        (["reconcile", "--none"], "reconcile --none"),
         (["reconcile", "a", "b"], "reconcile a b"),
         (["expire"], "expire"),
         (["hold-time", "0.30000001", "img"], "hold-time 0.30000001 img"),  # sent as typed
@@ -139,3 +143,16 @@ def test_cli_arguments_give_the_line(argv: list[str], line: str) -> None:
     parser = argparse.ArgumentParser()
     kind.add_arguments(parser)
     assert kind.line_from(parser.parse_args(argv[1:])) == line
+
+
+def test_the_cli_refuses_a_reconcile_without_allocations() -> None:
+    """An empty list may be a `$(squeue ...)` that failed: releasing everything then would
+    drop every job's acquisitions, so the empty form must be spelled --none."""
+    parser = argparse.ArgumentParser()
+    Reconcile.add_arguments(parser)
+    with pytest.raises(CommandError, match="--none to release every acquisition") as info:
+        Reconcile.line_from(parser.parse_args([]))
+    assert info.value.errno == errno.EINVAL
+    line = Reconcile.line_from(parser.parse_args(["--none", "a"]))
+    with pytest.raises(CommandError, match="not both"):
+        parse_line(line)  # the CLI parses every line before it sends it

@@ -25,6 +25,31 @@ def test_roundtrip(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["journal.json"]  # no temp file left
 
 
+def test_settings_roundtrip_and_an_older_journal_has_none(tmp_path: Path) -> None:
+    path = tmp_path / "journal.json"
+    data = Journal({"a": RECORD}, hold_time=5.0, hold_times={"a": 600.0, "b": 0.0},
+                   emergency=True)
+    journal.save(path, data)
+    assert journal.load(path) == data
+    older = b'{"version": 1, "mounts": {}}'  # written before the settings were journaled
+    assert journal.parse(older) == Journal()
+    assert (journal.parse(older).hold_time, journal.parse(older).emergency) == (None, False)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b'{"version": 1, "mounts": {}, "hold_time": -1}',
+     b'{"version": 1, "mounts": {}, "hold_time": true}',
+     b'{"version": 1, "mounts": {}, "hold_times": {"../x": 5}}',
+     b'{"version": 1, "mounts": {}, "hold_times": {"a": "5"}}',
+     b'{"version": 1, "mounts": {}, "hold_times": []}',
+     b'{"version": 1, "mounts": {}, "emergency": 1}'],
+)
+def test_bad_settings_are_a_journal_error(data: bytes) -> None:
+    with pytest.raises(JournalError):
+        journal.parse(data)
+
+
 @pytest.mark.parametrize(
     "data",
     [b"", b"{", b"\xff\xfe", b"[]", b'{"version": 2, "mounts": {}}', b'{"version": 1}',
