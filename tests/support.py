@@ -81,7 +81,8 @@ class Daemon:
     """A `uenvfs serve` process on a mountpoint inside the test's tmp_path."""
 
     root: Path
-    hold_time: float = 60.0
+    hold_time: float | None = 60.0  # None: no --hold-time flag (the configuration file's)
+    log_level_flag: bool = True  # False: no --log-level flag (the configuration file's)
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
@@ -117,8 +118,10 @@ class Daemon:
         return [
             sys.executable, "-m", "uenvfs", "serve",
             "--mountpoint", str(self.mountpoint), "--images", str(self.images),
-            "--state-dir", str(self.state_dir), "--hold-time", str(self.hold_time),
-            "--log-level", "DEBUG" if os.environ.get("UENVFS_TEST_DEBUG") else "INFO",
+            "--state-dir", str(self.state_dir),
+            *(["--hold-time", str(self.hold_time)] if self.hold_time is not None else []),
+            *(["--log-level", "DEBUG" if os.environ.get("UENVFS_TEST_DEBUG") else "INFO"]
+              if self.log_level_flag else []),
             "--config", str(self._config_file()),
             *self.extra_args,
         ]

@@ -167,7 +167,7 @@ class Executor:
 
     @handles(Restart)
     async def restart(self, cmd: Restart) -> str:
-        return self.manager.restart()
+        return await self.manager.restart()
 
     @handles(Verify)
     async def verify(self, cmd: Verify) -> str:

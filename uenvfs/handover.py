@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from . import config as config_mod
 from .manager import Manager
 from .state import Phase
 
@@ -40,7 +41,8 @@ def capture(manager: Manager) -> dict[str, Any]:
             "acquired": sorted(a for a, u in image.users.items() if u.acquired),
             "cwd": {a: u.cwd for a, u in image.users.items() if u.cwd},
         }
-    return {"hold_time": registry.hold_time, "hold_time_set": manager.hold_time_set,
+    return {"config": config_mod.as_json(manager.config),
+            "hold_time": registry.hold_time, "hold_time_set": manager.hold_time_set,
             "emergency": manager.executor.emergency,
             "verify": manager.last_verify, "images": images}
 
@@ -50,13 +52,11 @@ def apply(manager: Manager, document: dict[str, Any]) -> None:
     ledger's handles were counted again."""
     registry = manager.registry
     now = manager.clock()
-    if "hold_time_set" in document:
-        # The configured hold time is the new server's own (a restart applies a changed
-        # configuration); one set by `hold-time` goes on.
-        if document["hold_time_set"] is not None:
-            registry.hold_time = manager.hold_time_set = float(document["hold_time_set"])
-    else:  # handed over by an older server, which kept no difference
+    _log_config(document.get("config"), manager)
+    if "hold_time_set" not in document:  # an older server's, which journaled no hold time
         registry.hold_time = float(document["hold_time"])
+    # else: the journal had it (Manager.restore_settings), and the configuration may have
+    # changed it since, as a reload would
     manager.executor.emergency = bool(document["emergency"])
     manager.last_verify = document.get("verify")
     for name, was in document["images"].items():
@@ -71,3 +71,15 @@ def apply(manager: Manager, document: dict[str, Any]) -> None:
         elif image.phase is Phase.UNMOUNTED and was["phase"] == Phase.FAILED.value:
             image.failed_before(now, was["error"] or "failed", was["retry_in"])
     manager.timer.wake()
+
+
+def _log_config(old: Any, manager: Manager) -> None:
+    """Say what the new server's configuration changed (a restart applies the file)."""
+    if not isinstance(old, dict):
+        return
+    found = config_mod.changes(old, config_mod.as_json(manager.config))
+    if found.live or found.restart:
+        log.info("restart: configuration now in force: %s", "; ".join(found.live + found.restart))
+    if found.connection:
+        log.warning("restart: configuration changes that take a stop and start of uenvfs, "
+                    "not applied to this connection: %s", "; ".join(found.connection))

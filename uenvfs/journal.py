@@ -12,10 +12,13 @@ journal only adds what the mount table cannot say (image identity, acquisitions,
                                 "backing": "/run/pact/uenvfs/mnt/pytorch-2.5",
                                 "identity": [64769, 1234, 104857600, 1732950000000000000],
                                 "acquired": ["slurm-7"], "mounted_at": 1732950000.0}},
-     "hold_time": 5.0, "hold_times": {"pytorch-2.5": 600.0}, "emergency": false}
+     "hold_time": 5.0, "hold_time_configured": 60.0, "hold_times": {"pytorch-2.5": 600.0},
+     "emergency": false}
 
-`hold_time` is the global hold time set by `hold-time SECONDS` (null: the configured one),
-`hold_times` those set for single images. The three settings are optional when read, so a
+`hold_time` is the global hold time set by `hold-time SECONDS` (null: the configured one), and
+`hold_time_configured` the configured one at that time: if the configuration says otherwise at
+the next start, the configuration wins (as at a `reload` that changes it). `hold_times` are
+those set for single images. The three settings are optional when read, so a
 journal written by an older uenvfs reads as "nothing set", and an older uenvfs ignores them.
 """
 
@@ -65,13 +68,15 @@ class MountRecord:
 class Journal:
     mounts: Mapping[str, MountRecord] = field(default_factory=dict)
     hold_time: float | None = None  # set by `hold-time SECONDS`; None: the configured one
+    hold_time_configured: float | None = None  # the configured one when that was set
     hold_times: Mapping[str, float] = field(default_factory=dict)  # `hold-time SECONDS NAME`
     emergency: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"version": VERSION,
                 "mounts": {name: r.to_json() for name, r in sorted(self.mounts.items())},
-                "hold_time": self.hold_time, "hold_times": dict(sorted(self.hold_times.items())),
+                "hold_time": self.hold_time, "hold_time_configured": self.hold_time_configured,
+                "hold_times": dict(sorted(self.hold_times.items())),
                 "emergency": self.emergency}
 
 
@@ -112,9 +117,10 @@ def parse(data: bytes) -> Journal:
     if not isinstance(mounts, dict):
         raise JournalError("no mounts table")
     hold_time, hold_times = raw.get("hold_time"), raw.get("hold_times", {})
-    emergency = raw.get("emergency", False)
-    if hold_time is not None and not _seconds(hold_time):
-        raise JournalError(f"bad hold_time {hold_time!r}")
+    configured, emergency = raw.get("hold_time_configured"), raw.get("emergency", False)
+    for key, value in (("hold_time", hold_time), ("hold_time_configured", configured)):
+        if value is not None and not _seconds(value):
+            raise JournalError(f"bad {key} {value!r}")
     if not isinstance(hold_times, dict) or not all(
         valid_name(name) and _seconds(value) for name, value in hold_times.items()
     ):
@@ -123,6 +129,7 @@ def parse(data: bytes) -> Journal:
         raise JournalError(f"bad emergency {emergency!r}")
     return Journal({name: _record(name, entry) for name, entry in mounts.items()},
                    None if hold_time is None else float(hold_time),
+                   None if configured is None else float(configured),
                    {name: float(value) for name, value in hold_times.items()}, emergency)
 
 

@@ -335,10 +335,24 @@ class Manager:
         await self.journal.durable()
         return f"force-unmounted {name}"
 
-    def restart(self) -> str:
-        """Have a new server started from the installed code take over (see keeper.py)."""
+    async def restart(self) -> str:
+        """Have a new server started from the installed code take over (see keeper.py).
+
+        Refused (EINVAL) if the configuration file cannot be used, or changes what only a
+        stop and start can (`config.CONNECTION`): the new server would serve the old
+        connection with them."""
         if self.restarter is None:
             raise CommandError(errno.EOPNOTSUPP, "this server has no keeper to restart it")
+        if self.reread_config is not None:
+            try:
+                new = await trio.to_thread.run_sync(self.reread_config)
+            except ConfigError as exc:
+                raise CommandError(errno.EINVAL, f"{exc}; no restart") from exc
+            found = config_mod.changes(config_mod.as_json(self.config), config_mod.as_json(new))
+            if found.connection:
+                raise CommandError(errno.EINVAL, "the configuration changes what only a stop "
+                                   f"and start of uenvfs can: {'; '.join(found.connection)}; "
+                                   "no restart")
         self.restarter()
         return "a new server takes over once it is ready"
 
@@ -408,14 +422,20 @@ class Manager:
                 records[name] = MountRecord(str(mount.image_path), str(mount.backing),
                                             mount.version.identity, acquired, mount.mounted_at)
         hold_times = {i.name: i.hold_time for i in self.registry if i.hold_time is not None}
-        return Journal(records, self.hold_time_set, hold_times, self.executor.emergency)
+        configured = None if self.hold_time_set is None else self.config.hold_time
+        return Journal(records, self.hold_time_set, configured, hold_times,
+                       self.executor.emergency)
 
     def restore_settings(self, found: Journal) -> None:
         """Take back the settings made by command before a restart (see `journal_state`)."""
-        if found.hold_time is not None:
+        configured = self.config.hold_time
+        if found.hold_time is not None and found.hold_time_configured not in (None, configured):
+            log.info("hold time %g s, as configured now (hold-time had set %g s when %g s was "
+                     "configured)", configured, found.hold_time, found.hold_time_configured)
+        elif found.hold_time is not None:
             self.hold_time_set = self.registry.hold_time = found.hold_time
             log.info("hold time %g s, as set by hold-time before the restart (configured: %g s)",
-                     found.hold_time, self.config.hold_time)
+                     found.hold_time, configured)
         for name, seconds in found.hold_times.items():
             self.registry[name].hold_time = seconds
         if found.hold_times:

@@ -69,7 +69,15 @@ def test_reconcile_keeps_only_live_allocations(served: Daemon) -> None:
     assert state_of(served, "a") == (
         "mounted", 1, {"alloc-2": {"opens": 0, "acquired": True, "cwd": 0}})
     assert state_of(served, "b")[:2] == ("holding", 0)  # type: ignore[index]
-    served.control("reconcile")  # an acquired image would stay mounted across the stop
+    served.control("acquire b alloc-3")
+    served.control("reconcile --none")  # no allocation lives
+    assert [state_of(served, n)[:2] for n in "ab"] == [("holding", 0)] * 2  # type: ignore[index]
+    # A bare `reconcile` keeps its old meaning in .control, with a warning in the log.
+    served.expect("a bare 'reconcile' releases every acquisition on the node")
+    served.control("acquire a alloc-2")
+    served.control("reconcile")
+    assert state_of(served, "a")[:2] == ("holding", 0)  # type: ignore[index]
+    assert "a bare 'reconcile' releases every acquisition" in served.log()
 
 
 def test_expire_and_hold_time(served: Daemon) -> None:
@@ -173,8 +181,16 @@ def test_admin_cli(served: Daemon) -> None:
     assert state_of(served, "a")[1] == 1  # type: ignore[index]
     assert served.cli("hold-time", "5", "a").returncode == 0
     assert served.cli("expire").returncode == 0
+    swapped = served.cli("release", "a", "alloc-1")  # acquire takes NAME ALLOC, release not
+    assert swapped.returncode == 1
+    assert swapped.stderr.strip().endswith(
+        "did you mean 'uenvfs release alloc-1 a'? (release takes the allocation first)")
+    assert state_of(served, "a")[1] == 1  # type: ignore[index]
     assert served.cli("release", "alloc-1", "a").returncode == 0
-    assert served.cli("reconcile").returncode == 0
+    bare = served.cli("reconcile")  # e.g. `uenvfs reconcile $(squeue ...)` with squeue failing
+    assert bare.returncode == 2
+    assert "reconcile needs the live allocations, or --none" in bare.stderr
+    assert served.cli("reconcile", "--none").returncode == 0
     assert served.cli("reload").returncode == 0
     failed = served.cli("force-unmount", "a")
     assert failed.returncode == 1
@@ -207,7 +223,7 @@ def test_sigusr1_expires_and_sighup_reloads(served: Daemon) -> None:
     served.process.send_signal(signal.SIGHUP)
     wait_until(lambda: "c" in os.listdir(served.mountpoint), what="SIGHUP to reload")
     assert (served.mountpoint / "c/f").read_text() == "new"
-    served.control("reconcile")
+    served.control("reconcile --none")
 
 
 def test_several_lines_apply_in_order_until_one_fails(served: Daemon) -> None:
@@ -215,7 +231,7 @@ def test_several_lines_apply_in_order_until_one_fails(served: Daemon) -> None:
         == errno.ENOENT
     assert state_of(served, "a")[2] == {"x1": {"opens": 0, "acquired": True, "cwd": 0}}  # type: ignore[index]
     assert state_of(served, "b") is None
-    served.control("reconcile")
+    served.control("reconcile --none")
 
 
 WORDS = ["acquire", "release", "reconcile", "expire", "hold-time", "emergency",
@@ -233,6 +249,7 @@ WORDS = ["acquire", "release", "reconcile", "expire", "hold-time", "emergency",
 def test_junk_never_crashes_and_rejected_changes_nothing(served: Daemon, data: bytes) -> None:
     served.expect("emergency mode")
     served.expect("FORCE-UNMOUNT")
+    served.expect("a bare .reconcile. releases every acquisition")
     before = served.status()
 
     def write() -> None:
@@ -264,7 +281,7 @@ def test_junk_never_crashes_and_rejected_changes_nothing(served: Daemon, data: b
         # Valid commands may have acquired an image ("acquire a alloc-1"): the next example,
         # and the stop at the end, start from nothing acquired.
         served.control("emergency off")
-        served.control("reconcile")
+        served.control("reconcile --none")
 
 
 def test_daemon_survives_a_storm_of_control_writes(served: Daemon) -> None:

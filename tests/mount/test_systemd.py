@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -149,3 +150,38 @@ def test_the_store_keeps_the_connection_when_every_process_dies(
     daemon.wait_idle("img")
     assert daemon.stop() == 0
     assert systemd.stored == {}  # a clean stop ends the connection: nothing to resume
+
+
+def test_status_and_the_watchdog(daemon: Daemon, systemd: StandIn) -> None:
+    """STATUS= says what is served; with WatchdogSec= the keeper tells systemd it runs, and
+    kills a server whose loop hangs, which a new one replaces (the job's read just waits)."""
+    daemon.image("img", {"f": "f"})
+    daemon.env["WATCHDOG_USEC"] = "2000000"  # WatchdogSec=2
+    daemon.expect(r"said nothing for .* \(WatchdogSec=2\): killing it")
+    daemon.expect("was killed by SIGKILL")
+    daemon.start()
+
+    def said(text: str) -> bool:
+        with systemd.lock:
+            return any(text in message for message in systemd.messages)
+
+    wait_until(lambda: said("WATCHDOG=1"), what="WATCHDOG=1")
+    wait_until(lambda: said("STATUS=0 images in use, 0 held idle, 0 failed; 0 allocations"),
+               what="the first STATUS=")
+    daemon.control("acquire img alloc-1")
+    wait_until(lambda: said("STATUS=1 images in use, 0 held idle, 0 failed; 1 allocations"),
+               what="STATUS= after an acquire")
+    with systemd.lock:
+        pings = sum("WATCHDOG=1" in m for m in systemd.messages)
+    hung = daemon.server_pid()
+    os.kill(hung, signal.SIGSTOP)  # a loop that never comes back
+    reader = subprocess.Popen(["cat", str(daemon.mountpoint / "img/f")], stdout=subprocess.PIPE,
+                              text=True)
+    out, _ = reader.communicate(timeout=30)
+    assert (reader.returncode, out) == (0, "f")
+    assert daemon.server_pid() != hung
+    assert daemon.mount_status("img")["allocations"]["alloc-1"]["acquired"] is True  # type: ignore[index]
+    with systemd.lock:
+        assert sum("WATCHDOG=1" in m for m in systemd.messages) > pings  # the keeper ran on
+    daemon.control("release alloc-1")
+    assert daemon.stop() == 0  # while the stand-in listens: STOPPING=1, FDSTOREREMOVE=1
