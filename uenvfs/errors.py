@@ -1,7 +1,7 @@
 """The one error hierarchy of uenvfs, and its mapping to errnos.
 
     UenvfsError                    every error of uenvfs; carries the errno a caller sees
-    ├── MountError                 the mount layer (the node agent's mount-manager contract)
+    ├── MountError                 the mount layer (the mount-manager contract: docs/interface.md)
     │   ├── MountFailed            an image could not be mounted
     │   │   └── NodeResourceFailed   ... for want of disk, descriptors or memory (not cached)
     │   ├── UnmountFailed          a backing mount could not be unmounted

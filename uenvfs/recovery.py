@@ -1,4 +1,5 @@
-"""Start-up recovery (the contract's WI6): what to adopt, from the mount table and the journal.
+"""Start-up recovery: what to adopt, from the mount table and the journal (invariant WI6 of
+docs/interface.md: after a restart the state is rebuilt, and nothing is mounted twice).
 
 Pure: `plan` decides from a journal and mountinfo entries; the daemon carries it out. The mount
 table is the authority: a backing mount that is there is adopted (never mounted twice), whether

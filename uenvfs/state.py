@@ -1,4 +1,6 @@
-"""The pure refcount and lifecycle machine of every image (the contract's WI2 and WI3).
+"""The pure refcount and lifecycle machine of every image (invariants WI2 and WI3 of
+docs/interface.md: refcount == allocations using the image, never negative; lazy unmount
+after the hold time).
 
 No trio, no pyfuse3, no clock: every event takes the time as an argument, so the rules are
 tested in microseconds without a mount. The manager drives it and does the I/O.

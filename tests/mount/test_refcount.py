@@ -1,4 +1,5 @@
-"""Allocations, refcounts and the hold timer through a real mount (the contract's WI2, WI3)."""
+"""Allocations, refcounts and the hold timer through a real mount (invariants WI2 and WI3 of
+docs/interface.md: refcount == allocations using the image; unmount after the hold time)."""
 
 from __future__ import annotations
 
