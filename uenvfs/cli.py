@@ -2,7 +2,8 @@
 daemon only through the files at its mount root (`.control`, `.status`, `.metrics`).
 
 Exit codes: 0 success; 1 the daemon refused the command or failed (the message says why);
-2 bad usage; 3 no uenvfs is serving at the mountpoint.
+2 bad usage; 3 no uenvfs is serving at the mountpoint; 130 interrupted (Ctrl-C); 141 the reader
+of the output went away. `run`, `start` and `attach` have their own (run.py).
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ message says why: 'Invalid argument', 'No such file or directory', 'Operation no
 141 the reader of the output went away (uenvfs status | head), as a process killed by SIGPIPE"""
 
 CHECK_EPILOG = """exit codes: 0 the image is valid; 1 it is not, or it cannot be read, or the name
-or label is unknown or ambiguous (the one-line message says why); 2 bad usage or configuration.
-check reads the image itself (rdsquashfs from squashfs-tools-ng) and needs no running daemon."""
+or label is unknown or ambiguous (the one-line message says why); 2 bad usage or configuration;
+141 the reader of the output went away. check reads the image itself (rdsquashfs from
+squashfs-tools-ng) and needs no running daemon."""
 IMAGE_EPILOG = """exit codes: 0 success; 1 failed: the image is not valid or cannot be read, the
-name is unknown, meta/env.json is missing or broken, no such view (the one-line message says
-why); 2 bad usage or configuration. These commands read the images themselves (with rdsquashfs from
-squashfs-tools-ng) and need no running daemon."""
+name is unknown, meta/env.json is missing or broken, no such view (env) (the one-line message
+says why); 2 bad usage or configuration; 141 the reader of the output went away. These commands
+read the images themselves (with rdsquashfs from squashfs-tools-ng) and need no running
+daemon."""
 
 
 class CliError(Exception):

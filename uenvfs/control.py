@@ -4,7 +4,8 @@ Pure: no trio, no pyfuse3. A command line is words separated by blanks:
 
     acquire NAME ALLOC        release ALLOC [NAME]      reconcile ALLOC... | --none
     expire [NAME]             hold-time SECONDS [NAME]  emergency on|off
-    force-unmount NAME        reload
+    force-unmount NAME        reload                    verify
+    restart
 
 Anything else is EINVAL with a reason that says what was expected.
 
@@ -223,11 +224,11 @@ class Release(Command):
 
 
 @command("reconcile", "the given allocations are all that live: release every other one "
-         "(--none: no allocation lives)")
+         "(--none: no allocation lives: release them all)")
 class Reconcile(Command):
     """`reconcile ALLOC...` or `reconcile --none`. The empty form is spelled out, since a
     command substitution that failed (`reconcile $(squeue ...)`) would otherwise release every
-    acquisition on the node. A bare `reconcile` line in `.control` keeps its old meaning,
+    allocation on the node. A bare `reconcile` line in `.control` keeps its old meaning,
     `--none`, for scripts written against it; the CLI refuses it."""
 
     allocs: tuple[str, ...] = field(default=(), metadata=ALLOC.meta)
@@ -241,7 +242,7 @@ class Reconcile(Command):
         if cls.NONE in args:
             raise _invalid("reconcile takes allocations or --none, not both")
         if not args:
-            log.warning("a bare 'reconcile' releases every acquisition on the node; write "
+            log.warning("a bare 'reconcile' releases every allocation on the node; write "
                         "'reconcile --none' for that (an empty list may be a command that "
                         "failed)")
         return super().from_words(args)
@@ -253,7 +254,8 @@ class Reconcile(Command):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         super().add_arguments(parser)
         parser.add_argument(cls.NONE, action="store_true", dest="none",
-                            help="no allocation lives: release every acquisition on the node")
+                            help="no allocation lives: release every allocation on the node "
+                                 "(its acquisitions and the open files counted for it)")
 
     @classmethod
     def line_from(cls, args: argparse.Namespace) -> str:
@@ -261,7 +263,7 @@ class Reconcile(Command):
             return f"{cls.verb} {cls.NONE}" + "".join(f" {a}" for a in args.allocs)
         if not args.allocs:
             raise _invalid(f"reconcile needs the live allocations, or {cls.NONE} to release "
-                           "every acquisition on the node (an empty list is refused: it may "
+                           "every allocation on the node (an empty list is refused: it may "
                            "be a command that failed)")
         return super().line_from(args)
 
@@ -287,7 +289,8 @@ class ForceUnmount(Command):
     name: str = field(metadata=NAME.meta)
 
 
-@command("reload", "re-read the image sources")
+@command("reload", "re-read the configuration file (what can change live) and the image "
+         "sources")
 class Reload(Command):
     pass
 

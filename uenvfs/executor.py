@@ -21,7 +21,7 @@ from .control import (
     Verify,
 )
 from .errors import CommandError, JournalWriteFailed, MountError
-from .repository import LabelError
+from .repository import LabelError, parse_label
 
 if TYPE_CHECKING:
     from .manager import Manager
@@ -41,6 +41,14 @@ def handles(kind: type[C]) -> Callable[[Handler[C]], Handler[C]]:
         return handler
 
     return register
+
+
+def _is_label(word: str) -> bool:
+    try:
+        parse_label(word)
+    except LabelError:
+        return False
+    return True
 
 
 class Executor:
@@ -68,7 +76,9 @@ class Executor:
             try:
                 target = manager.catalog.label(word)
             except LabelError as exc:
-                raise CommandError(errno.EINVAL, str(exc)) from exc
+                if _is_label(word):  # ambiguous
+                    raise CommandError(errno.EINVAL, str(exc)) from exc
+                target = None  # a name that is no label (of a program map, say)
             if target is not None:
                 return target
         if not await self.manager.known(word):

@@ -9,6 +9,7 @@ caller never leaves a half-made mount behind. What `.control` commands do is in 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import time
@@ -338,16 +339,17 @@ class Manager:
     async def restart(self) -> str:
         """Have a new server started from the installed code take over (see keeper.py).
 
-        Refused (EINVAL) if the configuration file cannot be used, or changes what only a
-        stop and start can (`config.CONNECTION`): the new server would serve the old
-        connection with them."""
+        Refused (EINVAL) if the configuration file changes what only a stop and start can
+        (`config.CONNECTION`): the new server would serve the old connection with them. (A
+        file that cannot be used is the new server's to refuse: it exits, and the restart
+        fails with `restart_error` in `.status`.)"""
         if self.restarter is None:
             raise CommandError(errno.EOPNOTSUPP, "this server has no keeper to restart it")
+        new = None
         if self.reread_config is not None:
-            try:
+            with contextlib.suppress(ConfigError):
                 new = await trio.to_thread.run_sync(self.reread_config)
-            except ConfigError as exc:
-                raise CommandError(errno.EINVAL, f"{exc}; no restart") from exc
+        if new is not None:
             found = config_mod.changes(config_mod.as_json(self.config), config_mod.as_json(new))
             if found.connection:
                 raise CommandError(errno.EINVAL, "the configuration changes what only a stop "

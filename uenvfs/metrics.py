@@ -54,7 +54,8 @@ HELP = {
     "uenvfs_check_seconds": ("histogram", "Time to validate an image version (rdsquashfs -d)."),
     "uenvfs_journal_errors_total": ("counter", "Journal writes that failed."),
     "uenvfs_open_files_refused_total": (
-        "counter", "Opens refused: the allocation held its share of descriptors (EMFILE)."),
+        "counter", "Opens refused: the allocation held its share of descriptors (EMFILE), "
+                   "or the daemon all it may use (ENFILE)."),
     "uenvfs_program_map_refused_total": (
         "counter", "Names not asked of the program map: the user was over its share, by uid "
                    "(a uid shows from its first refusal; alert on "

@@ -336,7 +336,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     """The `run` and `start` subcommands; *add(name, help)* makes one (with --mountpoint)."""
     p = add("run", "run a command with images at the mount points they were built for")
     p.description, p.epilog = DESCRIPTION, EPILOG
-    p.usage = ("uenvfs run [--view VIEW[,VIEW...]] [--mountpoint DIR] IMAGE[:MOUNT][,...] "
+    p.usage = ("uenvfs run [--view VIEW[,VIEW...]] [--mountpoint DIR] [--config FILE] "
+               "IMAGE[:MOUNT][,...] "
                "-- COMMAND [ARG...]")
     p.add_argument("images", metavar="IMAGE[:MOUNT][,IMAGE[:MOUNT]...]")
     p.add_argument("--view", metavar="VIEW[,VIEW...]", help=VIEW_HELP)

@@ -73,11 +73,11 @@ def test_reconcile_keeps_only_live_allocations(served: Daemon) -> None:
     served.control("reconcile --none")  # no allocation lives
     assert [state_of(served, n)[:2] for n in "ab"] == [("holding", 0)] * 2  # type: ignore[index]
     # A bare `reconcile` keeps its old meaning in .control, with a warning in the log.
-    served.expect("a bare 'reconcile' releases every acquisition on the node")
+    served.expect("a bare 'reconcile' releases every allocation on the node")
     served.control("acquire a alloc-2")
     served.control("reconcile")
     assert state_of(served, "a")[:2] == ("holding", 0)  # type: ignore[index]
-    assert "a bare 'reconcile' releases every acquisition" in served.log()
+    assert "a bare 'reconcile' releases every allocation" in served.log()
 
 
 def test_expire_and_hold_time(served: Daemon) -> None:
@@ -249,7 +249,7 @@ WORDS = ["acquire", "release", "reconcile", "expire", "hold-time", "emergency",
 def test_junk_never_crashes_and_rejected_changes_nothing(served: Daemon, data: bytes) -> None:
     served.expect("emergency mode")
     served.expect("FORCE-UNMOUNT")
-    served.expect("a bare .reconcile. releases every acquisition")
+    served.expect("a bare .reconcile. releases every allocation")
     before = served.status()
 
     def write() -> None:

@@ -107,6 +107,10 @@ def test_labels_wherever_a_name_is_taken(daemon: Daemon) -> None:
     assert "Invalid argument" in ambiguous.stderr
     missing = daemon.cli("acquire", "prgenv-gnu/25.1", "job-3")
     assert (missing.returncode, "No such file or directory" in missing.stderr) == (1, True)
+    # A name that is no label (+ is not a label's) is still a name: unknown is ENOENT.
+    daemon.expect(r"acquire no\+such job-3: failed: no image named 'no\+such'")
+    plain = daemon.cli("acquire", "no+such", "job-3")
+    assert (plain.returncode, "No such file or directory" in plain.stderr) == (1, True)
     assert daemon.cli("release", "job-1", "prgenv-gnu/24.11:latest").returncode == 0
     # A path by sha256 or by a label that is one word leads to the image too.
     assert os.readlink(daemon.mountpoint / new.sha256) == new.sha256[:16]

@@ -150,7 +150,7 @@ def test_the_cli_refuses_a_reconcile_without_allocations() -> None:
     drop every job's acquisitions, so the empty form must be spelled --none."""
     parser = argparse.ArgumentParser()
     Reconcile.add_arguments(parser)
-    with pytest.raises(CommandError, match="--none to release every acquisition") as info:
+    with pytest.raises(CommandError, match="--none to release every allocation") as info:
         Reconcile.line_from(parser.parse_args([]))
     assert info.value.errno == errno.EINVAL
     line = Reconcile.line_from(parser.parse_args(["--none", "a"]))
