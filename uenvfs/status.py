@@ -8,7 +8,8 @@ Pure: no trio, no pyfuse3. The document (version 1) lists every image that is no
                  "backing": "/run/pact/uenvfs/mnt/pytorch-2.5", "state": "mounted",
                  "refcount": 1,
                  "allocations": {"slurm-7": {"opens": 0, "acquired": true, "cwd": 1}},
-                 "hold_remaining": null, "mounted_at": "2026-11-30T06:00:00Z", "error": null}]}
+                 "hold_time": 60.0, "hold_remaining": null,
+                 "mounted_at": "2026-11-30T06:00:00Z", "error": null}]}
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class MountStatus:
     mounted_at: str | None = None
     error: str | None = None
     labels: tuple[str, ...] = ()  # uenv labels of a repository's image (served by its id)
+    hold_time: float | None = None  # its own (`hold-time SECONDS NAME`), else the global one
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +78,7 @@ class MountStatus:
                 alloc: {"opens": opens, "acquired": acquired, "cwd": cwd}
                 for alloc, (opens, acquired, cwd) in sorted(self.allocations.items())
             },
+            "hold_time": self.hold_time,
             "hold_remaining": (
                 None if self.hold_remaining is None else round(self.hold_remaining, 3)
             ),
@@ -122,6 +125,7 @@ def mount_statuses(
             mounted_at=iso_time(mount.mounted_at) if mount else None,
             error=image.error,
             labels=tuple((labels or {}).get(image.name, ())),
+            hold_time=registry.hold_time_of(image),
         ))
     return statuses
 

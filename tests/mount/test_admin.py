@@ -7,7 +7,9 @@ import functools
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -78,6 +80,35 @@ def test_reconcile_keeps_only_live_allocations(served: Daemon) -> None:
     served.control("reconcile")
     assert state_of(served, "a")[:2] == ("holding", 0)  # type: ignore[index]
     assert "a bare 'reconcile' releases every allocation" in served.log()
+
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+@pytest.mark.parametrize(("squeue", "kept"), [
+    ("exit 1", {"slurm-1", "slurm-2"}),  # slurmctld unreachable: nothing is released
+    ("echo slurm-2", {"slurm-2"}),
+    ("exit 0", set()),  # no job on the node
+])
+def test_the_readme_recovery_recipe(served: Daemon, squeue: str, kept: set[str]) -> None:
+    """The README's line after an outage, run by bash as written there."""
+    recipe = next(line.strip() for line in README.read_text().splitlines()
+                  if "squeue" in line and "uenvfs reconcile" in line)
+    bin_dir = served.root / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in (("squeue", squeue), ("uenvfs", f'exec {sys.executable} -m uenvfs "$@" '
+                                                      f"--mountpoint {served.mountpoint}")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    for alloc in ("slurm-1", "slurm-2"):
+        served.control(f"acquire a {alloc}")
+    done = subprocess.run(["bash", "-c", recipe], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert done.returncode == (1 if squeue == "exit 1" else 0), done.stderr
+    entry = served.mount_status("a")
+    assert entry is not None
+    assert set(entry["allocations"]) == kept
+    served.control("reconcile --none")
 
 
 def test_expire_and_hold_time(served: Daemon) -> None:

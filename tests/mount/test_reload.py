@@ -50,6 +50,7 @@ def test_hold_times_and_emergency_survive_a_crash_and_a_stop(make_daemon: Daemon
     assert (status["hold_time"], status["emergency"]) == (300.0, True)  # not the flag's 60
     assert 300 < hold_left(second, "a") <= 900
     assert 60 < hold_left(second, "b") <= 300
+    assert [second.mount_status(n)["hold_time"] for n in "ab"] == [900.0, 300.0]  # type: ignore[index]
     assert "hold time 300 s, as set by hold-time before the restart (configured: 60 s)" in (
         second.log())
     assert "hold times of single images, as set before the restart: a 900 s" in second.log()

@@ -34,7 +34,7 @@ def test_status_document_and_table() -> None:
     assert doc["mounts"][1]["hold_remaining"] == 12.346
     assert set(doc["mounts"][0]) == {"name", "image_path", "mount_point", "backing", "state",
                                      "refcount", "allocations", "hold_remaining", "mounted_at",
-                                     "error", "labels"}
+                                     "error", "labels", "hold_time"}
     assert doc["mounts"][0]["labels"] == []
     table = format_table(doc)
     assert "alpha  mounted  3" in table
@@ -85,3 +85,17 @@ def test_mount_statuses_from_the_registry() -> None:
     bad = statuses["bad"]
     assert (bad.state, bad.error, bad.mounted_at, bad.image_path) == (
         "failed", "bad magic", None, "")
+
+
+def test_each_image_shows_its_own_hold_time() -> None:
+    registry = Registry(60.0)
+    for name in ("own", "global"):
+        image = registry[name]
+        image.begin_mount(0.0)
+        image.mounted(0.0)
+    registry["own"].hold_time = 900.0
+    statuses = {m.name: m.to_json() for m in mount_statuses(
+        registry, 1.0, mountpoint=Path("/m"), backing_root=Path("/b"), image_paths={},
+        mounts={})}
+    assert (statuses["own"]["hold_time"], statuses["global"]["hold_time"]) == (900.0, 60.0)
+    assert statuses["own"]["hold_remaining"] == 899.0
