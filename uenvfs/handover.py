@@ -81,5 +81,7 @@ def _log_config(old: Any, manager: Manager) -> None:
     if found.live or found.restart:
         log.info("restart: configuration now in force: %s", "; ".join(found.live + found.restart))
     if found.connection:
-        log.warning("restart: configuration changes that take a stop and start of uenvfs, "
-                    "not applied to this connection: %s", "; ".join(found.connection))
+        # `restart` refuses them; the file changed again since it was checked
+        log.warning("restart: configuration changes that take a stop and start of uenvfs "
+                    "(this connection was made without them: stop and start it): %s",
+                    "; ".join(found.connection))

@@ -9,7 +9,6 @@ caller never leaves a half-made mount behind. What `.control` commands do is in 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import time
@@ -345,16 +344,14 @@ class Manager:
         fails with `restart_error` in `.status`.)"""
         if self.restarter is None:
             raise CommandError(errno.EOPNOTSUPP, "this server has no keeper to restart it")
-        new = None
-        if self.reread_config is not None:
-            with contextlib.suppress(ConfigError):
-                new = await trio.to_thread.run_sync(self.reread_config)
-        if new is not None:
-            found = config_mod.changes(config_mod.as_json(self.config), config_mod.as_json(new))
-            if found.connection:
-                raise CommandError(errno.EINVAL, "the configuration changes what only a stop "
-                                   f"and start of uenvfs can: {'; '.join(found.connection)}; "
-                                   "no restart")
+        try:
+            read = await self._read_config()
+        except ConfigError:
+            read = None  # the new server's to refuse
+        if read is not None and read[1].connection:
+            raise CommandError(errno.EINVAL, "the configuration changes what only a stop and "
+                               f"start of uenvfs can: {'; '.join(read[1].connection)}; "
+                               "no restart")
         self.restarter()
         return "a new server takes over once it is ready"
 
@@ -364,14 +361,22 @@ class Manager:
         configured = await self._reconfigure()
         return configured + await self._reread_sources()
 
-    async def _reconfigure(self) -> str:
+    async def _read_config(self) -> tuple[Config, config_mod.Changes] | None:
+        """The configuration file read again (in a thread), and how it differs from the one in
+        force; None without a file to read. Raises `ConfigError`."""
         if self.reread_config is None:
-            return ""
+            return None
+        new = await trio.to_thread.run_sync(self.reread_config)
+        return new, config_mod.changes(config_mod.as_json(self.config), config_mod.as_json(new))
+
+    async def _reconfigure(self) -> str:
         try:
-            new = await trio.to_thread.run_sync(self.reread_config)
+            read = await self._read_config()
         except ConfigError as exc:
             raise CommandError(errno.EINVAL, f"{exc}; nothing changed") from exc
-        found = config_mod.changes(config_mod.as_json(self.config), config_mod.as_json(new))
+        if read is None:
+            return ""
+        new, found = read
         if found.live:
             self._apply_config(new, found.keys("live"))
             log.info("reload: configuration applied: %s", "; ".join(found.live))
