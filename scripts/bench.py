@@ -372,7 +372,9 @@ class Mounts:
     def start_uenvfs(self) -> None:
         mountpoint = self.fuse_mountpoint
         mountpoint.mkdir(parents=True, exist_ok=True)
-        command = [str(Path(sys.executable).parent / "uenvfs"), "serve",
+        # `python -m uenvfs`, not the installed script: --source may be a checkout whose
+        # package layout differs from the installed one.
+        command = [sys.executable, "-m", "uenvfs", "serve",
                    "--mountpoint", str(mountpoint), "--images", str(self.images_dir),
                    "--state-dir", str(self.state_dir), "--hold-time", "3600",
                    "--config", "/dev/null"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import trio
 
-from uenvfs.errors import MountFailed, UnmountFailed
+from uenvfs.core.errors import MountFailed, UnmountFailed
 
 
 class FakeBackend:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from uenvfs.backend import MountEntry, read_mountinfo
+from uenvfs.manager.backend import MountEntry, read_mountinfo
 
 DEADLINE = 20.0
 

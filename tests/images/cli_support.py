@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from uenvfs.cli import main
+from uenvfs.client.cli import main
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from uenvfs import __version__
-from uenvfs.cli import EXIT_BROKEN_PIPE
+from uenvfs.client.cli import EXIT_BROKEN_PIPE
 
 
 def test_version() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from uenvfs.cli import EXIT_FAILED, EXIT_OK
+from uenvfs.client.cli import EXIT_FAILED, EXIT_OK
 
 from ..support import build_image
 from ..uenv_repos import Pulled, make_repository

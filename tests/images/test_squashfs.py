@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import trio
 
-from uenvfs import squashfs
-from uenvfs.cli import EXIT_FAILED, EXIT_OK
+from uenvfs.client.cli import EXIT_FAILED, EXIT_OK
+from uenvfs.image import squashfs
 
 from ..support import build_image
 from .cli_support import one_line_error, run

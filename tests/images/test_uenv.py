@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from uenvfs import uenv
-from uenvfs.cli import EXIT_FAILED, EXIT_OK
+from uenvfs.client.cli import EXIT_FAILED, EXIT_OK
+from uenvfs.image import uenv
 
 from ..support import build_image
 from .cli_support import one_line_error, run

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from uenvfs.catalog import PROGRAM_BURST, PROGRAM_SHARE, Catalog, ProgramBudget, parse_map
+from uenvfs.image.catalog import PROGRAM_BURST, PROGRAM_SHARE, Catalog, ProgramBudget, parse_map
 
 
 def test_parse_map_file() -> None:

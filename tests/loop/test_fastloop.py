@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from uenvfs import fastloop
+from uenvfs.fuse import fastloop
 
 from ..support import Daemon
 
@@ -260,7 +260,7 @@ def test_serve_over_an_unknown_pyfuse3_warns_and_serves(daemon: Daemon) -> None:
     (hook / "sitecustomize.py").write_text("import pyfuse3\npyfuse3.__version__ = '3.6.0'\n")
     daemon.env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
-    daemon.expect(r"WARNING uenvfs\.fastloop: pyfuse3 3\.6\.0 is not a release .*: "
+    daemon.expect(r"WARNING uenvfs\.fuse\.fastloop: pyfuse3 3\.6\.0 is not a release .*: "
                   r"serving with pyfuse3's own request loop \(slower\)$")
     daemon.image("tools", {"README": "read me\n"})
     daemon.start()

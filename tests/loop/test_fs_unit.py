@@ -18,11 +18,12 @@ import pyfuse3
 import pytest
 import trio
 
-from uenvfs.catalog import Catalog
-from uenvfs.config import Config
-from uenvfs.fs import UenvFS
-from uenvfs.inodes import ROOT, InodePrefixes
-from uenvfs.manager import Manager
+from uenvfs.core.config import Config
+from uenvfs.core.model import InodePrefixes
+from uenvfs.fuse.fs import UenvFS
+from uenvfs.fuse.inodes import ROOT
+from uenvfs.image.catalog import Catalog
+from uenvfs.manager.manager import Manager
 
 from ..fakes import FakeBackend
 

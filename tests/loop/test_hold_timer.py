@@ -9,8 +9,8 @@ import pytest
 import trio
 import trio.testing
 
-from uenvfs.hold_timer import HoldTimer
-from uenvfs.state import Image, Phase, Registry
+from uenvfs.core.state import Image, Phase, Registry
+from uenvfs.manager.hold_timer import HoldTimer
 
 
 @pytest.fixture

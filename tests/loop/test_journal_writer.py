@@ -11,11 +11,11 @@ import pytest
 import trio
 import trio.testing
 
-from uenvfs import journal
-from uenvfs.errors import JournalWriteFailed
-from uenvfs.journal import Journal, MountRecord
-from uenvfs.journal_writer import DELAY, JournalWriter
-from uenvfs.metrics import Metrics
+from uenvfs.core.errors import JournalWriteFailed
+from uenvfs.core.metrics import Metrics
+from uenvfs.manager import journal
+from uenvfs.manager.journal import Journal, MountRecord
+from uenvfs.manager.journal_writer import DELAY, JournalWriter
 
 Start = Callable[..., JournalWriter]
 

@@ -10,14 +10,14 @@ import pytest
 import trio
 import trio.testing
 
-from uenvfs.catalog import Catalog
-from uenvfs.config import Config
-from uenvfs.control import COMMANDS, parse_line
-from uenvfs.errors import CommandError, MountFailed
-from uenvfs.executor import HANDLERS
-from uenvfs.interfaces import NoListener
-from uenvfs.manager import Manager
-from uenvfs.state import Phase
+from uenvfs.core.config import Config
+from uenvfs.core.control import COMMANDS, parse_line
+from uenvfs.core.errors import CommandError, MountFailed
+from uenvfs.core.interfaces import NoListener
+from uenvfs.core.state import Phase
+from uenvfs.image.catalog import Catalog
+from uenvfs.manager.executor import HANDLERS
+from uenvfs.manager.manager import Manager
 
 from ..fakes import FakeBackend
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from uenvfs import prefetch
-from uenvfs.prefetch import START_AFTER, WINDOW, Prefetcher, Readahead
+from uenvfs.fuse import prefetch
+from uenvfs.fuse.prefetch import START_AFTER, WINDOW, Prefetcher, Readahead
 
 MIB = 1 << 20
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from uenvfs import procscan
+from uenvfs.kernel import procscan
 
 HOLD = "import sys; sys.stdin.read()"
 

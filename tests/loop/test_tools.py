@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from uenvfs import tools
-from uenvfs.errors import MountFailed, UnmountFailed
+from uenvfs.core.errors import MountFailed, UnmountFailed
+from uenvfs.image import tools
 
 
 async def test_output_and_exit_status() -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from uenvfs import keeper, loop
+from uenvfs.keeper import keeper
+from uenvfs.kernel import loop
 
 from ..mounts import clean_up, is_mounted, loops_for
 from ..support import build_image, wait_until

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from uenvfs.backend import read_mountinfo
+from uenvfs.manager.backend import read_mountinfo
 
 from ..support import (
     Daemon,

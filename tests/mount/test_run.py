@@ -34,7 +34,7 @@ def _python_for_nobody() -> tuple[str, dict[str, str]]:
     repo = str(Path(__file__).resolve().parents[2])
     for python, env in ((sys.executable, {}), ("/usr/bin/python3", {"PYTHONPATH": repo})):
         done = subprocess.run([*NOBODY, "unshare", "--user", "--map-current-user", "sh", "-c",
-                               'exec "$0" -c "import uenvfs.run"', python],
+                               'exec "$0" -c "import uenvfs.client.run"', python],
                               env={**os.environ, **env}, capture_output=True, check=False,
                               timeout=60)
         if done.returncode == 0:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from uenvfs.allocation import (
+from uenvfs.fuse.allocation import (
     RECHECK_AFTER,
     AllocationResolver,
     from_cgroup,

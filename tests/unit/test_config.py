@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from uenvfs import config
-from uenvfs.config import Config, ConfigError
+from uenvfs.core import config
+from uenvfs.core.config import Config, ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

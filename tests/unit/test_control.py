@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from uenvfs.control import (
+from uenvfs.core.control import (
     COMMANDS,
     Acquire,
     Command,
@@ -24,7 +24,7 @@ from uenvfs.control import (
     parse,
     parse_line,
 )
-from uenvfs.errors import CommandError
+from uenvfs.core.errors import CommandError
 
 
 @pytest.mark.parametrize(

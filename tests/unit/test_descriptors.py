@@ -7,7 +7,7 @@ import errno
 import pyfuse3
 import pytest
 
-from uenvfs.descriptors import MIN_PER_ALLOCATION, RESERVE, DescriptorBudget
+from uenvfs.fuse.descriptors import MIN_PER_ALLOCATION, RESERVE, DescriptorBudget
 
 
 def code(budget: DescriptorBudget, alloc: str) -> int:

@@ -11,13 +11,13 @@ from typing import Any
 import pyfuse3
 import pytest
 
-from uenvfs.descriptors import DescriptorBudget
-from uenvfs.handles import DirHandle, FileHandle, Handle, HandleTable, RootDirHandle
-from uenvfs.inodes import STATUS, Node
-from uenvfs.listings import Listing
-from uenvfs.prefetch import Prefetcher
-from uenvfs.root import DataHandle
-from uenvfs.state import Use
+from uenvfs.core.state import Use
+from uenvfs.fuse.descriptors import DescriptorBudget
+from uenvfs.fuse.handles import DirHandle, FileHandle, Handle, HandleTable, RootDirHandle
+from uenvfs.fuse.inodes import STATUS, Node
+from uenvfs.fuse.listings import Listing
+from uenvfs.fuse.prefetch import Prefetcher
+from uenvfs.fuse.root import DataHandle
 
 
 class Closes:

@@ -11,15 +11,8 @@ from typing import Any
 import pyfuse3
 import pytest
 
-from uenvfs.inodes import (
-    INO_MASK,
-    PREFIX_SHIFT,
-    ImageVersion,
-    InodePrefixes,
-    InodeTable,
-    backing_path,
-    child_ino,
-)
+from uenvfs.core.model import PREFIX_SHIFT, ImageVersion, InodePrefixes
+from uenvfs.fuse.inodes import INO_MASK, InodeTable, backing_path, child_ino
 
 
 def test_image_directories_keep_their_number_and_versions_get_new_prefixes() -> None:

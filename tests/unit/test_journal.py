@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from uenvfs import journal
-from uenvfs.backend import MountEntry, parse_mountinfo
-from uenvfs.journal import Journal, JournalError, MountRecord
-from uenvfs.recovery import loop_backing_file, plan
+from uenvfs.manager import journal
+from uenvfs.manager.backend import MountEntry, parse_mountinfo
+from uenvfs.manager.journal import Journal, JournalError, MountRecord
+from uenvfs.manager.recovery import loop_backing_file, plan
 
 RECORD = MountRecord("/images/a.sqfs", "/state/mnt/a", (1, 2, 3, 4), ("slurm-7",), 1.5)
 

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from uenvfs import ledger
-from uenvfs.ledger import (
+from uenvfs.core import ledger
+from uenvfs.core.ledger import (
     CONTROL,
     DIR,
     FILE,
@@ -153,8 +153,8 @@ def test_a_node_looked_up_again_takes_no_more_room(written: SharedLedger) -> Non
 def test_a_handle_whose_answer_may_be_lost_is_kept_only_if_its_opener_holds_it(
     written: SharedLedger,
 ) -> None:
-    from uenvfs.procscan import Hold
-    from uenvfs.resume import settle
+    from uenvfs.kernel.procscan import Hold
+    from uenvfs.server.resume import settle
 
     got = written.opened(FILE, 10, "job", 0, 100)  # pid 100 holds inode 10
     lost = written.opened(FILE, 11, "job", 0, 100)  # but not 11: its open is sent again

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pyfuse3
 
-from uenvfs.attributes import from_stat
-from uenvfs.inodes import PREFIX_SHIFT
-from uenvfs.listings import ENTRY_BYTES, Listing, ListingCache, scan
+from uenvfs.core.model import PREFIX_SHIFT
+from uenvfs.fuse.attributes import from_stat
+from uenvfs.fuse.listings import ENTRY_BYTES, Listing, ListingCache, scan
 
 
 def listing(entries: int, name: bytes = b"") -> Listing:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from uenvfs import loop
+from uenvfs.kernel import loop
 
 
 def test_loop_config_layout() -> None:

@@ -9,7 +9,7 @@ import resource
 import time
 
 import uenvfs
-from uenvfs.metrics import IMAGE_COUNTERS, Labels, Metrics, gauge, process_gauges, render
+from uenvfs.core.metrics import IMAGE_COUNTERS, Labels, Metrics, gauge, process_gauges, render
 
 
 def samples(text: bytes) -> dict[str, float]:

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from uenvfs import squashfs
-from uenvfs.backend import FileMountBackend
-from uenvfs.catalog import Catalog
-from uenvfs.config import Config
-from uenvfs.errors import MountFailed
-from uenvfs.inodes import InodePrefixes
-from uenvfs.metrics import Metrics
-from uenvfs.mounting import Mounter
+from uenvfs.core.config import Config
+from uenvfs.core.errors import MountFailed
+from uenvfs.core.metrics import Metrics
+from uenvfs.core.model import InodePrefixes
+from uenvfs.image import squashfs
+from uenvfs.image.catalog import Catalog
+from uenvfs.manager.backend import FileMountBackend
+from uenvfs.manager.mounting import Mounter
 
 from ..fakes import FakeBackend
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from uenvfs import repository
-from uenvfs.repository import Label, LabelError, parse_label, resolve
+from uenvfs.core.labels import Label, LabelError, parse_label, resolve
+from uenvfs.image import repository
 
 from ..uenv_repos import Pulled, make_repository, pull
 

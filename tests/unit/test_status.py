@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from uenvfs.state import Registry
-from uenvfs.status import MountStatus, format_table, mount_statuses, render_status, status_document
+from uenvfs.core.state import Registry
+from uenvfs.core.status import (
+    MountStatus,
+    format_table,
+    mount_statuses,
+    render_status,
+    status_document,
+)
 
 
 def test_status_document_and_table() -> None:

@@ -1,0 +1,1 @@
+"""The `uenvfs` command line, and `run`, `start` and `attach`."""

@@ -1,0 +1,422 @@
+"""`uenvfs run` and `uenvfs start`: a command in its own mount namespace, with images of the
+running uenvfs bind-mounted at the mount points they were built for.
+
+The images are looked up through the mount (which mounts them, as any access does), their
+`meta/env.json` read from there, the mount points checked, and only then is anything done:
+an error leaves no namespace and no mount behind. The command then replaces this process
+(exec): no uenvfs process stays between the job and its command. Every access through the
+bind goes to uenvfs like one at MOUNTPOINT/NAME, so it counts for the caller's allocation,
+and an image that expires while nothing uses it is mounted again at the next access.
+
+Exit codes, as env(1) and chroot(1) have them: 125 uenvfs run itself failed (the message
+says why), 126 the command cannot be executed, 127 it was not found; else the command's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import pwd
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from .. import MOUNTPOINT
+from ..core.names import valid_name
+from ..image.uenv import (
+    ENV_JSON,
+    REPOSITORY_IMAGE,
+    Meta,
+    MetaFormatError,
+    parse_meta,
+)
+from ..kernel import namespace
+from . import session
+from .session import Image, SessionError
+
+EXIT_FAILED, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND = 125, 126, 127
+
+
+class RunError(Exception):
+    """uenvfs run cannot set the session up; the message says why. Nothing has been done."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _status(mountpoint: Path) -> dict[str, object]:
+    try:
+        document: dict[str, object] = json.loads((mountpoint / ".status").read_bytes())
+    except FileNotFoundError as exc:
+        raise RunError(f"no uenvfs serving at {mountpoint} (is the uenvfs service "
+                       "running?)") from exc
+    except OSError as exc:
+        raise RunError(f"uenvfs at {mountpoint} does not answer: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise RunError(f"{mountpoint}/.status: {exc}") from exc
+    return document
+
+
+def _mount_entry(document: Mapping[str, object], name: str) -> dict[str, object]:
+    mounts = document.get("mounts")
+    for entry in mounts if isinstance(mounts, list) else []:
+        if isinstance(entry, dict) and entry.get("name") == name:
+            return entry
+    return {}
+
+
+def _served(mountpoint: Path) -> str:
+    try:
+        names = sorted(n for n in os.listdir(mountpoint) if not n.startswith("."))
+    except OSError:
+        return ""
+    shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+    return f" (uenvfs at {mountpoint} serves: {shown or 'no image'})"
+
+
+def _meta(mountpoint: Path, name: str) -> Meta | None:
+    """The image's meta/env.json read through uenvfs (None if it has none); this also mounts
+    the image. Fails with the reason if the image is unknown or cannot be mounted."""
+    directory = mountpoint / name
+    if not valid_name(name):
+        raise RunError(f"no image or uenv label {name!r}{_served(mountpoint)}")
+    try:
+        os.stat(directory)
+        data = (directory / ENV_JSON).read_bytes()
+    except FileNotFoundError as exc:
+        if not directory.exists():
+            raise RunError(f"no image {name!r}{_served(mountpoint)}") from exc
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EIO:
+            error = _mount_entry(_status(mountpoint), name).get("error")
+            raise RunError(f"image {name} cannot be mounted: {error or exc.strerror} "
+                           "(uenvfs status shows it)") from exc
+        raise RunError(f"{directory}: {exc.strerror}") from exc
+    try:
+        return parse_meta(data)
+    except MetaFormatError as exc:
+        raise RunError(f"image {name}: {ENV_JSON}: {exc}") from exc
+
+
+def _served_name(mountpoint: Path, word: str, config_file: Path | None) -> str:
+    """The name under which uenvfs serves what *word* names: an image name as it is, a
+    label's link (`prgenv-gnu+24.11+v1`, a sha256 or a one-word label) read from the mount;
+    any other label resolved in the configured repositories as the daemon resolves it."""
+    if valid_name(word):
+        try:
+            return os.readlink(mountpoint / word)  # a label: the link leads to the image
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # not a link: an image's own name
+                return word
+            if exc.errno != errno.ENOENT:
+                raise RunError(f"{mountpoint / word}: {exc.strerror}") from exc
+    from ..core import config, labels
+    from ..image import repository
+
+    try:
+        cfg = config.load(config_file)
+    except config.ConfigError as exc:
+        raise RunError(f"configuration: {exc}") from exc
+    records = [record for root in cfg.repos
+               for record in repository.read(root, cfg.system, cfg.uarch).records]
+    if not records:
+        return word  # not a label of any repository: "no image" says the rest
+    try:
+        return labels.resolve(records, word)[0].id
+    except labels.NoMatch:
+        return word
+    except labels.LabelError as exc:
+        raise RunError(str(exc)) from exc
+
+
+def _meta_beside(image_path: Path) -> Meta | None:
+    """The meta/env.json beside a uenv repository's image file (`images/<sha256>/`), if any."""
+    beside = image_path.parent / ENV_JSON
+    if image_path.name != REPOSITORY_IMAGE:
+        return None
+    try:
+        return parse_meta(beside.read_bytes())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise RunError(f"{beside}: {exc.strerror}") from exc
+    except MetaFormatError as exc:
+        raise RunError(f"{beside}: {exc}") from exc
+
+
+def _mount_point_ok(image: Image) -> None:
+    path = Path(image.mount)
+    try:
+        if path.is_dir():
+            return
+    except OSError as exc:
+        raise RunError(f"{image.name}: mount point {path}: {exc.strerror}") from exc
+    if path.exists():
+        raise RunError(f"{image.name}: mount point {path} is not a directory")
+    raise RunError(f"{image.name}: mount point {path} does not exist: root must create it "
+                   f"(mkdir {path}), or choose another with {image.name}:MOUNT")
+
+
+def bound_here(mountpoint: Path) -> list[namespace.Bound]:
+    """The images of the uenvfs at *mountpoint* bound in this process's namespace."""
+    from ..kernel.procscan import device_of
+
+    device = device_of(mountpoint)
+    if device is None:
+        return []
+    try:
+        table = Path("/proc/self/mountinfo").read_text(errors="surrogateescape")
+    except OSError:
+        return []
+    return namespace.bound_images(table, device)
+
+
+def prepare(mountpoint: Path, images_text: str, views_text: str | None,
+            environ: Mapping[str, str], config_file: Path | None = None
+            ) -> tuple[list[Image], dict[str, str]]:
+    """The images still to bind, and the command's environment. Binds nothing (the reads
+    through uenvfs mount the images, as any access does)."""
+    try:
+        specs = session.parse_images(images_text)
+        wanted = session.parse_views(views_text)
+    except SessionError as exc:
+        raise RunError(str(exc), EXIT_FAILED) from exc
+    _status(mountpoint)  # first: "not running" before "no such image"
+    specs = [session.ImageSpec(_served_name(mountpoint, spec.image, config_file), spec.mount)
+             for spec in specs]
+    metas = [_meta(mountpoint, spec.image) for spec in specs]
+    document = _status(mountpoint)  # now with the images mounted: their image files
+    images = []
+    for spec, meta in zip(specs, metas, strict=True):
+        image_path = _mount_entry(document, spec.image).get("image_path")
+        if meta is None and image_path:  # a repository's image: its meta/ may be beside it
+            meta = _meta_beside(Path(str(image_path)))
+        images.append(Image(spec.image, session.mount_point(spec, meta), meta,
+                            str(image_path or mountpoint / spec.image)))
+    bound = {b.mount_point: b.name for b in bound_here(mountpoint)}
+    try:
+        todo = session.check_mounts(images, str(mountpoint), bound)
+        views = session.choose_views(images, wanted)
+    except SessionError as exc:
+        raise RunError(str(exc)) from exc
+    for image in todo:
+        _mount_point_ok(image)
+    return todo, session.environment(environ, images, views)
+
+
+def _own_namespace(document: Mapping[str, object]) -> bool:
+    """Whether this process's mount namespace is not the one uenvfs serves in (the host's)."""
+    server = document.get("server")
+    pid = server.get("pid") if isinstance(server, dict) else None
+    try:
+        return os.stat("/proc/self/ns/mnt").st_ino != os.stat(f"/proc/{pid}/ns/mnt").st_ino
+    except OSError:
+        return False
+
+
+def attach(mountpoint: Path, alloc: str) -> str:
+    """For the Slurm SPANK plugin: bind every image that *alloc* acquired at its mount point,
+    in this process's mount namespace, which the plugin made for a task (never the host's).
+    Returns UENV_MOUNT_LIST for the task ("" if the allocation acquired nothing)."""
+    document = _status(mountpoint)
+    if not _own_namespace(document):
+        raise RunError("attach binds images in its caller's mount namespace, and this is the "
+                       "one uenvfs serves in: only the SPANK plugin, which makes one for each "
+                       "task, runs it")
+    mounts = document.get("mounts")
+    names = [str(entry["name"]) for entry in (mounts if isinstance(mounts, list) else [])
+             if isinstance(entry, dict)
+             and entry.get("allocations", {}).get(alloc, {}).get("acquired") is True]
+    if not names:
+        return ""
+    todo, environ = prepare(mountpoint, ",".join(sorted(names)), None, {})
+    try:
+        for image in todo:
+            namespace.bind(mountpoint / image.name, Path(image.mount))
+    except namespace.NamespaceError as exc:
+        raise RunError(str(exc)) from exc
+    return environ[session.MOUNT_LIST]
+
+
+def _home() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        return "/"
+
+
+def enter(mountpoint: Path, todo: Sequence[Image], environ: dict[str, str]) -> None:
+    """Enter a new namespace, bind the images, and go back to the working directory."""
+    try:
+        cwd: str | None = os.getcwd()
+    except OSError:
+        cwd = None
+    try:
+        namespace.enter()
+        for image in todo:
+            namespace.bind(mountpoint / image.name, Path(image.mount))
+    except namespace.NamespaceError as exc:
+        raise RunError(str(exc)) from exc
+    for directory in (cwd, environ.get("HOME"), _home(), "/"):
+        if not directory:
+            continue
+        try:
+            os.chdir(directory)  # again: the path may now lead into an image
+        except OSError:
+            continue
+        if directory != cwd:
+            print(f"uenvfs: the working directory {cwd} is gone here; in {directory} instead",
+                  file=sys.stderr)
+            environ["PWD"] = directory
+        return
+
+
+def execute(command: Sequence[str], environ: Mapping[str, str]) -> int:
+    """exec *command*; returns an exit code only if that fails (with the reason printed)."""
+    try:
+        os.execvpe(command[0], list(command), dict(environ))
+    except FileNotFoundError:
+        print(f"uenvfs: {command[0]}: command not found", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except OSError as exc:
+        print(f"uenvfs: {command[0]}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CANNOT_EXECUTE
+    raise AssertionError("exec returned")  # pragma: no cover
+
+
+def run(mountpoint: Path, images_text: str, views_text: str | None,
+        command: Sequence[str], config_file: Path | None = None) -> int:
+    """`uenvfs run`: *command* in a session. Raises RunError before anything is done."""
+    if not command:
+        raise RunError("no command: uenvfs run IMAGE -- COMMAND [ARG...]")
+    todo, environ = prepare(mountpoint, images_text, views_text, os.environ, config_file)
+    enter(mountpoint, todo, environ)
+    return execute(command, environ)
+
+
+def shell() -> str:
+    """The user's shell: $SHELL, else the password database's, else /bin/sh."""
+    for candidate in (os.environ.get("SHELL"), _passwd_shell()):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return "/bin/sh"
+
+
+def _passwd_shell() -> str | None:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_shell
+    except KeyError:
+        return None
+
+
+# -- the command line ----------------------------------------------------------------------
+
+DESCRIPTION = (
+    "Run COMMAND with images of the running uenvfs at the mount points they were built for, "
+    "in a private mount namespace of its own (through a user namespace when not root: no "
+    "setuid program is needed). IMAGE is an image name that uenvfs serves, or a uenv label "
+    "of its repositories (name/version:tag@system%uarch, partial, a sha256 or an id; "
+    "resolved with the repositories of --config); MOUNT is where "
+    "to put it (default: the 'mount' of its meta/env.json, else /user-environment); the "
+    "mount point must exist. --view applies views of meta/env.json to the environment with "
+    "the image's own paths (VIEW, or IMAGE:VIEW when several images have it; default: no "
+    "view). The command sees UENV_MOUNT_LIST (image-file:mount-point,...) and UENV_VIEW "
+    "(mount-point:uenv-name:view,...), as uenv sets them, and runs as the same user with the "
+    "same groups, in the same working directory. Every access through the mount point counts "
+    "for the caller's allocation; an image that expires while unused is mounted again at the "
+    "next access. Inside, `uenvfs status` says which images this process sees where. As a "
+    "user other than root, files of other users show as owned by nobody and setuid programs "
+    "do not gain privileges (only the caller's own ids exist in its user namespace).")
+EPILOG = """exit codes: 125 uenvfs run itself failed (the one-line message says why: no
+uenvfs serving, no such image, no such view, a mount point that does not exist or is taken,
+no user namespaces); 126 COMMAND cannot be executed; 127 COMMAND not found; else COMMAND's own
+exit code (uenvfs execs it: no uenvfs process stays in between)"""
+CONFIG_HELP = ("configuration file whose uenv repositories resolve labels (default "
+               "/etc/uenvfs.toml if it exists)")
+VIEW_HELP = "views to apply (VIEW, or IMAGE:VIEW when several images have one of that name)"
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                 add: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """The `run` and `start` subcommands; *add(name, help)* makes one (with --mountpoint)."""
+    p = add("run", "run a command with images at the mount points they were built for")
+    p.description, p.epilog = DESCRIPTION, EPILOG
+    p.usage = ("uenvfs run [--view VIEW[,VIEW...]] [--mountpoint DIR] [--config FILE] "
+               "IMAGE[:MOUNT][,...] "
+               "-- COMMAND [ARG...]")
+    p.add_argument("images", metavar="IMAGE[:MOUNT][,IMAGE[:MOUNT]...]")
+    p.add_argument("--view", metavar="VIEW[,VIEW...]", help=VIEW_HELP)
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("argv", nargs="*", metavar="-- COMMAND [ARG...]")
+    p = add("start", "start the user's shell with images at the mount points they were "
+            "built for")
+    p.description = DESCRIPTION.replace("Run COMMAND", "Start the user's shell ($SHELL)")
+    p.epilog = EPILOG.replace("COMMAND", "the shell")
+    p.add_argument("images", nargs="+", metavar="IMAGE[:MOUNT]")
+    p.add_argument("--view", metavar="VIEW[,VIEW...]", help=VIEW_HELP)
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+
+
+def add_attach(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    p = add("attach", "for the Slurm SPANK plugin: bind the images an allocation acquired")
+    p.description = (
+        "For the Slurm SPANK plugin (scripts/slurm/uenvfs_spank.c), as root, in the mount "
+        "namespace the plugin made for a task: bind every image that ALLOC acquired at the "
+        "mount point of its meta/env.json (else /user-environment), and print the task's "
+        "UENV_MOUNT_LIST (nothing if ALLOC acquired no image). Refuses to run in the host's "
+        "mount namespace.")
+    p.epilog = "exit codes: 0 done; 125 failed (the one-line message says why)"
+    p.add_argument("alloc", metavar="ALLOC")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uenvfs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--mountpoint", default=MOUNTPOINT,
+                       help="where uenvfs is mounted (default %(default)s)")
+        return p
+
+    add_commands(sub, add)
+    add_attach(add)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`uenvfs run ...` or `uenvfs start ...` (*argv* without the program name). Only an
+    error comes back: on success this process has become the command."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] | None = None
+    if "--" in words:  # everything after it is the command's
+        at = words.index("--")
+        words, command = words[:at], words[at + 1:]
+    try:
+        args = _parser().parse_args(words)
+    except SystemExit as exc:  # a usage error: 125, not a code the command could give
+        return EXIT_FAILED if exc.code else 0
+    if command is not None:
+        if args.command == "start" or args.argv:
+            print(f"uenvfs {args.command}: unexpected words: "
+                  f"{' '.join(args.argv or command)}", file=sys.stderr)
+            return EXIT_FAILED
+        args.argv = command
+    mountpoint = Path(args.mountpoint).absolute()
+    try:
+        if args.command == "attach":
+            print(attach(mountpoint, args.alloc))
+            return 0
+        config_file = Path(args.config) if args.config else None
+        if args.command == "start":
+            return run(mountpoint, ",".join(args.images), args.view, [shell()], config_file)
+        return run(mountpoint, args.images, args.view, args.argv, config_file)
+    except RunError as exc:
+        print(f"uenvfs {args.command}: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130

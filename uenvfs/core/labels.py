@@ -1,0 +1,124 @@
+"""uenv labels: the names of a repository's images, and how a label picks one image.
+
+A label names records: `name/version:tag@system%uarch`, every part but the name optional
+(`prgenv-gnu`, `prgenv-gnu/24.11`, `prgenv-gnu:v1@daint`); a 64-digit sha256 or the
+16-digit id names one image. The rule, as uenv's: a label resolves when every record it
+matches is one image (one sha256); when they are several, it is ambiguous and the error
+lists them. Nothing is chosen by date.
+
+Pure: the daemon's `.control`, the catalog and the command line share these rules.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+_WORD = r"[A-Za-z0-9_.-]+"  # as uenv allows in each part
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # no leading '.' or '-': never '..' or an option
+_PART = re.compile(rf"([/:@%])({_WORD})")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+_ID = re.compile(r"[0-9a-f]{16}")
+
+
+class LabelError(Exception):
+    """A label that is not well formed, matches nothing or several images; says which."""
+
+
+class NoMatch(LabelError):
+    """A well-formed label (or sha256, or id) that no record matches."""
+
+
+@dataclass(frozen=True)
+class Label:
+    """What a label asks for; None: any."""
+
+    name: str
+    version: str | None = None
+    tag: str | None = None
+    system: str | None = None
+    uarch: str | None = None
+
+    def __str__(self) -> str:
+        return (self.name + (f"/{self.version}" if self.version else "")
+                + (f":{self.tag}" if self.tag else "")
+                + (f"@{self.system}" if self.system else "")
+                + (f"%{self.uarch}" if self.uarch else ""))
+
+
+_FIELDS = {"/": "version", ":": "tag", "@": "system", "%": "uarch"}
+_STAGE = {"/": 1, ":": 2, "@": 3, "%": 3}
+
+
+def parse_label(text: str) -> Label:
+    """`name[/version][:tag][@system][%uarch]` (system and uarch in either order)."""
+    match = re.match(_NAME, text)
+    if match is None:
+        raise LabelError(f"{text!r} is not a uenv label (name/version:tag@system%uarch)")
+    parts: dict[str, str] = {}
+    position, stage = match.end(), 0  # 1 after /version, 2 after :tag, 3 after @ or %
+    while position < len(text):
+        part = _PART.match(text, position)
+        if part is None:
+            raise LabelError(f"{text!r} is not a uenv label (name/version:tag@system%uarch)")
+        sign, word = part.groups()
+        key = _FIELDS[sign]
+        if key in parts or (_STAGE[sign] <= stage and sign in "/:"):
+            raise LabelError(f"{text!r}: {sign}{word} is out of place (name/version:tag"
+                             "@system%uarch)")
+        parts[key] = word
+        stage = max(stage, _STAGE[sign])
+        position = part.end()
+    return Label(match.group(), **parts)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row of `records`: a tag of an image."""
+
+    system: str
+    uarch: str
+    name: str
+    version: str
+    tag: str
+    date: str
+    size: int
+    sha256: str
+    id: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.version}:{self.tag}@{self.system}%{self.uarch}"
+
+    def matches(self, label: Label) -> bool:
+        return all(wanted is None or wanted == have for wanted, have in (
+            (label.name, self.name), (label.version, self.version), (label.tag, self.tag),
+            (label.system, self.system), (label.uarch, self.uarch)))
+
+
+def resolve(records: Sequence[Record], text: str) -> list[Record]:
+    """The records of the one image that *text* names (a label, a sha256 or an id), every
+    tag of it that matches. Raises LabelError saying why there is none or which images a
+    label could mean."""
+    if SHA256.fullmatch(text) or _ID.fullmatch(text):
+        found = [r for r in records if text in (r.sha256, r.id)]
+        if not found:
+            raise NoMatch(f"no image with sha256 or id {text}")
+        return found
+    label = parse_label(text)
+    found = [r for r in records if r.matches(label)]
+    if not found:
+        raise NoMatch(f"no uenv matches {text}")
+    images = {r.sha256 for r in found}
+    if len(images) > 1:
+        raise LabelError(f"{text} is ambiguous: it matches {len(images)} images: "
+                         + "; ".join(_candidates(found)))
+    return found
+
+
+def _candidates(records: Iterable[Record]) -> list[str]:
+    by_image: dict[str, list[str]] = {}
+    for record in sorted(records, key=lambda r: (r.date, r.label), reverse=True):
+        by_image.setdefault(record.sha256, []).append(record.label)
+    return [f"{' '.join(labels)} ({sha[:16]})" for sha, labels in by_image.items()]

@@ -1,0 +1,193 @@
+"""The mount root: the image names it lists and looks up, and its own files: `.control`
+(commands, root only), `.status` and `.metrics`."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyfuse3
+
+from ..core import control, metrics
+from ..core import ledger as kinds
+from ..core.errors import CommandError
+from ..core.interfaces import ImageService
+from ..core.metrics import Labels
+from ..core.names import valid_name
+from ..core.status import render_status
+from .allocation import AllocationResolver
+from .attributes import KERNEL_CACHE_SECONDS, from_stat, synthetic
+from .handles import Entry, Handle
+from .inodes import (
+    CONTROL,
+    METRICS,
+    ROOT,
+    STATUS,
+    InodeTable,
+)
+from .listings import Listing
+
+log = logging.getLogger(__name__)
+
+SPECIAL_NAMES = {b".control": CONTROL, b".status": STATUS, b".metrics": METRICS}
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+Gauges = dict[str, dict[Labels, float]]
+
+
+@dataclass(eq=False, slots=True)
+class DataHandle(Handle):
+    """An open `.status` or `.metrics`: a snapshot taken at open, so reads are consistent."""
+
+    ino: int  # STATUS or METRICS
+    data: bytes
+
+    def entry(self) -> Entry:
+        return kinds.DATA, 0, "", self.ino, 0
+
+    def read(self, off: int, size: int) -> bytes:
+        return self.data[off : off + size]
+
+
+@dataclass(eq=False, slots=True)
+class ControlHandle(Handle):
+    """An open `.control`: who opened it, for the log of the commands written."""
+
+    pid: int
+    uid: int
+    alloc: str
+    root: MountRoot
+
+    def entry(self) -> Entry:
+        return kinds.CONTROL, 0, self.alloc, self.uid, self.pid
+
+    async def write(self, data: bytes) -> int:
+        await self.root.control(self, data)
+        return len(data)
+
+
+class MountRoot:
+    """The root directory: its names, their attributes, and the control files' content.
+
+    The root's and the control files' attributes are cached for 1 s only, their content is
+    made at open (size 0 with direct_io: readers read until EOF). An image's directory keeps
+    its inode number for the daemon's life; looking it up or listing the root mounts nothing.
+    """
+
+    def __init__(
+        self,
+        images: ImageService,
+        inodes: InodeTable,
+        resolver: AllocationResolver,
+        gauges: Callable[[], Gauges],
+    ) -> None:
+        self.images = images
+        self.inodes = inodes
+        self.resolver = resolver
+        self.gauges = gauges  # the state of the filesystem, for `.metrics`
+        self.started_ns = int(time.time() * 1e9)  # the time of every synthetic attribute
+
+    async def lookup(self, raw: bytes, uid: int = 0) -> pyfuse3.EntryAttributes:
+        """The attributes of the root's entry *raw*: a control file or an image. *uid* asks."""
+        special = SPECIAL_NAMES.get(raw)
+        if special is not None:
+            return self.attrs(special)
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        if not valid_name(name) or not await self.images.known(name, uid):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self.image_attrs(name)
+
+    def image_attrs(self, name: str) -> pyfuse3.EntryAttributes:
+        """The attributes of an image's directory, without mounting it.
+
+        Like autofs in browse mode, `stat` or `ls -l` of the mount root mounts nothing; looking
+        inside does. While unmounted the attributes are synthetic and not cached, so that the
+        real ones show as soon as the image is mounted.
+        """
+        ino = self.inodes.image_ino(name)
+        target = self.images.alias_of(name)
+        if target is not None:  # a label: a symlink to its image, which a reload may change
+            attrs = synthetic(ino, stat.S_IFLNK | 0o777, self.started_ns, timeout=1.0)
+            attrs.st_size = len(target.encode())
+            return attrs
+        mount = self.images.mounted(name)
+        if mount is not None:
+            return from_stat(os.lstat(mount.backing), ino)
+        attrs = synthetic(ino, stat.S_IFDIR | 0o755, self.started_ns, timeout=0)
+        attrs.entry_timeout = KERNEL_CACHE_SECONDS
+        return attrs
+
+    def entries(self) -> Listing:
+        """The root's listing, as of now."""
+        entries = Listing([(b".", self.attrs(ROOT)), (b"..", self.attrs(ROOT))])
+        entries += [(n, self.attrs(i)) for n, i in SPECIAL_NAMES.items()]
+        # The sources' names only: a name removed from them is still served while mounted,
+        # but no longer listed.
+        names = sorted([*self.images.listed_names(), *self.images.aliases()])
+        entries += [(name.encode(), self.image_attrs(name)) for name in names]
+        return entries
+
+    def readlink(self, name: str) -> bytes:
+        """The target of the label *name*: the name of its image (ENOENT once it is gone)."""
+        target = self.images.alias_of(name)
+        if target is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return target.encode()
+
+    def attrs(self, ino: int) -> pyfuse3.EntryAttributes:
+        """The attributes of the root or of a control file."""
+        if ino == ROOT:
+            return synthetic(ino, stat.S_IFDIR | 0o755, self.started_ns, timeout=1.0)
+        mode = 0o200 if ino == CONTROL else 0o444
+        # Size 0 with direct_io: readers read until EOF; the content changes all the time.
+        return synthetic(ino, stat.S_IFREG | mode, self.started_ns, timeout=1.0)
+
+    def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> Handle:
+        """A new handle of the control file *ino* (not the root)."""
+        if ino == CONTROL:
+            if ctx.uid != 0:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            if not flags & (os.O_WRONLY | os.O_RDWR):
+                raise pyfuse3.FUSEError(errno.EACCES)
+            return ControlHandle(ctx.pid, ctx.uid, self.resolver.resolve(ctx.pid, ctx.uid), self)
+        if flags & WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return self.data(ino)
+
+    def data(self, ino: int) -> DataHandle:
+        """A new handle of `.status` or `.metrics` (*ino*), as of now."""
+        if ino == STATUS:
+            return DataHandle(ino, render_status(self.images.status()))
+        counters = self.images.metrics
+        gauges = self.gauges()
+        gauges.update(metrics.process_gauges(counters.started))
+        return DataHandle(ino, metrics.render(counters, gauges, self.images.listed_names()))
+
+    async def control(self, caller: ControlHandle, data: bytes) -> None:
+        """Apply the commands *caller* wrote, in order; the first that fails fails the write."""
+        who = f"pid {caller.pid} uid {caller.uid} alloc {caller.alloc}"
+        count = self.images.metrics.inc
+        try:
+            commands = control.parse(data)
+        except CommandError as exc:
+            count("uenvfs_control_commands_total", command="invalid", outcome="EINVAL")
+            log.warning("control from %s: rejected %r: %s", who, data[:200], exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        for command in commands:
+            try:
+                outcome = await self.images.execute(command)
+            except CommandError as exc:
+                code = errno.errorcode.get(exc.errno, str(exc.errno))
+                count("uenvfs_control_commands_total", command=command.verb, outcome=code)
+                log.warning("control from %s: %s: failed: %s (%s)", who, command, exc, code)
+                raise pyfuse3.FUSEError(exc.errno) from None
+            count("uenvfs_control_commands_total", command=command.verb, outcome="ok")
+            log.info("control from %s: %s: %s", who, command, outcome)

@@ -1,0 +1,2 @@
+"""The mount lifecycle of every image: mounting, backends, the hold timer, the journal,
+what `.control` commands do."""

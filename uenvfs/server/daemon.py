@@ -1,0 +1,378 @@
+"""Wiring of `uenvfs serve`: start-up, the trio nursery, signals, and shutdown.
+
+Start-up clears a FUSE mount left by a killed daemon, mounts the filesystem (it is ready from
+then on), and serves until SIGTERM/SIGINT or an external unmount. SIGHUP re-reads the image
+sources, SIGUSR1 expires idle mounts. Shutdown unmounts the FUSE filesystem and every idle
+backing mount; a mount still in use stays for the next daemon to adopt.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pyfuse3
+import trio
+
+from ..core import ledger as ledger_mod
+from ..core.config import Config
+from ..core.errors import CommandError, MountError, StartupError
+from ..core.model import InodePrefixes
+from ..core.status import Server
+from ..core.status import summary as status_summary
+from ..fuse import fastloop
+from ..fuse.allocation import AllocationResolver
+from ..fuse.descriptors import RESERVE, DescriptorBudget
+from ..fuse.fs import UenvFS
+from ..image import squashfs
+from ..image.catalog import Catalog
+from ..keeper.keeper import (
+    ENV_HEARTBEAT,
+    ENV_KEEPER,
+    ENV_RESUME,
+    ENV_STANDBY,
+    HEARTBEAT,
+    setup_logging,
+)
+from ..kernel import fusedev
+from ..manager import journal, recovery
+from ..manager.backend import make_backend, mount_at, read_mountinfo
+from ..manager.manager import Manager
+from . import handover
+from .link import Link
+from .ownership import clear_stale_mount, lock_state_dir
+from .resume import (
+    Resume,
+    read_handed,
+    restore_handles,
+    restore_versions,
+)
+
+log = logging.getLogger(__name__)
+
+# Requests answered at once. pyfuse3's default, 99, let 120 processes waiting for one image's
+# first mount stall every other image; each waiting request costs a task and a receive buffer
+# (1 MiB of address space, of which it touches only what the request needs).
+MAX_REQUESTS = 1000
+DRAIN = 1.0  # seconds an old server lets its requests finish before it hands over
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+def _raise_fd_limit() -> None:
+    """Every open file in every image holds one backing fd: allow as many as the system does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _tune_readahead(config: Config) -> None:
+    """Let the kernel read ahead `read_ahead_kb` through our mount (its default is 128 KiB).
+
+    Each FUSE read costs a round trip and two copies: with 1 MiB windows a cold 1 GiB file
+    takes 1,024 reads instead of 8,192 (measured 3.3 s -> 2.0 s here, the kernel's own squashfs
+    mount 1.0 s). Found through mountinfo: the daemon must not stat its own mountpoint.
+    """
+    if not config.read_ahead_kb:
+        return
+    entry = mount_at(config.mountpoint)
+    if entry is None or entry.device is None:
+        return
+    knob = Path("/sys/class/bdi") / entry.device / "read_ahead_kb"
+    try:
+        knob.write_text(str(config.read_ahead_kb))
+    except OSError as exc:
+        log.warning("cannot set %s: %s", knob, exc.strerror)
+
+
+async def _tune_after_init(fs: UenvFS, config: Config) -> None:
+    # The kernel sets the mount's readahead when it gets the INIT reply: change it after.
+    await fs.initialized.wait()
+    await trio.lowlevel.checkpoint()
+    _tune_readahead(config)
+
+
+def _prepare_dirs(config: Config, resuming: bool) -> None:
+    """The directories uenvfs needs; not the mountpoint when resuming: it is our live mount,
+    and a stat of it would wait for this very process."""
+    mountpoint = () if resuming else (config.mountpoint,)
+    for directory in (config.state_dir, config.backing_root, *mountpoint):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot create {directory}: {exc.strerror}") from exc
+        if not stat.S_ISDIR(directory.stat().st_mode):
+            raise StartupError(f"{directory} is not a directory")
+
+
+async def recover(manager: Manager) -> None:
+    """Rebuild the state from the kernel's mount table and the journal (invariant WI6 of
+    docs/interface.md: nothing is mounted twice, no acquisition is lost)."""
+    config = manager.config
+    try:
+        found = journal.load(config.journal_path)
+    except journal.JournalError as exc:
+        log.warning("journal %s unreadable (%s): recovering from the mount table alone",
+                    config.journal_path, exc)
+        found = None
+    if found is not None:
+        manager.restore_settings(found)
+    plan = recovery.plan(found, read_mountinfo(), config.backing_root,
+                         recovery.loop_backing_file)
+    for entry in plan.detach:
+        log.warning("detaching %s (%s): not a backing mount uenvfs can serve",
+                    entry.mount_point, entry.source)
+        try:
+            await manager.backend.unmount(Path(entry.mount_point), lazy=True)
+        except MountError as exc:
+            log.error("cannot detach %s: %s", entry.mount_point, exc)
+    for adoption in plan.adopt:
+        manager.adopt(adoption)
+    for name in plan.dropped:
+        log.info("%s: in the journal but no longer mounted; dropped", name)
+    manager.journal.save()
+    log.info("start-up recovery: %s", plan.summary())
+
+
+async def _signals(manager: Manager, stop: trio.CancelScope) -> None:
+    """Handle signals until the daemon exits: a second SIGTERM must not cut a shutdown short."""
+    with trio.open_signal_receiver(*HANDLED_SIGNALS) as received:
+        async for signum in received:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                if stop.cancel_called:
+                    log.info("%s: already shutting down", signal.Signals(signum).name)
+                    continue
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                stop.cancel()
+            elif signum == signal.SIGHUP:
+                manager.spawn(_reload_on_signal, manager, task="sighup-reload")
+            elif signum == signal.SIGUSR1:
+                manager.spawn(_expire_on_signal, manager, task="sigusr1-expire")
+
+
+async def _reload_on_signal(manager: Manager) -> None:
+    try:
+        log.info("SIGHUP: reload: %s", await manager.reload())
+    except CommandError as exc:
+        log.warning("SIGHUP: reload failed: %s", exc)
+
+
+async def _expire_on_signal(manager: Manager) -> None:
+    log.info("SIGUSR1: %s", await manager.expire_idle())
+
+
+async def run(config: Config, link: Link, resume: Resume | None,
+              reread: Callable[[], Config] | None = None) -> None:
+    """Serve until a signal or an external unmount, then shut down cleanly.
+
+    A new connection is mounted here and handed to the keeper; a live one (*resume*) is
+    taken over with what its ledger says.
+    """
+    backend = make_backend(config.backend, config.mount_timeout)
+    missing = backend.missing_tools()
+    if missing:
+        raise StartupError(f"backend {backend.name} needs {', '.join(missing)} (not found in PATH)")
+    if config.validate and shutil.which(squashfs.RDSQUASHFS) is None:
+        raise StartupError(f"validating images needs {squashfs.RDSQUASHFS} (squashfs-tools-ng), "
+                           "not found in PATH; install it or set validate = false")
+    catalog = Catalog(config.images, config.maps, config.program_map, config.program_timeout,
+                      answer_ttl=config.negative_cache, source_timeout=config.mount_timeout,
+                      repos=config.repos, system=config.system, uarch=config.uarch)
+    catalog.refresh()
+    prefixes = InodePrefixes()  # image versions (the manager's) and directories (the fs')
+    manager = Manager(config, backend, catalog, prefixes=prefixes)
+    manager.reread_config = reread
+    resolver = AllocationResolver()
+    _raise_fd_limit()
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    budget = DescriptorBudget(limit, config.open_files_per_allocation)
+    log.info("open files: %d per allocation, %d in all (descriptor limit %d)",
+             budget.per_allocation, limit - RESERVE, limit)
+    fs = UenvFS(manager, prefixes, resolver, budget, config.mountpoint)
+    fs.uses.hold_time = lambda: manager.registry.hold_time
+    manager.listener = fs.listener
+
+    handed: dict[str, Any] | None = None
+    if resume is not None and resume.standby:
+        # Started by `restart`: everything is ready; the old server stops, then we go on.
+        handed = read_handed(await link.wait_go())
+    found: ledger_mod.Found | None = None
+    if resume is None:
+        lock = lock_state_dir(config.state_dir, os.getppid())  # the keeper's pid
+        await clear_stale_mount(config)
+    else:
+        lock = resume.lock if resume.lock >= 0 else lock_state_dir(config.state_dir,
+                                                                    os.getppid())
+        try:
+            found = resume.ledger.read()
+        except ledger_mod.LedgerError as exc:
+            raise StartupError(f"cannot resume the connection: its ledger is {exc}; only a "
+                               "stop and start (which ends the connection) can go on") from exc
+        restore_versions(manager, fs, found)
+    _prepare_dirs(config, resuming=resume is not None)
+    await recover(manager)
+    if resume is None:
+        try:
+            fuse_fd, init = fusedev.mount(config.mountpoint)
+        except OSError as exc:
+            raise StartupError(f"cannot mount FUSE at {config.mountpoint}: {exc}") from exc
+        ledger = ledger_mod.SharedLedger.create(init)
+        ledger.start()
+        link.hold(fuse_fd, ledger.fd, lock)
+        server = Server(os.getpid(), time.time(), 0)
+    else:
+        assert found is not None
+        fuse_fd, ledger, init = resume.fuse, resume.ledger, found.init
+        ledger.resumed(found)
+        link.resumed_with(fuse_fd, ledger.fd, lock)
+        server = Server(os.getpid(), time.time(), found.resumes + 1)
+    manager.server = server
+    manager.metrics.started = server.started  # process_start_time_seconds, as in .status
+    manager.mounter.attach(ledger)
+    fs.attach(ledger)
+    ledger.live = lambda: itertools.chain(fs.inodes.records(), manager.mounter.records())
+    if found is not None:
+        restore_handles(fs, found, ledger, config.mountpoint)
+    if handed is not None:
+        handover.apply(manager, handed)
+    options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    options |= {"fsname=uenvfs", "subtype=uenvfs", "allow_other"}
+    pipe = fusedev.init_pipe(init)
+    fs.connect(fuse_fd, pipe)
+    try:
+        pyfuse3.init(fs, f"/dev/fd/{pipe}", options)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot start FUSE on {config.mountpoint}: {exc}") from exc
+    fs.uses.find_device()  # processes sitting in images are found by the mount's device
+    log.info("%s %s (images from %s, backend %s, hold time %g s)",
+             "resumed" if resume else "serving", config.mountpoint,
+             ", ".join(map(str, catalog.image_dirs)) or "-", backend.name, config.hold_time)
+    manager.restarter = link.request_restart
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            serving = trio.CancelScope()
+            handing_over = trio.Event()
+            link.on_handover = lambda: nursery.start_soon(_drain, serving, handing_over)
+            link.on_restart_failed = functools.partial(_restart_failed, server)
+            nursery.start_soon(_signals, manager, serving, name="signals")
+            if resume is None:
+                nursery.start_soon(_tune_after_init, fs, config, name="readahead")
+            nursery.start_soon(fs.uses.run, name="uses")
+            nursery.start_soon(link.watch, name="keeper")
+            nursery.start_soon(_ready_after_init, fs, manager, link, resume is not None,
+                               name="ready")
+            nursery.start_soon(_report, fs, manager, link, name="report")
+            with serving:
+                await pyfuse3.main(max_tasks=MAX_REQUESTS)
+                if not handing_over.is_set():
+                    log.info("%s was unmounted from outside; shutting down", config.mountpoint)
+            if handing_over.is_set():
+                _hand_over(manager, link)  # does not return
+            link.send("stopping")
+            _end_connection(config)
+            # Uses through open files die with the connection (the kernel can no longer send
+            # their releases); only acquisitions outlive the daemon, through the journal.
+            fs.close_all()
+            await manager.shutdown()
+            resolver.close()
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=False)
+    os.close(lock)
+    log.info("stopped")
+
+
+async def _drain(serving: trio.CancelScope, handing_over: trio.Event) -> None:
+    """The new server is ready to take over: read no more requests, let those under way
+    finish (a `.control` command must not be made twice), for `DRAIN` seconds at most; the
+    rest the new server gets again (see UenvFS.init)."""
+    if handing_over.is_set():
+        return
+    handing_over.set()
+    log.info("handing over to a new server: finishing the requests under way")
+    pyfuse3.terminate()
+    await trio.sleep(DRAIN)
+    log.warning("requests still under way after %g s: the new server answers them", DRAIN)
+    serving.cancel()
+
+
+def _hand_over(manager: Manager, link: Link) -> NoReturn:
+    """Give the new server what only our memory holds, and exit at once (the keeper holds
+    the connection, the ledger has every node and handle)."""
+    fd = os.memfd_create("uenvfs-handover", os.MFD_CLOEXEC)
+    os.write(fd, json.dumps(handover.capture(manager)).encode())
+    log.info("handed over; exiting")
+    link.send("handed", [fd])
+    os._exit(0)
+
+
+def _restart_failed(server: Server, why: str) -> None:
+    server.restart_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {why}"
+    log.error("restart failed: %s; serving on", why)
+
+
+def _end_connection(config: Config) -> None:
+    """Unmount the filesystem: the connection ends once the keeper lets go of it too."""
+    try:
+        fusedev.unmount(config.mountpoint)
+    except OSError as exc:
+        log.error("%s", exc)
+
+
+async def _ready_after_init(fs: UenvFS, manager: Manager, link: Link, resumed: bool) -> None:
+    """Once libfuse went through INIT (and requests the last server left unanswered were
+    queued again, see UenvFS.init): the keeper (and systemd through it) learns that we serve;
+    a resumed server first counts the processes sitting in images, and checks its counts."""
+    await fs.initialized.wait()
+    if fs.resent is False:
+        log.error("this kernel cannot queue again the requests the last server had read "
+                  "(FUSE_NOTIFY_RESEND, Linux 6.9): the processes that made them wait forever")
+    if resumed:
+        await fs.uses.refresh(0.0)  # who sits in images now
+    link.ready()
+    if resumed:
+        # The counts came from the ledger (open handles), the journal (acquisitions) and a
+        # scan (working directories): compare them with a full scan, for `.status`.
+        # (Processes that open and close files meanwhile may differ for a moment: INFO.)
+        outcome = await manager.verify(logging.INFO)
+        log.info("resumed counts checked against the processes: %s", outcome)
+
+
+async def _report(fs: UenvFS, manager: Manager, link: Link) -> None:
+    """Tell the keeper how we serve, every few seconds, once serving: for systemd's STATUS=,
+    and as the keeper's proof that this server's loop runs (its watchdog, see keeper.py)."""
+    interval = float(os.environ.pop(ENV_HEARTBEAT, "") or HEARTBEAT)
+    await fs.initialized.wait()
+    while True:
+        link.send("status " + status_summary(manager.status()))
+        await trio.sleep(interval)
+
+
+def serve(config: Config, reread: Callable[[], Config] | None = None) -> int:
+    """A server: started by the keeper (keeper.py), for a new connection or a live one.
+    *reread* reads the configuration again (file and flags), for `reload`."""
+    setup_logging(config.log_level)
+    try:
+        link = Link(int(os.environ.pop(ENV_KEEPER)))
+        text = os.environ.pop(ENV_RESUME, None)
+        resume = Resume.from_env(text) if text else None
+        standby = os.environ.pop(ENV_STANDBY, "")
+        if resume is not None:
+            resume.standby = bool(standby)
+        with fastloop.installed(linger=config.linger_us / 1e6):  # warns if pyfuse3 is unknown
+            trio.run(run, config, link, resume, reread)
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0

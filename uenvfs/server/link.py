@@ -1,0 +1,119 @@
+"""The server's side of the keeper (see keeper.py): tell it what it must know, and replace it
+if it dies."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+
+import trio
+
+from ..keeper.keeper import ENV_FDSTORE, ENV_SERVER, server_argv
+
+log = logging.getLogger(__name__)
+
+
+class Link:
+    """The socket to this server's keeper, and the descriptors the keeper must hold."""
+
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(False)
+        self.held: list[int] = []  # fuse, ledger, lock: what a new keeper gets
+        self._children: list[subprocess.Popen[bytes]] = []
+        self.on_handover: Callable[[], None] | None = None  # the keeper asks us to stop
+        self.on_restart_failed: Callable[[str], None] | None = None  # the new server died
+
+    def send(self, word: str, fds: Sequence[int] = ()) -> None:
+        try:
+            socket.send_fds(self.sock, [word.encode()], list(fds))
+        except OSError as exc:
+            log.warning("cannot tell the keeper %r: %s", word, exc.strerror)
+
+    def hold(self, fuse: int, ledger: int, lock: int) -> None:
+        """Have the keeper hold the connection (a new one, mounted by this server)."""
+        self.held = [fuse, ledger, lock]
+        self.send("hold", self.held)
+
+    def resumed_with(self, fuse: int, ledger: int, lock: int) -> None:
+        """The keeper handed us these (it holds them already)."""
+        self.held = [fuse, ledger, lock]
+
+    def ready(self) -> None:
+        self.send("ready")
+
+    def request_restart(self) -> None:
+        """Have the keeper start a new server, which takes over once it is ready."""
+        self.send("restart")
+
+    async def wait_go(self) -> int | None:
+        """A new server started by `restart`: say we are ready to take over, and wait until
+        the old server has stopped. Returns the state it handed over (a memfd), or None if
+        it died instead."""
+        self.send("standby")
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            try:
+                data, fds, _, _ = socket.recv_fds(self.sock, 4096, 4)
+            except BlockingIOError:
+                continue
+            if not data:
+                raise OSError(errno.EPIPE, "the keeper is gone")
+            if data == b"go":
+                return fds[0] if fds else None
+            for fd in fds:
+                os.close(fd)
+
+    async def watch(self) -> None:
+        """Until cancelled: when the keeper dies, start another that holds our descriptors."""
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if data == b"handover" and self.on_handover is not None:
+                self.on_handover()
+                continue
+            if data.startswith(b"restart-failed ") and self.on_restart_failed is not None:
+                self.on_restart_failed(data.decode(errors="replace").partition(" ")[2])
+                continue
+            if data:
+                log.debug("keeper says %r", data)
+                continue
+            for child in self._children:
+                child.poll()  # reap a keeper we started that died
+            if not self.held:
+                log.error("the keeper is gone before holding the connection")
+                await trio.sleep_forever()
+            if os.environ.get(ENV_FDSTORE):
+                # Under systemd: its store holds the connection, and it starts the service
+                # again, whose keeper starts a server; this one must not serve beside it.
+                log.error("the keeper died: systemd holds the FUSE connection and starts "
+                          "uenvfs again; exiting")
+                os._exit(1)
+            log.error("the keeper died: starting another to hold the FUSE connection")
+            self._replace()
+
+    def _replace(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ)
+        env[ENV_SERVER] = json.dumps({"pid": os.getpid(), "fds": self.held,
+                                      "sock": theirs.fileno(), "argv": server_argv()})
+        self._children.append(subprocess.Popen(
+            [sys.executable, "-m", "uenvfs.keeper"], env=env,
+            pass_fds=[theirs.fileno(), *(fd for fd in self.held if fd >= 0)],
+            stdin=subprocess.DEVNULL))
+        theirs.close()
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+        ours.setblocking(False)
+        self.sock = ours

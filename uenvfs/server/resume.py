@@ -1,0 +1,118 @@
+"""A server taking over a live connection: what it got from the keeper, and how it carries on
+from the ledger (see ledger.py) and, after a planned restart, from what the old server handed
+over (see handover.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..core.errors import StartupError
+from ..core.ledger import (
+    DIR,
+    FILE,
+    Found,
+    SharedLedger,
+    Slot,
+)
+from ..kernel import procscan
+
+if TYPE_CHECKING:
+    from ..fuse.fs import UenvFS
+    from ..manager.manager import Manager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resume:
+    """What the keeper handed a server that takes over a live connection."""
+
+    fuse: int
+    ledger: SharedLedger
+    lock: int  # -1: none (systemd's store keeps no lock): take it anew
+    standby: bool = False  # started by `restart`: take over once the old server stopped
+
+    @classmethod
+    def from_env(cls, text: str) -> Resume:
+        fuse, ledger, lock = (int(part) for part in text.split(","))
+        for fd in (fuse, ledger, lock):
+            if fd >= 0:
+                os.set_inheritable(fd, False)
+        try:
+            return cls(fuse, SharedLedger(ledger), lock)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot read the ledger of the connection: {exc}") from exc
+
+
+def restore_versions(manager: Manager, fs: UenvFS, found: Found) -> None:
+    """The inode prefixes the last server handed out: the same numbers mean the same files."""
+    fs.inodes.prefixes.continue_after(found.last_prefix)
+    manager.mounter.restore(found.versions)
+    fs.inodes.restore(found)
+
+
+def restore_handles(fs: UenvFS, found: Found, ledger: SharedLedger, mountpoint: Path) -> None:
+    """The handles the last server opened, counted again for their allocations."""
+    slots = settle(found.handles, ledger, procscan.device_of(mountpoint), procscan.holds_of)
+    restored = fs.restore_handles(slots)
+    log.info("resumed the connection (resume %d): %d nodes, %d handles (%d counted)",
+             found.resumes + 1, len(found.nodes), len(slots), restored)
+
+
+def settle(slots: list[Slot], ledger: SharedLedger, dev: int | None,
+           holds_of: Callable[[int, int], list[procscan.Hold]]) -> list[Slot]:
+    """The handles to restore. A pending one (the last server died around its answer) is
+    the kernel's only if the process that opened it holds it now: one that never got it
+    waits for the open the kernel sends again (FUSE_NOTIFY_RESEND), and one that got it and
+    closed it already sends its release, for a handle no longer counted either way."""
+    pending = [s for s in slots if s.pending and s.kind in (FILE, DIR)]
+    if not pending:
+        return slots
+    confirmed = Counter((s.extra2, s.ino) for s in slots
+                        if not s.pending and s.kind in (FILE, DIR))
+    room: dict[tuple[int, int], int] = {}
+    for slot in pending:
+        key = (slot.extra2, slot.ino)
+        if key not in room:
+            held = procscan.opens_of(holds_of(slot.extra2, dev), slot.ino) if dev else 0
+            room[key] = max(0, held - confirmed[key])
+    kept = []
+    for slot in slots:
+        if slot.pending and slot.kind in (FILE, DIR):
+            key = (slot.extra2, slot.ino)
+            if room[key] <= 0:
+                log.info("handle %#x: its opener (pid %d) never got it; dropped", slot.fh,
+                         slot.extra2)
+                ledger.released(slot.fh)
+                continue
+            room[key] -= 1
+            ledger.confirm(slot.fh)
+        kept.append(slot)
+    return kept
+
+
+def read_handed(fd: int | None) -> dict[str, Any] | None:
+    """The state the old server handed over in the memfd *fd* (None: it died instead)."""
+    if fd is None:
+        log.warning("the old server died before it handed over: resuming as after a crash")
+        return None
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        document: dict[str, Any] = json.loads(b"".join(chunks))
+        return document
+    except (OSError, ValueError) as exc:
+        log.error("cannot read the state the old server handed over (%s): resuming as after "
+                  "a crash", exc)
+        return None
+    finally:
+        os.close(fd)
