@@ -107,8 +107,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg = config_mod.load(file, overrides)
     except config_mod.ConfigError as exc:
         raise CliError(f"configuration: {exc}", EXIT_USAGE) from exc
-    from ..keeper.keeper import ENV_KEEPER, setup_logging
-    from ..keeper.keeper import serve as keep
+    from ..keeper.protocol import ENV_KEEPER
+    from ..keeper.serve import serve as keep
+    from ..keeper.serve import setup_logging
 
     if ENV_KEEPER in os.environ:  # started by the keeper: serve
         from ..server.daemon import serve
