@@ -188,9 +188,7 @@ async def run(config: Config, link: Link, resume: Resume | None,
     if config.validate and shutil.which(squashfs.RDSQUASHFS) is None:
         raise StartupError(f"validating images needs {squashfs.RDSQUASHFS} (squashfs-tools-ng), "
                            "not found in PATH; install it or set validate = false")
-    catalog = Catalog(config.images, config.maps, config.program_map, config.program_timeout,
-                      answer_ttl=config.negative_cache, source_timeout=config.mount_timeout,
-                      repos=config.repos, system=config.system, uarch=config.uarch)
+    catalog = Catalog.from_config(config)
     catalog.refresh()
     prefixes = InodePrefixes()  # image versions (the manager's) and directories (the fs')
     manager = Manager(config, backend, catalog, prefixes=prefixes)
