@@ -85,3 +85,22 @@ def test_env_and_check_take_labels(tmp_path: Path, capsys: pytest.CaptureFixture
     code, _, err = run(capsys, "env", "prgenv-gnu/25.1", "--config", str(config))
     assert code == exits.FAILED
     assert "no such image (not a name or uenv label" in one_line_error(err)
+
+
+@pytest.mark.skipif(Path("/images").exists(), reason="needs a node without /images")
+def test_a_missing_default_image_directory_holds_no_image(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A node with a repository and no /images (the built-in default image directory): the
+    # repository's images are listed. An image directory named on the command line that is
+    # missing is still an error, /images too.
+    repo, new, old = _repo(tmp_path)
+    config = tmp_path / "uenvfs.toml"
+    config.write_text('system = "daint"\nuarch = "gh200"\n')  # no images: the default
+    code, out, err = run(capsys, "images", "--json", "--repo", str(repo), "--config", str(config))
+    assert (code, err) == (exits.OK, "")
+    assert {row["id"] for row in json.loads(out)} == {new.sha256[:16], old.sha256[:16]}
+    for named in (tmp_path / "nope", Path("/images")):
+        code, _, err = run(capsys, "images", "--repo", str(repo), "--config", str(config),
+                           "--images", str(named))
+        assert code == exits.FAILED
+        assert one_line_error(err) == f"uenvfs images: image directory {named}: not a directory"

@@ -111,7 +111,10 @@ def cmd_images(args: argparse.Namespace) -> int:
     from ..image.table import describe_images, format_images
 
     cfg = _image_config(args)
-    catalog = _catalog(cfg, required=True)
+    # The image directories must exist, but for the default, /images, not given with
+    # --images: a node without it has no images there (it may have repositories).
+    named = bool(args.images) or cfg.images != config_mod.Config().images
+    catalog = _catalog(cfg, required=named)
     infos = trio.run(describe_images, _image_rows(catalog, cfg))
     if args.json:
         print(json.dumps([info.as_json() for info in infos], indent=1))
