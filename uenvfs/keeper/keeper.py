@@ -71,13 +71,14 @@ BACKOFF = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 class Keeper:
     """Holds the connection's descriptors and runs its server; see the module's docstring.
-    loop.py drives it: `start`, then `receive`, `exited`, `signalled` and `next_start` as
-    poll(2) says.
+    keeper/loop.py drives it: `start`, then `receive`, `exited`, `signalled` and
+    `next_start` as poll(2) says.
 
-    Invariants: `current` is the server that answers the connection (None only between a
-    server's exit and the start of the next); `next` is a server started by `restart` that
-    has not taken over yet; `held` holds the connection's descriptors from the first "hold"
-    until the connection ends (`_release`).
+    Invariants: `current` is the server that answers the connection, None while none does
+    (after one died, until the next is started or, during a restart, takes over); `next` is
+    a server started by `restart` that has not taken over yet; `held` has the connection's
+    descriptors (from systemd's store, an adopted server or the first "hold") until the
+    connection ends (`_release`).
     """
 
     def __init__(self, server_argv: list[str], held: dict[str, int] | None = None,

@@ -39,7 +39,7 @@ class Child:
     sock: socket.socket
     serving: bool = False  # it said "ready"
     standby: bool = False  # a new server that said it is ready to take over
-    handed: int | None = None  # the state an old server handed over (a memfd); -1: given on
+    handed: int | None = None  # the state an old server handed over (a memfd; -1: passed on)
     heard: float = 0.0  # when it last said something (time.monotonic())
     status: str = ""  # the last STATUS= it asked for
 
