@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from uenvfs import __version__
-from uenvfs.client.cli import EXIT_BROKEN_PIPE
+from uenvfs.client import exits
 
 
 def test_version() -> None:
@@ -26,4 +26,4 @@ def test_a_reader_that_goes_away_gets_no_error_message(tmp_path: Path) -> None:
                               stderr=subprocess.PIPE, text=True, check=False, timeout=60)
     finally:
         os.close(write)
-    assert (done.returncode, done.stderr) == (EXIT_BROKEN_PIPE, "")
+    assert (done.returncode, done.stderr) == (exits.BROKEN_PIPE, "")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from uenvfs.client.cli import EXIT_FAILED, EXIT_OK
+from uenvfs.client import exits
 
 from ..support import build_image
 from ..uenv_repos import Pulled, make_repository
@@ -47,7 +47,7 @@ def test_images_lists_every_label_with_its_fields(tmp_path: Path,
     config = tmp_path / "uenvfs.toml"
     config.write_text('images = []\nsystem = "daint"\nuarch = "gh200"\n')
     code, out, err = run(capsys, "images", "--json", "--repo", str(repo), "--config", str(config))
-    assert code == EXIT_OK, err
+    assert code == exits.OK, err
     rows = {row["name"]: row for row in json.loads(out)}
     assert sorted(rows) == ["prgenv-gnu+24.11+latest", "prgenv-gnu+24.11+v1",
                             "prgenv-gnu+24.7+v1"]
@@ -71,17 +71,36 @@ def test_env_and_check_take_labels(tmp_path: Path, capsys: pytest.CaptureFixture
     config.write_text(f'images = []\nsystem = "daint"\nuarch = "gh200"\n'
                       f'repos = ["{repo}"]\nmountpoint = "/run/pact/uenv"\n')
     code, out, err = run(capsys, "env", "prgenv-gnu/24.11:latest", "--config", str(config))
-    assert code == EXIT_OK, err
+    assert code == exits.OK, err
     assert out == (f"export PATH=/run/pact/uenv/{new.sha256[:16]}/env/default/bin"
                    '"${PATH:+:$PATH}"\n')
     code, out, err = run(capsys, "check", "prgenv-gnu/24.7", "--config", str(config))
-    assert code == EXIT_OK, err
+    assert code == exits.OK, err
     assert out.startswith("prgenv-gnu/24.7: ok (")
     code, _, err = run(capsys, "check", "prgenv-gnu", "--config", str(config))
-    assert code == EXIT_FAILED
+    assert code == exits.FAILED
     assert one_line_error(err).startswith(
         "uenvfs check: prgenv-gnu is ambiguous: it matches 2 images: "
         "prgenv-gnu/24.11:v1@daint%gh200 prgenv-gnu/24.11:latest@daint%gh200 (")
     code, _, err = run(capsys, "env", "prgenv-gnu/25.1", "--config", str(config))
-    assert code == EXIT_FAILED
+    assert code == exits.FAILED
     assert "no such image (not a name or uenv label" in one_line_error(err)
+
+
+@pytest.mark.skipif(Path("/images").exists(), reason="needs a node without /images")
+def test_a_missing_default_image_directory_holds_no_image(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A node with a repository and no /images (the built-in default image directory): the
+    # repository's images are listed. An image directory named on the command line that is
+    # missing is still an error, /images too.
+    repo, new, old = _repo(tmp_path)
+    config = tmp_path / "uenvfs.toml"
+    config.write_text('system = "daint"\nuarch = "gh200"\n')  # no images: the default
+    code, out, err = run(capsys, "images", "--json", "--repo", str(repo), "--config", str(config))
+    assert (code, err) == (exits.OK, "")
+    assert {row["id"] for row in json.loads(out)} == {new.sha256[:16], old.sha256[:16]}
+    for named in (tmp_path / "nope", Path("/images")):
+        code, _, err = run(capsys, "images", "--repo", str(repo), "--config", str(config),
+                           "--images", str(named))
+        assert code == exits.FAILED
+        assert one_line_error(err) == f"uenvfs images: image directory {named}: not a directory"

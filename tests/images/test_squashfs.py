@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from uenvfs.client.cli import EXIT_FAILED, EXIT_OK
+from uenvfs.client import exits
 from uenvfs.image import squashfs
 
 from ..support import build_image
@@ -49,7 +49,7 @@ def check(capsys: pytest.CaptureFixture[str], image: Path) -> tuple[int, str, st
 
 def test_check_good(capsys: pytest.CaptureFixture[str], good: Path) -> None:
     code, out, err = check(capsys, good)
-    assert (code, err) == (EXIT_OK, "")
+    assert (code, err) == (exits.OK, "")
     assert out.startswith(f"{good}: ok (203 inodes, ")
     assert trio.run(squashfs.check_image, good, 60) is None
 
@@ -59,7 +59,7 @@ def test_check_accepts_an_image_cut_after_its_used_bytes(capsys: pytest.CaptureF
     used = squashfs.read_superblock(good).bytes_used
     assert used < good.stat().st_size  # gensquashfs pads to a multiple of 4 KiB
     exact = damaged(good, "exact.sqfs", lambda data: data[:used])
-    assert check(capsys, exact)[0] == EXIT_OK
+    assert check(capsys, exact)[0] == exits.OK
 
 
 def _corrupt_inode_table(data: bytearray) -> bytearray:
@@ -83,7 +83,7 @@ def test_check_bad(capsys: pytest.CaptureFixture[str], good: Path, name: str, ch
                    reason: str) -> None:
     bad = damaged(good, f"{name}.sqfs", change)
     code, out, err = check(capsys, bad)
-    assert (code, out) == (EXIT_FAILED, "")
+    assert (code, out) == (exits.FAILED, "")
     assert one_line_error(err).startswith(f"uenvfs check: {bad}: ")
     assert reason in err
     assert trio.run(squashfs.check_image, bad, 60) is not None
@@ -112,19 +112,19 @@ def test_check_tool_hangs_or_is_missing(capsys: pytest.CaptureFixture[str], good
     (tools / "rdsquashfs").chmod(0o755)
     monkeypatch.setenv("PATH", str(tools))
     code, _, err = run(capsys, "check", str(good), "--timeout", "0.5")
-    assert code == EXIT_FAILED
+    assert code == exits.FAILED
     assert one_line_error(err) == (f"uenvfs check: {good}: "
                                    "rdsquashfs killed after 0.5 s without finishing")
     (tools / "rdsquashfs").unlink()
     code, _, err = run(capsys, "check", str(good))
-    assert code == EXIT_FAILED
+    assert code == exits.FAILED
     assert one_line_error(err) == (f"uenvfs check: {good}: cannot run rdsquashfs: No such file "
                                    "or directory (squashfs-tools-ng is needed)")
 
 
 def test_check_missing_and_unknown(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, _, err = check(capsys, tmp_path / "nope.sqfs")
-    assert code == EXIT_FAILED
+    assert code == exits.FAILED
     assert one_line_error(err) == f"uenvfs check: {tmp_path / 'nope.sqfs'}: no such image file"
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from uenvfs.client.cli import EXIT_FAILED, EXIT_OK
+from uenvfs.client import exits
 from uenvfs.image import uenv
 
 from ..support import build_image
@@ -161,7 +161,7 @@ def test_scalar_replaces_list_definition() -> None:
 
 def test_images_table(capsys: pytest.CaptureFixture[str], images: Path, config: Path) -> None:
     code, out, err = run(capsys, "images", "--images", str(images), "--config", str(config))
-    assert (code, err) == (EXIT_OK, "")
+    assert (code, err) == (exits.OK, "")
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "SIZE", "UENV", "VIEWS", "IMAGE", "DESCRIPTION"]
     rows = {line.split()[0]: line for line in lines[1:]}
@@ -179,7 +179,7 @@ def test_images_table(capsys: pytest.CaptureFixture[str], images: Path, config: 
 def test_images_json(capsys: pytest.CaptureFixture[str], images: Path, config: Path) -> None:
     code, out, _ = run(capsys, "images", "--json", "--images", str(images),
                        "--config", str(config))
-    assert code == EXIT_OK
+    assert code == exits.OK
     listing = {entry["name"]: entry for entry in json.loads(out)}
     multi = images / "multi.sqfs"
     assert listing["multi"] == {
@@ -206,7 +206,7 @@ def test_images_several_directories(capsys: pytest.CaptureFixture[str], images: 
     build_image(other / "extra.sqfs", {"x": "y"})
     code, out, _ = run(capsys, "images", "--json", "--images", str(images), "--images",
                        str(other), "--config", str(config))
-    assert code == EXIT_OK
+    assert code == exits.OK
     listing = {entry["name"]: entry["image_path"] for entry in json.loads(out)}
     assert listing["multi"] == str(images / "multi.sqfs")
     assert listing["extra"] == str(other / "extra.sqfs")
@@ -217,7 +217,7 @@ def test_images_from_config_file(capsys: pytest.CaptureFixture[str], images: Pat
     config = tmp_path / "site.toml"
     config.write_text(f'images = "{images}"\n')
     code, out, _ = run(capsys, "images", "--json", "--config", str(config))
-    assert code == EXIT_OK
+    assert code == exits.OK
     assert "multi" in {entry["name"] for entry in json.loads(out)}
 
 
@@ -225,10 +225,10 @@ def test_images_empty_and_missing_directory(capsys: pytest.CaptureFixture[str], 
                                             tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     assert run(capsys, "images", "--images", str(tmp_path / "empty"), "--config",
-               str(config)) == (EXIT_OK, "no images\n", "")
+               str(config)) == (exits.OK, "no images\n", "")
     code, _, err = run(capsys, "images", "--images", str(tmp_path / "nope"), "--config",
                        str(config))
-    assert code == EXIT_FAILED
+    assert code == exits.FAILED
     assert "not a directory" in one_line_error(err)
 
 
@@ -249,7 +249,7 @@ def apply(lines: str, start: Mapping[str, str], shell: str = "bash") -> dict[str
 
 def env_lines(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     code, out, err = run(capsys, "env", *argv)
-    assert (code, err) == (EXIT_OK, ""), err
+    assert (code, err) == (exits.OK, ""), err
     return out
 
 
@@ -330,7 +330,7 @@ def test_env_without_mount_field(capsys: pytest.CaptureFixture[str], images: Pat
                                  config: Path) -> None:
     code, out, err = run(capsys, "env", "nomount", "--images", str(images), "--config",
                          str(config))
-    assert code == EXIT_OK
+    assert code == exits.OK
     assert "names no mount point" in one_line_error(err)
     assert f"export CUDA_HOME={MOUNT}/env/default\n" in out
 
@@ -348,7 +348,7 @@ def test_env_without_mount_field(capsys: pytest.CaptureFixture[str], images: Pat
 def test_env_errors(capsys: pytest.CaptureFixture[str], images: Path, config: Path,
                     argv: list[str], message: str) -> None:
     code, out, err = run(capsys, "env", *argv, "--images", str(images), "--config", str(config))
-    assert (code, out) == (EXIT_FAILED, "")
+    assert (code, out) == (exits.FAILED, "")
     line = one_line_error(err)
     assert line.startswith("uenvfs env: ")
     assert message in line

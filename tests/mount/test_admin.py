@@ -15,6 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from uenvfs.client import exits
+
 from ..support import Daemon, errno_of, release_holder, run_in, spawn_holder, wait_until
 
 pytestmark = pytest.mark.fuse
@@ -213,27 +215,27 @@ def test_admin_cli(served: Daemon) -> None:
     assert served.cli("hold-time", "5", "a").returncode == 0
     assert served.cli("expire").returncode == 0
     swapped = served.cli("release", "a", "alloc-1")  # acquire takes NAME ALLOC, release not
-    assert swapped.returncode == 1
+    assert swapped.returncode == exits.FAILED
     assert swapped.stderr.strip().endswith(
         "did you mean 'uenvfs release alloc-1 a'? (release takes the allocation first)")
     assert state_of(served, "a")[1] == 1  # type: ignore[index]
     assert served.cli("release", "alloc-1", "a").returncode == 0
     bare = served.cli("reconcile")  # e.g. `uenvfs reconcile $(squeue ...)` with squeue failing
-    assert bare.returncode == 2
+    assert bare.returncode == exits.USAGE
     assert "reconcile needs the live allocations, or --none" in bare.stderr
     assert served.cli("reconcile", "--none").returncode == 0
     assert served.cli("reload").returncode == 0
     failed = served.cli("force-unmount", "a")
-    assert failed.returncode == 1
+    assert failed.returncode == exits.FAILED
     assert failed.stderr.strip() == (
         "uenvfs force-unmount: force-unmount a: Operation not permitted "
         "(the daemon's log has the details)")
     assert "Traceback" not in failed.stderr
     missing = served.cli("release", "nobody-here")
-    assert missing.returncode == 1
+    assert missing.returncode == exits.FAILED
     assert "No such file or directory" in missing.stderr
     usage = served.cli("hold-time", "soon")
-    assert usage.returncode == 2
+    assert usage.returncode == exits.USAGE
     assert "not a number" in usage.stderr
     assert served.cli("emergency", "on").returncode == 0
     assert served.cli("force-unmount", "a").returncode == 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from uenvfs.keeper import keeper
+from uenvfs.keeper import serve
 from uenvfs.kernel import loop
 
 from ..mounts import clean_up, is_mounted, loops_for
@@ -106,13 +106,13 @@ def test_a_failed_set_status_unbinds_the_device(scratch: Path,
 
 
 def test_refusal_without_pidfd_open() -> None:
-    assert keeper.kernel_refusal(errno.ENOSYS, "5.2.21") == (
+    assert serve.kernel_refusal(errno.ENOSYS, "5.2.21") == (
         "uenvfs needs Linux 5.3 or later (pidfd_open); this kernel is 5.2.21")
     # A kernel that has it but a seccomp filter that forbids it (old container runtimes).
-    assert keeper.kernel_refusal(errno.EPERM, "5.10.0") == (
+    assert serve.kernel_refusal(errno.EPERM, "5.10.0") == (
         "uenvfs needs pidfd_open (Linux 5.3 or later), which fails here: Operation not "
         "permitted (kernel 5.10.0; a seccomp filter?)")
 
 
 def test_this_kernel_is_not_refused() -> None:
-    assert keeper.check_kernel() is None  # the tests run on Linux 5.3 or later
+    assert serve.check_kernel() is None  # the tests run on Linux 5.3 or later

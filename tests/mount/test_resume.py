@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from uenvfs.client import exits
+
 from ..conftest import DaemonFactory
 from ..support import (
     Daemon,
@@ -405,7 +407,7 @@ def test_a_restart_that_cannot_start_changes_nothing(daemon: Daemon) -> None:
         daemon.expect(r"restart failed: the new server \(pid \d+\) exited with status 2")
         daemon.expect(r"storage_guard must be one of")
         out = daemon.cli("restart")
-        assert out.returncode == 1
+        assert out.returncode == exits.FAILED
         assert "restart failed: " in out.stderr
         assert "exited with status 2 before it took over" in out.stderr
         after = daemon.status()

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from uenvfs.client import exits
+
 from ..conftest import DaemonFactory
 from ..mounts import is_mounted
 from ..support import Daemon, wait_until
@@ -115,10 +117,10 @@ def test_exit_codes_and_working_directory(served: Daemon, world_tmp: Path) -> No
                   command=["sh", "-c", "pwd; exit 7"])
     assert (done.returncode, done.stdout) == (7, f"{work}\n")
     done = uenvfs(served, "run", "greet", command=["no-such-command"])
-    assert done.returncode == 127
+    assert done.returncode == exits.NOT_FOUND
     assert "no-such-command: command not found" in done.stderr
     done = uenvfs(served, "run", "greet", command=["/user-environment/share/data.txt"])
-    assert done.returncode == 126
+    assert done.returncode == exits.CANNOT_EXECUTE
     assert "Permission denied" in done.stderr or "Exec format error" in done.stderr
     # The same groups: a file readable only through a supplementary group stays readable
     # (the kernel keeps the groups; inside, `id` shows them as nogroup).
@@ -204,7 +206,7 @@ def test_clear_errors_and_nothing_done(served: Daemon, world_tmp: Path) -> None:
     ]
     for args, message in cases:
         done = uenvfs(served, *args, user=NOBODY, command=["true"])
-        assert done.returncode == 125, (args, done.stderr)
+        assert done.returncode == exits.RUN_FAILED, (args, done.stderr)
         assert message in done.stderr, (args, done.stderr)
         assert done.stderr.count("\n") == 1, done.stderr  # one line, no traceback
     assert "serves: greet, plain, tools" in uenvfs(served, "run", "nosuch",
@@ -214,14 +216,14 @@ def test_clear_errors_and_nothing_done(served: Daemon, world_tmp: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "uenvfs", "run", "greet", "--mountpoint",
                            str(empty), "--", "true"], capture_output=True, text=True,
                           check=False, timeout=60)
-    assert done.returncode == 125
+    assert done.returncode == exits.RUN_FAILED
     assert f"no uenvfs serving at {empty}" in done.stderr
     done = uenvfs(served, "run", "--bogus", "greet", command=["true"])
-    assert done.returncode == 125
+    assert done.returncode == exits.RUN_FAILED
     # attach (for the SPANK plugin) never binds in the namespace where uenvfs serves.
     served.control("acquire greet job-1")
     done = uenvfs(served, "attach", "job-1")
-    assert done.returncode == 125
+    assert done.returncode == exits.RUN_FAILED
     assert "this is the one uenvfs serves in: only the SPANK plugin" in done.stderr
     assert not is_mounted(Path("/user-environment"))
     served.control("release job-1")
@@ -263,7 +265,7 @@ def test_user_namespaces_turned_off(served: Daemon, world_tmp: Path) -> None:
                            "--mountpoint", str(served.mountpoint), "--", "true"],
                           capture_output=True, text=True, check=False, timeout=60,
                           env={**os.environ, **env})
-    assert done.returncode == 125, done.stderr
+    assert done.returncode == exits.RUN_FAILED, done.stderr
     assert "cannot create a user namespace: No space left on device (ENOSPC)" in done.stderr
     assert "user.max_user_namespaces = 0 (this refuses them)" in done.stderr
 
@@ -314,7 +316,8 @@ def test_start_nested_runs_and_expiry(make_daemon: DaemonFactory, mount_points: 
                          f"{daemon.images}/tools.sqfs:/user-tools"]
         assert say(f"{uenvfs} run greet {mp} -- cat /user-environment/share/data.txt") == [
             "data of greet"]
-        assert say(f"{uenvfs} run tools:/user-environment {mp} -- true; echo $?") == ["125"]
+        assert say(f"{uenvfs} run tools:/user-environment {mp} -- true; echo $?") == [
+            str(exits.RUN_FAILED)]
         assert say(f"{uenvfs} status {mp} | tail -1") == [
             "this process sees greet at /user-environment (views applied: default)"]
         # The session does not notice a crash of the server: the same connection goes on.

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uenvfs.client import session
-from uenvfs.client.session import Image, ImageSpec, SessionError, ViewSpec
+from uenvfs.client.session import ImageSpec, Placement, SessionError, ViewSpec
 from uenvfs.image.uenv import Env, ListOp, Meta, View, apply_env, shell_lines
 from uenvfs.kernel import namespace
 
@@ -43,8 +43,8 @@ def _meta(name: str | None, mount: str | None, *views: str, env: Env | None = No
     return Meta(name, None, mount, {v: View(v, "", env or Env()) for v in views})
 
 
-def _image(name: str, mount: str, meta: Meta | None = None) -> Image:
-    return Image(name, mount, meta, f"/images/{name}.sqfs")
+def _image(name: str, mount: str, meta: Meta | None = None) -> Placement:
+    return Placement(name, mount, meta, f"/images/{name}.sqfs")
 
 
 def test_mount_point_choice() -> None:

@@ -1,32 +1,30 @@
-"""The `uenvfs` command: `serve` runs the daemon; every other subcommand talks to a running
-daemon only through the files at its mount root (`.control`, `.status`, `.metrics`).
+"""The `uenvfs` command: its parser and `main`, and `serve`, which runs the daemon. The other
+subcommands are those of client/admin.py (they talk to a running daemon only through the files
+at its mount root: `.control`, `.status`, `.metrics`), client/images.py (`images`, `check`,
+`env`: they read the images themselves) and client/run.py (`run`, `start`, `attach`, which
+start through `main` the short way).
 
-Exit codes: 0 success; 1 the daemon refused the command or failed (the message says why);
-2 bad usage; 3 no uenvfs is serving at the mountpoint; 130 interrupted (Ctrl-C); 141 the reader
-of the output went away. `run`, `start` and `attach` have their own (run.py).
+Exit codes (client/exits.py): 0 success; 1 the daemon refused the command or failed (the
+message says why); 2 bad usage; 3 no uenvfs is serving at the mountpoint; 130 interrupted
+(Ctrl-C); 141 the reader of the output went away. `run`, `start` and `attach` have their own
+(client/run.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..core import config as config_mod
-from ..core import control, status
-from ..core.errors import CommandError
+from ..core import control
+from . import admin, exits, images
+from .exits import CliError
 
-if TYPE_CHECKING:
-    from ..core.labels import Record
-    from ..image.catalog import Catalog
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 CHECK_TIMEOUT = 300.0  # seconds `uenvfs check` gives rdsquashfs by default
 
 EPILOG = """exit codes: 0 success; 1 the daemon refused the command or failed (the one-line
@@ -45,51 +43,6 @@ read the images themselves (with rdsquashfs from squashfs-tools-ng) and need no 
 daemon."""
 
 
-class CliError(Exception):
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _mountpoint(args: argparse.Namespace) -> Path:
-    return Path(args.mountpoint)
-
-
-def _root_file(args: argparse.Namespace, name: str) -> Path:
-    path = _mountpoint(args) / name
-    if not path.exists():
-        raise CliError(f"no uenvfs serving at {_mountpoint(args)} ({name} not found)",
-                       EXIT_NO_DAEMON)
-    return path
-
-
-def send(args: argparse.Namespace, line: str) -> None:
-    """Write one command to `.control`; the daemon's errno becomes the error message."""
-    path = _root_file(args, ".control")
-    try:
-        fd = os.open(path, os.O_WRONLY)
-    except OSError as exc:
-        raise CliError(f"{path}: {exc.strerror}") from exc
-    try:
-        os.write(fd, (line + "\n").encode())
-    except OSError as exc:
-        raise CliError(f"{line}: {exc.strerror} (the daemon's log has the details)") from exc
-    finally:
-        os.close(fd)
-
-
-def read_status(args: argparse.Namespace) -> dict[str, object]:
-    path = _root_file(args, ".status")
-    try:
-        document: dict[str, object] = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise CliError(f"{path}: {exc}") from exc
-    return document
-
-
-# -- subcommands ---------------------------------------------------------------------------
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {
         "mountpoint": Path(args.mountpoint) if args.mountpoint else None,
@@ -106,9 +59,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(file, overrides)
     except config_mod.ConfigError as exc:
-        raise CliError(f"configuration: {exc}", EXIT_USAGE) from exc
-    from ..keeper.keeper import ENV_KEEPER, setup_logging
-    from ..keeper.keeper import serve as keep
+        raise CliError(f"configuration: {exc}", exits.USAGE) from exc
+    from ..keeper.protocol import ENV_KEEPER
+    from ..keeper.serve import serve as keep
+    from ..keeper.serve import setup_logging
 
     if ENV_KEEPER in os.environ:  # started by the keeper: serve
         from ..server.daemon import serve
@@ -117,285 +71,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging(cfg.log_level)
     return keep()
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    if args.verify:
-        send(args, str(control.Verify()))
-    document = read_status(args)
-    if args.verify:
-        return _print_verify(document, args.json)
-    if args.json:
-        print(json.dumps(document, indent=1))
-    else:
-        print(status.format_table(document), end="")
-        for entry in _this_process(args):
-            views = ", ".join(str(view) for view in entry["views"]) or "none"
-            print(f"this process sees {entry['name']} at {entry['mount_point']} "
-                  f"(views applied: {views})")
-    return EXIT_OK
-
-
-def _this_process(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The images that this process sees bound at mount points (inside `uenvfs run` or
-    `start`), with the views that UENV_VIEW says are applied there."""
-    from .run import bound_here
-
-    views = [entry.split(":") for entry in os.environ.get("UENV_VIEW", "").split(",")]
-    return [{"name": b.name, "mount_point": b.mount_point,
-             "views": [v[2] for v in views if len(v) == 3 and v[0] == b.mount_point]}
-            for b in bound_here(_mountpoint(args))]
-
-
-def _print_verify(document: dict[str, object], as_json: bool) -> int:
-    """The differences of the daemon's counts from the processes; exit 1 if there are any."""
-    verified = document.get("verify")
-    if not isinstance(verified, dict):
-        raise CliError("the daemon did not report a verification (an older uenvfs?)")
-    differences = list(verified.get("differences", []))
-    if as_json:
-        print(json.dumps(verified, indent=1))
-    elif differences:
-        print("\n".join(differences))
-    else:
-        print("every count agrees with the processes")
-    return EXIT_FAILED if differences else EXIT_OK
-
-
-def cmd_metrics(args: argparse.Namespace) -> int:
-    path = _root_file(args, ".metrics")
-    sys.stdout.write(path.read_text())
-    return EXIT_OK
-
-
-# -- images, check, env: read the images directly, no daemon needed ----------------------------
-
-
-def _image_config(args: argparse.Namespace) -> config_mod.Config:
-    """The configuration, with the flags of `images` and `env` (--images, --mountpoint)."""
-    overrides = {
-        "images": tuple(Path(p) for p in args.images) if getattr(args, "images", None) else None,
-        "repos": tuple(Path(p) for p in args.repo) if getattr(args, "repo", None) else None,
-        "mountpoint": Path(args.mountpoint) if getattr(args, "mountpoint", None) else None,
-    }
-    config_file = getattr(args, "config", None)
-    try:
-        return config_mod.load(Path(config_file) if config_file else None, overrides)
-    except config_mod.ConfigError as exc:
-        raise CliError(f"configuration: {exc}", EXIT_USAGE) from exc
-
-
-def _catalog(cfg: config_mod.Config, strict: bool) -> Catalog:
-    """The image sources of *cfg*, read. *strict*: a missing image directory is an error,
-    else it is skipped (it simply holds no image)."""
-    from ..image import catalog as catalog_mod
-
-    dirs = [d for d in cfg.images if d.is_dir()]
-    missing = [d for d in cfg.images if d not in dirs]
-    if strict and missing:
-        raise CliError(f"image directory {missing[0]}: not a directory")
-    catalog = catalog_mod.Catalog(image_dirs=dirs, map_files=cfg.maps,
-                                  program_map=cfg.program_map,
-                                  program_timeout=cfg.program_timeout, repos=cfg.repos,
-                                  system=cfg.system, uarch=cfg.uarch)
-    catalog.refresh()
-    return catalog
-
-
-def _find_image(text: str, file_first: bool,
-                load_config: Callable[[], config_mod.Config]) -> tuple[str | None, Path]:
-    """(image name, image path) for *text*: a path to an image file (starting with '/' or
-    '.', or any existing file that is not an image's name; no name then), or an image name or
-    uenv label resolved through the image sources as the daemon does. *file_first*: an
-    existing file named *text* wins over an image name."""
-    from ..core.labels import LabelError, parse_label
-    from ..core.names import valid_name
-
-    as_file = Path(text)
-    if text.startswith(("/", ".")) or (file_first and as_file.is_file()):
-        if not as_file.is_file():
-            raise CliError(f"{text}: no such image file")
-        return None, as_file
-    try:
-        is_label = valid_name(text) or bool(parse_label(text))
-    except LabelError:
-        is_label = False
-    if is_label:
-        import trio  # not at the top: the commands to the daemon need not pay for it
-
-        catalog = _catalog(load_config(), strict=False)
-        path = trio.run(catalog.resolve, text) if valid_name(text) else None
-        if path is not None:
-            return text, path
-        try:
-            name = catalog.label(text)
-        except LabelError as exc:
-            raise CliError(str(exc)) from exc
-        if name is not None:
-            return name, catalog.listing()[name]
-    if as_file.is_file():
-        return None, as_file
-    raise CliError(f"{text}: no such image (not a name or uenv label that the image sources "
-                   "know, nor an image file)")
-
-
-def _image_rows(catalog: Catalog, cfg: config_mod.Config
-                ) -> list[tuple[str, Path, Record | None]]:
-    """(name as served, image file, repository record) of every image and label: an image
-    of a repository is one row per label, named as the label is served."""
-    from ..image.catalog import alias_name
-
-    labels: dict[str, list[Record]] = {}
-    for record in catalog.records():
-        labels.setdefault(record.id, []).append(record)
-    rows: list[tuple[str, Path, Record | None]] = []
-    for name, path in sorted(catalog.listing().items()):
-        for record in labels.get(name, []):
-            alias = alias_name(record, cfg.system, cfg.uarch)
-            rows.append((alias if catalog.alias(alias) == name else name, path, record))
-        if name not in labels:
-            rows.append((name, path, None))
-    return rows
-
-
-def cmd_images(args: argparse.Namespace) -> int:
-    import trio
-
-    from ..image.table import describe_images, format_images
-
-    cfg = _image_config(args)
-    catalog = _catalog(cfg, strict=True)
-    infos = trio.run(describe_images, _image_rows(catalog, cfg))
-    if args.json:
-        print(json.dumps([info.as_json() for info in infos], indent=1))
-    else:
-        print(format_images(infos), end="")
-    return EXIT_OK
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    import time
-
-    import trio
-
-    from ..image.squashfs import ImageError, check_image, read_superblock
-    from ..image.table import human_size
-
-    _, path = _find_image(args.image, True, lambda: _image_config(args))
-    started = time.monotonic()
-    try:
-        reason = trio.run(check_image, path, args.timeout)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-    except ImageError as exc:  # rdsquashfs cannot run, or was killed after the timeout
-        reason = str(exc)
-    elapsed = time.monotonic() - started
-    if reason is not None:
-        raise CliError(f"{args.image}: {reason}")
-    try:
-        superblock = read_superblock(path)
-    except ImageError as exc:  # replaced since the check
-        raise CliError(f"{args.image}: {exc}") from exc
-    print(f"{args.image}: ok ({superblock.inodes} inodes, {human_size(superblock.bytes_used)}"
-          f", {superblock.compressor}, checked in {elapsed:.2f} s)")
-    return EXIT_OK
-
-
-def cmd_env(args: argparse.Namespace) -> int:
-    import trio
-
-    from ..image.catalog import name_of
-    from ..image.squashfs import ImageError, NotInImage
-    from ..image.uenv import (
-        ENV_JSON,
-        choose_view,
-        read_image_meta,
-        shell_lines,
-    )
-
-    cfg = _image_config(args)
-    name, path = _find_image(args.name, False, lambda: cfg)
-    if name is None:  # an image file: served under its file name without the suffix
-        name = name_of(path.name) or path.name
-    try:
-        uenv = trio.run(read_image_meta, path)
-        view = choose_view(uenv, args.view)
-    except NotInImage as exc:
-        raise CliError(f"{args.name}: {path} has no {ENV_JSON}, so no views") from exc
-    except ImageError as exc:
-        raise CliError(f"{args.name}: {exc}") from exc
-    if view.env is None:
-        raise CliError(f"{args.name}: view {view.name!r} has no env section (it only has an "
-                       "activation script, which uenvfs does not run)")
-    if not uenv.mount:
-        print(f"uenvfs env: warning: {ENV_JSON} of {args.name} names no mount point: "
-              "paths are printed as they are", file=sys.stderr)
-    for line in shell_lines(view.env, uenv.mount, str(cfg.mountpoint / name)):
-        print(line)
-    return EXIT_OK
-
-
-RESTART_TIMEOUT = 120.0  # seconds `uenvfs restart` waits for the new server
-
-
-def cmd_restart(args: argparse.Namespace) -> int:
-    """`restart`, then wait until the new server answers (its pid in `.status`)."""
-    import time
-
-    before = _server(read_status(args))
-    started = time.monotonic()
-    send(args, str(control.Restart()))
-    while time.monotonic() - started < RESTART_TIMEOUT:
-        time.sleep(0.05)
-        now = _server(read_status(args))
-        if now and before and now["pid"] != before["pid"]:
-            print(f"restarted: server pid {before['pid']} (uenvfs {before['version']}) -> "
-                  f"pid {now['pid']} (uenvfs {now['version']})")
-            return EXIT_OK
-        error = now.get("restart_error")
-        if error and error != before.get("restart_error"):
-            raise CliError(f"restart failed: {error}; the old server goes on serving")
-    raise CliError(f"no new server took over within {RESTART_TIMEOUT:g} s; the old one goes "
-                   "on serving (the daemon's log says why)")
-
-
-def _server(document: dict[str, object]) -> dict[str, object]:
-    server = document.get("server")
-    return server if isinstance(server, dict) else {}
-
-
-def _command(kind: type[control.Command]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            line = kind.line_from(args)
-            control.parse_line(line)  # catch a bad word here, with the reason, before sending
-        except CommandError as exc:
-            raise CliError(str(exc), EXIT_USAGE) from exc
-        try:
-            send(args, line)
-        except CliError as exc:
-            if kind is control.Release:
-                exc.args = (str(exc) + _swapped(args),)
-            raise
-        return EXIT_OK
-
-    return run
-
-
-def _swapped(args: argparse.Namespace) -> str:
-    """A hint when the words of `release ALLOC NAME` look swapped ("" if they do not)."""
-    try:
-        document = read_status(args)
-    except CliError:
-        return ""
-    listed = document.get("mounts")
-    mounts = [m for m in listed if isinstance(m, dict)] if isinstance(listed, list) else []
-    names = {m["name"] for m in mounts} | {label for m in mounts for label in m.get("labels", [])}
-    allocs = {alloc for m in mounts for alloc in m.get("allocations", {})}
-    if args.name in allocs and args.alloc in names and args.alloc not in allocs:
-        return (f"; did you mean 'uenvfs release {args.name} {args.alloc}'? (release takes "
-                "the allocation first)")
-    return ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -432,16 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default /etc/uenvfs.toml if it exists)")
     p.add_argument("--log-level", choices=config_mod.LOG_LEVELS)
 
-    p = add("status", "show the mounted images, refcounts and hold timers", cmd_status)
+    p = add("status", "show the mounted images, refcounts and hold timers", admin.cmd_status)
     p.add_argument("--json", action="store_true", help="print the .status document")
     p.add_argument("--verify", action="store_true",
                    help="compare every count with a scan of the processes (open files, "
                         "mappings, programs, working directories) and print what differs; "
                         "exit 1 if anything does")
-    add("metrics", "print .metrics (Prometheus text format)", cmd_metrics)
+    add("metrics", "print .metrics (Prometheus text format)", admin.cmd_metrics)
 
     p = add("images", "list the images of the image sources, with their uenv metadata",
-            cmd_images, mountpoint=False)
+            images.cmd_images, mountpoint=False)
     p.description = (
         "List every image that the image directories, map files and uenv repositories name "
         "(a program map cannot be listed; a repository's image once per label): name as "
@@ -461,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "uenv_name, description, mount, views, problem; and for the labels of a "
                    "uenv repository label, sha256, id, date, system, uarch (else null)")
 
-    p = add("check", "validate an image without mounting it", cmd_check, mountpoint=False)
+    p = add("check", "validate an image without mounting it", images.cmd_check,
+            mountpoint=False)
     p.description = (
         "Validate IMAGE without mounting it: its superblock (SquashFS 4.0 magic, size not "
         "truncated), then every inode and directory entry, the ID and fragment tables "
@@ -477,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=CHECK_TIMEOUT, metavar="SECONDS",
                    help="give up after this long (default %(default)g)")
 
-    p = add("env", "print the shell exports of a view of an image's meta/env.json", cmd_env,
-            mountpoint=False)
+    p = add("env", "print the shell exports of a view of an image's meta/env.json",
+            images.cmd_env, mountpoint=False)
     p.description = (
         "Print the export/unset lines that a view of the image's meta/env.json defines, as "
         "uenv applies them: scalars (null unsets), then each list operation in order "
@@ -513,19 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_attach(lambda name, help_text: add(name, help_text, _unreachable))
 
     for verb, kind in control.COMMANDS.items():
-        run = cmd_restart if kind is control.Restart else _command(kind)
+        run = admin.cmd_restart if kind is control.Restart else admin.cmd_control(kind)
         kind.add_arguments(add(verb, kind.help, run))
     return parser
 
 
-RUN_COMMANDS = ("run", "start", "attach")  # run.py's own, with a lighter start
+RUN_COMMANDS = ("run", "start", "attach")  # client/run.py's own, with a lighter start
 
 
 def _unreachable(args: argparse.Namespace) -> int:
     raise AssertionError("run and start are handled by run.main")
-
-
-EXIT_BROKEN_PIPE = 128 + 13  # as a process killed by SIGPIPE: what shells report
 
 
 def _quiet_stdout() -> None:
@@ -551,13 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"uenvfs {args.command}: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
-        return 130
+        return exits.INTERRUPTED
     except BrokenPipeError:  # `uenvfs images | head`: the reader has gone; say nothing
         _quiet_stdout()
-        return EXIT_BROKEN_PIPE
+        return exits.BROKEN_PIPE
     except OSError as exc:
         print(f"uenvfs {args.command}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_FAILED if exc.errno != errno.ENOTCONN else EXIT_NO_DAEMON
+        return exits.FAILED if exc.errno != errno.ENOTCONN else exits.NO_DAEMON
     return code
 
 

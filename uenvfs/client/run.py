@@ -1,22 +1,23 @@
 """`uenvfs run` and `uenvfs start`: a command in its own mount namespace, with images of the
-running uenvfs bind-mounted at the mount points they were built for.
+running uenvfs bind-mounted at the mount points they were built for; and `attach`, the same
+binds for the Slurm SPANK plugin.
 
-The images are looked up through the mount (which mounts them, as any access does), their
-`meta/env.json` read from there, the mount points checked, and only then is anything done:
-an error leaves no namespace and no mount behind. The command then replaces this process
-(exec): no uenvfs process stays between the job and its command. Every access through the
-bind goes to uenvfs like one at MOUNTPOINT/NAME, so it counts for the caller's allocation,
-and an image that expires while nothing uses it is mounted again at the next access.
+The images are looked up through the mount (client/lookup.py; which mounts them, as any
+access does), their `meta/env.json` read from there, the mount points checked, and only then
+is anything done: an error leaves no namespace and no mount behind. The command then replaces
+this process (exec): no uenvfs process stays between the job and its command. Every access
+through the bind goes to uenvfs like one at MOUNTPOINT/NAME, so it counts for the caller's
+allocation, and an image that expires while nothing uses it is mounted again at the next
+access.
 
-Exit codes, as env(1) and chroot(1) have them: 125 uenvfs run itself failed (the message
-says why), 126 the command cannot be executed, 127 it was not found; else the command's own.
+Exit codes (client/exits.py), as env(1) and chroot(1) have them: 125 uenvfs run itself
+failed (the message says why), 126 the command cannot be executed, 127 it was not found; else
+the command's own.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
-import json
 import os
 import pwd
 import sys
@@ -24,131 +25,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from .. import MOUNTPOINT
-from ..core.names import valid_name
-from ..image.uenv import (
-    ENV_JSON,
-    REPOSITORY_IMAGE,
-    Meta,
-    MetaFormatError,
-    parse_meta,
-)
 from ..kernel import namespace
-from . import session
-from .session import Image, SessionError
-
-EXIT_FAILED, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND = 125, 126, 127
-
-
-class RunError(Exception):
-    """uenvfs run cannot set the session up; the message says why. Nothing has been done."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.code = code
+from . import exits, session
+from .exits import RunError
+from .lookup import meta_beside, mount_entry, read_meta, read_status, served_name
+from .session import Placement, SessionError
 
 
-def _status(mountpoint: Path) -> dict[str, object]:
-    try:
-        document: dict[str, object] = json.loads((mountpoint / ".status").read_bytes())
-    except FileNotFoundError as exc:
-        raise RunError(f"no uenvfs serving at {mountpoint} (is the uenvfs service "
-                       "running?)") from exc
-    except OSError as exc:
-        raise RunError(f"uenvfs at {mountpoint} does not answer: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise RunError(f"{mountpoint}/.status: {exc}") from exc
-    return document
-
-
-def _mount_entry(document: Mapping[str, object], name: str) -> dict[str, object]:
-    mounts = document.get("mounts")
-    for entry in mounts if isinstance(mounts, list) else []:
-        if isinstance(entry, dict) and entry.get("name") == name:
-            return entry
-    return {}
-
-
-def _served(mountpoint: Path) -> str:
-    try:
-        names = sorted(n for n in os.listdir(mountpoint) if not n.startswith("."))
-    except OSError:
-        return ""
-    shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-    return f" (uenvfs at {mountpoint} serves: {shown or 'no image'})"
-
-
-def _meta(mountpoint: Path, name: str) -> Meta | None:
-    """The image's meta/env.json read through uenvfs (None if it has none); this also mounts
-    the image. Fails with the reason if the image is unknown or cannot be mounted."""
-    directory = mountpoint / name
-    if not valid_name(name):
-        raise RunError(f"no image or uenv label {name!r}{_served(mountpoint)}")
-    try:
-        os.stat(directory)
-        data = (directory / ENV_JSON).read_bytes()
-    except FileNotFoundError as exc:
-        if not directory.exists():
-            raise RunError(f"no image {name!r}{_served(mountpoint)}") from exc
-        return None
-    except OSError as exc:
-        if exc.errno == errno.EIO:
-            error = _mount_entry(_status(mountpoint), name).get("error")
-            raise RunError(f"image {name} cannot be mounted: {error or exc.strerror} "
-                           "(uenvfs status shows it)") from exc
-        raise RunError(f"{directory}: {exc.strerror}") from exc
-    try:
-        return parse_meta(data)
-    except MetaFormatError as exc:
-        raise RunError(f"image {name}: {ENV_JSON}: {exc}") from exc
-
-
-def _served_name(mountpoint: Path, word: str, config_file: Path | None) -> str:
-    """The name under which uenvfs serves what *word* names: an image name as it is, a
-    label's link (`prgenv-gnu+24.11+v1`, a sha256 or a one-word label) read from the mount;
-    any other label resolved in the configured repositories as the daemon resolves it."""
-    if valid_name(word):
-        try:
-            return os.readlink(mountpoint / word)  # a label: the link leads to the image
-        except OSError as exc:
-            if exc.errno == errno.EINVAL:  # not a link: an image's own name
-                return word
-            if exc.errno != errno.ENOENT:
-                raise RunError(f"{mountpoint / word}: {exc.strerror}") from exc
-    from ..core import config, labels
-    from ..image import repository
-
-    try:
-        cfg = config.load(config_file)
-    except config.ConfigError as exc:
-        raise RunError(f"configuration: {exc}") from exc
-    records = [record for root in cfg.repos
-               for record in repository.read(root, cfg.system, cfg.uarch).records]
-    if not records:
-        return word  # not a label of any repository: "no image" says the rest
-    try:
-        return labels.resolve(records, word)[0].id
-    except labels.NoMatch:
-        return word
-    except labels.LabelError as exc:
-        raise RunError(str(exc)) from exc
-
-
-def _meta_beside(image_path: Path) -> Meta | None:
-    """The meta/env.json beside a uenv repository's image file (`images/<sha256>/`), if any."""
-    beside = image_path.parent / ENV_JSON
-    if image_path.name != REPOSITORY_IMAGE:
-        return None
-    try:
-        return parse_meta(beside.read_bytes())
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise RunError(f"{beside}: {exc.strerror}") from exc
-    except MetaFormatError as exc:
-        raise RunError(f"{beside}: {exc}") from exc
-
-
-def _mount_point_ok(image: Image) -> None:
+def _mount_point_ok(image: Placement) -> None:
     path = Path(image.mount)
     try:
         if path.is_dir():
@@ -177,25 +61,25 @@ def bound_here(mountpoint: Path) -> list[namespace.Bound]:
 
 def prepare(mountpoint: Path, images_text: str, views_text: str | None,
             environ: Mapping[str, str], config_file: Path | None = None
-            ) -> tuple[list[Image], dict[str, str]]:
+            ) -> tuple[list[Placement], dict[str, str]]:
     """The images still to bind, and the command's environment. Binds nothing (the reads
     through uenvfs mount the images, as any access does)."""
     try:
         specs = session.parse_images(images_text)
         wanted = session.parse_views(views_text)
     except SessionError as exc:
-        raise RunError(str(exc), EXIT_FAILED) from exc
-    _status(mountpoint)  # first: "not running" before "no such image"
-    specs = [session.ImageSpec(_served_name(mountpoint, spec.image, config_file), spec.mount)
+        raise RunError(str(exc)) from exc
+    read_status(mountpoint)  # first: "not running" before "no such image"
+    specs = [session.ImageSpec(served_name(mountpoint, spec.image, config_file), spec.mount)
              for spec in specs]
-    metas = [_meta(mountpoint, spec.image) for spec in specs]
-    document = _status(mountpoint)  # now with the images mounted: their image files
+    metas = [read_meta(mountpoint, spec.image) for spec in specs]
+    document = read_status(mountpoint)  # now with the images mounted: their image files
     images = []
     for spec, meta in zip(specs, metas, strict=True):
-        image_path = _mount_entry(document, spec.image).get("image_path")
+        image_path = mount_entry(document, spec.image).get("image_path")
         if meta is None and image_path:  # a repository's image: its meta/ may be beside it
-            meta = _meta_beside(Path(str(image_path)))
-        images.append(Image(spec.image, session.mount_point(spec, meta), meta,
+            meta = meta_beside(Path(str(image_path)))
+        images.append(Placement(spec.image, session.mount_point(spec, meta), meta,
                             str(image_path or mountpoint / spec.image)))
     bound = {b.mount_point: b.name for b in bound_here(mountpoint)}
     try:
@@ -222,7 +106,7 @@ def attach(mountpoint: Path, alloc: str) -> str:
     """For the Slurm SPANK plugin: bind every image that *alloc* acquired at its mount point,
     in this process's mount namespace, which the plugin made for a task (never the host's).
     Returns UENV_MOUNT_LIST for the task ("" if the allocation acquired nothing)."""
-    document = _status(mountpoint)
+    document = read_status(mountpoint)
     if not _own_namespace(document):
         raise RunError("attach binds images in its caller's mount namespace, and this is the "
                        "one uenvfs serves in: only the SPANK plugin, which makes one for each "
@@ -249,7 +133,7 @@ def _home() -> str:
         return "/"
 
 
-def enter(mountpoint: Path, todo: Sequence[Image], environ: dict[str, str]) -> None:
+def enter(mountpoint: Path, todo: Sequence[Placement], environ: dict[str, str]) -> None:
     """Enter a new namespace, bind the images, and go back to the working directory."""
     try:
         cwd: str | None = os.getcwd()
@@ -281,10 +165,10 @@ def execute(command: Sequence[str], environ: Mapping[str, str]) -> int:
         os.execvpe(command[0], list(command), dict(environ))
     except FileNotFoundError:
         print(f"uenvfs: {command[0]}: command not found", file=sys.stderr)
-        return EXIT_NOT_FOUND
+        return exits.NOT_FOUND
     except OSError as exc:
         print(f"uenvfs: {command[0]}: {exc.strerror}", file=sys.stderr)
-        return EXIT_CANNOT_EXECUTE
+        return exits.CANNOT_EXECUTE
     raise AssertionError("exec returned")  # pragma: no cover
 
 
@@ -399,24 +283,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(words)
     except SystemExit as exc:  # a usage error: 125, not a code the command could give
-        return EXIT_FAILED if exc.code else 0
+        return exits.RUN_FAILED if exc.code else exits.OK
     if command is not None:
         if args.command == "start" or args.argv:
             print(f"uenvfs {args.command}: unexpected words: "
                   f"{' '.join(args.argv or command)}", file=sys.stderr)
-            return EXIT_FAILED
+            return exits.RUN_FAILED
         args.argv = command
     mountpoint = Path(args.mountpoint).absolute()
     try:
         if args.command == "attach":
             print(attach(mountpoint, args.alloc))
-            return 0
+            return exits.OK
         config_file = Path(args.config) if args.config else None
         if args.command == "start":
             return run(mountpoint, ",".join(args.images), args.view, [shell()], config_file)
         return run(mountpoint, args.images, args.view, args.argv, config_file)
     except RunError as exc:
         print(f"uenvfs {args.command}: {exc}", file=sys.stderr)
-        return exc.code
+        return exits.RUN_FAILED
     except KeyboardInterrupt:
-        return 130
+        return exits.INTERRUPTED

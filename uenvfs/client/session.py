@@ -80,8 +80,9 @@ def _inside(path: str, directory: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Image:
-    """One image of the session: where uenvfs serves it and where the session puts it."""
+class Placement:
+    """One image placed in the session: where uenvfs serves it and where the session puts it.
+    (Not an image's lifecycle, which is core/state.py's Image.)"""
 
     name: str  # its name in uenvfs
     mount: str  # where the session binds it
@@ -102,8 +103,8 @@ def mount_point(spec: ImageSpec, meta: Meta | None) -> str:
     return DEFAULT_MOUNT
 
 
-def check_mounts(images: Sequence[Image], served_at: str,
-                 bound: Mapping[str, str]) -> list[Image]:
+def check_mounts(images: Sequence[Placement], served_at: str,
+                 bound: Mapping[str, str]) -> list[Placement]:
     """The images that still need a bind mount. Refuses two images on one mount point, a
     mount point inside another one of the session, `/`, anything inside the uenvfs mount
     point, and a mount point where an enclosing session put another image (*bound*: mount
@@ -138,7 +139,8 @@ def check_mounts(images: Sequence[Image], served_at: str,
     return todo
 
 
-def choose_views(images: Sequence[Image], wanted: Iterable[ViewSpec]) -> list[tuple[Image, View]]:
+def choose_views(images: Sequence[Placement],
+                 wanted: Iterable[ViewSpec]) -> list[tuple[Placement, View]]:
     """Each wanted view with its image, in the order asked for."""
     chosen = []
     for spec in wanted:
@@ -165,7 +167,7 @@ def choose_views(images: Sequence[Image], wanted: Iterable[ViewSpec]) -> list[tu
     return chosen
 
 
-def _views_of(images: Iterable[Image]) -> str:
+def _views_of(images: Iterable[Placement]) -> str:
     parts = []
     for image in images:
         if image.meta is None:
@@ -179,8 +181,8 @@ def _entries(value: str | None) -> list[str]:
     return [entry for entry in (value or "").split(",") if entry]
 
 
-def environment(environ: Mapping[str, str], images: Sequence[Image],
-                views: Sequence[tuple[Image, View]]) -> dict[str, str]:
+def environment(environ: Mapping[str, str], images: Sequence[Placement],
+                views: Sequence[tuple[Placement, View]]) -> dict[str, str]:
     """The command's environment: *environ* with the views applied in order, and
     UENV_MOUNT_LIST and UENV_VIEW extended with this session's images and views (entries of
     an enclosing session for the same mount points are replaced)."""

@@ -104,7 +104,7 @@ ON_OFF = Word("on|off", _on_off, show=lambda on: "on" if on else "off", choices=
 
 
 @dataclass(frozen=True)
-class Slot:
+class Param:
     """One field of a command: its word, and how many it takes (argparse's nargs)."""
 
     field: str
@@ -123,24 +123,24 @@ class Command:
 
     verb: ClassVar[str]  # the class attributes are set by @command
     help: ClassVar[str]  # one line, for the CLI
-    slots: ClassVar[tuple[Slot, ...]]  # from the dataclass fields
+    params: ClassVar[tuple[Param, ...]]  # from the dataclass fields
     usage: ClassVar[str]  # "release ALLOC [NAME]"
     __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # every command is a dataclass
 
     @classmethod
     def from_words(cls, args: Sequence[str]) -> Self:
         """The command of the words after the verb. Raises `CommandError` (EINVAL)."""
-        required = sum(slot.nargs is None for slot in cls.slots)
-        rest = any(slot.nargs == "*" for slot in cls.slots)
-        if len(args) < required or (not rest and len(args) > len(cls.slots)):
+        required = sum(param.nargs is None for param in cls.params)
+        rest = any(param.nargs == "*" for param in cls.params)
+        if len(args) < required or (not rest and len(args) > len(cls.params)):
             raise _invalid(f"usage: {cls.usage}")
         values: dict[str, Any] = {}
         try:
-            for i, slot in enumerate(cls.slots):
-                if slot.nargs == "*":
-                    values[slot.field] = tuple(map(slot.word.read, args[i:]))
+            for i, param in enumerate(cls.params):
+                if param.nargs == "*":
+                    values[param.field] = tuple(map(param.word.read, args[i:]))
                 elif i < len(args):
-                    values[slot.field] = slot.word.read(args[i])
+                    values[param.field] = param.word.read(args[i])
         except ValueError:
             raise _invalid(f"usage: {cls.usage}") from None
         return cls(**values)
@@ -148,33 +148,33 @@ class Command:
     def __str__(self) -> str:
         """The line that writes this command to `.control`."""
         words = [self.verb]
-        for slot in self.slots:
-            value = getattr(self, slot.field)
-            if slot.nargs == "*":
-                words += map(slot.word.show, value)
+        for param in self.params:
+            value = getattr(self, param.field)
+            if param.nargs == "*":
+                words += map(param.word.show, value)
             elif value is not None:
-                words.append(slot.word.show(value))
+                words.append(param.word.show(value))
         return " ".join(words)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """The CLI's arguments of the command (`uenvfs VERB ...`)."""
-        for slot in cls.slots:
+        for param in cls.params:
             options: dict[str, Any] = {}
-            if slot.nargs is not None:
-                options["nargs"] = slot.nargs
-            if slot.nargs == "*":
-                options["metavar"] = slot.word.metavar  # "[ALLOC ...]", not "[allocs ...]"
-            if slot.word.choices is not None:
-                options["choices"] = slot.word.choices
-            parser.add_argument(slot.word.dest or slot.field, **options)
+            if param.nargs is not None:
+                options["nargs"] = param.nargs
+            if param.nargs == "*":
+                options["metavar"] = param.word.metavar  # "[ALLOC ...]", not "[allocs ...]"
+            if param.word.choices is not None:
+                options["choices"] = param.word.choices
+            parser.add_argument(param.word.dest or param.field, **options)
 
     @classmethod
     def line_from(cls, args: argparse.Namespace) -> str:
         """The line of the CLI's arguments, word for word as given (not parsed yet)."""
         words = [cls.verb]
-        for slot in cls.slots:
-            value = getattr(args, slot.word.dest or slot.field)
+        for param in cls.params:
+            value = getattr(args, param.word.dest or param.field)
             if isinstance(value, list):
                 words += value
             elif value is not None:
@@ -194,17 +194,17 @@ def command(verb: str, help: str) -> Callable[[type[C]], type[C]]:
 
     def register(cls: type[C]) -> type[C]:
         cls = dataclass(frozen=True)(cls)
-        slots = []
+        params = []
         for f in fields(cls):
             nargs: Literal["?", "*"] | None = (
                 None if f.default is MISSING else "?" if f.default is None else "*")
-            slots.append(Slot(f.name, f.metadata["word"], nargs))
-        assert all(slot.nargs != "*" for slot in slots[:-1]), "only the last field takes the rest"
+            params.append(Param(f.name, f.metadata["word"], nargs))
+        assert all(p.nargs != "*" for p in params[:-1]), "only the last field takes the rest"
         usage = [verb]
-        for slot in slots:
-            metavar = slot.word.metavar
-            usage.append({None: metavar, "?": f"[{metavar}]", "*": f"[{metavar} ...]"}[slot.nargs])
-        cls.verb, cls.help, cls.slots, cls.usage = verb, help, tuple(slots), " ".join(usage)
+        for param in params:
+            metavar = param.word.metavar
+            usage.append({None: metavar, "?": f"[{metavar}]", "*": f"[{metavar} ...]"}[param.nargs])
+        cls.verb, cls.help, cls.params, cls.usage = verb, help, tuple(params), " ".join(usage)
         COMMANDS[verb] = cls
         return cls
 

@@ -143,6 +143,13 @@ class Catalog:
     _records: tuple[Record, ...] = ()
     _last_read: dict[Path, repository.Repository] = field(default_factory=dict)
 
+    @classmethod
+    def from_config(cls, config: Config) -> Catalog:
+        """The sources and timeouts of *config*, not read yet (`refresh` reads them)."""
+        catalog = cls()
+        catalog.configure(config)
+        return catalog
+
     def configure(self, config: Config) -> None:
         """Take the sources and timeouts of *config* (a reload); `reread` then reads them."""
         if (config.system, config.uarch) != (self.system, self.uarch):

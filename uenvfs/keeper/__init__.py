@@ -1,2 +1,2 @@
-"""`uenvfs serve`: the process that holds the FUSE connection and keeps a server running.
-The standard library only."""
+"""`uenvfs serve`: the process that holds the FUSE connection and keeps a server running (see
+keeper/keeper.py). The standard library only."""

@@ -37,14 +37,17 @@ from ..fuse.descriptors import RESERVE, DescriptorBudget
 from ..fuse.fs import UenvFS
 from ..image import squashfs
 from ..image.catalog import Catalog
-from ..keeper.keeper import (
+from ..keeper.protocol import (
     ENV_HEARTBEAT,
     ENV_KEEPER,
     ENV_RESUME,
     ENV_STANDBY,
+    HANDED,
     HEARTBEAT,
-    setup_logging,
+    STATUS,
+    STOPPING,
 )
+from ..keeper.serve import setup_logging
 from ..kernel import fusedev
 from ..manager import journal, recovery
 from ..manager.backend import make_backend, mount_at, read_mountinfo
@@ -185,9 +188,7 @@ async def run(config: Config, link: Link, resume: Resume | None,
     if config.validate and shutil.which(squashfs.RDSQUASHFS) is None:
         raise StartupError(f"validating images needs {squashfs.RDSQUASHFS} (squashfs-tools-ng), "
                            "not found in PATH; install it or set validate = false")
-    catalog = Catalog(config.images, config.maps, config.program_map, config.program_timeout,
-                      answer_ttl=config.negative_cache, source_timeout=config.mount_timeout,
-                      repos=config.repos, system=config.system, uarch=config.uarch)
+    catalog = Catalog.from_config(config)
     catalog.refresh()
     prefixes = InodePrefixes()  # image versions (the manager's) and directories (the fs')
     manager = Manager(config, backend, catalog, prefixes=prefixes)
@@ -279,7 +280,7 @@ async def run(config: Config, link: Link, resume: Resume | None,
                     log.info("%s was unmounted from outside; shutting down", config.mountpoint)
             if handing_over.is_set():
                 _hand_over(manager, link)  # does not return
-            link.send("stopping")
+            link.send(STOPPING)
             _end_connection(config)
             # Uses through open files die with the connection (the kernel can no longer send
             # their releases); only acquisitions outlive the daemon, through the journal.
@@ -313,7 +314,7 @@ def _hand_over(manager: Manager, link: Link) -> NoReturn:
     fd = os.memfd_create("uenvfs-handover", os.MFD_CLOEXEC)
     os.write(fd, json.dumps(handover.capture(manager)).encode())
     log.info("handed over; exiting")
-    link.send("handed", [fd])
+    link.send(HANDED, [fd])
     os._exit(0)
 
 
@@ -355,7 +356,7 @@ async def _report(fs: UenvFS, manager: Manager, link: Link) -> None:
     interval = float(os.environ.pop(ENV_HEARTBEAT, "") or HEARTBEAT)
     await fs.initialized.wait()
     while True:
-        link.send("status " + status_summary(manager.status()))
+        link.send(f"{STATUS} {status_summary(manager.status())}")
         await trio.sleep(interval)
 
 

@@ -1,5 +1,5 @@
-"""The server's side of the keeper (see keeper.py): tell it what it must know, and replace it
-if it dies."""
+"""The server's side of the keeper (see keeper/keeper.py, and keeper/protocol.py for what they
+say): tell it what it must know, and replace it if it dies."""
 
 from __future__ import annotations
 
@@ -9,12 +9,26 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 
 import trio
 
-from ..keeper.keeper import ENV_FDSTORE, ENV_SERVER, server_argv
+from ..keeper.protocol import (
+    ENV_FDSTORE,
+    ENV_SERVER,
+    GO,
+    HANDOVER,
+    HOLD,
+    MAX_MESSAGE,
+    READY,
+    RESTART,
+    RESTART_FAILED,
+    STANDBY,
+    keeper_argv,
+    parse,
+    server_argv,
+    socketpair,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,33 +53,33 @@ class Link:
     def hold(self, fuse: int, ledger: int, lock: int) -> None:
         """Have the keeper hold the connection (a new one, mounted by this server)."""
         self.held = [fuse, ledger, lock]
-        self.send("hold", self.held)
+        self.send(HOLD, self.held)
 
     def resumed_with(self, fuse: int, ledger: int, lock: int) -> None:
         """The keeper handed us these (it holds them already)."""
         self.held = [fuse, ledger, lock]
 
     def ready(self) -> None:
-        self.send("ready")
+        self.send(READY)
 
     def request_restart(self) -> None:
         """Have the keeper start a new server, which takes over once it is ready."""
-        self.send("restart")
+        self.send(RESTART)
 
     async def wait_go(self) -> int | None:
         """A new server started by `restart`: say we are ready to take over, and wait until
         the old server has stopped. Returns the state it handed over (a memfd), or None if
         it died instead."""
-        self.send("standby")
+        self.send(STANDBY)
         while True:
             await trio.lowlevel.wait_readable(self.sock)
             try:
-                data, fds, _, _ = socket.recv_fds(self.sock, 4096, 4)
+                data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 4)
             except BlockingIOError:
                 continue
             if not data:
                 raise OSError(errno.EPIPE, "the keeper is gone")
-            if data == b"go":
+            if parse(data)[0] == GO:
                 return fds[0] if fds else None
             for fd in fds:
                 os.close(fd)
@@ -75,16 +89,17 @@ class Link:
         while True:
             await trio.lowlevel.wait_readable(self.sock)
             try:
-                data = self.sock.recv(4096)
+                data = self.sock.recv(MAX_MESSAGE)
             except BlockingIOError:
                 continue
             except OSError:
                 data = b""
-            if data == b"handover" and self.on_handover is not None:
+            word, text = parse(data)
+            if word == HANDOVER and self.on_handover is not None:
                 self.on_handover()
                 continue
-            if data.startswith(b"restart-failed ") and self.on_restart_failed is not None:
-                self.on_restart_failed(data.decode(errors="replace").partition(" ")[2])
+            if word == RESTART_FAILED and self.on_restart_failed is not None:
+                self.on_restart_failed(text)
                 continue
             if data:
                 log.debug("keeper says %r", data)
@@ -104,12 +119,12 @@ class Link:
             self._replace()
 
     def _replace(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = socketpair()
         env = dict(os.environ)
         env[ENV_SERVER] = json.dumps({"pid": os.getpid(), "fds": self.held,
                                       "sock": theirs.fileno(), "argv": server_argv()})
         self._children.append(subprocess.Popen(
-            [sys.executable, "-m", "uenvfs.keeper"], env=env,
+            keeper_argv(), env=env,
             pass_fds=[theirs.fileno(), *(fd for fd in self.held if fd >= 0)],
             stdin=subprocess.DEVNULL))
         theirs.close()

@@ -1,0 +1,89 @@
+"""What the keeper and its servers say to each other, and how they start each other; both
+sides import this (the server in server/link.py and server/daemon.py). The standard library
+only.
+
+A keeper and a server talk over a socket pair (`socketpair`), one message per datagram: a word,
+for some a space and a text, for some descriptors with it.
+
+From a server to its keeper:
+
+    hold      + fuse, ledger, lock   a new connection, mounted by this server: hold it too
+    ready                            it serves (libfuse went through INIT)
+    status TEXT                      how it serves, every HEARTBEAT seconds at most: systemd's
+                                     STATUS=, and the proof that its loop runs (the watchdog)
+    stopping                         it stops on purpose: the connection ends with it
+    restart                          `.control` `restart`: start a new server from the
+                                     installed code (the keeper runs that code first)
+    standby                          (a new server started by `restart`) ready to take over
+    handed    + a memfd              (the old server) what only its memory held; it exits
+
+From the keeper to a server:
+
+    handover                         (the old server) the new one is ready: finish the
+                                     requests under way, then hand over
+    go        [+ a memfd]            (the new server) take over, with what the old one handed
+                                     (none: it died, carry on as after a crash)
+    restart-failed TEXT              the new server died before it took over; TEXT says how
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+# -- the words -------------------------------------------------------------------------------
+
+HOLD = "hold"
+READY = "ready"
+STATUS = "status"
+STOPPING = "stopping"
+RESTART = "restart"
+STANDBY = "standby"
+HANDED = "handed"
+HANDOVER = "handover"
+GO = "go"
+RESTART_FAILED = "restart-failed"
+
+MAX_MESSAGE = 4096  # bytes of one message, at most
+
+# -- the descriptors -------------------------------------------------------------------------
+
+FUSE, LEDGER, LOCK = "fuse", "ledger", "lock"
+HELD = (FUSE, LEDGER, LOCK)  # what the keeper holds, in the order of `hold` and ENV_RESUME
+STORED = (FUSE, LEDGER)  # what it also keeps in systemd's store (FDSTORE=1), by these names
+
+# -- the environment -------------------------------------------------------------------------
+
+ENV_KEEPER = "UENVFS_KEEPER"  # in a server: its socket to the keeper
+ENV_RESUME = "UENVFS_RESUME"  # in a server: fuse,ledger,lock descriptors to resume with
+# In a keeper started by a server whose keeper died, or run by `restart` (exec): a JSON object
+# with the server's pid, the held descriptors ("fds", in HELD's order, -1 for none), the
+# socket to it ("sock"), its command ("argv"), and "restart" if it must start a new server.
+ENV_SERVER = "UENVFS_SERVER"
+ENV_STANDBY = "UENVFS_STANDBY"  # in a server started by `restart`: wait for GO
+ENV_FDSTORE = "UENVFS_FDSTORE"  # in a server: systemd keeps the connection too (see Link)
+ENV_HEARTBEAT = "UENVFS_HEARTBEAT"  # in a server: seconds between its STATUS messages
+ENV_LOG_LEVEL = "UENVFS_LOG_LEVEL"  # in a keeper run by `restart`: the log level to keep
+
+HEARTBEAT = 5.0  # seconds between a server's STATUS messages, at most
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    """A new socket pair between a keeper and a server (one message per datagram)."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def parse(data: bytes) -> tuple[str, str]:
+    """The word of a message, and the text after it ("" if none)."""
+    word, _, text = data.decode(errors="replace").partition(" ")
+    return word, text
+
+
+def server_argv() -> list[str]:
+    """The command that starts a server: this very `uenvfs serve` command."""
+    return [sys.executable, "-m", "uenvfs", *sys.argv[1:]]
+
+
+def keeper_argv() -> list[str]:
+    """The command that starts a keeper for a running server (see keeper/__main__.py)."""
+    return [sys.executable, "-m", "uenvfs.keeper"]
