@@ -32,7 +32,7 @@ from ..image.uenv import (
     MetaFormatError,
     parse_meta,
 )
-from ..kernel import namespace
+from ..kernel import mountinfo, namespace
 from . import session
 from .session import Image, SessionError
 
@@ -163,16 +163,14 @@ def _mount_point_ok(image: Image) -> None:
 
 def bound_here(mountpoint: Path) -> list[namespace.Bound]:
     """The images of the uenvfs at *mountpoint* bound in this process's namespace."""
-    from ..kernel.procscan import device_of
-
-    device = device_of(mountpoint)
-    if device is None:
-        return []
     try:
-        table = Path("/proc/self/mountinfo").read_text(errors="surrogateescape")
+        entries = mountinfo.read()
     except OSError:
         return []
-    return namespace.bound_images(table, device)
+    served = mountinfo.mount_at(mountpoint, entries)
+    if served is None:
+        return []
+    return namespace.bound_images(entries, served.device)
 
 
 def prepare(mountpoint: Path, images_text: str, views_text: str | None,

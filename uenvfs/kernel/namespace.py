@@ -18,8 +18,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from .mountinfo import MountEntry
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -118,42 +121,17 @@ class Bound:
     device: int  # the uenvfs instance's device number
 
 
-def _unescape(field: str) -> str:
-    """A path of the mount table: space, tab, newline and backslash are octal escapes."""
-    out = []
-    i = 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def bound_images(mountinfo: str, device: int | None = None) -> list[Bound]:
-    """The image directories of uenvfs bound elsewhere, from the text of a mountinfo file:
+def bound_images(entries: Iterable[MountEntry], device: int | None = None) -> list[Bound]:
+    """The image directories of uenvfs bound elsewhere, among the entries of a mount table:
     mounts of type fuse.uenvfs whose root is one image's directory, not the filesystem's
     root. *device*: only those of this uenvfs (its device number). Later mounts over the
     same mount point hide earlier ones: only the last one there is listed."""
     found: dict[str, Bound] = {}
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        try:
-            dash = fields.index("-")
-            fstype = fields[dash + 1]
-            major, minor = fields[2].split(":")
-        except (ValueError, IndexError):
+    for entry in entries:
+        root = entry.root.strip("/")
+        if (entry.fstype != "fuse.uenvfs" or (device is not None and entry.device != device)
+                or not root or "/" in root):
+            found.pop(entry.mount_point, None)
             continue
-        mount_point = _unescape(fields[4])
-        dev = os.makedev(int(major), int(minor))
-        root = _unescape(fields[3]).strip("/")
-        if fstype != "fuse.uenvfs" or (device is not None and dev != device):
-            found.pop(mount_point, None)
-            continue
-        if not root or "/" in root:
-            found.pop(mount_point, None)
-            continue
-        found[mount_point] = Bound(root, mount_point, dev)
+        found[entry.mount_point] = Bound(root, entry.mount_point, entry.device)
     return list(found.values())

@@ -27,7 +27,6 @@ import platform
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 AT_FDCWD = -100
 AT_STATX_DONT_SYNC = 0x4000
@@ -58,37 +57,6 @@ class Hold:
     kind: str  # one of ALL_KINDS
     ino: int
     fd: int = -1  # the descriptor, for kind "fd"
-
-
-def device_of(mountpoint: str | Path, mountinfo: str = "/proc/self/mountinfo") -> int | None:
-    """The device number of the filesystem mounted at *mountpoint* (the last mount there),
-    from the mount table, without touching the mount: for the daemon of that very mount."""
-    wanted = os.fsencode(mountpoint)
-    found = None
-    try:
-        with open(mountinfo, "rb") as table:
-            for line in table:
-                fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == wanted:
-                    major, minor = fields[2].split(b":")
-                    found = os.makedev(int(major), int(minor))
-    except (OSError, ValueError):
-        return None
-    return found
-
-
-def _unescape(field: bytes) -> bytes:
-    """A path of the mount table: space, tab, newline and backslash are octal escapes."""
-    out = bytearray()
-    i = 0
-    while i < len(field):
-        if field[i:i + 1] == b"\\" and field[i + 1:i + 4].isdigit():
-            out.append(int(field[i + 1:i + 4], 8))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return bytes(out)
 
 
 def identity(path: bytes, buf: ctypes.Array[ctypes.c_char] | None = None
