@@ -150,3 +150,17 @@ def test_the_wrappers_raise_errno_and_name_the_call(tmp_path: Path) -> None:
         libc.mount(b"none", missing, b"tmpfs", 0, None)
     assert raised.value.errno in (errno.ENOENT, errno.EPERM)
     libc.unshare(0)  # nothing to unshare: succeeds
+
+
+def test_an_openat2_without_resolve_cached_is_not_cached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Linux 5.6 to 5.11 have openat2 but answer EINVAL to RESOLVE_CACHED: the open goes to
+    a worker thread (before, it failed with EINVAL)."""
+    def openat2(dirfd: int, path: bytes, how: object, size: int) -> int:
+        raise OSError(errno.EINVAL, "openat2: Invalid argument")
+
+    monkeypatch.setattr(cache, "_missing", set())
+    monkeypatch.setattr(libc, "openat2", openat2)
+    assert cache.open_cached(b"/", os.O_RDONLY) is None
+    assert cache.lstat_cached(b"/") is None

@@ -67,7 +67,9 @@ def open_cached(path: bytes, flags: int) -> int | None:
     try:
         return libc.openat2(libc.AT_FDCWD, path, _how_ref, _how_size)
     except OSError as exc:
-        if exc.errno == errno.EAGAIN:
+        # EINVAL: openat2 before Linux 5.12 does not know RESOLVE_CACHED (the worker thread's
+        # open answers, with its own error if the flags were the reason).
+        if exc.errno in (errno.EAGAIN, errno.EINVAL):
             return None
         if exc.errno in (errno.ENOSYS, errno.E2BIG):
             _without("openat2", exc)
