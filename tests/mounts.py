@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from uenvfs.manager.backend import MountEntry, read_mountinfo
+from uenvfs.kernel import mountinfo
+from uenvfs.kernel.mountinfo import MountEntry
 
 DEADLINE = 20.0
 
@@ -42,13 +43,13 @@ def _under(path: str, prefix: Path) -> bool:
 
 def mounts_under(prefix: Path) -> list[MountEntry]:
     """The mounts at or below *prefix*, parents before children."""
-    return [e for e in read_mountinfo() if _under(e.mount_point, prefix)]
+    return [e for e in mountinfo.read() if _under(e.mount_point, prefix)]
 
 
 def is_mounted(path: Path, fstype: str = "") -> bool:
     """Whether a mount (of a type that starts with *fstype*) is at *path*."""
     return any(e.mount_point == str(path) and e.fstype.startswith(fstype)
-               for e in read_mountinfo())
+               for e in mountinfo.read())
 
 
 def loops_for(prefix: Path) -> list[str]:

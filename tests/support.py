@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uenvfs.manager.backend import MountEntry
+from uenvfs.kernel.mountinfo import MountEntry
 
 from .mounts import DEADLINE, is_mounted
 

@@ -13,6 +13,7 @@ import pytest
 
 from uenvfs.fuse import prefetch
 from uenvfs.fuse.prefetch import START_AFTER, WINDOW, Prefetcher, Readahead
+from uenvfs.kernel import libc
 
 MIB = 1 << 20
 
@@ -53,10 +54,11 @@ def test_a_short_read_at_the_end_and_a_reread_start_over() -> None:
 
 def cached_pages(fd: int, offset: int, length: int) -> int | None:
     """Pages of the range in the page cache: cachestat(2), Linux 6.5; None if unknown."""
-    libc = ctypes.CDLL(None, use_errno=True)
     rng = struct.pack("=QQ", offset, length)
     out = ctypes.create_string_buffer(40)
-    if libc.syscall(451, fd, rng, out, 0) != 0:
+    try:
+        libc.cachestat(fd, rng, out)
+    except OSError:
         return None
     return int(struct.unpack_from("=Q", out)[0])
 

@@ -13,17 +13,6 @@ from uenvfs.kernel import procscan
 HOLD = "import sys; sys.stdin.read()"
 
 
-def test_device_of_reads_the_mount_table(tmp_path: Path) -> None:
-    table = tmp_path / "mountinfo"
-    table.write_bytes(b"22 1 0:21 / /run rw - tmpfs tmpfs rw\n"
-                      b"23 22 0:52 / /run/pact/a\\040b rw - fuse.uenvfs uenvfs rw\n"
-                      b"24 22 0:53 / /run/pact/a\\040b rw - fuse.uenvfs uenvfs rw\n")
-    assert procscan.device_of("/run/pact/a b", str(table)) == os.makedev(0, 53)  # the last
-    assert procscan.device_of("/run", str(table)) == os.makedev(0, 21)
-    assert procscan.device_of("/nowhere", str(table)) is None
-    assert procscan.device_of("/", str(tmp_path / "missing")) is None
-
-
 def test_a_scan_finds_working_directories_descriptors_and_their_descriptions(
     tmp_path: Path,
 ) -> None:

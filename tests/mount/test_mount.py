@@ -29,7 +29,7 @@ def test_shell_cd_ls_cat(daemon: Daemon, linger: str) -> None:
     assert daemon.backing_mounted("tools")
     # Bigger readahead windows through the mount (fewer, larger FUSE reads of big files).
     (fuse,) = [e for e in mounts_under(daemon.mountpoint) if e.fstype == "fuse.uenvfs"]
-    knob = Path("/sys/class/bdi") / str(fuse.device) / "read_ahead_kb"
+    knob = Path("/sys/class/bdi") / fuse.major_minor / "read_ahead_kb"
     assert knob.read_text().strip() == "1024"
 
 

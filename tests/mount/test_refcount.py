@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from uenvfs.manager.backend import read_mountinfo
+from uenvfs.kernel import mountinfo
 
 from ..support import (
     Daemon,
@@ -65,7 +65,7 @@ def test_two_allocations_then_hold_then_unmount_then_remount(daemon: Daemon) -> 
     assert status is not None
     assert (status["state"], status["refcount"]) == ("holding", 0)
     assert 0 < status["hold_remaining"] <= 1.0
-    loop = [e.source for e in read_mountinfo() if e.mount_point.endswith("/state/mnt/img")]
+    loop = [e.source for e in mountinfo.read() if e.mount_point.endswith("/state/mnt/img")]
     assert len(loop) == 1
     assert loop[0].startswith("/dev/loop")
     wait_until(lambda: not daemon.backing_mounted("img"), what="the hold timer to unmount")
@@ -171,7 +171,7 @@ def test_uid_fallback_and_environment_order(daemon: Daemon) -> None:
 @pytest.fixture
 def pact_cgroup() -> Iterator[Path]:
     """A real cgroup named like pact's: workload.slice/alloc-42.scope in the cgroup2 tree."""
-    roots = [e.mount_point for e in read_mountinfo() if e.fstype == "cgroup2"]
+    roots = [e.mount_point for e in mountinfo.read() if e.fstype == "cgroup2"]
     if not roots:
         pytest.skip("no cgroup2 hierarchy is mounted on this machine")
     scope = Path(roots[0]) / "workload.slice" / "alloc-42.scope"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from uenvfs.kernel import mountinfo
 from uenvfs.manager import journal
-from uenvfs.manager.backend import MountEntry, parse_mountinfo
 from uenvfs.manager.journal import Journal, JournalError, MountRecord
 from uenvfs.manager.recovery import loop_backing_file, plan
 
@@ -74,7 +74,7 @@ def test_truncated_journal_is_an_error(tmp_path: Path) -> None:
             journal.parse(whole[:cut])
 
 
-MOUNTINFO = """\
+MOUNTINFO = b"""\
 22 1 8:1 / / rw - ext4 /dev/sda1 rw
 40 22 7:0 / /state/mnt/a ro,nosuid,nodev - squashfs /dev/loop0 ro
 41 22 7:1 / /state/mnt/new ro,nosuid,nodev - squashfs /dev/loop1 ro
@@ -88,7 +88,7 @@ MOUNTINFO = """\
 
 
 def test_recovery_plan() -> None:
-    entries = parse_mountinfo(MOUNTINFO)
+    entries = mountinfo.parse(MOUNTINFO)
     old = Journal({"a": RECORD, "gone": MountRecord("/images/gone.sqfs", "/state/mnt/gone",
                                                     acquired=("alloc-1",))})
     loops = {"/dev/loop1": "/images/new.sqfs"}
@@ -110,7 +110,7 @@ def test_recovery_plan() -> None:
 
 
 def test_recovery_without_journal_adopts_from_the_mount_table() -> None:
-    result = plan(None, parse_mountinfo(MOUNTINFO), Path("/state/mnt"))
+    result = plan(None, mountinfo.parse(MOUNTINFO), Path("/state/mnt"))
     assert [a.name for a in result.adopt] == ["a", "fused", "new", "twice"]
     assert all(a.record is None for a in result.adopt)
     assert result.dropped == []
@@ -125,8 +125,3 @@ def test_loop_backing_file(tmp_path: Path) -> None:
     assert loop_backing_file("/dev/loop4", tmp_path) is None
     assert loop_backing_file("/dev/loop9", tmp_path) is None
     assert loop_backing_file("squashfuse_ll", tmp_path) is None
-
-
-def test_mountinfo_unescapes_blanks() -> None:
-    (entry,) = parse_mountinfo("50 22 7:0 / /state/mnt/a\\040b ro - squashfs /dev/loop0 ro\n")
-    assert entry == MountEntry(50, "/state/mnt/a b", "squashfs", "/dev/loop0", "7:0")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from uenvfs.client import session
 from uenvfs.client.session import ImageSpec, Placement, SessionError, ViewSpec
 from uenvfs.image.uenv import Env, ListOp, Meta, View, apply_env, shell_lines
-from uenvfs.kernel import namespace
+from uenvfs.kernel import mountinfo, namespace
 
 
 def test_image_words() -> None:
@@ -110,7 +110,7 @@ def test_environment_of_a_session() -> None:
     assert session.environment({}, [b], []) == {"UENV_MOUNT_LIST": "/images/b.sqfs:/ut"}
 
 
-MOUNTINFO = r"""22 1 254:0 / / rw - ext4 /dev/vda rw
+MOUNTINFO = rb"""22 1 254:0 / / rw - ext4 /dev/vda rw
 60 22 0:40 / /run/pact/uenv rw,nosuid - fuse.uenvfs uenvfs rw
 61 22 0:40 /acc /user-environment rw,nosuid - fuse.uenvfs uenvfs rw
 62 22 0:40 /acc/bin /opt/bin rw,nosuid - fuse.uenvfs uenvfs rw
@@ -124,10 +124,11 @@ MOUNTINFO = r"""22 1 254:0 / / rw - ext4 /dev/vda rw
 
 def test_bound_images_from_the_mount_table() -> None:
     dev = os.makedev(0, 40)
-    assert [(b.name, b.mount_point) for b in namespace.bound_images(MOUNTINFO, dev)] == [
+    entries = mountinfo.parse(MOUNTINFO)
+    assert [(b.name, b.mount_point) for b in namespace.bound_images(entries, dev)] == [
         ("acc", "/user-environment"), ("tools", "/with space"), ("tools", "/user-tools")]
-    assert len(namespace.bound_images(MOUNTINFO)) == 3
-    assert namespace.bound_images("garbage\n\n1 2 3") == []
+    assert len(namespace.bound_images(entries)) == 3
+    assert namespace.bound_images(mountinfo.parse(b"garbage\n\n1 2 3")) == []
 
 
 # -- a view applied in Python is what its shell lines do in a shell ---------------------------

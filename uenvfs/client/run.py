@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from .. import MOUNTPOINT
-from ..kernel import namespace
+from ..kernel import mountinfo, namespace
 from . import exits, session
 from .exits import RunError
 from .lookup import meta_beside, mount_entry, read_meta, read_status, served_name
@@ -47,16 +47,14 @@ def _mount_point_ok(image: Placement) -> None:
 
 def bound_here(mountpoint: Path) -> list[namespace.Bound]:
     """The images of the uenvfs at *mountpoint* bound in this process's namespace."""
-    from ..kernel.procscan import device_of
-
-    device = device_of(mountpoint)
-    if device is None:
-        return []
     try:
-        table = Path("/proc/self/mountinfo").read_text(errors="surrogateescape")
+        entries = mountinfo.read()
     except OSError:
         return []
-    return namespace.bound_images(table, device)
+    served = mountinfo.mount_at(mountpoint, entries)
+    if served is None:
+        return []
+    return namespace.bound_images(entries, served.device)
 
 
 def prepare(mountpoint: Path, images_text: str, views_text: str | None,

@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 from ..core.interfaces import ImageService
-from ..kernel import procscan
+from ..kernel import mountinfo, procscan
 from ..kernel.procscan import Hold
 from .allocation import AllocationResolver
 from .inodes import InodeTable
@@ -72,7 +72,7 @@ class UseScanner:
     def find_device(self) -> None:
         """Learn the device of the mount, from the mount table (once it is mounted, before it
         serves: it reads /proc only)."""
-        self.dev = procscan.device_of(self.mountpoint)
+        self.dev = mountinfo.device_at(self.mountpoint)
         if self.dev is None:
             log.warning("cannot find %s in the mount table: working directories in images "
                         "are not counted", self.mountpoint)

@@ -20,28 +20,22 @@ Only the standard library: the keeper imports this too.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import select
 import struct
 from pathlib import Path
 
+from . import libc
+
 DEVICE = "/dev/fuse"
 FSNAME = "uenvfs"
 FSTYPE = "fuse.uenvfs"
-MS_NOSUID, MS_NODEV = 2, 4
-MNT_DETACH = 2
 FUSE_INIT = 26
 NOTIFY_RESEND = 7  # enum fuse_notify_code
 IN_HEADER = struct.Struct("=IIQQIIII")  # len, opcode, unique, nodeid, uid, gid, pid, padding
 OUT_HEADER = struct.Struct("=IiQ")  # len, error (or notify code), unique (0: a notification)
 READ_BUFFER = (1 << 20) + 4096  # more than the kernel's minimum for a read of /dev/fuse
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_void_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 class FuseDevError(OSError):
@@ -59,10 +53,13 @@ def mount(mountpoint: Path) -> tuple[int, bytes]:
     try:
         data = (f"fd={fd},rootmode=40000,user_id=0,group_id=0,"
                 "default_permissions,allow_other").encode()
-        if _libc.mount(FSNAME.encode(), os.fsencode(mountpoint), FSTYPE.encode(),
-                       MS_NOSUID | MS_NODEV, data) != 0:
-            code = ctypes.get_errno()
-            raise FuseDevError(code, f"mount of FUSE at {mountpoint}: {os.strerror(code)}")
+        try:
+            libc.mount(FSNAME.encode(), os.fsencode(mountpoint), FSTYPE.encode(),
+                       libc.MS_NOSUID | libc.MS_NODEV, data)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            raise FuseDevError(code, f"mount of FUSE at {mountpoint}: {os.strerror(code)}"
+                               ) from exc
         try:
             init = os.read(fd, READ_BUFFER)
         except OSError as exc:
@@ -79,10 +76,12 @@ def mount(mountpoint: Path) -> tuple[int, bytes]:
 
 def unmount(mountpoint: Path) -> None:
     """Detach the FUSE mount at *mountpoint* (lazily: jobs inside it see it go away)."""
-    if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH) != 0:
-        code = ctypes.get_errno()
+    try:
+        libc.umount2(os.fsencode(mountpoint), libc.MNT_DETACH)
+    except OSError as exc:
+        code = exc.errno or errno.EIO
         if code not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
-            raise FuseDevError(code, f"umount {mountpoint}: {os.strerror(code)}")
+            raise FuseDevError(code, f"umount {mountpoint}: {os.strerror(code)}") from exc
 
 
 def init_pipe(init: bytes) -> int:

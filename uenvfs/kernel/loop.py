@@ -14,13 +14,14 @@ backend (or the mounter, through `mount_file`) runs them in a worker thread.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
 import os
 import struct
 from pathlib import Path
+
+from . import libc
 
 LOOP_CONTROL = "/dev/loop-control"
 LOOP_CTL_GET_FREE = 0x4C82
@@ -33,8 +34,6 @@ LOOP_INFO64 = "=5Q4I64s64s32s2Q"  # struct loop_info64
 LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 LO_NAME_SIZE = 64
-MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
-MNT_DETACH = 2
 ATTEMPTS = 8  # another process may take the free device between asking and configuring it
 # What a loop device answers to a request it does not know: EINVAL (lo_ioctl's default case),
 # or ENOTTY (the 32-bit compat path, lo_compat_ioctl).
@@ -45,11 +44,6 @@ UNKNOWN_REQUEST = (errno.EINVAL, errno.ENOTTY)
 use_configure = True
 
 log = logging.getLogger(__name__)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_void_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 class LoopError(OSError):
@@ -146,9 +140,10 @@ def mount_file(image_fd: int, image: Path, target: Path) -> str:
     the caller has checked, whatever *image* names by now. The caller closes *image_fd*."""
     loop_fd, device = _attach(image_fd, os.fsencode(image))
     try:
-        flags = MS_RDONLY | MS_NOSUID | MS_NODEV
-        if _libc.mount(device.encode(), os.fsencode(target), b"squashfs", flags, None) != 0:
-            raise _fail(f"mount {device} on {target} (squashfs)", ctypes.get_errno())
+        flags = libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV
+        libc.mount(device.encode(), os.fsencode(target), b"squashfs", flags, None)
+    except OSError as exc:
+        raise _fail(f"mount {device} on {target} (squashfs)", exc.errno or errno.EIO) from exc
     finally:
         os.close(loop_fd)  # autoclear: the device goes with its last user
     return device
@@ -156,8 +151,10 @@ def mount_file(image_fd: int, image: Path, target: Path) -> str:
 
 def unmount(target: Path, *, lazy: bool = False) -> None:
     """umount2(2) of *target*; *lazy* detaches it even while busy (MNT_DETACH)."""
-    if _libc.umount2(os.fsencode(target), MNT_DETACH if lazy else 0) != 0:
-        raise _fail(f"umount {target}", ctypes.get_errno())
+    try:
+        libc.umount2(os.fsencode(target), libc.MNT_DETACH if lazy else 0)
+    except OSError as exc:
+        raise _fail(f"umount {target}", exc.errno or errno.EIO) from exc
 
 
 def backing_identity(device: str) -> tuple[int, int] | None:

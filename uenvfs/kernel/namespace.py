@@ -15,17 +15,17 @@ new user namespace to a process with several threads).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import libc
+from .mountinfo import MountEntry
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_SLAVE = 1 << 19
 
 # The switches a site may use to turn unprivileged user namespaces off, and their "off" value.
 SYSCTLS = (
@@ -34,11 +34,6 @@ SYSCTLS = (
     ("kernel.apparmor_restrict_unprivileged_userns",
      "/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1"),
 )
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.unshare.argtypes = [ctypes.c_int]
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_void_p]
 
 
 class NamespaceError(Exception):
@@ -71,10 +66,13 @@ def enter() -> None:
     """Move this process into a new mount namespace (and user namespace unless root)."""
     uid, gid = os.geteuid(), os.getegid()
     flags = CLONE_NEWNS if uid == 0 else CLONE_NEWNS | CLONE_NEWUSER
-    if _libc.unshare(flags) != 0:
-        code = ctypes.get_errno()
+    try:
+        libc.unshare(flags)
+    except OSError as exc:
+        code = exc.errno or errno.EIO
         if uid == 0:
-            raise NamespaceError(f"cannot create a mount namespace: {_errno_text(code)}")
+            raise NamespaceError(f"cannot create a mount namespace: {_errno_text(code)}"
+                                 ) from exc
         switches = userns_switches()
         raise NamespaceError(
             f"cannot create a user namespace: {_errno_text(code)}. uenvfs run needs "
@@ -82,7 +80,7 @@ def enter() -> None:
             "that decide it: " + ("; ".join(switches) if switches else
                                   "user.max_user_namespaces (must be > 0), and "
                                   "kernel.unprivileged_userns_clone (must be 1) where it "
-                                  "exists"))
+                                  "exists")) from exc
     if uid != 0:
         try:  # only our own ids: what an unprivileged process may map without a helper
             _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
@@ -91,22 +89,26 @@ def enter() -> None:
         except OSError as exc:
             raise NamespaceError(f"cannot map uid {uid} and gid {gid} in the new user "
                                  f"namespace: {exc.strerror}") from exc
-    if _libc.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None) != 0:
-        code = ctypes.get_errno()
+    try:
+        libc.mount(b"none", b"/", None, libc.MS_REC | libc.MS_SLAVE, None)
+    except OSError as exc:
         raise NamespaceError(f"cannot make the new mount namespace private: "
-                             f"{_errno_text(code)}")
+                             f"{_errno_text(exc.errno or errno.EIO)}") from exc
 
 
 def bind(source: Path, target: Path) -> None:
     """Bind-mount *source* (a directory of the running uenvfs) onto *target*."""
-    if _libc.mount(os.fsencode(source), os.fsencode(target), None, MS_BIND, None) != 0:
-        code = ctypes.get_errno()
+    try:
+        libc.mount(os.fsencode(source), os.fsencode(target), None, libc.MS_BIND, None)
+    except OSError as exc:
+        code = exc.errno or errno.EIO
         hint = ""
         if code == errno.EPERM and os.geteuid() != 0:
             switches = [s for s in userns_switches() if "apparmor" in s]
             hint = (" (the site's security policy may forbid mounts in user namespaces"
                     + (f": {switches[0]}" if switches else "") + ")")
-        raise NamespaceError(f"cannot bind {source} on {target}: {_errno_text(code)}{hint}")
+        raise NamespaceError(f"cannot bind {source} on {target}: {_errno_text(code)}{hint}"
+                             ) from exc
 
 
 @dataclass(frozen=True)
@@ -118,42 +120,17 @@ class Bound:
     device: int  # the uenvfs instance's device number
 
 
-def _unescape(field: str) -> str:
-    """A path of the mount table: space, tab, newline and backslash are octal escapes."""
-    out = []
-    i = 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def bound_images(mountinfo: str, device: int | None = None) -> list[Bound]:
-    """The image directories of uenvfs bound elsewhere, from the text of a mountinfo file:
+def bound_images(entries: Iterable[MountEntry], device: int | None = None) -> list[Bound]:
+    """The image directories of uenvfs bound elsewhere, among the entries of a mount table:
     mounts of type fuse.uenvfs whose root is one image's directory, not the filesystem's
     root. *device*: only those of this uenvfs (its device number). Later mounts over the
     same mount point hide earlier ones: only the last one there is listed."""
     found: dict[str, Bound] = {}
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        try:
-            dash = fields.index("-")
-            fstype = fields[dash + 1]
-            major, minor = fields[2].split(":")
-        except (ValueError, IndexError):
+    for entry in entries:
+        root = entry.root.strip("/")
+        if (entry.fstype != "fuse.uenvfs" or (device is not None and entry.device != device)
+                or not root or "/" in root):
+            found.pop(entry.mount_point, None)
             continue
-        mount_point = _unescape(fields[4])
-        dev = os.makedev(int(major), int(minor))
-        root = _unescape(fields[3]).strip("/")
-        if fstype != "fuse.uenvfs" or (device is not None and dev != device):
-            found.pop(mount_point, None)
-            continue
-        if not root or "/" in root:
-            found.pop(mount_point, None)
-            continue
-        found[mount_point] = Bound(root, mount_point, dev)
+        found[entry.mount_point] = Bound(root, entry.mount_point, entry.device)
     return list(found.values())

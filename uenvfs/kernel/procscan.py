@@ -16,36 +16,34 @@ device and inode number it holds, without asking the filesystem. So this never s
 to the FUSE daemon, and the daemon may scan its own mount (in a worker thread, still: /proc of
 thousands of processes takes milliseconds).
 
-Blocking and without state: for worker threads and the CLI.
+Blocking, and without state but whether kcmp is there: for worker threads and the CLI.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import logging
 import os
-import platform
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-AT_FDCWD = -100
+from . import libc
+
 AT_STATX_DONT_SYNC = 0x4000
 STATX_INO = 0x100
 STATX_SIZE = 256
-# kcmp's number: x86_64's own, else that of the generic table (aarch64, as on GH200 nodes).
-SYS_KCMP = 312 if platform.machine() == "x86_64" else 272
 KCMP_FILE = 0
 
 CWD_KINDS = ("cwd", "root")
 ALL_KINDS = ("cwd", "root", "fd", "map", "exe")
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_statx = _libc.statx
-_statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
-                   ctypes.c_void_p]
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
+log = logging.getLogger(__name__)
+
+# Set once kcmp turned out not to be there (ENOSYS: an architecture whose number uenvfs does
+# not know, or a kernel without CONFIG_KCMP): from then on it is not called again.
+_no_kcmp = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,37 +58,6 @@ class Hold:
     fd: int = -1  # the descriptor, for kind "fd"
 
 
-def device_of(mountpoint: str | Path, mountinfo: str = "/proc/self/mountinfo") -> int | None:
-    """The device number of the filesystem mounted at *mountpoint* (the last mount there),
-    from the mount table, without touching the mount: for the daemon of that very mount."""
-    wanted = os.fsencode(mountpoint)
-    found = None
-    try:
-        with open(mountinfo, "rb") as table:
-            for line in table:
-                fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == wanted:
-                    major, minor = fields[2].split(b":")
-                    found = os.makedev(int(major), int(minor))
-    except (OSError, ValueError):
-        return None
-    return found
-
-
-def _unescape(field: bytes) -> bytes:
-    """A path of the mount table: space, tab, newline and backslash are octal escapes."""
-    out = bytearray()
-    i = 0
-    while i < len(field):
-        if field[i:i + 1] == b"\\" and field[i + 1:i + 4].isdigit():
-            out.append(int(field[i + 1:i + 4], 8))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return bytes(out)
-
-
 def identity(path: bytes, buf: ctypes.Array[ctypes.c_char] | None = None
              ) -> tuple[int, int] | None:
     """(device, inode) of what *path* leads to, as the kernel holds it (never asking the
@@ -98,7 +65,9 @@ def identity(path: bytes, buf: ctypes.Array[ctypes.c_char] | None = None
     *buf*: a `statx` buffer to reuse (`ctypes.create_string_buffer(STATX_SIZE)`)."""
     if buf is None:
         buf = ctypes.create_string_buffer(STATX_SIZE)
-    if _statx(AT_FDCWD, path, AT_STATX_DONT_SYNC, STATX_INO, buf) != 0:
+    try:
+        libc.statx(path, AT_STATX_DONT_SYNC, STATX_INO, buf)
+    except OSError:
         return None
     ino, = struct.unpack_from("=Q", buf, 32)
     major, minor = struct.unpack_from("=II", buf, 136)
@@ -200,15 +169,36 @@ def _mapped(base: bytes, dev_text: bytes) -> set[int]:
 
 
 def same_description(a: Hold, b: Hold) -> bool:
-    """Whether two descriptors are one open file description (`kcmp(2)`, KCMP_FILE)."""
+    """Whether two descriptors are one open file description (`kcmp(2)`, KCMP_FILE). When
+    that cannot be told (no kcmp here, or it fails: the process is gone, or not ours to
+    compare), two descriptors are two descriptions."""
+    global _no_kcmp
     if a.pid == b.pid and a.fd == b.fd:
         return True
-    return bool(_syscall(SYS_KCMP, a.pid, b.pid, KCMP_FILE, a.fd, b.fd) == 0)
+    if _no_kcmp:
+        return False
+    try:
+        return libc.kcmp(a.pid, b.pid, KCMP_FILE, a.fd, b.fd) == 0
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS:
+            _no_kcmp = True
+            log.warning("%s: every descriptor counts as an open file description of its own "
+                        "(a resumed server keeps every pending handle that one may stand "
+                        "for)", exc.strerror)
+        return False
 
 
 def descriptions(holds: Iterable[Hold]) -> list[list[Hold]]:
     """The `fd` holds grouped by open file description: each group is one open of the
-    filesystem, shared by fork, dup or SCM_RIGHTS."""
+    filesystem, shared by fork, dup or SCM_RIGHTS.
+
+    Where kcmp cannot tell (see `same_description`; without it at all, the log says so once),
+    the count is conservative: descriptors stay in groups of their own, so there are as many
+    groups as there can be opens, never fewer. A resumed server (server/resume.py `settle`)
+    keeps a pending handle only while its opener holds more opens than confirmed handles:
+    counting too many keeps a handle that may be stale (a use counted too long), counting too
+    few would drop one the kernel still uses (its process's reads would fail). So a pending
+    handle is never dropped that kcmp could have shown to be held."""
     groups: list[list[Hold]] = []
     by_ino: dict[int, list[list[Hold]]] = {}
     for hold in holds:

@@ -1,4 +1,4 @@
-"""Backing mounts: the kernel's squashfs on a loop device, or squashfuse, and the mount table.
+"""Backing mounts: the kernel's squashfs on a loop device, or squashfuse.
 
 Every mount tool runs through `run_tool` (`tools.run`, with a time limit), and every failure
 becomes a `MountFailed` or `UnmountFailed` that carries the command and its stderr.
@@ -18,67 +18,9 @@ import trio
 
 from ..core.errors import MountError, MountFailed, UnmountFailed
 from ..image import tools
-from ..kernel import loop
+from ..kernel import loop, mountinfo
 
 MOUNT_OPTIONS = "ro,nosuid,nodev"
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo, the parts uenvfs needs."""
-
-    mount_id: int
-    mount_point: str
-    fstype: str
-    source: str
-    device: str | None = None  # "major:minor"
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes blanks, tabs, newlines and backslashes as octal `\\ooo`."""
-    if "\\" not in field:
-        return field
-    out = bytearray()
-    raw = field.encode("utf-8", "surrogateescape")
-    i = 0
-    while i < len(raw):
-        if raw[i] == 0x5C and i + 3 < len(raw) and raw[i + 1 : i + 4].isdigit():
-            out.append(int(raw[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return out.decode("utf-8", "surrogateescape")
-
-
-def parse_mountinfo(text: str) -> list[MountEntry]:
-    entries = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        fields = left.split()
-        tail = right.split()
-        if len(fields) < 5 or len(tail) < 2:
-            continue
-        entries.append(MountEntry(int(fields[0]), _unescape(fields[4]), tail[0],
-                                  _unescape(tail[1]), fields[2]))
-    return entries
-
-
-def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        return parse_mountinfo(f.read())
-
-
-def mount_at(target: Path | str, entries: Sequence[MountEntry] | None = None) -> MountEntry | None:
-    """The topmost mount at *target*, or None."""
-    target = str(target)
-    found = None
-    for entry in read_mountinfo() if entries is None else entries:
-        if entry.mount_point == target:
-            found = entry
-    return found
 
 
 def is_mount_point(path: Path) -> bool:
@@ -130,7 +72,7 @@ class FileMountBackend(MountBackend, Protocol):
 
 
 def _mounted(target: Path) -> str | None:
-    entry = mount_at(target)
+    entry = mountinfo.mount_at(target)
     return None if entry is None else entry.source
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.names import valid_name
-from .backend import MountEntry
+from ..kernel.mountinfo import MountEntry
 from .journal import Journal, MountRecord
 
 

@@ -11,7 +11,8 @@ anyway. What guarding does: fuse/workers.py.
 from __future__ import annotations
 
 import logging
-import os
+
+from ..kernel import mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +25,12 @@ LOCAL_FILESYSTEMS = frozenset({
 def filesystem_type(dev: int) -> str | None:
     """The type of the mounted filesystem whose device number is *dev* (as in st_dev), from
     this process's mount table; None if none is found."""
-    wanted = f"{os.major(dev)}:{os.minor(dev)}"
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as table:
-            for line in table:
-                fields = line.split()
-                if len(fields) > 2 and fields[2] == wanted and " - " in line:
-                    return line.split(" - ", 1)[1].split()[0]
+        entries = mountinfo.read()
     except OSError as exc:
         log.warning("cannot read the mount table: %s", exc)
-    return None
+        return None
+    return mountinfo.type_of_device(dev, entries)
 
 
 class Storage:

@@ -48,9 +48,9 @@ from ..keeper.protocol import (
     STOPPING,
 )
 from ..keeper.serve import setup_logging
-from ..kernel import fusedev
+from ..kernel import fusedev, mountinfo
 from ..manager import journal, recovery
-from ..manager.backend import make_backend, mount_at, read_mountinfo
+from ..manager.backend import make_backend
 from ..manager.manager import Manager
 from . import handover
 from .link import Link
@@ -88,10 +88,10 @@ def _tune_readahead(config: Config) -> None:
     """
     if not config.read_ahead_kb:
         return
-    entry = mount_at(config.mountpoint)
-    if entry is None or entry.device is None:
+    entry = mountinfo.mount_at(config.mountpoint)
+    if entry is None:
         return
-    knob = Path("/sys/class/bdi") / entry.device / "read_ahead_kb"
+    knob = Path("/sys/class/bdi") / entry.major_minor / "read_ahead_kb"
     try:
         knob.write_text(str(config.read_ahead_kb))
     except OSError as exc:
@@ -130,7 +130,7 @@ async def recover(manager: Manager) -> None:
         found = None
     if found is not None:
         manager.restore_settings(found)
-    plan = recovery.plan(found, read_mountinfo(), config.backing_root,
+    plan = recovery.plan(found, mountinfo.read(), config.backing_root,
                          recovery.loop_backing_file)
     for entry in plan.detach:
         log.warning("detaching %s (%s): not a backing mount uenvfs can serve",

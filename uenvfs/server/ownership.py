@@ -18,7 +18,8 @@ import trio
 
 from ..core.config import Config
 from ..core.errors import MountError, StartupError
-from ..manager.backend import mount_at, run_tool
+from ..kernel import mountinfo
+from ..manager.backend import run_tool
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ async def connection_alive(mountpoint: Path, patience: float = PROBE_SECONDS) ->
 async def clear_stale_mount(config: Config) -> None:
     """A killed daemon leaves its FUSE mount behind ("Transport endpoint is not connected"):
     clear it. A live one is left alone, and this daemon refuses to start."""
-    entry = mount_at(config.mountpoint)
+    entry = mountinfo.mount_at(config.mountpoint)
     if entry is None:
         return
     if not entry.fstype.startswith("fuse"):

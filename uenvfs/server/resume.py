@@ -21,7 +21,7 @@ from ..core.ledger import (
     SharedLedger,
     Slot,
 )
-from ..kernel import procscan
+from ..kernel import mountinfo, procscan
 
 if TYPE_CHECKING:
     from ..fuse.fs import UenvFS
@@ -60,7 +60,7 @@ def restore_versions(manager: Manager, fs: UenvFS, found: Found) -> None:
 
 def restore_handles(fs: UenvFS, found: Found, ledger: SharedLedger, mountpoint: Path) -> None:
     """The handles the last server opened, counted again for their allocations."""
-    slots = settle(found.handles, ledger, procscan.device_of(mountpoint), procscan.holds_of)
+    slots = settle(found.handles, ledger, mountinfo.device_at(mountpoint), procscan.holds_of)
     restored = fs.restore_handles(slots)
     log.info("resumed the connection (resume %d): %d nodes, %d handles (%d counted)",
              found.resumes + 1, len(found.nodes), len(slots), restored)
