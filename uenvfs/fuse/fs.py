@@ -25,11 +25,10 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 
-from ..core import ledger as kinds
 from ..core import metrics
 from ..core.errors import MountError, errno_of
 from ..core.interfaces import ImageService
-from ..core.ledger import Ledger, SharedLedger, Slot
+from ..core.ledger import HandleKind, Ledger, SharedLedger, Slot
 from ..core.model import PREFIX_SHIFT, InodePrefixes
 from ..kernel import cache, fusedev, paths
 from .allocation import AllocationResolver
@@ -174,28 +173,28 @@ class UenvFS(ReadOnlyOperations):
         later = []
         counted = 0
         for slot in slots:
-            if slot.kind == kinds.DATA:
+            if slot.kind == HandleKind.DATA:
                 later.append(slot)  # after the counts: they show them
                 continue
             handle = self._restored(slot)
             counted += isinstance(handle, (FileHandle, DirHandle))
             self.handles.restore(slot.fh, handle)
         for slot in later:
-            self.handles.restore(slot.fh, self.root.data(slot.extra))
+            self.handles.restore(slot.fh, self.root.data(slot.data_ino))
         return counted
 
     def _restored(self, slot: Slot) -> Handle:
-        if slot.kind == kinds.ROOT_DIR:
+        if slot.kind == HandleKind.ROOT_DIR:
             return RootDirHandle(self.root.entries())
-        if slot.kind == kinds.CONTROL:
-            return ControlHandle(slot.extra2, slot.extra, slot.alloc, self.root)
+        if slot.kind == HandleKind.CONTROL:
+            return ControlHandle(slot.pid, slot.uid, slot.alloc, self.root)
         node = self.inodes.get(slot.ino)
         mount = None if node is None else self.images.mounted(node.image)
         if (slot.dead or node is None or mount is None or not slot.alloc
                 or (node.prefix and node.prefix != mount.version.prefix)):
             return DeadHandle()
         use = self.images.open(node.image, slot.alloc)
-        if slot.kind == kinds.DIR:
+        if slot.kind == HandleKind.DIR:
             return DirHandle(node.image, use, node, None)
         _, path = backing_path(node, mount)
         return ReopenedFileHandle(node.image, use, node.ino, -1, self.prefetcher, self.budget,

@@ -14,13 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.errors import StartupError
-from ..core.ledger import (
-    DIR,
-    FILE,
-    Found,
-    SharedLedger,
-    Slot,
-)
+from ..core.ledger import Contents, HandleKind, SharedLedger, Slot
 from ..kernel import procscan
 
 if TYPE_CHECKING:
@@ -28,6 +22,8 @@ if TYPE_CHECKING:
     from ..manager.manager import Manager
 
 log = logging.getLogger(__name__)
+
+IMAGE_KINDS = (HandleKind.FILE, HandleKind.DIR)  # the kinds of handle counted as uses of images
 
 
 @dataclass
@@ -51,19 +47,20 @@ class Resume:
             raise StartupError(f"cannot read the ledger of the connection: {exc}") from exc
 
 
-def restore_versions(manager: Manager, fs: UenvFS, found: Found) -> None:
+def restore_versions(manager: Manager, fs: UenvFS, contents: Contents) -> None:
     """The inode prefixes the last server handed out: the same numbers mean the same files."""
-    fs.inodes.prefixes.continue_after(found.last_prefix)
-    manager.mounter.restore(found.versions)
-    fs.inodes.restore(found)
+    fs.inodes.prefixes.continue_after(contents.last_prefix)
+    manager.mounter.restore(contents.versions)
+    fs.inodes.restore(contents)
 
 
-def restore_handles(fs: UenvFS, found: Found, ledger: SharedLedger, mountpoint: Path) -> None:
+def restore_handles(fs: UenvFS, contents: Contents, ledger: SharedLedger,
+                    mountpoint: Path) -> None:
     """The handles the last server opened, counted again for their allocations."""
-    slots = settle(found.handles, ledger, procscan.device_of(mountpoint), procscan.holds_of)
+    slots = settle(contents.handles, ledger, procscan.device_of(mountpoint), procscan.holds_of)
     restored = fs.restore_handles(slots)
     log.info("resumed the connection (resume %d): %d nodes, %d handles (%d counted)",
-             found.resumes + 1, len(found.nodes), len(slots), restored)
+             contents.resumes + 1, len(contents.nodes), len(slots), restored)
 
 
 def settle(slots: list[Slot], ledger: SharedLedger, dev: int | None,
@@ -72,24 +69,23 @@ def settle(slots: list[Slot], ledger: SharedLedger, dev: int | None,
     the kernel's only if the process that opened it holds it now: one that never got it
     waits for the open the kernel sends again (FUSE_NOTIFY_RESEND), and one that got it and
     closed it already sends its release, for a handle no longer counted either way."""
-    pending = [s for s in slots if s.pending and s.kind in (FILE, DIR)]
+    pending = [s for s in slots if s.pending and s.kind in IMAGE_KINDS]
     if not pending:
         return slots
-    confirmed = Counter((s.extra2, s.ino) for s in slots
-                        if not s.pending and s.kind in (FILE, DIR))
+    confirmed = Counter((s.pid, s.ino) for s in slots if not s.pending and s.kind in IMAGE_KINDS)
     room: dict[tuple[int, int], int] = {}
     for slot in pending:
-        key = (slot.extra2, slot.ino)
+        key = (slot.pid, slot.ino)
         if key not in room:
-            held = procscan.opens_of(holds_of(slot.extra2, dev), slot.ino) if dev else 0
+            held = procscan.opens_of(holds_of(slot.pid, dev), slot.ino) if dev else 0
             room[key] = max(0, held - confirmed[key])
     kept = []
     for slot in slots:
-        if slot.pending and slot.kind in (FILE, DIR):
-            key = (slot.extra2, slot.ino)
+        if slot.pending and slot.kind in IMAGE_KINDS:
+            key = (slot.pid, slot.ino)
             if room[key] <= 0:
                 log.info("handle %#x: its opener (pid %d) never got it; dropped", slot.fh,
-                         slot.extra2)
+                         slot.pid)
                 ledger.released(slot.fh)
                 continue
             room[key] -= 1
