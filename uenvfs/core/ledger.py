@@ -166,7 +166,7 @@ class Ledger:
         """The answer that gave *fh* to the kernel was written: it is the kernel's."""
 
     def moved(self, fh: int, alloc: str) -> None:
-        """The handle *fh* counts for *alloc* from now on (an executable: fuse/fs.py)."""
+        """The handle *fh* counts for *alloc* from now on (an executable: fuse/files.py)."""
 
     def killed(self, fh: int) -> None:
         """The handle *fh* answers EIO from now on (its image was force-unmounted)."""

@@ -1,6 +1,6 @@
 """A server taking over a live connection: what it got from the keeper, and how it carries on
-from the ledger (see ledger.py) and, after a planned restart, from what the old server handed
-over (see handover.py)."""
+from the ledger (see core/ledger.py: its image versions, nodes and open handles) and, after a
+planned restart, from what the old server handed over (see server/handover.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.errors import StartupError
 from ..core.ledger import Contents, HandleKind, SharedLedger, Slot
+from ..fuse.handles import (
+    DeadHandle,
+    DirHandle,
+    FileHandle,
+    Handle,
+    ReopenedFileHandle,
+    RootDirHandle,
+)
+from ..fuse.inodes import backing_path
+from ..fuse.root import ControlHandle
 from ..kernel import procscan
 
 if TYPE_CHECKING:
@@ -56,11 +66,42 @@ def restore_versions(manager: Manager, fs: UenvFS, contents: Contents) -> None:
 
 def restore_handles(fs: UenvFS, contents: Contents, ledger: SharedLedger,
                     mountpoint: Path) -> None:
-    """The handles the last server opened, counted again for their allocations."""
+    """The handles the last server opened, again in use with their numbers; those into images
+    counted again for their allocations."""
     slots = settle(contents.handles, ledger, procscan.device_of(mountpoint), procscan.holds_of)
-    restored = fs.restore_handles(slots)
+    shown = []
+    counted = 0
+    for slot in slots:
+        if slot.kind == HandleKind.DATA:
+            shown.append(slot)  # after the counts: they show them
+            continue
+        handle = _restored(fs, slot)
+        counted += isinstance(handle, (FileHandle, DirHandle))
+        fs.handles.restore(slot.fh, handle)
+    for slot in shown:
+        fs.handles.restore(slot.fh, fs.root.data(slot.data_ino))
     log.info("resumed the connection (resume %d): %d nodes, %d handles (%d counted)",
-             contents.resumes + 1, len(contents.nodes), len(slots), restored)
+             contents.resumes + 1, len(contents.nodes), len(slots), counted)
+
+
+def _restored(fs: UenvFS, slot: Slot) -> Handle:
+    """The handle of *slot* (not a DATA one) in this server; a handle into an image counts as
+    a use of it again, or answers EIO if its image version is no longer mounted."""
+    if slot.kind == HandleKind.ROOT_DIR:
+        return RootDirHandle(fs.root.entries())
+    if slot.kind == HandleKind.CONTROL:
+        return ControlHandle(slot.pid, slot.uid, slot.alloc, fs.root)
+    node = fs.inodes.get(slot.ino)
+    mount = None if node is None else fs.images.mounted(node.image)
+    if (slot.dead or node is None or mount is None or not slot.alloc
+            or (node.prefix and node.prefix != mount.version.prefix)):
+        return DeadHandle()
+    use = fs.images.open(node.image, slot.alloc)
+    if slot.kind == HandleKind.DIR:
+        return DirHandle(node.image, use, node, None)
+    _, path = backing_path(node, mount)
+    return ReopenedFileHandle(node.image, use, node.ino, -1, fs.prefetcher, fs.budget,
+                              slot.alloc, path=path, guarded=mount.guarded)
 
 
 def settle(slots: list[Slot], ledger: SharedLedger, dev: int | None,
