@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from uenvfs.core.ledger import FILE, SharedLedger
+from uenvfs.core.ledger import HandleKind, SharedLedger
 from uenvfs.kernel import cache, libc, procscan
 from uenvfs.kernel.procscan import Hold
 from uenvfs.server.resume import settle
@@ -105,9 +105,9 @@ def test_without_kcmp_a_pending_handle_its_opener_may_hold_is_kept(
     book = SharedLedger.create(b"I" * 104)
     try:
         book.start()
-        confirmed = book.opened(FILE, 5, "job", 0, 10)
+        confirmed = book.opened(HandleKind.FILE, 5, "job", 10)
         book.confirm(confirmed)
-        pending = book.opened(FILE, 5, "job", 0, 10)
+        pending = book.opened(HandleKind.FILE, 5, "job", 10)
         found = book.read()
         kept = settle(found.handles, book, 42, lambda pid, dev: holds()[:2])
         assert [s.fh for s in kept] == [confirmed, pending]

@@ -1,22 +1,23 @@
 """The ledger: what a new server needs to answer the requests of a live connection.
 
 The kernel goes on sending the node ids and file handles that the server before handed out
-(see fusedev.py). A node id says which image version an inode belongs to and its inode number
-in the backing mount, not its path; a file handle is a number. The ledger keeps, in shared
-memory that outlives the server (a memfd held with the connection's descriptor, see keeper.py):
+(see kernel/fusedev.py). A node id says which image version an inode belongs to and its inode
+number in the backing mount, not its path; a file handle is a number. The ledger keeps, in
+shared memory that outlives the server (a memfd held with the connection's descriptor, see
+keeper/keeper.py):
 
   - the connection's INIT request, to start libfuse again;
   - every inode prefix handed out: the image directory of a name, the versions of an image;
   - the path in its image of every node id the kernel was given (an append-only log);
-  - every open handle: its kind, its node, the allocation it counts for.
+  - every open handle: its kind, its node, the allocation it counts for, who opened it.
 
 Each is written before the answer that hands it to the kernel, so a server that dies at any
 point leaves a ledger that names everything the kernel may ask about. A handle is written as
 pending, and confirmed once the next handle is added or released (its answer is written by
 then); after a crash, a new server keeps a pending one only if the process that opened it
-holds it (see resume.settle): the kernel sends an open whose answer it never got again. The
-writes are stores to memory (no system call): under a microsecond on the requests that add
-something.
+holds it (see `settle` in server/resume.py): the kernel sends an open whose answer it never
+got again. The writes are stores to memory (no system call): under a microsecond on the
+requests that add something.
 
 Layout of the memfd (sparse: only what is written takes memory)::
 
@@ -26,8 +27,12 @@ Layout of the memfd (sparse: only what is written takes memory)::
     + 32 MiB  two halves of LOG bytes: records appended to the active half; when it fills
               up, the live records are written to the other half, which becomes active
 
-A record is appended first and counted (`used`) after, so one half-written at a crash is not
+A slot: gen (u32), kind (u8, `HandleKind`), flags (u8), pad (u16), allocation number (u32),
+the opener's uid or the file shown (u32, by kind), node id (u64), the opener's pid (u64). A
+record is appended first and counted (`used`) after, so one half-written at a crash is not
 read. A log record: kind (u8), flag (u8), length (u16), a number (u64), then `length` bytes.
+The next server may be of the version before or after this one (`uenvfs restart`): change
+this layout only with the format number in the header.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +55,9 @@ ACTIVE_AT, INITIALIZED_AT, USED_AT, SLOTS_USED_AT = 24, 25, 32, 48  # offsets
 HEADER_SIZE = 4096
 INIT_AT = 512  # the INIT request (at most 512 bytes) sits here
 SLOTS = 1 << 20
-SLOT = struct.Struct("=IBBHIIQQ")  # gen, kind, flags, pad, alloc id, extra, node id, extra2
+SLOT = struct.Struct("=IBBHIIQQ")  # gen, kind, flags, pad, alloc, uid or data ino, node, pid
 GEN = struct.Struct("=I")  # a slot's first field
+KIND_AT, FLAGS_AT, ALLOC_AT = 4, 5, 8  # offsets in a slot
 SLOTS_AT = HEADER_SIZE
 LOG_AT = SLOTS_AT + SLOTS * SLOT.size
 LOG = 32 << 20  # about 600,000 nodes of paths 40 bytes long
@@ -61,28 +68,39 @@ RECORD = struct.Struct("=BBHQ")
 NODE, IMAGE_DIR, VERSION, ALLOC = 1, 2, 3, 4
 IDENTITY = struct.Struct("=qqqq")
 
-# Handle kinds (0: free slot)
-FREE, FILE, DIR, ROOT_DIR, CONTROL, DATA = 0, 1, 2, 3, 4, 5
 DEAD = 1  # flag: force-unmounted, answers EIO
 PENDING = 2  # flag: the answer that gives the handle to the kernel may not have reached it
 
 
+class HandleKind(IntEnum):
+    """What an open handle is: a slot's kind (the format's numbers: never change one). Every
+    slot keeps the pid of the handle's opener; what else it holds depends on the kind."""
+
+    FREE = 0  # a free slot
+    FILE = 1  # a file of an image: its node id, the allocation it counts for
+    DIR = 2  # a directory of an image: its node id, the allocation it counts for
+    ROOT_DIR = 3  # the mount root: nothing else
+    CONTROL = 4  # `.control`: its opener's allocation and uid
+    DATA = 5  # `.status` or `.metrics`: which one, by inode number
+
+
 @dataclass
 class Slot:
-    """An open handle as the ledger has it."""
+    """An open handle as the ledger has it (what each field holds by kind: `HandleKind`)."""
 
     fh: int
-    kind: int
+    kind: HandleKind
     dead: bool
-    alloc: str
-    ino: int
-    extra: int = 0
-    extra2: int = 0  # for a file or directory: the pid that opened it
+    alloc: str  # the allocation it counts for; "" for none
+    ino: int  # the node id of a FILE or DIR; 0 for the others
+    pid: int = 0  # the process that opened it
+    uid: int = 0  # CONTROL: its opener's uid
+    data_ino: int = 0  # DATA: which file it shows, `.status` or `.metrics` (their inodes)
     pending: bool = False
 
 
 @dataclass
-class Found:
+class Contents:
     """Everything a ledger holds, read by a new server."""
 
     init: bytes
@@ -98,19 +116,19 @@ class Found:
         return max([*self.image_dirs.values(), *self.versions, 0])
 
 
-Record = tuple[int, int, int, bytes]  # kind, flag, number, data
+LogRecord = tuple[int, int, int, bytes]  # kind, flag, number, data
 
 
-def node_record(ino: int, rel: bytes, is_dir: bool) -> Record:
+def node_record(ino: int, rel: bytes, is_dir: bool) -> LogRecord:
     return NODE, is_dir, ino, rel
 
 
-def image_dir_record(prefix: int, name: str) -> Record:
+def image_dir_record(prefix: int, name: str) -> LogRecord:
     return IMAGE_DIR, 0, prefix, name.encode()
 
 
 def version_record(prefix: int, name: str, identity: tuple[int, int, int, int],
-                   validated: bool) -> Record:
+                   validated: bool) -> LogRecord:
     return VERSION, validated, prefix, IDENTITY.pack(*identity) + name.encode()
 
 
@@ -137,9 +155,10 @@ class Ledger:
                 validated: bool) -> None:
         """A version of image *name* has inode prefix *prefix*."""
 
-    def opened(self, kind: int, ino: int, alloc: str = "", extra: int = 0,
-               extra2: int = 0) -> int:
-        """Record a new handle, pending until `confirm`; returns its number."""
+    def opened(self, kind: HandleKind, ino: int, alloc: str = "", pid: int = 0, *,
+               uid: int = 0, data_ino: int = 0) -> int:
+        """Record a new handle of *kind*, opened by process *pid* (the other fields: see
+        `HandleKind`), pending until `confirm`; returns its number."""
         self._next += 1
         return self._next
 
@@ -147,7 +166,7 @@ class Ledger:
         """The answer that gave *fh* to the kernel was written: it is the kernel's."""
 
     def moved(self, fh: int, alloc: str) -> None:
-        """The handle *fh* counts for *alloc* from now on (an executable, see fs.py)."""
+        """The handle *fh* counts for *alloc* from now on (an executable: fuse/files.py)."""
 
     def killed(self, fh: int) -> None:
         """The handle *fh* answers EIO from now on (its image was force-unmounted)."""
@@ -173,7 +192,7 @@ class SharedLedger(Ledger):
         self.full = False  # the log could not take a record: resuming would miss some nodes
         # What a compaction keeps: every node, image directory and version in use (the
         # server sets it; see `records` of InodeTable and Mounter).
-        self.live: Callable[[], Iterable[Record]] = lambda: ()
+        self.live: Callable[[], Iterable[LogRecord]] = lambda: ()
         self._compacting = False
         self._logged: set[int] = set()  # the node ids in the log
 
@@ -204,30 +223,37 @@ class SharedLedger(Ledger):
 
     # -- reading, by a new server ----------------------------------------------------------
 
-    def read(self) -> Found:
+    def read(self) -> Contents:
         """Everything in the ledger. Raises `LedgerError` if it is not one."""
         init_length, resumes, active, used, slots = self._read_header()
-        found = Found(bytes(self.map[INIT_AT:INIT_AT + init_length]), resumes)
+        contents = Contents(bytes(self.map[INIT_AT:INIT_AT + init_length]), resumes)
         allocs: dict[int, str] = {}
         for kind, flag, number, data in self._records(active, used[active]):
             if kind == NODE:
-                found.nodes[number] = (data, bool(flag))
+                contents.nodes[number] = (data, bool(flag))
             elif kind == IMAGE_DIR:
-                found.image_dirs[data.decode()] = number
+                contents.image_dirs[data.decode()] = number
             elif kind == VERSION:
                 identity = IDENTITY.unpack_from(data)
                 name = data[IDENTITY.size:].decode()
-                found.versions[number] = (name, identity, bool(flag))
+                contents.versions[number] = (name, identity, bool(flag))
             elif kind == ALLOC:
                 allocs[number] = data.decode()
         for index in range(slots):
-            gen, kind, flags, _, alloc, extra, ino, extra2 = SLOT.unpack_from(
+            gen, byte, flags, _, alloc, uid_or_data_ino, ino, pid = SLOT.unpack_from(
                 self.map, SLOTS_AT + index * SLOT.size)
-            if kind != FREE:
-                found.handles.append(Slot(gen << 32 | index, kind, bool(flags & DEAD),
-                                          allocs.get(alloc, ""), ino, extra, extra2,
-                                          bool(flags & PENDING)))
-        return found
+            if byte == HandleKind.FREE:
+                continue
+            try:
+                kind = HandleKind(byte)
+            except ValueError:
+                raise LedgerError(f"a handle of unknown kind {byte} in slot {index}") from None
+            contents.handles.append(Slot(
+                gen << 32 | index, kind, bool(flags & DEAD), allocs.get(alloc, ""), ino, pid,
+                uid=uid_or_data_ino if kind == HandleKind.CONTROL else 0,
+                data_ino=uid_or_data_ino if kind == HandleKind.DATA else 0,
+                pending=bool(flags & PENDING)))
+        return contents
 
     def _records(self, half: int, used: int) -> Iterator[tuple[int, int, int, bytes]]:
         at = LOG_AT + half * LOG
@@ -247,9 +273,9 @@ class SharedLedger(Ledger):
     def mark_initialized(self) -> None:
         self.map[INITIALIZED_AT] = 1
 
-    def resumed(self, found: Found) -> None:
-        """A new server takes over this ledger, as *found* by `read`: count the resume and
-        carry on with its handles and allocations."""
+    def resumed(self, contents: Contents) -> None:
+        """A new server takes over this ledger, whose *contents* it `read`: count the resume
+        and carry on with its handles and allocations."""
         init_length, resumes, active, used, slots = self._read_header()
         self._header(init_length=init_length, resumes=resumes + 1, active=active, used=used,
                      slots=slots)
@@ -258,12 +284,12 @@ class SharedLedger(Ledger):
         for index in range(slots):
             gen, kind = SLOT.unpack_from(self.map, SLOTS_AT + index * SLOT.size)[:2]
             self._gens[index] = gen
-            if kind == FREE:
+            if kind == HandleKind.FREE:
                 self._free.append(index)
         self._free.reverse()
         for name, number in self._alloc_records(active, used[active]):
             self._allocs[name] = number
-        self._logged = set(found.nodes)
+        self._logged = set(contents.nodes)
 
     def _alloc_records(self, half: int, used: int) -> Iterator[tuple[str, int]]:
         for kind, _, number, data in self._records(half, used):
@@ -343,8 +369,8 @@ class SharedLedger(Ledger):
             self._append(ALLOC, 0, number, alloc.encode())
         return number
 
-    def opened(self, kind: int, ino: int, alloc: str = "", extra: int = 0,
-               extra2: int = 0) -> int:
+    def opened(self, kind: HandleKind, ino: int, alloc: str = "", pid: int = 0, *,
+               uid: int = 0, data_ino: int = 0) -> int:
         if self._free:
             index = self._free.pop()
         elif self._slots < SLOTS:
@@ -356,30 +382,31 @@ class SharedLedger(Ledger):
         gen = (self._gens.get(index, 0) + 1) & 0xFFFFFFFF
         self._gens[index] = gen
         SLOT.pack_into(self.map, SLOTS_AT + index * SLOT.size, gen, kind, PENDING, 0,
-                       self._alloc_id(alloc) if alloc else 0, extra, ino, extra2)
+                       self._alloc_id(alloc) if alloc else 0, uid or data_ino, ino, pid)
         return gen << 32 | index
 
     def confirm(self, fh: int) -> None:
-        at = SLOTS_AT + (fh & 0xFFFFFFFF) * SLOT.size + 5
+        at = SLOTS_AT + (fh & 0xFFFFFFFF) * SLOT.size + FLAGS_AT
         self.map[at] &= ~PENDING & 0xFF
 
     def moved(self, fh: int, alloc: str) -> None:
         index = fh & 0xFFFFFFFF
         at = SLOTS_AT + index * SLOT.size
         if index < self._slots and SLOT.unpack_from(self.map, at)[0] == fh >> 32:
-            struct.pack_into("=I", self.map, at + 8, self._alloc_id(alloc))
+            struct.pack_into("=I", self.map, at + ALLOC_AT, self._alloc_id(alloc))
 
     def killed(self, fh: int) -> None:
         index = fh & 0xFFFFFFFF
         at = SLOTS_AT + index * SLOT.size
         if SLOT.unpack_from(self.map, at)[0] == fh >> 32:
-            self.map[at + 5] |= DEAD
+            self.map[at + FLAGS_AT] |= DEAD
 
     def released(self, fh: int) -> None:
         index = fh & 0xFFFFFFFF
         at = SLOTS_AT + index * SLOT.size
         if index < self._slots and GEN.unpack_from(self.map, at)[0] == fh >> 32:
-            self.map[at + 4] = FREE
+            # HandleKind.FREE, as a plain 0: an enum member is a slow look-up in Python 3.11.
+            self.map[at + KIND_AT] = 0
             self._free.append(index)
 
     def close(self) -> None:

@@ -1,111 +1,65 @@
 """The pyfuse3 adapter: answers each FUSE request with the parts that know the answer.
 
-The parts: the inodes the kernel knows (inodes.py, which also says how inode numbers are
-made), the open handles (handles.py), the replayed directory listings (listings.py), the
-mount root with its control files (root.py), and what the manager's news does to the handles
-and the kernel's caches (listener.py). The manager is reached through `ImageService` only.
+`UenvFS` is the `pyfuse3.Operations` object: its handlers are its methods, one family of
+requests per module (pyfuse3 calls them on this one object):
 
-Every request inside an image is answered from its backing mount, which is mounted first if
-needed (on the first access, or again after the hold timer unmounted it). Every open file or
-directory handle is counted for the caller's allocation (see state.py).
+    fuse/fs.py           the parts, the connection, names and attributes: lookup, getattr,
+                         readlink, the xattrs, statfs; the gauges of `.metrics`
+    fuse/files.py        open, read, write, release (and the counting of executables)
+    fuse/directories.py  opendir, readdir, releasedir
+    fuse/requests.py     what they share: `fuse_errors` (errors to errnos), the backing mounts
+    fuse/readonly.py     every writing request: EROFS
+
+The parts: the inodes the kernel knows (fuse/inodes.py, which also says how inode numbers are
+made), the open handles (fuse/handles.py), the replayed directory listings (fuse/listings.py),
+the mount root with its control files (fuse/root.py), and what the manager's news does to the
+handles and the kernel's caches (fuse/listener.py). The manager is reached through
+`ImageService` only. Every open file or directory handle is counted for the caller's
+allocation (see core/state.py). The handles of a server before this one are restored by
+server/resume.py.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
-import logging
 import os
 import resource
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
-from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
+from pyfuse3 import FileNameT, InodeT, ModeT, XAttrNameT
 
-from ..core import ledger as kinds
 from ..core import metrics
-from ..core.errors import MountError, errno_of
 from ..core.interfaces import ImageService
-from ..core.ledger import Ledger, SharedLedger, Slot
-from ..core.model import PREFIX_SHIFT, InodePrefixes
-from ..kernel import cache, fusedev, paths
+from ..core.ledger import Ledger, SharedLedger
+from ..core.model import InodePrefixes
+from ..kernel import fusedev, paths
 from .allocation import AllocationResolver
 from .attributes import from_stat, negative_entry
 from .descriptors import DescriptorBudget
-from .handles import (
-    OPEN_FLAGS,
-    DeadHandle,
-    DirHandle,
-    FileHandle,
-    GuardedFileHandle,
-    Handle,
-    HandleTable,
-    ReopenedFileHandle,
-    RootDirHandle,
-)
-from .inodes import CONTROL, METRICS, ROOT, InodeTable, Node, backing_path, child_ino
+from .directories import DirectoryRequests
+from .files import FileRequests
+from .handles import HandleTable
+from .inodes import METRICS, ROOT, InodeTable, Node, child_ino
 from .listener import FsListener
-from .listings import Listing, ListingCache, scan
+from .listings import ListingCache
 from .prefetch import Prefetcher
-from .readonly import ReadOnlyOperations
-from .root import (
-    WRITE_FLAGS,
-    ControlHandle,
-    Gauges,
-    MountRoot,
-)
-from .uses import FRESH, UseScanner
+from .requests import fuse_errors
+from .root import Gauges, MountRoot
+from .uses import UseScanner
 from .workers import Workers
 
-if TYPE_CHECKING:
-    from ..core.model import Mount
-
-log = logging.getLogger(__name__)
-
 NAME_MAX = 255
-FMODE_EXEC = 0o40  # the kernel's __FMODE_EXEC: this open is execve loading a program
-EXEC_SETTLE = (0.05, 0.5)  # when to look at an executing program's allocation again
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 
-def fuse_errors(
-    fn: Callable[Concatenate[UenvFS, P], Coroutine[Any, Any, T]],
-) -> Callable[Concatenate[UenvFS, P], Coroutine[Any, Any, T]]:
-    """Count a handler's requests, and turn every error into the `FUSEError` that pyfuse3
-    expects: the one place where domain errors become errnos."""
-    op = fn.__name__
-
-    @functools.wraps(fn)
-    async def wrapper(self: UenvFS, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        counters = self.metrics
-        counters.requests[op] += 1
-        try:
-            return await fn(self, *args, **kwargs)
-        except pyfuse3.FUSEError as exc:
-            counters.errors[op, errno.errorcode.get(exc.errno, str(exc.errno))] += 1
-            raise
-        except Exception as exc:
-            if isinstance(exc, MountError):
-                log.debug("%s: %s", op, exc)
-            elif not isinstance(exc, OSError):
-                log.exception("%s failed unexpectedly", op)
-            code = errno_of(exc)
-            counters.errors[op, errno.errorcode.get(code, str(code))] += 1
-            raise pyfuse3.FUSEError(code) from exc
-
-    return wrapper
-
-
-class UenvFS(ReadOnlyOperations):
+class UenvFS(FileRequests, DirectoryRequests):
     """Serves the root (image names and control files) and every image by passthrough.
 
-    `listener` is to be handed to the manager (the daemon does): it kills the handles of a
-    force-unmounted image and makes the kernel forget stale names.
+    It makes the parts every family of requests uses (declared by `Requests`). `listener` is to
+    be handed to the manager (the daemon does): it kills the handles of a force-unmounted image
+    and makes the kernel forget stale names.
     """
 
     supports_dot_lookup = False  # no NFS export: the kernel resolves . and .. itself
@@ -126,7 +80,7 @@ class UenvFS(ReadOnlyOperations):
         self.inodes = InodeTable(prefixes)
         self.handles = HandleTable()
         self.listings = ListingCache()
-        self.workers = Workers()  # the worker threads of each image (see guard.py)
+        self.workers = Workers()  # the worker threads of each image (see fuse/workers.py)
         self.prefetcher = Prefetcher()
         self.budget = budget or DescriptorBudget(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self.root = MountRoot(images, self.inodes, self.resolver, self._gauges)
@@ -146,7 +100,7 @@ class UenvFS(ReadOnlyOperations):
 
     def connect(self, live: int, pipe: int) -> None:
         """libfuse starts on *pipe*, which holds the INIT of the connection *live* (see
-        fusedev.py); `init` puts the connection in its place."""
+        kernel/fusedev.py); `init` puts the connection in its place."""
         self._live, self._pipe = live, pipe
 
     def init(self) -> None:
@@ -168,53 +122,13 @@ class UenvFS(ReadOnlyOperations):
                     ledger.mark_initialized()
         self.initialized.set()
 
-    def restore_handles(self, slots: Sequence[Slot]) -> int:
-        """The handles a server before this one opened, again in use with their numbers;
-        those into images counted for their allocations. Returns how many were."""
-        later = []
-        counted = 0
-        for slot in slots:
-            if slot.kind == kinds.DATA:
-                later.append(slot)  # after the counts: they show them
-                continue
-            handle = self._restored(slot)
-            counted += isinstance(handle, (FileHandle, DirHandle))
-            self.handles.restore(slot.fh, handle)
-        for slot in later:
-            self.handles.restore(slot.fh, self.root.data(slot.extra))
-        return counted
-
-    def _restored(self, slot: Slot) -> Handle:
-        if slot.kind == kinds.ROOT_DIR:
-            return RootDirHandle(self.root.entries())
-        if slot.kind == kinds.CONTROL:
-            return ControlHandle(slot.extra2, slot.extra, slot.alloc, self.root)
-        node = self.inodes.get(slot.ino)
-        mount = None if node is None else self.images.mounted(node.image)
-        if (slot.dead or node is None or mount is None or not slot.alloc
-                or (node.prefix and node.prefix != mount.version.prefix)):
-            return DeadHandle()
-        use = self.images.open(node.image, slot.alloc)
-        if slot.kind == kinds.DIR:
-            return DirHandle(node.image, use, node, None)
-        _, path = backing_path(node, mount)
-        return ReopenedFileHandle(node.image, use, node.ino, -1, self.prefetcher, self.budget,
-                                  slot.alloc, path=path, guarded=mount.guarded)
-
-    # -- the backing mounts --------------------------------------------------------------
-
-    async def _backing(self, node: Node) -> tuple[Mount, bytes]:
-        """The mount serving *node* and its path there, mounting the image if needed.
-
-        Hot handlers call `_backing_now(node) or await _backing(node)`: no coroutine is made
-        when the image is mounted (most requests).
-        """
-        return backing_path(node, await self.images.ensure_mounted(node.image))
-
-    def _backing_now(self, node: Node) -> tuple[Mount, bytes] | None:
-        """Like `_backing`, if the image is mounted now; else None."""
-        mount = self.images.mounted(node.image)
-        return None if mount is None else backing_path(node, mount)
+    def close_all(self) -> None:
+        """The FUSE connection is gone: its handles will never be released; drop them."""
+        for fh in list(self.handles):
+            self._release(fh)
+        self.prefetcher.close()
+        self.uses.dev = None  # processes sitting in images no longer use this connection
+        self.images.sitting({})
 
     # -- lookups and attributes ------------------------------------------------------------
 
@@ -270,33 +184,6 @@ class UenvFS(ReadOnlyOperations):
             return from_stat(await self._lstat_waiting(mount, path), inode)
         return from_stat(paths.lstat(path), inode)
 
-    async def _lstat_waiting(self, mount: Mount, path: bytes) -> os.stat_result:
-        """`lstat` on guarded storage: in the loop if the kernel's caches can answer it, else
-        in a worker thread of the image (its storage may hang; see guard.py)."""
-        if len(path) < paths.ROOM:
-            st = cache.lstat_cached(path)
-            if st is not None:
-                return st
-        st = await self.workers.run(mount.name, paths.lstat, path)
-        self._check_still(mount)
-        return st
-
-    async def _on_storage(self, mount: Mount, fn: Callable[..., T], *args: object) -> T:
-        """`fn(*args)` on *mount*'s backing files: at once, or on guarded storage in a worker
-        thread of the image (then ESTALE if the mount changed meanwhile). Not for the hot
-        handlers (lookup, getattr, open, read): they avoid the coroutine when not guarded."""
-        if not mount.guarded:
-            return fn(*args)
-        result = await self.workers.run(mount.name, fn, *args)
-        self._check_still(mount)
-        return result
-
-    def _check_still(self, mount: Mount) -> None:
-        """After waiting for a worker thread: ESTALE if *mount* is no longer the image's (it
-        was unmounted or replaced meanwhile); the kernel looks the path up again."""
-        if self.images.mounted(mount.name) is not mount:
-            raise pyfuse3.FUSEError(errno.ESTALE)
-
     @fuse_errors
     async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileNameT:
         node = self.inodes[inode]
@@ -346,139 +233,7 @@ class UenvFS(ReadOnlyOperations):
         data.f_namemax = 255
         return data
 
-    # -- directories --------------------------------------------------------------------
-
-    @fuse_errors
-    async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
-        if inode == ROOT:
-            return self.handles.add(RootDirHandle(self.root.entries()), ctx.pid)
-        if inode <= METRICS:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        node = self.inodes[inode]
-        if not node.is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        mount, path = self._backing_now(node) or await self._backing(node)
-        prefix = mount.version.prefix
-        entries = self.listings.recall((prefix, node.rel))
-        if entries is None:
-            # Read once per image version: an image never changes, so a listing is replayed
-            # to every later opendir. In a worker thread: a big directory (or slow storage)
-            # must not hold up the requests of every other image.
-            entries = self.listings.add((prefix, node.rel), await self._scan(node, path, prefix))
-            mount, path = self._backing_now(node) or await self._backing(node)
-            if mount.version.prefix != prefix:
-                raise pyfuse3.FUSEError(errno.ESTALE)  # replaced meanwhile: look it up again
-        alloc = self.resolver.resolve(ctx.pid, ctx.uid)
-        # No await from here on: the count is of the mount just checked.
-        use = self.images.open(node.image, alloc)
-        return self.handles.add(DirHandle(node.image, use, node, entries), ctx.pid)
-
-    async def _scan(self, node: Node, path: bytes, prefix: int) -> Listing:
-        """The listing of *node* at *path*, read in a worker thread of the image (an image on
-        hung storage holds its own threads, not all of them)."""
-        return await self.workers.run(node.image, scan, path, node.ino, prefix)
-
-    @fuse_errors
-    async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        handle = self.handles[fh]
-        if isinstance(handle, DirHandle) and handle.entries is None:
-            await self._list_again(handle)
-        entries, parent = handle.listing()
-        add_lookup = self.inodes.add_lookup
-        for index in range(start_id, len(entries)):
-            name, attrs = entries[index]
-            if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
-                break
-            if parent is not None and index >= 2:  # entries 0 and 1 are . and ..
-                # readdirplus makes the kernel know the entry, as a lookup would.
-                add_lookup(attrs.st_ino, parent, attrs.st_ino >> PREFIX_SHIFT, name, attrs.st_mode)
-
-    async def _list_again(self, handle: DirHandle) -> None:
-        """The listing of a directory opened by a server before this one."""
-        node = handle.node
-        mount, path = self._backing_now(node) or await self._backing(node)
-        prefix = mount.version.prefix
-        entries = self.listings.recall((prefix, node.rel))
-        if entries is None:
-            entries = self.listings.add((prefix, node.rel), await self._scan(node, path, prefix))
-        handle.entries = entries
-
-    @fuse_errors
-    async def releasedir(self, fh: FileHandleT) -> None:
-        self._release(fh)
-
-    # -- files --------------------------------------------------------------------------
-
-    @fuse_errors
-    async def open(
-        self, inode: InodeT, flags: FlagT, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.FileInfo:
-        if inode <= METRICS:
-            if inode == ROOT:
-                raise pyfuse3.FUSEError(errno.EISDIR)
-            if inode != CONTROL:
-                await self.uses.refresh(FRESH)  # .status and .metrics count them right
-            control = self.root.open(inode, flags, ctx)
-            return pyfuse3.FileInfo(fh=self.handles.add(control, ctx.pid), direct_io=True)
-        if flags & WRITE_FLAGS:
-            raise pyfuse3.FUSEError(errno.EROFS)
-        node = self.inodes[inode]
-        mount, path = self._backing_now(node) or await self._backing(node)
-        if flags & FMODE_EXEC:
-            alloc, final = self.resolver.resolve_exec(ctx.pid, ctx.uid)
-        else:
-            alloc, final = self.resolver.resolve(ctx.pid, ctx.uid), True
-        self.budget.take(alloc)
-        try:
-            if mount.guarded:
-                fd, size = await self._open_waiting(mount, path)
-            else:
-                fd = paths.open_file(path, OPEN_FLAGS)
-        except BaseException:
-            self.budget.give_back(alloc)
-            raise
-        use = self.images.open(node.image, alloc)
-        if mount.guarded:
-            handle: FileHandle = GuardedFileHandle(node.image, use, inode, fd, self.prefetcher,
-                                                   self.budget, alloc, size=size)
-        else:
-            handle = FileHandle(node.image, use, inode, fd, self.prefetcher, self.budget, alloc)
-        fh = self.handles.add(handle, ctx.pid)
-        if not final:
-            self.images.spawn(self._recount_exec, fh, handle, ctx.pid, ctx.uid,
-                              task=f"exec:{ctx.pid}")
-        # The image cannot change while mounted: keep the page cache across opens.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
-
-    async def _open_waiting(self, mount: Mount, path: bytes) -> tuple[int, int]:
-        """`open` on guarded storage (see `_lstat_waiting`): the fd and the file's size."""
-        fd = cache.open_cached(path, OPEN_FLAGS) if len(path) < paths.ROOM else None
-        if fd is None:
-            fd = await self.workers.run(mount.name, paths.open_file, path, OPEN_FLAGS)
-            if self.images.mounted(mount.name) is not mount:
-                os.close(fd)
-                raise pyfuse3.FUSEError(errno.ESTALE)
-        try:
-            return fd, os.fstat(fd).st_size
-        except BaseException:
-            os.close(fd)
-            raise
-
-    async def _recount_exec(self, fh: int, handle: FileHandle, pid: int, uid: int) -> None:
-        """An executable opened by execve counts for the allocation of the program it became.
-
-        Its environment is readable once the execve is over; look again shortly after.
-        """
-        for delay in EXEC_SETTLE:
-            await trio.sleep(delay)
-            if self.handles.get(fh) is not handle:
-                return  # released already: the program ended
-            alloc, _ = self.resolver.resolve_exec(pid, uid)
-            moved = self.images.transfer(handle.image, handle.use, alloc)
-            if moved is not None:
-                handle.use = moved
-                self.handles.ledger.moved(fh, alloc)
-                return
+    # -- .metrics ----------------------------------------------------------------------
 
     def _gauges(self) -> Gauges:
         """The gauges of `.metrics`: the images' state and the filesystem's own."""
@@ -497,49 +252,6 @@ class UenvFS(ReadOnlyOperations):
         gauges["uenvfs_readahead_windows_total"] = metrics.gauge(self.prefetcher.requests)
         gauges["uenvfs_open_files_refused_total"] = metrics.gauge(self.budget.refused)
         return gauges
-
-    @fuse_errors
-    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
-        handle = self.handles[fh]
-        if handle.waits(off, size):
-            return await handle.read_waiting(self.workers, off, size)
-        return handle.read(off, size)
-
-    @fuse_errors
-    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
-        return await self.handles[fh].write(buf)
-
-    @fuse_errors
-    async def release(self, fh: FileHandleT) -> None:
-        self._release(fh)
-
-    def _release(self, fh: int) -> None:
-        handle = self.handles.release(fh)
-        if handle is not None:
-            handle.release(self.images)
-
-    def close_all(self) -> None:
-        """The FUSE connection is gone: its handles will never be released; drop them."""
-        for fh in list(self.handles):
-            self._release(fh)
-        self.prefetcher.close()
-        self.uses.dev = None  # processes sitting in images no longer use this connection
-        self.images.sitting({})
-
-    @fuse_errors
-    async def setattr(
-        self,
-        inode: InodeT,
-        attr: pyfuse3.EntryAttributes,
-        fields: pyfuse3.SetattrFields,
-        fh: FileHandleT | None,
-        ctx: pyfuse3.RequestContext,
-    ) -> pyfuse3.EntryAttributes:
-        if inode == CONTROL and attr.st_size == 0 and fields.update_size and not (
-            fields.update_mode or fields.update_uid or fields.update_gid
-        ):
-            return self.root.attrs(inode)  # `echo cmd > .control` truncates first
-        raise pyfuse3.FUSEError(errno.EROFS)
 
 
 def _getxattr(path: bytes, name: bytes) -> bytes:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pyfuse3
 import trio
 from pyfuse3 import FileHandleT
 
-from ..core import ledger as kinds
 from ..core.interfaces import ImageService
-from ..core.ledger import Ledger
+from ..core.ledger import HandleKind, Ledger
 from ..core.state import Use
 from ..kernel import paths
 from ..kernel.cache import is_cached
@@ -29,16 +29,17 @@ from .workers import Workers
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-Entry = tuple[int, int, str, int, int]
-
-
 class Handle:
     """An open file or directory of the filesystem. The base kind can do nothing (EBADF)."""
 
     __slots__ = ()
+    # What the ledger keeps it as. A class attribute: in Python 3.11 `HandleKind.FILE` is a
+    # slow look-up (the enum's metaclass hooks attribute access), and `add` is on every open.
+    kind: ClassVar[HandleKind]
 
-    def entry(self) -> Entry:
-        """What the ledger keeps of this handle: kind, node id, allocation, two numbers."""
+    def opened_in(self, ledger: Ledger, pid: int) -> int:
+        """Record this new handle, opened by process *pid*, in *ledger* (what it keeps of each
+        kind: `HandleKind`); returns the number the ledger gives it."""
         raise NotImplementedError
 
     def read(self, off: int, size: int) -> bytes:
@@ -92,9 +93,10 @@ class FileHandle(ImageHandle):
     dead: bool = False
     readahead: Readahead | None = None  # made on the first read
     reading: int = 0  # reads of `fd` under way in worker threads
+    kind: ClassVar[HandleKind] = HandleKind.FILE
 
-    def entry(self) -> Entry:
-        return kinds.FILE, self.ino, self.owner, 0, 0
+    def opened_in(self, ledger: Ledger, pid: int) -> int:
+        return ledger.opened(self.kind, self.ino, self.owner, pid)
 
     def read(self, off: int, size: int) -> bytes:
         if self.dead:
@@ -142,8 +144,8 @@ class FileHandle(ImageHandle):
 
 @dataclass(eq=False, slots=True)
 class GuardedFileHandle(FileHandle):
-    """An open file of an image on guarded storage (see guard.py): a read that would wait for
-    the storage is made in one of the image's worker threads."""
+    """An open file of an image on guarded storage (see fuse/workers.py): a read that would
+    wait for the storage is made in one of the image's worker threads."""
 
     size: int = 0  # the file's size: an image never changes
 
@@ -168,7 +170,7 @@ class GuardedFileHandle(FileHandle):
 
 @dataclass(eq=False, slots=True)
 class ReopenedFileHandle(GuardedFileHandle):
-    """A file that a server before this one opened (see ledger.py): its backing file is
+    """A file that a server before this one opened (see core/ledger.py): its backing file is
     opened again at its first read, in a worker thread of the image; reads then go as for any
     file of its mount (*guarded*: those that would wait, in worker threads)."""
 
@@ -215,10 +217,7 @@ class ReopenedFileHandle(GuardedFileHandle):
 @dataclass(eq=False, slots=True)
 class DeadHandle(Handle):
     """A handle of a server before this one that can no longer be served (its image was
-    force-unmounted, or its mount is gone): EIO."""
-
-    def entry(self) -> Entry:
-        return kinds.FILE, 0, "", 0, 0
+    force-unmounted, or its mount is gone): EIO. Only restored, never added."""
 
     def read(self, off: int, size: int) -> bytes:
         raise pyfuse3.FUSEError(errno.EIO)
@@ -237,9 +236,10 @@ class DirHandle(ImageHandle):
     node: Node
     entries: Listing | None  # None: to be listed again (opened by a server before this one)
     dead: bool = False  # the image was force-unmounted
+    kind: ClassVar[HandleKind] = HandleKind.DIR
 
-    def entry(self) -> Entry:
-        return kinds.DIR, self.node.ino, self.use.alloc, 0, 0
+    def opened_in(self, ledger: Ledger, pid: int) -> int:
+        return ledger.opened(self.kind, self.node.ino, self.use.alloc, pid)
 
     def listing(self) -> tuple[Listing, Node | None]:
         if self.dead or self.entries is None:
@@ -256,9 +256,10 @@ class RootDirHandle(Handle):
     """The open mount root: image names and control files, as listed at opendir."""
 
     entries: Listing
+    kind: ClassVar[HandleKind] = HandleKind.ROOT_DIR
 
-    def entry(self) -> Entry:
-        return kinds.ROOT_DIR, 0, "", 0, 0
+    def opened_in(self, ledger: Ledger, pid: int) -> int:
+        return ledger.opened(self.kind, 0, "", pid)
 
     def listing(self) -> tuple[Listing, Node | None]:
         return self.entries, None
@@ -273,7 +274,7 @@ class HandleTable(dict[int, Handle]):
         self.ledger = Ledger()  # numbers from 1 up; the server gives it the shared one
         # The handle added last: the handler that added it returns at once, and pyfuse3
         # writes its answer in the same step, so it is the kernel's once another handle is
-        # added or released (until then the ledger has it as pending; see ledger.py).
+        # added or released (until then the ledger has it as pending; see core/ledger.py).
         self._last = 0
 
     def __missing__(self, fh: int) -> Handle:
@@ -283,8 +284,7 @@ class HandleTable(dict[int, Handle]):
         """Number *handle* (opened by process *pid*), to be answered at once."""
         if self._last:
             self.ledger.confirm(self._last)
-        kind, ino, alloc, extra, extra2 = handle.entry()
-        fh = self._last = self.ledger.opened(kind, ino, alloc, extra, extra2 or pid)
+        fh = self._last = handle.opened_in(self.ledger, pid)
         self[fh] = handle
         return FileHandleT(fh)
 

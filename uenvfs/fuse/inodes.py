@@ -26,9 +26,9 @@ from pyfuse3 import InodeT
 
 from ..core.ledger import (
     NO_LEDGER,
-    Found,
+    Contents,
     Ledger,
-    Record,
+    LogRecord,
     image_dir_record,
     node_record,
 )
@@ -116,7 +116,7 @@ class InodeTable(dict[int, Node]):
             self.ledger.node(ino, node.rel, node.is_dir)
         node.lookups += 1
 
-    def records(self) -> Iterator[Record]:
+    def records(self) -> Iterator[LogRecord]:
         """The ledger's records of every node and image directory the kernel may ask about."""
         for name, ino in self.image_inos.items():
             yield image_dir_record(ino >> PREFIX_SHIFT, name)
@@ -124,14 +124,14 @@ class InodeTable(dict[int, Node]):
             if node.prefix:
                 yield node_record(node.ino, node.rel, node.is_dir)
 
-    def restore(self, found: Found) -> None:
-        """The nodes a server before this one gave the kernel (see ledger.py). Their lookup
-        counts are not known: they stay for this server's life."""
-        for name, prefix in found.image_dirs.items():
+    def restore(self, contents: Contents) -> None:
+        """The nodes a server before this one gave the kernel (see core/ledger.py). Their
+        lookup counts are not known: they stay for this server's life."""
+        for name, prefix in contents.image_dirs.items():
             ino = self.image_inos[name] = prefix << PREFIX_SHIFT
             self[ino] = Node(ino, name, 0, b"")
-        for ino, (rel, is_dir) in found.nodes.items():
-            version = found.versions.get(ino >> PREFIX_SHIFT)
+        for ino, (rel, is_dir) in contents.nodes.items():
+            version = contents.versions.get(ino >> PREFIX_SHIFT)
             if version is not None:
                 self[ino] = Node(ino, version[0], ino >> PREFIX_SHIFT, rel, is_dir, RESTORED)
 

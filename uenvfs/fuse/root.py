@@ -10,19 +10,20 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pyfuse3
 
 from ..core import control, metrics
-from ..core import ledger as kinds
 from ..core.errors import CommandError
 from ..core.interfaces import ImageService
+from ..core.ledger import HandleKind, Ledger
 from ..core.metrics import Labels
 from ..core.names import valid_name
 from ..core.status import render_status
 from .allocation import AllocationResolver
 from .attributes import KERNEL_CACHE_SECONDS, from_stat, synthetic
-from .handles import Entry, Handle
+from .handles import Handle
 from .inodes import (
     CONTROL,
     METRICS,
@@ -46,9 +47,10 @@ class DataHandle(Handle):
 
     ino: int  # STATUS or METRICS
     data: bytes
+    kind: ClassVar[HandleKind] = HandleKind.DATA
 
-    def entry(self) -> Entry:
-        return kinds.DATA, 0, "", self.ino, 0
+    def opened_in(self, ledger: Ledger, pid: int) -> int:
+        return ledger.opened(self.kind, 0, "", pid, data_ino=self.ino)
 
     def read(self, off: int, size: int) -> bytes:
         return self.data[off : off + size]
@@ -62,9 +64,10 @@ class ControlHandle(Handle):
     uid: int
     alloc: str
     root: MountRoot
+    kind: ClassVar[HandleKind] = HandleKind.CONTROL
 
-    def entry(self) -> Entry:
-        return kinds.CONTROL, 0, self.alloc, self.uid, self.pid
+    def opened_in(self, ledger: Ledger, pid: int) -> int:
+        return ledger.opened(self.kind, 0, self.alloc, pid, uid=self.uid)
 
     async def write(self, data: bytes) -> int:
         await self.root.control(self, data)

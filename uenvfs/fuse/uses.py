@@ -43,8 +43,8 @@ SCAN_TIMEOUT = 30.0  # seconds a scan may take before it is given up
 SETTLE = 0.2  # seconds between the two scans of `verify` (a close reaches us just after)
 FILE_KINDS = frozenset({"fd", "map", "exe"})
 
-# image -> allocation -> kind -> the pids holding it that way
-Found = dict[str, dict[str, dict[str, set[int]]]]
+# What the processes hold: image -> allocation -> kind -> the pids holding it that way
+Holdings = dict[str, dict[str, dict[str, set[int]]]]
 
 
 def rescan_every(hold_time: float) -> float:
@@ -100,7 +100,7 @@ class UseScanner:
             self.scans += 1
             self.scan_seconds = time.monotonic() - started
             counts = {image: {alloc: len(kinds["cwd"]) for alloc, kinds in users.items()}
-                      for image, users in self.found(holds).items()}
+                      for image, users in self.holdings(holds).items()}
             self._sitting = self.images.sitting(counts)
 
     async def _scan(self, kinds: Iterable[str]) -> list[Hold] | None:
@@ -116,17 +116,17 @@ class UseScanner:
         log.warning("a scan of the processes took over %g s; given up", SCAN_TIMEOUT)
         return None
 
-    def found(self, holds: Iterable[Hold]) -> Found:
+    def holdings(self, holds: Iterable[Hold]) -> Holdings:
         """The holds by image, allocation and kind (`root` counts as `cwd`)."""
-        found: Found = defaultdict(lambda: defaultdict(lambda: defaultdict(set)))
+        holdings: Holdings = defaultdict(lambda: defaultdict(lambda: defaultdict(set)))
         for hold in holds:
             node = self.inodes.get(hold.ino)
             if node is None or hold.uid < 0:
                 continue  # not an inode of an image the kernel knows, or the process is gone
             alloc = self.resolver.resolve(hold.tid, hold.uid)
             kind = "cwd" if hold.kind in procscan.CWD_KINDS else hold.kind
-            found[node.image][alloc][kind].add(hold.pid)
-        return found
+            holdings[node.image][alloc][kind].add(hold.pid)
+        return holdings
 
     async def verify(self) -> list[str]:
         """What differs between the daemon's counts and a full scan of the processes, as
@@ -147,10 +147,11 @@ class UseScanner:
         holds = await self._scan(procscan.ALL_KINDS)
         if holds is None:
             return {("", "", "scan"): "the scan of the processes gave no answer"}
-        return compare(self.images.status()["mounts"], self.found(holds))
+        return compare(self.images.status()["mounts"], self.holdings(holds))
 
 
-def compare(mounts: Iterable[Mapping[str, Any]], found: Found) -> dict[tuple[str, str, str], str]:
+def compare(mounts: Iterable[Mapping[str, Any]],
+            holdings: Holdings) -> dict[tuple[str, str, str], str]:
     """The differences between the `.status` entries of mounted images and what the
     processes hold, keyed by (image, allocation, what)."""
     differences: dict[tuple[str, str, str], str] = {}
@@ -159,7 +160,7 @@ def compare(mounts: Iterable[Mapping[str, Any]], found: Found) -> dict[tuple[str
             continue
         name = mount["name"]
         counted: Mapping[str, Mapping[str, Any]] = mount["allocations"]
-        held = found.get(name, {})
+        held = holdings.get(name, {})
         for alloc in sorted(set(counted) | set(held)):
             use = counted.get(alloc, {"opens": 0, "cwd": 0})
             kinds = held.get(alloc, {})

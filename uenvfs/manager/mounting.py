@@ -26,7 +26,7 @@ from ..core.errors import (
 from ..core.ledger import (
     NO_LEDGER,
     Ledger,
-    Record,
+    LogRecord,
     version_record,
 )
 from ..core.metrics import Metrics
@@ -151,7 +151,7 @@ class Mounter:
         for name, version in self._versions.items():
             self._record(name, version)
 
-    def records(self) -> Iterator[Record]:
+    def records(self) -> Iterator[LogRecord]:
         """The ledger's records of the last version of every image."""
         for name, v in self._versions.items():
             yield version_record(v.prefix, name, v.identity, v.validated)

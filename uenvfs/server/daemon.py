@@ -207,7 +207,7 @@ async def run(config: Config, link: Link, resume: Resume | None,
     if resume is not None and resume.standby:
         # Started by `restart`: everything is ready; the old server stops, then we go on.
         handed = read_handed(await link.wait_go())
-    found: ledger_mod.Found | None = None
+    found: ledger_mod.Contents | None = None
     if resume is None:
         lock = lock_state_dir(config.state_dir, os.getppid())  # the keeper's pid
         await clear_stale_mount(config)
