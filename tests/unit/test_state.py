@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import pathlib
-
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
