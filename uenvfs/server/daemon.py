@@ -9,7 +9,6 @@ backing mount; a mount still in use stays for the next daemon to adopt.
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import logging
 import os
@@ -240,7 +239,6 @@ async def run(config: Config, link: Link, resume: Resume | None,
     manager.metrics.started = server.started  # process_start_time_seconds, as in .status
     manager.mounter.attach(ledger)
     fs.attach(ledger)
-    ledger.live = lambda: itertools.chain(fs.inodes.records(), manager.mounter.records())
     if found is not None:
         restore_handles(fs, found, ledger, config.mountpoint)
     if handed is not None:
@@ -263,13 +261,13 @@ async def run(config: Config, link: Link, resume: Resume | None,
             await nursery.start(manager.run)
             serving = trio.CancelScope()
             handing_over = trio.Event()
-            link.on_handover = lambda: nursery.start_soon(_drain, serving, handing_over)
-            link.on_restart_failed = functools.partial(_restart_failed, server)
             nursery.start_soon(_signals, manager, serving, name="signals")
             if resume is None:
                 nursery.start_soon(_tune_after_init, fs, config, name="readahead")
             nursery.start_soon(fs.uses.run, name="uses")
-            nursery.start_soon(link.watch, name="keeper")
+            nursery.start_soon(link.watch,
+                               lambda: nursery.start_soon(_drain, serving, handing_over),
+                               functools.partial(_restart_failed, server), name="keeper")
             nursery.start_soon(_ready_after_init, fs, manager, link, resume is not None,
                                name="ready")
             nursery.start_soon(_report, fs, manager, link, name="report")
