@@ -3,7 +3,8 @@
 The parts: the inodes the kernel knows (inodes.py, which also says how inode numbers are
 made), the open handles (handles.py), the replayed directory listings (listings.py), the
 mount root with its control files (root.py), and what the manager's news does to the handles
-and the kernel's caches (listener.py). The manager is reached through `ImageService` only.
+and the kernel's caches (listener.py). The manager is reached through `ImageService` only, the
+commands of `.control` through `CommandService`.
 
 Every request inside an image is answered from its backing mount, which is mounted first if
 needed (on the first access, or again after the hold timer unmounted it). Every open file or
@@ -28,7 +29,7 @@ from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, XAttrNameT
 from ..core import ledger as kinds
 from ..core import metrics
 from ..core.errors import MountError, errno_of
-from ..core.interfaces import ImageService
+from ..core.interfaces import CommandService, ImageService
 from ..core.ledger import Ledger, SharedLedger, Slot
 from ..core.model import PREFIX_SHIFT, InodePrefixes
 from ..kernel import cache, fusedev, paths
@@ -104,8 +105,8 @@ def fuse_errors(
 class UenvFS(ReadOnlyOperations):
     """Serves the root (image names and control files) and every image by passthrough.
 
-    `listener` is to be handed to the manager (the daemon does): it kills the handles of a
-    force-unmounted image and makes the kernel forget stale names.
+    `listener` is to be handed to the manager (the daemon does, `Manager.listen`): it kills the
+    handles of a force-unmounted image and makes the kernel forget stale names.
     """
 
     supports_dot_lookup = False  # no NFS export: the kernel resolves . and .. itself
@@ -114,10 +115,12 @@ class UenvFS(ReadOnlyOperations):
     def __init__(
         self,
         images: ImageService,
+        commands: CommandService,
         prefixes: InodePrefixes,
         resolver: AllocationResolver | None = None,
         budget: DescriptorBudget | None = None,
         mountpoint: Path | None = None,
+        hold_time: Callable[[], float] = lambda: 60.0,
     ) -> None:
         super().__init__()
         self.images = images
@@ -129,9 +132,11 @@ class UenvFS(ReadOnlyOperations):
         self.workers = Workers()  # the worker threads of each image (see guard.py)
         self.prefetcher = Prefetcher()
         self.budget = budget or DescriptorBudget(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-        self.root = MountRoot(images, self.inodes, self.resolver, self._gauges)
-        # Processes sitting in images (none counted without a mountpoint to scan for).
-        self.uses = UseScanner(mountpoint or Path(), self.inodes, self.resolver, images)
+        self.root = MountRoot(images, commands, self.inodes, self.resolver, self._gauges)
+        # Processes sitting in images (none counted without a mountpoint to scan for); they
+        # are scanned for more often the shorter the global hold time (*hold_time*).
+        self.uses = UseScanner(mountpoint or Path(), self.inodes, self.resolver, images,
+                               hold_time)
         self.listener = FsListener(images, self.handles, self.uses)
         self.initialized = trio.Event()  # set once the kernel's INIT request was answered
         self._live = self._pipe = -1  # the connection, and the pipe libfuse starts on
