@@ -23,9 +23,9 @@ from uenvfs.core.model import InodePrefixes
 from uenvfs.fuse.fs import UenvFS
 from uenvfs.fuse.inodes import ROOT
 from uenvfs.image.catalog import Catalog
-from uenvfs.manager.manager import Manager
 
 from ..fakes import FakeBackend
+from ..parts import make_parts
 
 
 @dataclass
@@ -65,12 +65,11 @@ async def fs(tmp_path: Path) -> AsyncIterator[UenvFS]:
     catalog.refresh()
     config = Config(images=(images,), state_dir=tmp_path / "state", validate=False)
     prefixes = InodePrefixes()
-    manager = Manager(config, DirBackend({"img": tree}), catalog, threads=False,
-                      prefixes=prefixes)
+    parts = make_parts(config, DirBackend({"img": tree}), catalog, prefixes)
     async with trio.open_nursery() as nursery:
-        await nursery.start(manager.run)
-        fs = UenvFS(manager, prefixes)
-        manager.listener = fs.listener
+        await nursery.start(parts.manager.run)
+        fs = UenvFS(parts.images, parts.executor, prefixes)
+        parts.manager.listen(fs.listener)
         yield fs
         nursery.cancel_scope.cancel()
 

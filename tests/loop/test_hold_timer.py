@@ -9,6 +9,7 @@ import pytest
 import trio
 import trio.testing
 
+from uenvfs.core.settings import Settings
 from uenvfs.core.state import Image, Phase, Registry
 from uenvfs.manager.hold_timer import HoldTimer
 
@@ -16,7 +17,7 @@ from uenvfs.manager.hold_timer import HoldTimer
 @pytest.fixture
 async def timer() -> AsyncIterator[tuple[HoldTimer, list[str]]]:
     unmounted: list[str] = []
-    timer = HoldTimer(Registry(hold_time=10.0), unmounted.append)
+    timer = HoldTimer(Registry(Settings(10.0)), unmounted.append)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(timer.run)
         await trio.testing.wait_all_tasks_blocked()
@@ -74,7 +75,7 @@ async def test_wakes_only_for_a_sooner_deadline(
     mount(hold, "b")  # runs out after "a": the timer sleeps on
     await trio.testing.wait_all_tasks_blocked()
     assert hold.sleeping_until == pytest.approx(trio.current_time() + 5)
-    hold.registry["b"].hold_time = 1
+    hold.registry.settings.set_hold_time(1, "b")
     hold.wake()  # a hold time shrank
     await trio.sleep(1.1)
     assert unmounted == ["b"]
@@ -88,7 +89,7 @@ async def test_global_hold_time_change_applies_to_running_timers(
     hold, unmounted = timer
     mount(hold, "a")
     await trio.sleep(3)
-    hold.registry.hold_time = 2
+    hold.registry.settings.set_hold_time(2)
     hold.wake()
     await trio.sleep(0.01)
     assert unmounted == ["a"]

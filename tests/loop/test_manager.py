@@ -20,10 +20,11 @@ from uenvfs.manager.executor import HANDLERS
 from uenvfs.manager.manager import Manager
 
 from ..fakes import FakeBackend
+from ..parts import Parts, make_parts
 
 
 @pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[tuple[Manager, FakeBackend]]:
+async def env(tmp_path: Path) -> AsyncIterator[tuple[Parts, FakeBackend]]:
     images = tmp_path / "images"
     images.mkdir()
     for name in ("a", "b", "broken"):
@@ -34,11 +35,11 @@ async def env(tmp_path: Path) -> AsyncIterator[tuple[Manager, FakeBackend]]:
     catalog.refresh()
     config = Config(images=(images,), state_dir=tmp_path / "state", hold_time=60.0,
                     validate=False)
-    manager = Manager(config, backend, catalog, threads=False)
+    parts = make_parts(config, backend, catalog)
     async with trio.open_nursery() as nursery:
-        await nursery.start(manager.run)
-        yield manager, backend
-        check_mounts(manager)
+        await nursery.start(parts.manager.run)
+        yield parts, backend
+        check_mounts(parts.manager)
         nursery.cancel_scope.cancel()
 
 
@@ -49,23 +50,24 @@ def check_mounts(manager: Manager) -> None:
     assert set(manager._unmounting) == {i.name for i in images if i.phase is Phase.UNMOUNTING}
 
 
-async def run(manager: Manager, line: str) -> str:
-    return await manager.execute(parse_line(line))
+async def run(parts: Parts, line: str) -> str:
+    return await parts.executor.execute(parse_line(line))
 
 
 async def test_hold_timer_unmounts_after_the_hold_time(
-    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+    env: tuple[Parts, FakeBackend], autojump_clock: trio.testing.MockClock
 ) -> None:
-    manager, backend = env
-    await run(manager, "acquire a alloc-1")
+    parts, backend = env
+    manager = parts.manager
+    await run(parts, "acquire a alloc-1")
     assert manager.registry["a"].phase is Phase.MOUNTED
     await trio.sleep(3600)
     assert manager.registry["a"].phase is Phase.MOUNTED  # in use: no timer
-    await run(manager, "release alloc-1")
+    await run(parts, "release alloc-1")
     released = trio.current_time()
     await trio.sleep(59.9)
     assert manager.registry["a"].phase is Phase.HOLDING
-    status = manager.status()["mounts"]
+    status = parts.images.status()["mounts"]
     assert status[0]["hold_remaining"] == pytest.approx(0.1, abs=0.01)
     await trio.sleep(0.2)
     assert manager.registry["a"].phase is Phase.UNMOUNTED
@@ -74,15 +76,16 @@ async def test_hold_timer_unmounts_after_the_hold_time(
 
 
 async def test_new_use_cancels_the_timer(
-    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+    env: tuple[Parts, FakeBackend], autojump_clock: trio.testing.MockClock
 ) -> None:
-    manager, backend = env
+    parts, backend = env
+    manager = parts.manager
     await manager.ensure_mounted("a")  # a lookup: mounted, idle, timer runs
     await trio.sleep(50)
-    use = manager.open("a", "alloc-1")
+    use = parts.images.open("a", "alloc-1")
     await trio.sleep(100)
     assert manager.registry["a"].phase is Phase.MOUNTED
-    manager.close("a", use)
+    parts.images.close("a", use)
     await trio.sleep(59)
     assert backend.count("unmount") == 0
     await trio.sleep(2)
@@ -90,9 +93,10 @@ async def test_new_use_cancels_the_timer(
 
 
 async def test_concurrent_first_accesses_mount_once(
-    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+    env: tuple[Parts, FakeBackend], autojump_clock: trio.testing.MockClock
 ) -> None:
-    manager, backend = env
+    parts, backend = env
+    manager = parts.manager
     backend.delay = 1.0
     mounts = []
 
@@ -107,9 +111,10 @@ async def test_concurrent_first_accesses_mount_once(
 
 
 async def test_cancelled_caller_leaves_no_half_mount(
-    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+    env: tuple[Parts, FakeBackend], autojump_clock: trio.testing.MockClock
 ) -> None:
-    manager, backend = env
+    parts, backend = env
+    manager = parts.manager
     backend.delay = 5.0
     with trio.move_on_after(1):
         await manager.ensure_mounted("a")
@@ -120,14 +125,15 @@ async def test_cancelled_caller_leaves_no_half_mount(
 
 
 async def test_failed_mount_is_negatively_cached(
-    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+    env: tuple[Parts, FakeBackend], autojump_clock: trio.testing.MockClock
 ) -> None:
-    manager, backend = env
+    parts, backend = env
+    manager = parts.manager
     for _ in range(100):
         with pytest.raises(MountFailed, match="bad magic"):
             await manager.ensure_mounted("broken")
     assert backend.count("mount") == 1
-    doc = manager.status()["mounts"][0]
+    doc = parts.images.status()["mounts"][0]
     assert doc["state"] == "failed"
     assert "bad magic" in doc["error"]
     await trio.sleep(10)
@@ -137,39 +143,42 @@ async def test_failed_mount_is_negatively_cached(
 
 
 async def test_hold_time_change_applies_to_running_timers(
-    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+    env: tuple[Parts, FakeBackend], autojump_clock: trio.testing.MockClock
 ) -> None:
-    manager, _ = env
+    parts, _ = env
+    manager = parts.manager
     await manager.ensure_mounted("a")
     await manager.ensure_mounted("b")
-    await run(manager, "hold-time 5 a")
+    await run(parts, "hold-time 5 a")
     await trio.sleep(6)
     assert manager.registry["a"].phase is Phase.UNMOUNTED
     assert manager.registry["b"].phase is Phase.HOLDING
-    await run(manager, "hold-time 1")
+    await run(parts, "hold-time 1")
     await trio.sleep(0.1)
     assert manager.registry["b"].phase is Phase.UNMOUNTED
 
 
 async def test_expire_unmounts_idle_images_only(
-    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+    env: tuple[Parts, FakeBackend], autojump_clock: trio.testing.MockClock
 ) -> None:
-    manager, _ = env
-    await run(manager, "acquire a alloc-1")
+    parts, _ = env
+    manager = parts.manager
+    await run(parts, "acquire a alloc-1")
     await manager.ensure_mounted("b")
-    assert await run(manager, "expire") == "expired 1 images"
+    assert await run(parts, "expire") == "expired 1 images"
     assert manager.registry["b"].phase is Phase.UNMOUNTED
     assert manager.registry["a"].phase is Phase.MOUNTED
     with pytest.raises(CommandError) as info:
-        await run(manager, "expire a")
+        await run(parts, "expire a")
     assert info.value.errno == errno.EPERM
-    assert await run(manager, "expire b") == "expired 0 images"
+    assert await run(parts, "expire b") == "expired 0 images"
 
 
 async def test_errors_of_commands(
-    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+    env: tuple[Parts, FakeBackend], autojump_clock: trio.testing.MockClock
 ) -> None:
-    manager, _ = env
+    parts, _ = env
+    manager = parts.manager
     cases = {
         "acquire nosuch alloc-1": errno.ENOENT,
         "acquire broken alloc-1": errno.EIO,
@@ -181,30 +190,31 @@ async def test_errors_of_commands(
     }
     for line, code in cases.items():
         with pytest.raises(CommandError) as info:
-            await run(manager, line)
+            await run(parts, line)
         assert info.value.errno == code, line
     assert manager.registry.allocations() == set()
 
 
 async def test_force_unmount_in_emergency(
-    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+    env: tuple[Parts, FakeBackend], autojump_clock: trio.testing.MockClock
 ) -> None:
-    manager, backend = env
+    parts, backend = env
+    manager = parts.manager
     killed: list[str] = []
 
     class Listener(NoListener):
         async def force_unmounted(self, name: str) -> None:
             killed.append(name)
 
-    manager.listener = Listener()
-    await run(manager, "acquire a alloc-1")
-    manager.open("a", "alloc-2")
-    await run(manager, "emergency on")
-    assert manager.status()["emergency"] is True
-    await run(manager, "force-unmount a")
+    manager.listen(Listener())
+    await run(parts, "acquire a alloc-1")
+    parts.images.open("a", "alloc-2")
+    await run(parts, "emergency on")
+    assert parts.images.status()["emergency"] is True
+    await run(parts, "force-unmount a")
     assert killed == ["a"]
     assert backend.table == {}
-    doc = manager.status()["mounts"][0]
+    doc = parts.images.status()["mounts"][0]
     assert (doc["state"], doc["error"], doc["refcount"]) == ("failed", "force-unmounted", 0)
     await manager.ensure_mounted("a")  # used again: mounts at once, no negative cache
     assert manager.registry["a"].phase is Phase.HOLDING
@@ -212,24 +222,26 @@ async def test_force_unmount_in_emergency(
 
 
 async def test_busy_unmount_falls_back_to_lazy(
-    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+    env: tuple[Parts, FakeBackend], autojump_clock: trio.testing.MockClock
 ) -> None:
-    manager, backend = env
+    parts, backend = env
+    manager = parts.manager
     mount = await manager.ensure_mounted("a")
     backend.busy.add(mount.backing)
-    await run(manager, "expire")
+    await run(parts, "expire")
     assert backend.calls[-2:] == [("unmount", "a"), ("unmount-lazy", "a")]
     assert manager.registry["a"].phase is Phase.UNMOUNTED
 
 
 async def test_reconcile_keeps_only_live_allocations(
-    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+    env: tuple[Parts, FakeBackend], autojump_clock: trio.testing.MockClock
 ) -> None:
-    manager, _ = env
-    await run(manager, "acquire a alloc-1")
-    await run(manager, "acquire a alloc-2")
-    await run(manager, "acquire b alloc-3")
-    await run(manager, "reconcile alloc-2")
+    parts, _ = env
+    manager = parts.manager
+    await run(parts, "acquire a alloc-1")
+    await run(parts, "acquire a alloc-2")
+    await run(parts, "acquire b alloc-3")
+    await run(parts, "reconcile alloc-2")
     assert manager.registry.allocations() == {"alloc-2"}
     assert manager.registry["b"].phase is Phase.HOLDING
 
@@ -239,36 +251,38 @@ def test_every_command_has_a_handler() -> None:
 
 
 async def test_an_image_being_unmounted_no_longer_serves(
-    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+    env: tuple[Parts, FakeBackend], autojump_clock: trio.testing.MockClock
 ) -> None:
-    manager, backend = env
+    parts, backend = env
+    manager = parts.manager
     backend.delay = 1.0
     mount = await manager.ensure_mounted("a")
-    assert manager.mounted("a") is mount
+    assert parts.images.mounted("a") is mount
     async with trio.open_nursery() as nursery:
         nursery.start_soon(manager.expire_idle)
         await trio.sleep(0.5)
         assert manager.registry["a"].phase is Phase.UNMOUNTING
-        assert manager.mounted("a") is None
+        assert parts.images.mounted("a") is None
         check_mounts(manager)
-        assert "a" in manager.journal_state().mounts  # still mounted until detached
-        assert manager.status()["mounts"][0]["mounted_at"] is not None
-    assert manager.mounted("a") is None
-    assert "a" not in manager.journal_state().mounts
+        assert "a" in manager.journal.snapshot().mounts  # still mounted until detached
+        assert parts.images.status()["mounts"][0]["mounted_at"] is not None
+    assert parts.images.mounted("a") is None
+    assert "a" not in manager.journal.snapshot().mounts
 
 
 async def test_failed_unmount_serves_again_and_is_retried(
-    env: tuple[Manager, FakeBackend], autojump_clock: trio.testing.MockClock
+    env: tuple[Parts, FakeBackend], autojump_clock: trio.testing.MockClock
 ) -> None:
-    manager, backend = env
+    parts, backend = env
+    manager = parts.manager
     mount = await manager.ensure_mounted("a")
     backend.stuck.add(mount.backing)
-    assert await run(manager, "expire") == "expired 1 images"
+    assert await run(parts, "expire") == "expired 1 images"
     assert manager.registry["a"].phase is Phase.HOLDING
     assert "operation not permitted" in (manager.registry["a"].error or "")
-    assert manager.mounted("a") is mount
+    assert parts.images.mounted("a") is mount
     check_mounts(manager)
     backend.stuck.clear()
     await trio.sleep(60.1)  # the hold timer retries
     assert manager.registry["a"].phase is Phase.UNMOUNTED
-    assert manager.mounted("a") is None
+    assert parts.images.mounted("a") is None

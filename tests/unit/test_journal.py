@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from uenvfs.core.settings import SettingsRecord
 from uenvfs.kernel import mountinfo
 from uenvfs.manager import journal
 from uenvfs.manager.journal import Journal, JournalError, MountRecord
@@ -27,13 +28,15 @@ def test_roundtrip(tmp_path: Path) -> None:
 
 def test_settings_roundtrip_and_an_older_journal_has_none(tmp_path: Path) -> None:
     path = tmp_path / "journal.json"
-    data = Journal({"a": RECORD}, hold_time=5.0, hold_time_configured=60.0,
-                   hold_times={"a": 600.0, "b": 0.0}, emergency=True)
+    data = Journal({"a": RECORD}, SettingsRecord(hold_time=5.0, hold_time_configured=60.0,
+                                                 hold_times={"a": 600.0, "b": 0.0},
+                                                 emergency=True))
     journal.save(path, data)
     assert journal.load(path) == data
     older = b'{"version": 1, "mounts": {}}'  # written before the settings were journaled
     assert journal.parse(older) == Journal()
-    assert (journal.parse(older).hold_time, journal.parse(older).emergency) == (None, False)
+    settings = journal.parse(older).settings
+    assert (settings.hold_time, settings.emergency) == (None, False)
 
 
 @pytest.mark.parametrize(

@@ -131,8 +131,8 @@ def test_a_full_log_keeps_what_is_live(written: SharedLedger,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ledger, "LOG", 4096)
     live = {(1 << 44) | i: b"live/%d" % i for i in range(5)}
-    written.live = lambda: [image_dir_record(1, "img"),
-                            *(node_record(ino, rel, False) for ino, rel in live.items())]
+    written.keep(lambda: [image_dir_record(1, "img"),
+                          *(node_record(ino, rel, False) for ino, rel in live.items())])
     written.image_dir(1, "img")
     fh = written.opened(HandleKind.FILE, 1 << 44, "job-1")
     for i in range(400):  # nodes the kernel forgot long ago: dropped at the compaction
@@ -149,7 +149,7 @@ def test_a_log_too_small_for_what_is_live_stops_growing(
     written: SharedLedger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ledger, "LOG", 1024)
-    written.live = lambda: [node_record(i, b"x" * 50, False) for i in range(100)]
+    written.keep(lambda: [node_record(i, b"x" * 50, False) for i in range(100)])
     for i in range(100):
         written.node(i, b"x" * 50, False)
     assert written.full

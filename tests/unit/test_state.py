@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from uenvfs.core.errors import RefcountInconsistency
+from uenvfs.core.settings import Settings
 from uenvfs.core.state import FORCE_UNMOUNTED, IllegalTransition, Image, Phase, Registry, Use
 
 HOLD = 60.0
@@ -156,22 +157,33 @@ def test_unmount_failure_holds_again() -> None:
     assert image.error == "busy"
 
 
+def test_a_hold_timer_handed_over_runs_on() -> None:
+    image = mounted_image()  # HOLDING since 0
+    image.held_before(100.0, 40.0)  # the server before held it idle for 40 s
+    assert image.idle_since == 60.0
+    assert not image.due(119.0, HOLD)
+    assert image.due(120.0, HOLD)
+    image.open("alloc-1", 101)
+    with pytest.raises(IllegalTransition):
+        image.held_before(102.0, 1.0)  # in use: no timer runs
+
+
 def test_registry_deadlines_follow_hold_time_changes() -> None:
-    registry = Registry(hold_time=60)
+    registry = Registry(Settings(60))
     a, b = registry["a"], registry["b"]
     for image, t in ((a, 0.0), (b, 5.0)):
         image.begin_mount(t)
         image.mounted(t)
     assert registry.next_deadline() == 60
-    b.hold_time = 1
+    registry.settings.set_hold_time(1, "b")
     assert registry.next_deadline() == 6
     assert [i.name for i in registry.due(6)] == ["b"]
-    registry.hold_time = 2
+    registry.settings.set_hold_time(2)
     assert [i.name for i in registry.due(6)] == ["a", "b"]
 
 
 def test_registry_release_and_reconcile() -> None:
-    registry = Registry(hold_time=60)
+    registry = Registry(Settings(60))
     for name in ("x", "y"):
         registry[name].begin_mount(0)
         registry[name].mounted(0)
@@ -274,7 +286,7 @@ class ImageMachine(RuleBasedStateMachine):
 
     @rule(live=st.sets(ALLOCS))
     def reconcile(self, live: set[str]) -> None:
-        registry = Registry(self.hold)
+        registry = Registry(Settings(self.hold))
         registry.images["img"] = self.image
         registry.reconcile(live, self.now)
         for alloc in {"alloc-1", "alloc-2", "slurm-3", "uid-0"} - live:
@@ -319,7 +331,7 @@ TestImageMachine = ImageMachine.TestCase
 
 
 def test_processes_sitting_in_an_image_are_uses_of_their_allocations() -> None:
-    registry = Registry(hold_time=60.0)
+    registry = Registry(Settings(60.0))
     image = registry["img"]
     image.begin_mount(0)
     image.mounted(1)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from uenvfs.core.settings import Settings
 from uenvfs.core.state import Registry
 from uenvfs.core.status import (
     MountStatus,
@@ -61,7 +62,7 @@ class FakeMount:
 
 
 def test_mount_statuses_from_the_registry() -> None:
-    registry = Registry(hold_time=60.0)
+    registry = Registry(Settings(60.0))
     for name in ("used", "idle", "leaving"):
         registry[name].begin_mount(0)
         registry[name].mounted(10)
@@ -94,12 +95,12 @@ def test_mount_statuses_from_the_registry() -> None:
 
 
 def test_each_image_shows_its_own_hold_time() -> None:
-    registry = Registry(60.0)
+    registry = Registry(Settings(60.0))
     for name in ("own", "global"):
         image = registry[name]
         image.begin_mount(0.0)
         image.mounted(0.0)
-    registry["own"].hold_time = 900.0
+    registry.settings.set_hold_time(900.0, "own")
     statuses = {m.name: m.to_json() for m in mount_statuses(
         registry, 1.0, mountpoint=Path("/m"), backing_root=Path("/b"), image_paths={},
         mounts={})}

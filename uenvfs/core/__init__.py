@@ -1,2 +1,3 @@
 """Pure values and rules shared by every layer: names, labels, errors, configuration, the
-state machine, the control language, status, metrics, the ledger. No trio, no pyfuse3."""
+state machine, the operator's settings, the control language, status, metrics, the ledger.
+No trio, no pyfuse3."""

@@ -1,7 +1,8 @@
 """What the FUSE filesystem and the mount manager know of each other.
 
-The filesystem asks the manager through `ImageService`; the manager tells the filesystem
-through `MountListener`. The daemon wires the two together.
+The filesystem asks the manager's side through `ImageService` (manager/images.py) and has
+its `.control` commands carried out through `CommandService` (manager/executor.py); the
+manager tells the filesystem through `MountListener`. The daemon wires them together.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
 
 class ImageService(Protocol):
-    """The images as the filesystem sees them: mounts, counted uses, and the control files."""
+    """The images as the filesystem sees them: names, mounts, counted uses, and `.status`."""
 
     @property
     def metrics(self) -> Metrics:
@@ -62,6 +63,10 @@ class ImageService(Protocol):
     def sitting(self, found: Mapping[str, Mapping[str, int]]) -> bool:
         """A scan found these processes sitting in images (image -> allocation -> how many):
         count them. Returns whether any sits in a mounted image."""
+
+
+class CommandService(Protocol):
+    """What `.control` does."""
 
     async def execute(self, command: Command) -> str:
         """Apply one `.control` command: a short outcome, or `CommandError`."""

@@ -117,6 +117,14 @@ def resolve(records: Sequence[Record], text: str) -> list[Record]:
     return found
 
 
+def labels_by_id(records: Iterable[Record]) -> dict[str, list[str]]:
+    """The labels of each image, by its id (the name it is served by), sorted."""
+    labels: dict[str, list[str]] = {}
+    for record in records:
+        labels.setdefault(record.id, []).append(record.label)
+    return {name: sorted(found) for name, found in labels.items()}
+
+
 def _candidates(records: Iterable[Record]) -> list[str]:
     by_image: dict[str, list[str]] = {}
     for record in sorted(records, key=lambda r: (r.date, r.label), reverse=True):

@@ -37,6 +37,7 @@ this layout only with the format number in the header.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import mmap
 import os
@@ -174,6 +175,10 @@ class Ledger:
     def released(self, fh: int) -> None:
         """The handle *fh* is closed."""
 
+    def keep(self, live: Callable[[], Iterable[LogRecord]]) -> None:
+        """*live* says which of the records its caller writes are live (those a compaction
+        must keep). Each part that writes records names them when it attaches."""
+
 
 NO_LEDGER = Ledger()
 
@@ -190,9 +195,9 @@ class SharedLedger(Ledger):
         self._free: list[int] = []
         self._gens: dict[int, int] = {}
         self.full = False  # the log could not take a record: resuming would miss some nodes
-        # What a compaction keeps: every node, image directory and version in use (the
-        # server sets it; see `records` of InodeTable and Mounter).
-        self.live: Callable[[], Iterable[LogRecord]] = lambda: ()
+        # What a compaction keeps: every node, image directory and version in use (named
+        # by the parts that write them, see `keep`: InodeTable and Mounter).
+        self._live: list[Callable[[], Iterable[LogRecord]]] = []
         self._compacting = False
         self._logged: set[int] = set()  # the node ids in the log
 
@@ -302,6 +307,9 @@ class SharedLedger(Ledger):
         """Start writing an empty ledger (made by `create`)."""
         self._active, self._used, self._slots = 0, 0, 0
 
+    def keep(self, live: Callable[[], Iterable[LogRecord]]) -> None:
+        self._live.append(live)
+
     def _append(self, kind: int, flag: int, number: int, data: bytes) -> None:
         size = RECORD.size + len(data)
         if self._used + size > LOG and (self._compacting or not self._compact()):
@@ -325,7 +333,7 @@ class SharedLedger(Ledger):
         self._active, self._used = new, 0
         struct.pack_into("=Q", self.map, USED_AT + 8 * new, 0)
         logged = set()
-        for kind, flag, number, data in self.live():
+        for kind, flag, number, data in itertools.chain.from_iterable(f() for f in self._live):
             self._append(kind, flag, number, data)
             if kind == NODE:
                 logged.add(number)

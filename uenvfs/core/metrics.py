@@ -109,15 +109,15 @@ class Histogram:
 class Metrics:
     """Counters and histograms, keyed by metric name and labels."""
 
-    def __init__(self) -> None:
+    def __init__(self, started: float | None = None) -> None:
         self.counters: dict[str, dict[Labels, float]] = defaultdict(lambda: defaultdict(float))
         self.histograms: dict[str, Histogram] = defaultdict(Histogram)
         # Per FUSE request: plain dicts keyed by operation, cheaper than labelled counters.
         self.requests: dict[str, int] = defaultdict(int)
         self.errors: dict[tuple[str, str], int] = defaultdict(int)
         # The start of the serving process (unix time) for process_start_time_seconds: the
-        # daemon sets that of `.status` (server.started).
-        self.started = time.time()
+        # daemon gives that of `.status` (server.started).
+        self.started = time.time() if started is None else started
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         self.counters[name][tuple(sorted(labels.items()))] += amount

@@ -16,6 +16,9 @@ Lifecycle of one image::
 
 `force_unmount` takes MOUNTED or HOLDING straight to UNMOUNTING and drops every user; the image
 is then FAILED ("force-unmounted") until it is next used.
+
+`held_before` and `failed_before` carry on what the server before this one handed over at a
+planned restart: a running hold timer, a failure still in its negative-cache time.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from .errors import RefcountInconsistency
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +86,6 @@ class Image:
         self.phase = Phase.UNMOUNTED
         self.users: dict[str, Use] = {}
         self.idle_since: float | None = None
-        self.hold_time: float | None = None  # per-image override of the global hold time
         self.error: str | None = None
         self.retry_at = 0.0
         self._forced = False
@@ -258,6 +261,12 @@ class Image:
             self.phase = Phase.UNMOUNTED
             self.error = None
 
+    def held_before(self, now: float, idle_for: float) -> None:
+        """The server before this one had held the image idle for *idle_for* seconds (a
+        planned restart): its hold timer runs on from there, not from now."""
+        self._require("held_before", Phase.HOLDING)
+        self.idle_since = now - idle_for
+
     def failed_before(self, now: float, error: str, retry_in: float) -> None:
         """The server before this one failed to mount the image: it stays failed for the
         rest of that negative-cache time (a planned restart)."""
@@ -276,10 +285,10 @@ class Image:
 
 
 class Registry:
-    """Every image's state, and the global hold time. Pure, like `Image`."""
+    """Every image's state, and the settings whose hold times time them. Pure, like `Image`."""
 
-    def __init__(self, hold_time: float) -> None:
-        self.hold_time = hold_time
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.images: dict[str, Image] = {}
 
     def __getitem__(self, name: str) -> Image:
@@ -292,7 +301,9 @@ class Registry:
         return iter(list(self.images.values()))
 
     def hold_time_of(self, image: Image) -> float:
-        return self.hold_time if image.hold_time is None else image.hold_time
+        """*image*'s own hold time if it has one, else the global one (see settings.py)."""
+        settings = self.settings
+        return settings.hold_times.get(image.name, settings.hold_time)
 
     def deadline(self, image: Image) -> float | None:
         if image.idle_since is None:

@@ -14,9 +14,9 @@ The parts: the inodes the kernel knows (fuse/inodes.py, which also says how inod
 made), the open handles (fuse/handles.py), the replayed directory listings (fuse/listings.py),
 the mount root with its control files (fuse/root.py), and what the manager's news does to the
 handles and the kernel's caches (fuse/listener.py). The manager is reached through
-`ImageService` only. Every open file or directory handle is counted for the caller's
-allocation (see core/state.py). The handles of a server before this one are restored by
-server/resume.py.
+`ImageService` only, the commands of `.control` through `CommandService`. Every open file or
+directory handle is counted for the caller's allocation (see core/state.py). The handles of a
+server before this one are restored by server/resume.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pyfuse3
@@ -32,7 +32,7 @@ import trio
 from pyfuse3 import FileNameT, InodeT, ModeT, XAttrNameT
 
 from ..core import metrics
-from ..core.interfaces import ImageService
+from ..core.interfaces import CommandService, ImageService
 from ..core.ledger import Ledger, SharedLedger
 from ..core.model import InodePrefixes
 from ..kernel import fusedev, paths
@@ -57,9 +57,9 @@ NAME_MAX = 255
 class UenvFS(FileRequests, DirectoryRequests):
     """Serves the root (image names and control files) and every image by passthrough.
 
-    It makes the parts every family of requests uses (declared by `Requests`). `listener` is to
-    be handed to the manager (the daemon does): it kills the handles of a force-unmounted image
-    and makes the kernel forget stale names.
+    It makes the parts every family of requests uses (declared by `Requests`). `listener` is
+    to be handed to the manager (the daemon does, `Manager.listen`): it kills the handles of a
+    force-unmounted image and makes the kernel forget stale names.
     """
 
     supports_dot_lookup = False  # no NFS export: the kernel resolves . and .. itself
@@ -68,10 +68,12 @@ class UenvFS(FileRequests, DirectoryRequests):
     def __init__(
         self,
         images: ImageService,
+        commands: CommandService,
         prefixes: InodePrefixes,
         resolver: AllocationResolver | None = None,
         budget: DescriptorBudget | None = None,
         mountpoint: Path | None = None,
+        hold_time: Callable[[], float] = lambda: 60.0,
     ) -> None:
         super().__init__()
         self.images = images
@@ -83,9 +85,11 @@ class UenvFS(FileRequests, DirectoryRequests):
         self.workers = Workers()  # the worker threads of each image (see fuse/workers.py)
         self.prefetcher = Prefetcher()
         self.budget = budget or DescriptorBudget(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-        self.root = MountRoot(images, self.inodes, self.resolver, self._gauges)
-        # Processes sitting in images (none counted without a mountpoint to scan for).
-        self.uses = UseScanner(mountpoint or Path(), self.inodes, self.resolver, images)
+        self.root = MountRoot(images, commands, self.inodes, self.resolver, self._gauges)
+        # Processes sitting in images (none counted without a mountpoint to scan for); they
+        # are scanned for more often the shorter the global hold time (*hold_time*).
+        self.uses = UseScanner(mountpoint or Path(), self.inodes, self.resolver, images,
+                               hold_time)
         self.listener = FsListener(images, self.handles, self.uses)
         self.initialized = trio.Event()  # set once the kernel's INIT request was answered
         self._live = self._pipe = -1  # the connection, and the pipe libfuse starts on

@@ -92,8 +92,10 @@ class InodeTable(dict[int, Node]):
         raise pyfuse3.FUSEError(errno.ESTALE)
 
     def attach(self, ledger: Ledger) -> None:
-        """Write new nodes to *ledger* from now on (and the image directories known now)."""
+        """Write new nodes to *ledger* from now on (and the image directories known now); the
+        nodes and directories known are what its compactions keep."""
         self.ledger = ledger
+        ledger.keep(self.records)
         for name, ino in self.image_inos.items():
             ledger.image_dir(ino >> PREFIX_SHIFT, name)
 

@@ -16,7 +16,7 @@ import pyfuse3
 
 from ..core import control, metrics
 from ..core.errors import CommandError
-from ..core.interfaces import ImageService
+from ..core.interfaces import CommandService, ImageService
 from ..core.ledger import HandleKind, Ledger
 from ..core.metrics import Labels
 from ..core.names import valid_name
@@ -85,11 +85,13 @@ class MountRoot:
     def __init__(
         self,
         images: ImageService,
+        commands: CommandService,
         inodes: InodeTable,
         resolver: AllocationResolver,
         gauges: Callable[[], Gauges],
     ) -> None:
         self.images = images
+        self.commands = commands  # what `.control` does
         self.inodes = inodes
         self.resolver = resolver
         self.gauges = gauges  # the state of the filesystem, for `.metrics`
@@ -186,7 +188,7 @@ class MountRoot:
             raise pyfuse3.FUSEError(exc.errno) from None
         for command in commands:
             try:
-                outcome = await self.images.execute(command)
+                outcome = await self.commands.execute(command)
             except CommandError as exc:
                 code = errno.errorcode.get(exc.errno, str(exc.errno))
                 count("uenvfs_control_commands_total", command=command.verb, outcome=code)

@@ -1,2 +1,2 @@
-"""The mount lifecycle of every image: mounting, backends, the hold timer, the journal,
-what `.control` commands do."""
+"""The mount lifecycle of every image: mounting, backends, the use counts, the hold timer, the
+journal; what the filesystem sees of it, what `.control` commands do, reload and restart."""

@@ -15,11 +15,12 @@ journal only adds what the mount table cannot say (image identity, acquisitions,
      "hold_time": 5.0, "hold_time_configured": 60.0, "hold_times": {"pytorch-2.5": 600.0},
      "emergency": false}
 
-`hold_time` is the global hold time set by `hold-time SECONDS` (null: the configured one), and
-`hold_time_configured` the configured one at that time: if the configuration says otherwise at
-the next start, the configuration wins (as at a `reload` that changes it). `hold_times` are
-those set for single images. The three settings are optional when read, so a
-journal written by an older uenvfs reads as "nothing set", and an older uenvfs ignores them.
+The settings are those of `Settings.record` (core/settings.py): `hold_time` is the global hold
+time set by `hold-time SECONDS` (null: the configured one), and `hold_time_configured` the
+configured one at that time: if the configuration says otherwise at the next start, the
+configuration wins (as at a `reload` that changes it). `hold_times` are those set for single
+images. The settings are optional when read, so a journal written by an older uenvfs reads as
+"nothing set", and an older uenvfs ignores them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.model import Mount
 from ..core.names import valid_alloc, valid_name
+from ..core.settings import Settings, SettingsRecord
+from ..core.state import Registry
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +71,27 @@ class MountRecord:
 @dataclass(frozen=True)
 class Journal:
     mounts: Mapping[str, MountRecord] = field(default_factory=dict)
-    hold_time: float | None = None  # set by `hold-time SECONDS`; None: the configured one
-    hold_time_configured: float | None = None  # the configured one when that was set
-    hold_times: Mapping[str, float] = field(default_factory=dict)  # `hold-time SECONDS NAME`
-    emergency: bool = False
+    settings: SettingsRecord = field(default_factory=SettingsRecord)  # made by command
 
     def to_json(self) -> dict[str, Any]:
+        settings = self.settings
         return {"version": VERSION,
                 "mounts": {name: r.to_json() for name, r in sorted(self.mounts.items())},
-                "hold_time": self.hold_time, "hold_time_configured": self.hold_time_configured,
-                "hold_times": dict(sorted(self.hold_times.items())),
-                "emergency": self.emergency}
+                "hold_time": settings.hold_time,
+                "hold_time_configured": settings.hold_time_configured,
+                "hold_times": dict(sorted(settings.hold_times.items())),
+                "emergency": settings.emergency}
+
+
+def snapshot(registry: Registry, mounts: Mapping[str, Mount], settings: Settings) -> Journal:
+    """What must survive a crash, as of now: the backing *mounts*, the allocations that
+    acquired them, and the settings made by command."""
+    records = {}
+    for name, mount in mounts.items():
+        acquired = tuple(a for a, u in registry[name].users.items() if u.acquired)
+        records[name] = MountRecord(str(mount.image_path), str(mount.backing),
+                                    mount.version.identity, acquired, mount.mounted_at)
+    return Journal(records, settings.record())
 
 
 def _record(name: str, raw: Any) -> MountRecord:
@@ -127,10 +141,11 @@ def parse(data: bytes) -> Journal:
         raise JournalError("bad hold_times table")
     if not isinstance(emergency, bool):
         raise JournalError(f"bad emergency {emergency!r}")
-    return Journal({name: _record(name, entry) for name, entry in mounts.items()},
-                   None if hold_time is None else float(hold_time),
-                   None if configured is None else float(configured),
-                   {name: float(value) for name, value in hold_times.items()}, emergency)
+    settings = SettingsRecord(None if hold_time is None else float(hold_time),
+                              None if configured is None else float(configured),
+                              {name: float(value) for name, value in hold_times.items()},
+                              emergency)
+    return Journal({name: _record(name, entry) for name, entry in mounts.items()}, settings)
 
 
 def _seconds(value: Any) -> bool:

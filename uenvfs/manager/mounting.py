@@ -146,8 +146,10 @@ class Mounter:
         self.ledger: Ledger = NO_LEDGER  # versions are written there for the next server
 
     def attach(self, ledger: Ledger) -> None:
-        """Write the versions to *ledger* from now on (and those known now)."""
+        """Write the versions to *ledger* from now on (and those known now); the last of
+        each name is what its compactions keep."""
         self.ledger = ledger
+        ledger.keep(self.records)
         for name, version in self._versions.items():
             self._record(name, version)
 

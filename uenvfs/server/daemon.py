@@ -9,7 +9,6 @@ backing mount; a mount still in use stays for the next daemon to adopt.
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import logging
 import os
@@ -28,7 +27,9 @@ import trio
 from ..core import ledger as ledger_mod
 from ..core.config import Config
 from ..core.errors import CommandError, MountError, StartupError
+from ..core.metrics import Metrics
 from ..core.model import InodePrefixes
+from ..core.settings import Settings
 from ..core.status import Server
 from ..core.status import summary as status_summary
 from ..fuse import fastloop
@@ -51,7 +52,10 @@ from ..keeper.serve import setup_logging
 from ..kernel import fusedev, mountinfo
 from ..manager import journal, recovery
 from ..manager.backend import make_backend
+from ..manager.executor import Executor
+from ..manager.images import Images
 from ..manager.manager import Manager
+from ..manager.reconfigure import Reconfigure
 from . import handover
 from .link import Link
 from .ownership import clear_stale_mount, lock_state_dir
@@ -118,7 +122,7 @@ def _prepare_dirs(config: Config, resuming: bool) -> None:
             raise StartupError(f"{directory} is not a directory")
 
 
-async def recover(manager: Manager) -> None:
+async def recover(manager: Manager, settings: Settings) -> None:
     """Rebuild the state from the kernel's mount table and the journal (invariant WI6 of
     docs/interface.md: nothing is mounted twice, no acquisition is lost)."""
     config = manager.config
@@ -129,7 +133,7 @@ async def recover(manager: Manager) -> None:
                     config.journal_path, exc)
         found = None
     if found is not None:
-        manager.restore_settings(found)
+        settings.restore(found.settings)
     plan = recovery.plan(found, mountinfo.read(), config.backing_root,
                          recovery.loop_backing_file)
     for entry in plan.detach:
@@ -147,7 +151,7 @@ async def recover(manager: Manager) -> None:
     log.info("start-up recovery: %s", plan.summary())
 
 
-async def _signals(manager: Manager, stop: trio.CancelScope) -> None:
+async def _signals(manager: Manager, reconfigure: Reconfigure, stop: trio.CancelScope) -> None:
     """Handle signals until the daemon exits: a second SIGTERM must not cut a shutdown short."""
     with trio.open_signal_receiver(*HANDLED_SIGNALS) as received:
         async for signum in received:
@@ -158,14 +162,14 @@ async def _signals(manager: Manager, stop: trio.CancelScope) -> None:
                 log.info("%s: shutting down", signal.Signals(signum).name)
                 stop.cancel()
             elif signum == signal.SIGHUP:
-                manager.spawn(_reload_on_signal, manager, task="sighup-reload")
+                manager.spawn(_reload_on_signal, reconfigure, task="sighup-reload")
             elif signum == signal.SIGUSR1:
                 manager.spawn(_expire_on_signal, manager, task="sigusr1-expire")
 
 
-async def _reload_on_signal(manager: Manager) -> None:
+async def _reload_on_signal(reconfigure: Reconfigure) -> None:
     try:
-        log.info("SIGHUP: reload: %s", await manager.reload())
+        log.info("SIGHUP: reload: %s", await reconfigure.reload())
     except CommandError as exc:
         log.warning("SIGHUP: reload failed: %s", exc)
 
@@ -190,22 +194,10 @@ async def run(config: Config, link: Link, resume: Resume | None,
                            "not found in PATH; install it or set validate = false")
     catalog = Catalog.from_config(config)
     catalog.refresh()
-    prefixes = InodePrefixes()  # image versions (the manager's) and directories (the fs')
-    manager = Manager(config, backend, catalog, prefixes=prefixes)
-    manager.reread_config = reread
-    resolver = AllocationResolver()
-    _raise_fd_limit()
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    budget = DescriptorBudget(limit, config.open_files_per_allocation)
-    log.info("open files: %d per allocation, %d in all (descriptor limit %d)",
-             budget.per_allocation, limit - RESERVE, limit)
-    fs = UenvFS(manager, prefixes, resolver, budget, config.mountpoint)
-    fs.uses.hold_time = lambda: manager.registry.hold_time
-    manager.listener = fs.listener
-
     handed: dict[str, Any] | None = None
     if resume is not None and resume.standby:
-        # Started by `restart`: everything is ready; the old server stops, then we go on.
+        # Started by `restart`: the tools and sources are checked; the old server stops, then
+        # we go on.
         handed = read_handed(await link.wait_go())
     found: ledger_mod.Contents | None = None
     if resume is None:
@@ -219,9 +211,32 @@ async def run(config: Config, link: Link, resume: Resume | None,
         except ledger_mod.LedgerError as exc:
             raise StartupError(f"cannot resume the connection: its ledger is {exc}; only a "
                                "stop and start (which ends the connection) can go on") from exc
+    server = Server(os.getpid(), time.time(), 0 if found is None else found.resumes + 1)
+
+    # The parts, each made with those it uses. The clock is trio's without its lookups on
+    # every call (every open and release reads it).
+    settings = Settings(config.hold_time)
+    prefixes = InodePrefixes()  # image versions (the manager's) and directories (the fs')
+    manager = Manager(config, backend, catalog, settings,
+                      trio.lowlevel.current_clock().current_time, prefixes=prefixes,
+                      metrics=Metrics(server.started))  # process_start_time_seconds
+    images = Images(manager, catalog, settings, server)
+    reconfigure = Reconfigure(manager, catalog, settings, reread, link.request_restart)
+    executor = Executor(manager, manager.counts, images, settings, reconfigure)
+    resolver = AllocationResolver()
+    _raise_fd_limit()
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    budget = DescriptorBudget(limit, config.open_files_per_allocation)
+    log.info("open files: %d per allocation, %d in all (descriptor limit %d)",
+             budget.per_allocation, limit - RESERVE, limit)
+    fs = UenvFS(images, executor, prefixes, resolver, budget, config.mountpoint,
+                hold_time=lambda: settings.hold_time)
+    manager.listen(fs.listener)
+
+    if found is not None:
         restore_versions(manager, fs, found)
     _prepare_dirs(config, resuming=resume is not None)
-    await recover(manager)
+    await recover(manager, settings)
     if resume is None:
         try:
             fuse_fd, init = fusedev.mount(config.mountpoint)
@@ -230,22 +245,17 @@ async def run(config: Config, link: Link, resume: Resume | None,
         ledger = ledger_mod.SharedLedger.create(init)
         ledger.start()
         link.hold(fuse_fd, ledger.fd, lock)
-        server = Server(os.getpid(), time.time(), 0)
     else:
         assert found is not None
         fuse_fd, ledger, init = resume.fuse, resume.ledger, found.init
         ledger.resumed(found)
         link.resumed_with(fuse_fd, ledger.fd, lock)
-        server = Server(os.getpid(), time.time(), found.resumes + 1)
-    manager.server = server
-    manager.metrics.started = server.started  # process_start_time_seconds, as in .status
     manager.mounter.attach(ledger)
     fs.attach(ledger)
-    ledger.live = lambda: itertools.chain(fs.inodes.records(), manager.mounter.records())
     if found is not None:
         restore_handles(fs, found, ledger, config.mountpoint)
     if handed is not None:
-        handover.apply(manager, handed)
+        handover.apply(manager, settings, handed)
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     options |= {"fsname=uenvfs", "subtype=uenvfs", "allow_other"}
     pipe = fusedev.init_pipe(init)
@@ -258,28 +268,27 @@ async def run(config: Config, link: Link, resume: Resume | None,
     log.info("%s %s (images from %s, backend %s, hold time %g s)",
              "resumed" if resume else "serving", config.mountpoint,
              ", ".join(map(str, catalog.image_dirs)) or "-", backend.name, config.hold_time)
-    manager.restarter = link.request_restart
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.run)
             serving = trio.CancelScope()
             handing_over = trio.Event()
-            link.on_handover = lambda: nursery.start_soon(_drain, serving, handing_over)
-            link.on_restart_failed = functools.partial(_restart_failed, server)
-            nursery.start_soon(_signals, manager, serving, name="signals")
+            nursery.start_soon(_signals, manager, reconfigure, serving, name="signals")
             if resume is None:
                 nursery.start_soon(_tune_after_init, fs, config, name="readahead")
             nursery.start_soon(fs.uses.run, name="uses")
-            nursery.start_soon(link.watch, name="keeper")
+            nursery.start_soon(link.watch,
+                               lambda: nursery.start_soon(_drain, serving, handing_over),
+                               functools.partial(_restart_failed, server), name="keeper")
             nursery.start_soon(_ready_after_init, fs, manager, link, resume is not None,
                                name="ready")
-            nursery.start_soon(_report, fs, manager, link, name="report")
+            nursery.start_soon(_report, fs, images, link, name="report")
             with serving:
                 await pyfuse3.main(max_tasks=MAX_REQUESTS)
                 if not handing_over.is_set():
                     log.info("%s was unmounted from outside; shutting down", config.mountpoint)
             if handing_over.is_set():
-                _hand_over(manager, link)  # does not return
+                _hand_over(manager, settings, link)  # does not return
             link.send(STOPPING)
             _end_connection(config)
             # Uses through open files die with the connection (the kernel can no longer send
@@ -308,11 +317,11 @@ async def _drain(serving: trio.CancelScope, handing_over: trio.Event) -> None:
     serving.cancel()
 
 
-def _hand_over(manager: Manager, link: Link) -> NoReturn:
+def _hand_over(manager: Manager, settings: Settings, link: Link) -> NoReturn:
     """Give the new server what only our memory holds, and exit at once (the keeper holds
     the connection, the ledger has every node and handle)."""
     fd = os.memfd_create("uenvfs-handover", os.MFD_CLOEXEC)
-    os.write(fd, json.dumps(handover.capture(manager)).encode())
+    os.write(fd, json.dumps(handover.capture(manager, settings)).encode())
     log.info("handed over; exiting")
     link.send(HANDED, [fd])
     os._exit(0)
@@ -350,13 +359,13 @@ async def _ready_after_init(fs: UenvFS, manager: Manager, link: Link, resumed: b
         log.info("resumed counts checked against the processes: %s", outcome)
 
 
-async def _report(fs: UenvFS, manager: Manager, link: Link) -> None:
+async def _report(fs: UenvFS, images: Images, link: Link) -> None:
     """Tell the keeper how we serve, every few seconds, once serving: for systemd's STATUS=,
     and as the keeper's proof that this server's loop runs (its watchdog, see keeper.py)."""
     interval = float(os.environ.pop(ENV_HEARTBEAT, "") or HEARTBEAT)
     await fs.initialized.wait()
     while True:
-        link.send(f"{STATUS} {status_summary(manager.status())}")
+        link.send(f"{STATUS} {status_summary(images.status())}")
         await trio.sleep(interval)
 
 

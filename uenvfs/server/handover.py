@@ -2,10 +2,10 @@
 
 The ledger (ledger.py) has every node and handle, so the counts of open handles come back
 exactly; the journal and the mount table have the mounts and the acquisitions. This adds what
-only the old server's memory held: the global and per-image hold times, emergency mode, the
-running hold timers (as time left), failed images with their error and retry time, the
-processes sitting in images, and the last verification. Times are carried as seconds left, so
-the deadlines stay where they were.
+only the old server's memory held: the settings whole (core/settings.py: the global and
+per-image hold times, emergency mode, the last verification), the running hold timers (as
+time left), failed images with their error and retry time, and the processes sitting in
+images. Times are carried as seconds left, so the deadlines stay where they were.
 
     {"hold_time": 60.0, "hold_time_set": null, "emergency": false, "verify": null,
      "images": {"x": {"hold_time": 5.0, "phase": "holding", "hold_left": 3.2,
@@ -19,21 +19,24 @@ import logging
 from typing import Any
 
 from ..core import config as config_mod
-from ..core.state import Phase
+from ..core.settings import Settings
+from ..core.state import Image, Phase
 from ..manager.manager import Manager
 
 log = logging.getLogger(__name__)
 
 
-def capture(manager: Manager) -> dict[str, Any]:
-    """The state to hand over, as of now."""
+def capture(manager: Manager, settings: Settings) -> dict[str, Any]:
+    """The state to hand over, as of now: the *settings* whole, and each image's state."""
     registry = manager.registry
     now = manager.clock()
     images = {}
-    for image in registry:
+    # An image with its own hold time that was never used has no state: it goes as unmounted.
+    for name in sorted(registry.images.keys() | settings.hold_times.keys()):
+        image = registry.images.get(name) or Image(name)
         deadline = registry.deadline(image)
-        images[image.name] = {
-            "hold_time": image.hold_time,
+        images[name] = {
+            "hold_time": settings.hold_times.get(name),
             "phase": image.phase.value,
             "hold_left": None if deadline is None else max(0.0, deadline - now),
             "error": image.error,
@@ -42,35 +45,37 @@ def capture(manager: Manager) -> dict[str, Any]:
             "cwd": {a: u.cwd for a, u in image.users.items() if u.cwd},
         }
     return {"config": config_mod.as_json(manager.config),
-            "hold_time": registry.hold_time, "hold_time_set": manager.hold_time_set,
-            "emergency": manager.executor.emergency,
-            "verify": manager.last_verify, "images": images}
+            "hold_time": settings.hold_time, "hold_time_set": settings.hold_time_set,
+            "emergency": settings.emergency, "verify": settings.verify, "images": images}
 
 
-def apply(manager: Manager, document: dict[str, Any]) -> None:
+def apply(manager: Manager, settings: Settings, document: dict[str, Any]) -> None:
     """Carry on from *document* (see `capture`): after recovery adopted the mounts and the
     ledger's handles were counted again."""
     registry = manager.registry
     now = manager.clock()
     _log_config(document.get("config"), manager)
     if "hold_time_set" not in document:  # an older server's, which journaled no hold time
-        registry.hold_time = float(document["hold_time"])
-    # else: the journal had it (Manager.restore_settings), and the configuration may have
-    # changed it since, as a reload would
-    manager.executor.emergency = bool(document["emergency"])
-    manager.last_verify = document.get("verify")
+        settings.carry_over(float(document["hold_time"]))
+    # else: the journal had it (Settings.restore), and the configuration may have changed it
+    # since, as a reload would
+    settings.emergency = bool(document["emergency"])
+    settings.verify = document.get("verify")
     for name, was in document["images"].items():
+        if was["hold_time"] is None:
+            settings.hold_times.pop(name, None)
+        else:
+            settings.hold_times[name] = was["hold_time"]
         image = registry[name]
-        image.hold_time = was["hold_time"]
         if image.is_mounted:
             for alloc in was["acquired"]:
                 image.acquire(alloc, now)
             image.sitting(was["cwd"], now)
             if image.phase is Phase.HOLDING and was["hold_left"] is not None:
-                image.idle_since = now - (registry.hold_time_of(image) - was["hold_left"])
+                image.held_before(now, registry.hold_time_of(image) - was["hold_left"])
         elif image.phase is Phase.UNMOUNTED and was["phase"] == Phase.FAILED.value:
             image.failed_before(now, was["error"] or "failed", was["retry_in"])
-    manager.timer.wake()
+    manager.hold_times_changed()
 
 
 def _log_config(old: Any, manager: Manager) -> None:

@@ -41,8 +41,6 @@ class Link:
         self.sock.setblocking(False)
         self.held: list[int] = []  # fuse, ledger, lock: what a new keeper gets
         self._children: list[subprocess.Popen[bytes]] = []
-        self.on_handover: Callable[[], None] | None = None  # the keeper asks us to stop
-        self.on_restart_failed: Callable[[str], None] | None = None  # the new server died
 
     def send(self, word: str, fds: Sequence[int] = ()) -> None:
         try:
@@ -84,8 +82,11 @@ class Link:
             for fd in fds:
                 os.close(fd)
 
-    async def watch(self) -> None:
-        """Until cancelled: when the keeper dies, start another that holds our descriptors."""
+    async def watch(self, on_handover: Callable[[], None],
+                    on_restart_failed: Callable[[str], None]) -> None:
+        """Until cancelled: when the keeper dies, start another that holds our descriptors.
+        When it asks us to hand over to a new server, call *on_handover*; when the new server
+        of a restart died instead, *on_restart_failed* with why."""
         while True:
             await trio.lowlevel.wait_readable(self.sock)
             try:
@@ -95,11 +96,11 @@ class Link:
             except OSError:
                 data = b""
             word, text = parse(data)
-            if word == HANDOVER and self.on_handover is not None:
-                self.on_handover()
+            if word == HANDOVER:
+                on_handover()
                 continue
-            if word == RESTART_FAILED and self.on_restart_failed is not None:
-                self.on_restart_failed(text)
+            if word == RESTART_FAILED:
+                on_restart_failed(text)
                 continue
             if data:
                 log.debug("keeper says %r", data)

@@ -1,0 +1,112 @@
+"""The uses of every image, counted in the state machine: the handles the filesystem opens,
+the acquisitions made by command, and the processes a scan finds sitting in images.
+
+A use that ends may start an image's hold timer, so the timer is told whenever one ends.
+Acquisitions and releases are in the journal before they are answered; handles are not
+(they die with the connection; a resumed connection has them in the ledger).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Iterable, Mapping
+
+from ..core.errors import RefcountInconsistency
+from ..core.metrics import Metrics
+from ..core.state import Registry, Use
+from .hold_timer import HoldTimer
+from .journal_writer import JournalWriter
+
+log = logging.getLogger(__name__)
+
+
+class Counts:
+    """Counts uses in `registry`, and tells the hold timer and the journal writer.
+
+    Invariant: after any change that may have ended the last use of an image, the hold timer
+    was told (`wake_for` or `wake`), so no timer runs out late. The images must be mounted
+    when a use begins (`open`, `acquire`): the manager mounts them.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        timer: HoldTimer,
+        journal: JournalWriter,
+        metrics: Metrics,
+        clock: Callable[[], float],
+    ) -> None:
+        self.registry = registry
+        self.timer = timer
+        self.journal = journal
+        self.metrics = metrics
+        self.clock = clock
+        self._wake_for = timer.wake_for  # bound once: close() calls it on every release
+
+    def open(self, name: str, alloc: str) -> Use:
+        """Count a handle of *alloc*. The image must be mounted (just after ensure_mounted)."""
+        return self.registry[name].open(alloc, self.clock())
+
+    def transfer(self, name: str, use: Use, alloc: str) -> Use | None:
+        """Count one open of *use* for *alloc* instead (see Image.transfer)."""
+        new = self.registry[name].transfer(use, alloc, self.clock())
+        if new is not None:
+            log.debug("%s: an executable of %s counts for %s now that it runs", name,
+                      use.alloc, alloc)
+        return new
+
+    def close(self, name: str, use: Use) -> None:
+        """A handle counted in *use* was released."""
+        image = self.registry[name]
+        try:
+            image.close(use, self.clock())
+        except RefcountInconsistency:
+            self.metrics.inc("uenvfs_refcount_errors_total")
+            log.exception("refcount bug on %s; continuing", name)
+        self._wake_for(image)
+
+    def sitting(self, found: Mapping[str, Mapping[str, int]]) -> bool:
+        """A scan found these processes sitting in images: count them (see fuse/uses.py).
+        Returns whether any sits in a mounted image."""
+        changed = self.registry.sitting(found, self.clock())
+        for image in changed:
+            log.debug("%s: processes sitting there: %s", image.name,
+                      {u.alloc: u.cwd for u in image.users.values() if u.cwd} or "none")
+        if changed:
+            self.timer.wake()
+        return any(u.cwd for i in self.registry if i.is_mounted for u in i.users.values())
+
+    async def acquire(self, name: str, alloc: str) -> bool | None:
+        """*alloc* uses *name* until released; in the journal once this returns. False if
+        it had acquired it already; None if *name* is not mounted now (mount it first)."""
+        image = self.registry[name]
+        if not image.is_mounted:
+            return None
+        new = image.acquire(alloc, self.clock())
+        await self.journal.durable()
+        return new
+
+    async def release(self, alloc: str, names: Iterable[str] | None = None) -> list[str]:
+        """*alloc* no longer uses *names* (default: any image); in the journal once this
+        returns. Returns the images it left."""
+        left = self.registry.release(alloc, self.clock(), names)
+        if left:
+            self.timer.wake()
+            await self.journal.durable()
+        return left
+
+    async def reconcile(self, live: Iterable[str]) -> list[tuple[str, str]]:
+        """Only the *live* allocations exist: release every other one; in the journal once
+        this returns. Returns (image, allocation) of each use released."""
+        dropped = self.registry.reconcile(live, self.clock())
+        self.timer.wake()
+        await self.journal.durable()
+        return dropped
+
+    def users(self, name: str) -> Collection[str]:
+        """The allocations that use *name* now."""
+        return self.registry[name].users.keys()
+
+    def allocations(self) -> set[str]:
+        """Every allocation that uses an image now."""
+        return self.registry.allocations()
