@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from uenvfs.image.catalog import PROGRAM_BURST, PROGRAM_SHARE, Catalog, ProgramBudget, parse_map
+from uenvfs.image.catalog import Catalog, parse_map
+from uenvfs.image.program_map import PROGRAM_BURST, PROGRAM_SHARE, ProgramBudget
 
 
 def test_parse_map_file() -> None:

@@ -8,17 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from uenvfs.core import ledger
-from uenvfs.core.ledger import (
-    LOG_AT,
-    RECORD,
-    SLOTS_AT,
-    HandleKind,
-    SharedLedger,
-    Slot,
-    image_dir_record,
-    node_record,
-)
+from uenvfs.core import ledger, shared_ledger
+from uenvfs.core.ledger import HandleKind, Slot, image_dir_record, node_record
+from uenvfs.core.shared_ledger import LOG_AT, RECORD, SLOTS_AT, SharedLedger
 
 INIT = b"I" * 104
 
@@ -129,7 +121,7 @@ def test_a_record_half_written_at_a_crash_is_not_read(written: SharedLedger) -> 
 
 def test_a_full_log_keeps_what_is_live(written: SharedLedger,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ledger, "LOG", 4096)
+    monkeypatch.setattr(shared_ledger, "LOG", 4096)
     live = {(1 << 44) | i: b"live/%d" % i for i in range(5)}
     written.keep(lambda: [image_dir_record(1, "img"),
                           *(node_record(ino, rel, False) for ino, rel in live.items())])
@@ -148,7 +140,7 @@ def test_a_full_log_keeps_what_is_live(written: SharedLedger,
 def test_a_log_too_small_for_what_is_live_stops_growing(
     written: SharedLedger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ledger, "LOG", 1024)
+    monkeypatch.setattr(shared_ledger, "LOG", 1024)
     written.keep(lambda: [node_record(i, b"x" * 50, False) for i in range(100)])
     for i in range(100):
         written.node(i, b"x" * 50, False)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from uenvfs.core.ledger import HandleKind, SharedLedger
+from uenvfs.core.ledger import HandleKind
+from uenvfs.core.shared_ledger import SharedLedger
 from uenvfs.kernel import cache, libc, procscan
 from uenvfs.kernel.procscan import Hold
 from uenvfs.server.resume import settle

@@ -33,8 +33,9 @@ from pyfuse3 import FileNameT, InodeT, ModeT, XAttrNameT
 
 from ..core import metrics
 from ..core.interfaces import CommandService, ImageService
-from ..core.ledger import Ledger, SharedLedger
+from ..core.ledger import Ledger
 from ..core.model import InodePrefixes
+from ..core.shared_ledger import SharedLedger
 from ..kernel import fusedev, paths
 from .allocation import AllocationResolver
 from .attributes import from_stat, negative_entry

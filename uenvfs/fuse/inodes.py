@@ -1,17 +1,7 @@
-"""Inode numbers and the inodes the kernel knows (image versions: core/model.py).
-
-Inode numbers::
-
-    1                        the root (pyfuse3.ROOT_INODE)
-    2, 3, 4                  .control, .status, .metrics
-    prefix << 44             the directory of an image name (its prefix is fixed per name)
-    prefix << 44 | ino       a file inside an image: `prefix` is that of the image version it
-                             was found in, `ino` its inode number in the backing mount
-
-so an image that is unmounted and mounted again keeps its inode numbers and the kernel's cached
-dentries stay valid, while a replaced image file is a new version with a new prefix: the old
-numbers answer ESTALE, which makes the kernel look the path up again.
-"""
+"""The inodes the kernel knows, by number: the root and its control files, image directories,
+and the nodes inside images. How the numbers are made (image versions and their prefixes):
+core/model.py. A number the table does not know answers ESTALE, which makes the kernel look the
+path up again."""
 
 from __future__ import annotations
 

@@ -18,9 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import subprocess
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,19 +30,12 @@ from ..core.config import Config
 from ..core.labels import LabelError, NoMatch, Record
 from ..core.names import valid_name
 from . import repository
+from .program_map import ProgramMap
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SUFFIXES = (".sqfs", ".squashfs")
-MAX_ANSWERS = 10_000  # program-map answers remembered; the "no"s are dropped beyond that
-MAX_PROGRAM_OUTPUT = 4096 + 1  # one path (PATH_MAX bytes with its NUL) and a newline
-# The kernel serializes lookups in the mount root, so while a program map runs no other new
-# name can be looked up, by anyone. Each user but root may keep the program map busy for at
-# most PROGRAM_SHARE of the time, after a burst of PROGRAM_BURST seconds; beyond that its
-# unknown names are ENOENT without asking the program.
-PROGRAM_SHARE = 0.1
-PROGRAM_BURST = 2.0
 
 
 @dataclass
@@ -51,22 +43,6 @@ class _Call:
     """A blocking call of a worker thread, which says when it is over."""
 
     done: bool = False
-
-
-@dataclass
-class ProgramBudget:
-    """Seconds of program-map time one user may still spend (a token bucket).
-
-    Invariant: 0 <= seconds <= PROGRAM_BURST after `refill`; spending may take it below 0
-    (a call's cost is known only once it is over), which delays the next call accordingly.
-    """
-
-    seconds: float = PROGRAM_BURST
-    at: float = 0.0
-
-    def refill(self, now: float) -> None:
-        self.seconds = min(PROGRAM_BURST, self.seconds + (now - self.at) * PROGRAM_SHARE)
-        self.at = now
 
 
 def name_of(filename: str) -> str | None:
@@ -127,13 +103,10 @@ class Catalog:
 
     image_dirs: Sequence[Path] = ()
     map_files: Sequence[Path] = ()
-    program_map: Path | None = None
-    program_timeout: float = 10.0
-    answer_ttl: float = 10.0
+    program_map: InitVar[Path | None] = None
+    program_timeout: InitVar[float] = 10.0
+    answer_ttl: InitVar[float] = 10.0
     _listing: dict[str, Path] = field(default_factory=dict)
-    _answers: dict[str, tuple[Path | None, float]] = field(default_factory=dict)
-    _budgets: dict[int, ProgramBudget] = field(default_factory=dict)
-    refused: int = 0  # program-map calls refused for want of budget
     source_timeout: float = 30.0  # the longest wait for image directories and map files
     _hung: _Call | None = None  # the last call given up on (see `_off_loop`)
     repos: Sequence[Path] = ()
@@ -142,6 +115,11 @@ class Catalog:
     _aliases: dict[str, str] = field(default_factory=dict)
     _records: tuple[Record, ...] = ()
     _last_read: dict[Path, repository.Repository] = field(default_factory=dict)
+    program: ProgramMap = field(init=False)
+
+    def __post_init__(self, program_map: Path | None, program_timeout: float,
+                      answer_ttl: float) -> None:
+        self.program = ProgramMap(program_map, program_timeout, answer_ttl)
 
     @classmethod
     def from_config(cls, config: Config) -> Catalog:
@@ -154,11 +132,10 @@ class Catalog:
         """Take the sources and timeouts of *config* (a reload); `reread` then reads them."""
         if (config.system, config.uarch) != (self.system, self.uarch):
             self._last_read.clear()  # records of another system: not a fallback any more
-        if (config.program_map, config.negative_cache) != (self.program_map, self.answer_ttl):
-            self._answers.clear()
         self.image_dirs, self.map_files, self.repos = config.images, config.maps, config.repos
-        self.system, self.uarch, self.program_map = config.system, config.uarch, config.program_map
-        self.program_timeout, self.answer_ttl = config.program_timeout, config.negative_cache
+        self.system, self.uarch = config.system, config.uarch
+        self.program.configure(config.program_map, config.program_timeout,
+                               config.negative_cache)
         self.source_timeout = config.mount_timeout
         self._last_read = {root: read for root, read in self._last_read.items()
                            if root in self.repos}
@@ -217,7 +194,7 @@ class Catalog:
         return Sources(listing, aliases, tuple(records))
 
     def _apply(self, sources: Sources) -> bool:
-        self._answers.clear()
+        self.program.forget()
         listing = sources.images
         changed = listing != self._listing or sources.aliases != self._aliases
         if changed:
@@ -327,16 +304,22 @@ class Catalog:
 
     def remembers(self, name: str) -> bool:
         """Whether *name* is known without asking anything: listed, or a program map's answer."""
-        answer = self._answers.get(name)
-        return name in self._listing or (answer is not None and answer[0] is not None)
+        return name in self._listing or self.program.remembers(name)
+
+    @property
+    def refused(self) -> int:
+        """Program-map calls refused for want of a user's share of its time."""
+        return self.program.refused
+
+    async def _is_image(self, path: Path) -> bool:
+        """Whether *path* is an image file, asked off the loop (its storage may hang)."""
+        return bool(await self._off_loop(_is_image_file, path))
 
     async def resolve(self, name: str, uid: int = 0) -> Path | None:
         """The image path for *name*, or None if no source knows it.
 
-        A program map's answers are remembered (a "no" for `answer_ttl` seconds, a path until
-        the next reload): the kernel of this libfuse serializes lookups in one directory, so
-        while the program runs, no other new name in the root can be looked up. For the same
-        reason a user other than root (*uid*) may keep it busy only so long (`ProgramBudget`).
+        A name no listable source knows goes to the program map, which remembers its answers
+        and shares its time out between users (*uid* asks; see image/program_map.py).
         """
         if not valid_name(name):
             return None
@@ -345,85 +328,7 @@ class Catalog:
             path = await self._off_loop(self._search_dirs, name)
             if path is not None:
                 self._listing[name] = path
-        if path is not None or self.program_map is None:
+        if path is not None or self.program.path is None:
             return path
-        known = self._answers.get(name)
-        now = trio.current_time()
-        if known is not None and (known[0] is not None or now < known[1]):
-            return known[0]
-        budget = None
-        if uid != 0:
-            budget = self._budgets.get(uid)
-            if budget is None:
-                budget = self._budgets[uid] = ProgramBudget(at=now)
-            budget.refill(now)
-            if budget.seconds <= 0:
-                self.refused += 1
-                log.debug("program map: uid %d is over its share; %r not asked", uid, name)
-                return None
-            if len(self._budgets) > MAX_ANSWERS:
-                self._budgets = {u: b for u, b in self._budgets.items() if b.seconds < 0}
-        path = await self._ask_program(name)
-        done = trio.current_time()
-        if budget is not None:
-            budget.seconds -= done - now
-        self._answers[name] = (path, done + self.answer_ttl)
-        if len(self._answers) > MAX_ANSWERS:
-            self._answers = {n: a for n, a in self._answers.items() if a[0] is not None}
-        return path
+        return await self.program.resolve(name, uid, self._is_image)
 
-    async def _ask_program(self, name: str) -> Path | None:
-        assert self.program_map is not None
-        try:
-            with trio.fail_after(self.program_timeout):
-                returncode, out = await _run_bounded([str(self.program_map), name],
-                                                     MAX_PROGRAM_OUTPUT)
-        except trio.TooSlowError:
-            log.warning("program map %s %s: no answer after %.1f s",
-                        self.program_map, name, self.program_timeout)
-            return None
-        except OSError as exc:
-            log.warning("program map %s cannot run: %s", self.program_map, exc)
-            return None
-        if returncode is None:
-            log.warning("program map %s %s: more than %d bytes of output; killed",
-                        self.program_map, name, MAX_PROGRAM_OUTPUT)
-            return None
-        if returncode != 0:
-            log.debug("program map %s %s: exit %d", self.program_map, name, returncode)
-            return None
-        lines = out.decode("utf-8", "replace").split()
-        if len(lines) != 1 or not lines[0].startswith("/"):
-            log.warning("program map %s %s: expected one absolute path, got %r",
-                        self.program_map, name, out[:200])
-            return None
-        path = Path(lines[0])
-        return path if await self._off_loop(_is_image_file, path) else None
-
-
-async def _run_bounded(command: list[str], limit: int) -> tuple[int | None, bytes]:
-    """Run *command* and read at most *limit* bytes of its output.
-
-    Returns its exit status and output, or None and what was read if it printed more (it is
-    killed then: an answer is one path, and a runaway program must not fill the daemon's
-    memory). Killed too when cancelled (e.g. by a time limit).
-    """
-    process = await trio.lowlevel.open_process(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert process.stdout is not None
-    out = bytearray()
-    try:
-        async with process.stdout:
-            while len(out) <= limit:
-                chunk = await process.stdout.receive_some(limit + 1 - len(out))
-                if not chunk:
-                    break
-                out += chunk
-        if len(out) > limit:
-            return None, bytes(out[:limit])
-        return await process.wait(), bytes(out)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()

@@ -30,6 +30,7 @@ from ..core.errors import CommandError, MountError, StartupError
 from ..core.metrics import Metrics
 from ..core.model import InodePrefixes
 from ..core.settings import Settings
+from ..core.shared_ledger import SharedLedger
 from ..core.status import Server
 from ..core.status import summary as status_summary
 from ..fuse import fastloop
@@ -242,7 +243,7 @@ async def run(config: Config, link: Link, resume: Resume | None,
             fuse_fd, init = fusedev.mount(config.mountpoint)
         except OSError as exc:
             raise StartupError(f"cannot mount FUSE at {config.mountpoint}: {exc}") from exc
-        ledger = ledger_mod.SharedLedger.create(init)
+        ledger = SharedLedger.create(init)
         ledger.start()
         link.hold(fuse_fd, ledger.fd, lock)
     else:

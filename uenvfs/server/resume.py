@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.errors import StartupError
-from ..core.ledger import Contents, HandleKind, SharedLedger, Slot
+from ..core.ledger import Contents, HandleKind, Slot
+from ..core.shared_ledger import SharedLedger
 from ..fuse.handles import (
     DeadHandle,
     DirHandle,
