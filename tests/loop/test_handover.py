@@ -1,4 +1,4 @@
-"""What a server hands the next one at a restart (handover.py), in virtual time with a fake
+"""What a server hands the next one at a restart (server/handover.py), in virtual time with a fake
 backend: the settings whole, the running hold timers, failures; and the document of the
 version before this one reads the same."""
 

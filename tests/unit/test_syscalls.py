@@ -1,4 +1,4 @@
-"""libc.py: the system call numbers per architecture, the wrappers' errors, and what each
+"""kernel/libc.py: the system call numbers per architecture, the wrappers' errors, and what each
 feature that needs a raw system call does on an architecture whose numbers uenvfs does not
 know: it says so once, never makes a call, and falls back safely."""
 
@@ -20,7 +20,7 @@ from uenvfs.kernel import cache, libc, procscan
 from uenvfs.kernel.procscan import Hold
 from uenvfs.server.resume import settle
 
-# Verified against the kernel's tables (see libc.py); a test so that nobody "fixes" one.
+# Verified against the kernel's tables (see kernel/libc.py); a test so that nobody "fixes" one.
 KCMP = {"x86_64": 312, "aarch64": 272, "riscv64": 272, "loongarch64": 272, "ppc64le": 354,
         "ppc64": 354, "s390x": 343}
 

@@ -1,3 +1,4 @@
-"""Pure values and rules shared by every layer: names, labels, errors, configuration, the
-state machine, the operator's settings, the control language, status, metrics, the ledger.
-No trio, no pyfuse3."""
+"""Values and rules that image/ and the layers after it share: names, labels, errors,
+configuration, the operator's settings, the state machine, the control language, status,
+metrics, what the manager and the filesystem share (model, interfaces), the ledger. No trio, no
+pyfuse3."""

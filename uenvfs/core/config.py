@@ -17,7 +17,7 @@ has the name of its flag with `_` for `-`:
     read_ahead_kb = 1024            # readahead through the mount (0: the kernel's 128)
     linger_us = 100                 # keep polling for the next request before sleeping (0: no)
     open_files_per_allocation = 0   # open files in images per allocation (0: half the limit)
-    storage_guard = "auto"          # auto | always | never: see guard.py
+    storage_guard = "auto"          # auto | always | never: see manager/storage.py
     log_level = "INFO"
 """
 
@@ -35,7 +35,7 @@ DEFAULT_CONFIG_FILE = Path("/etc/uenvfs.toml")
 DEFAULT_MOUNTPOINT = Path(MOUNTPOINT)
 BACKENDS = ("auto", "kernel", "squashfuse")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-GUARD_MODES = ("auto", "always", "never")  # which images' storage is guarded (guard.py)
+GUARD_MODES = ("auto", "always", "never")  # which images' storage is guarded (manager/storage.py)
 
 
 class ConfigError(ValueError):

@@ -12,7 +12,7 @@ Inode numbers::
 so an image that is unmounted and mounted again keeps its inode numbers and the kernel's cached
 dentries stay valid, while a replaced image file is a new version with a new prefix: the old
 numbers answer ESTALE, which makes the kernel look the path up again. The manager makes
-versions (mounting.py), the filesystem numbers inodes with them (fuse/inodes.py).
+versions (manager/mounting.py), the filesystem numbers inodes with them (fuse/inodes.py).
 
 Pure: no trio, no pyfuse3.
 """

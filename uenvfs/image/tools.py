@@ -5,9 +5,9 @@ captured or discarded, and a tool still running when its time is over is killed 
 (a hung mount helper may ignore SIGTERM). It is async, for the daemon's trio loop; the CLI
 calls it through `trio.run`.
 
-The program map (catalog.py) does not run through here: it answers a name lookup, so its
-failures are logged in their own words (a timeout is "no answer after 1.0 s"), never raised,
-and a slow one gets trio's SIGTERM and a grace period before SIGKILL.
+The program map (program_map.py) does not run through here: it answers a name lookup, so its
+failures are logged in their own words (a timeout is "no answer after 1.0 s"), never raised;
+a program map still running when its time is over is killed (SIGKILL) all the same.
 """
 
 from __future__ import annotations

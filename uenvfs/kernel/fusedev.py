@@ -2,8 +2,8 @@
 
 A FUSE connection lives as long as some process holds its /dev/fuse descriptor, whether or not
 a process reads requests from it: requests wait in the kernel's queue. uenvfs keeps it alive
-across a crash or a restart of the process that serves it (see keeper.py), and a new server
-resumes it:
+across a crash or a restart of the process that serves it (see keeper/keeper.py), and a new
+server resumes it:
 
   - libfuse answers every request before INIT with an error, and the kernel sends INIT once per
     connection. So a new server gives libfuse the connection's INIT request again, from a pipe:

@@ -83,7 +83,7 @@ def _missing(*tools: str) -> list[str]:
 @dataclass
 class KernelBackend:
     """The kernel's squashfs on a loop device (root only), set up by system calls in a worker
-    thread (see loop.py); unmounting detaches the loop device (autoclear)."""
+    thread (see kernel/loop.py); unmounting detaches the loop device (autoclear)."""
 
     timeout: float = 30.0
     name: str = "kernel"

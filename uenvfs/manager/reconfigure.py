@@ -48,7 +48,7 @@ class Reconfigure:
         self.restarter = restarter
 
     async def restart(self) -> str:
-        """Have a new server started from the installed code take over (see keeper.py).
+        """Have a new server started from the installed code take over (see keeper/keeper.py).
 
         Refused (EINVAL) if the configuration file changes what only a stop and start can
         (`config.CONNECTION`): the new server would serve the old connection with them. (A

@@ -362,7 +362,7 @@ async def _ready_after_init(fs: UenvFS, manager: Manager, link: Link, resumed: b
 
 async def _report(fs: UenvFS, images: Images, link: Link) -> None:
     """Tell the keeper how we serve, every few seconds, once serving: for systemd's STATUS=,
-    and as the keeper's proof that this server's loop runs (its watchdog, see keeper.py)."""
+    and as the keeper's proof that this server's loop runs (its watchdog: keeper/loop.py)."""
     interval = float(os.environ.pop(ENV_HEARTBEAT, "") or HEARTBEAT)
     await fs.initialized.wait()
     while True:
@@ -371,7 +371,7 @@ async def _report(fs: UenvFS, images: Images, link: Link) -> None:
 
 
 def serve(config: Config, reread: Callable[[], Config] | None = None) -> int:
-    """A server: started by the keeper (keeper.py), for a new connection or a live one.
+    """A server: started by the keeper (keeper/keeper.py), for a new connection or a live one.
     *reread* reads the configuration again (file and flags), for `reload`."""
     setup_logging(config.log_level)
     try:

@@ -1,6 +1,6 @@
 """What a server hands the next one at a planned restart, beyond the ledger and the journal.
 
-The ledger (ledger.py) has every node and handle, so the counts of open handles come back
+The ledger (core/ledger.py) has every node and handle, so the counts of open handles come back
 exactly; the journal and the mount table have the mounts and the acquisitions. This adds what
 only the old server's memory held: the settings whole (core/settings.py: the global and
 per-image hold times, emergency mode, the last verification), the running hold timers (as
