@@ -1,7 +1,8 @@
 """Defaults, /etc/uenvfs.toml and command-line flags, merged into one frozen `Config`.
 
-Precedence: a flag beats the file, the file beats the built-in default. Every key of the file
-has the name of its flag with `_` for `-`:
+Precedence: a flag beats the file, the file beats the built-in default. A key that has a flag
+of `uenvfs serve` has its name with `_` for `-` (but `maps` is `--map` and `repos` is
+`--repo`, each repeatable); docs/interface.md lists every key. Some of them:
 
     mountpoint = "/run/pact/uenv"
     images = ["/images"]            # or one string

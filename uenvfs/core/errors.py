@@ -9,6 +9,9 @@
     ├── CommandError               a refused `.control` command
     └── JournalWriteFailed         the journal could not be written (disk full, I/O error)
 
+    StartupError                   `uenvfs serve` cannot start (not a UenvfsError: no caller
+                                   sees it, the server exits with its message)
+
 What a caller sees through the filesystem is the errno from `errno_of`.
 """
 

@@ -174,8 +174,8 @@ def unsupported(fuse: types.ModuleType, trio_module: types.ModuleType) -> str | 
 
 
 def _facade() -> types.ModuleType:
-    facade = _Facade("uenvfs.fastloop.trio")
-    lowlevel = _LowLevel("uenvfs.fastloop.trio.lowlevel")
+    facade = _Facade("uenvfs.fuse.fastloop.trio")
+    lowlevel = _LowLevel("uenvfs.fuse.fastloop.trio.lowlevel")
     lowlevel.wait_readable = wait_readable  # type: ignore[attr-defined]
     facade.lowlevel = lowlevel  # type: ignore[attr-defined]
     facade.Lock = Lock  # type: ignore[attr-defined]

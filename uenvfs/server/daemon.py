@@ -1,9 +1,10 @@
 """Wiring of `uenvfs serve`: start-up, the trio nursery, signals, and shutdown.
 
 Start-up clears a FUSE mount left by a killed daemon, mounts the filesystem (it is ready from
-then on), and serves until SIGTERM/SIGINT or an external unmount. SIGHUP re-reads the image
-sources, SIGUSR1 expires idle mounts. Shutdown unmounts the FUSE filesystem and every idle
-backing mount; a mount still in use stays for the next daemon to adopt.
+then on), and serves until SIGTERM/SIGINT or an external unmount. SIGHUP is a `reload` (the
+configuration file, then the image sources), SIGUSR1 expires idle mounts. Shutdown unmounts
+the FUSE filesystem and every idle backing mount; a mount still in use stays for the next
+daemon to adopt.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ per-image hold times, emergency mode, the last verification), the running hold t
 time left), failed images with their error and retry time, and the processes sitting in
 images. Times are carried as seconds left, so the deadlines stay where they were.
 
-    {"hold_time": 60.0, "hold_time_set": null, "emergency": false, "verify": null,
+    {"config": {...the configuration in force...},
+     "hold_time": 60.0, "hold_time_set": null, "emergency": false, "verify": null,
      "images": {"x": {"hold_time": 5.0, "phase": "holding", "hold_left": 3.2,
                       "error": null, "retry_in": 0.0, "acquired": ["job-1"],
                       "cwd": {"job-2": 1}}}}
