@@ -43,7 +43,8 @@ def test_listing_the_root_mounts_nothing(daemon: Daemon) -> None:
     listing = run_in(daemon.mountpoint, "ls").stdout.split()
     assert listing == ["a", "b-1.0", "c_2", "other"]
     hidden = sorted(os.listdir(daemon.mountpoint))
-    assert hidden == [".control", ".metrics", ".status", "a", "b-1.0", "c_2", "other"]
+    assert hidden == [".control", ".metrics", ".socket", ".status", "a", "b-1.0", "c_2",
+                      "other"]
     long = run_in(daemon.mountpoint, "ls -l; stat a >/dev/null")
     assert long.returncode == 0, long.stderr
     assert daemon.backing_mounts() == []

@@ -130,7 +130,8 @@ def test_image_directory_disappears(daemon: Daemon) -> None:
     daemon.images.rename(moved)
     daemon.control("reload")
     try:
-        assert sorted(os.listdir(daemon.mountpoint)) == [".control", ".metrics", ".status"]
+        assert sorted(os.listdir(daemon.mountpoint)) == [".control", ".metrics", ".socket",
+                                                          ".status"]
         assert (daemon.mountpoint / "a/f").read_text() == "a"  # in use: still served
         assert errno_of(lambda: os.listdir(daemon.mountpoint / "b")) == errno.ENOENT
     finally:

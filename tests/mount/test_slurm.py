@@ -8,6 +8,7 @@ them at the test's daemon. Nothing of a Slurm or munge installed on the machine 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ MISSING = [tool for tool in SLURM_TOOLS if shutil.which(tool, path=SBIN_PATH) is
 SLURM_REASON = (f"needs Slurm and munge (apt-get install slurmctld slurmd slurm-client munge): "
                 f"{', '.join(MISSING)} not found" if MISSING else None)
 START_DEADLINE = 60.0
+SPANK_TIMEOUT = 5.0  # the SPANK plugin's timeout= here: uenvfs attach is killed after it
 
 pytestmark = pytest.mark.fuse
 
@@ -205,7 +208,7 @@ Prolog={self._wrapper("prolog")}
 Epilog={self._wrapper("epilog")}
 PrologFlags=Alloc
 PrologEpilogTimeout=120
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs=1 State=UNKNOWN
+NodeName={self.node} NodeAddr=127.0.0.1 CPUs=4 State=UNKNOWN
 PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
 
@@ -324,8 +327,8 @@ def slurm_spank(daemon: Daemon) -> Iterator[Slurm]:
         pytest.skip(reason)
     subprocess.run([cc, "-Wall", "-Werror", "-shared", "-fPIC", "-o", str(plugin),
                     str(SCRIPTS / "uenvfs_spank.c")], check=True)
-    line = (f"required {plugin} mountpoint={daemon.mountpoint} "
-            f"uenvfs={_uenvfs_command(root)}\n")
+    line = (f"required {plugin} mountpoint={daemon.mountpoint} statedir={daemon.state_dir} "
+            f"uenvfs={_uenvfs_command(root)} timeout={SPANK_TIMEOUT:g}\n")
     yield from _slurm(daemon, line)
 
 
@@ -471,3 +474,76 @@ srun sh -c '/user-environment/bin/greet && cd /user-environment && echo in-step 
     failed = (slurm.root / f"job-{failing}.out").read_text()
     assert "ran" not in failed
     assert f"mount point {elsewhere} does not exist: root must create it" in failed
+
+
+def _output(slurm: Slurm, job: int) -> str:
+    out = slurm.root / f"job-{job}.out"
+    return out.read_text() if out.exists() else ""
+
+
+def _ended(slurm: Slurm, job: int) -> bool:
+    return slurm.state(job) == ""
+
+
+def test_a_stopped_uenvfs_holds_up_only_the_jobs_with_images(
+        daemon: Daemon, slurm_spank: Slurm, mount_points: None) -> None:
+    """With the server stopped (kill -STOP), a job without images starts at once (before: it
+    waited as long as the server did), and a task of a job with images fails after the
+    plugin's timeout, saying why."""
+    slurm = slurm_spank
+    _serve_greet(daemon)
+    go = slurm.root / "go"
+    job = slurm.sbatch("--comment=uenv=greet", f"--wrap=echo started; "
+                       f"while [ ! -e {go} ]; do sleep 0.1; done; "
+                       "srun /user-environment/bin/greet; echo srun exit $?")
+    wait_until(lambda: "started" in _output(slurm, job), timeout=START_DEADLINE,
+               what=f"job {job} to start")
+    server = daemon.kill_server(signal.SIGSTOP)
+    try:
+        plain = slurm.sbatch("--wrap=echo plain")
+        wait_until(lambda: _output(slurm, plain) == "plain\n", timeout=START_DEADLINE,
+                   what="a job without images to run while uenvfs is stopped")
+        began = time.monotonic()
+        go.touch()
+        wait_until(lambda: "srun exit" in _output(slurm, job), timeout=START_DEADLINE,
+                   what=f"job {job}'s step to fail")
+        took = time.monotonic() - began
+    finally:
+        os.kill(server, signal.SIGCONT)
+    out = _output(slurm, job)
+    assert "hello from libgreet" not in out
+    assert (f"uenvfs: uenvfs did not answer within {SPANK_TIMEOUT:g} s: job {job} needs images "
+            f"(slurm-{job} acquired them); its task does not start") in out, out
+    assert "srun exit 0" not in out
+    assert SPANK_TIMEOUT <= took < SPANK_TIMEOUT + 30, took
+    for ended in (job, plain):
+        wait_until(functools.partial(_ended, slurm, ended), timeout=START_DEADLINE,
+                   what=f"job {ended} and its epilog to end")
+    assert slurm.node_state() == "idle"
+
+
+def test_a_huge_status_does_not_start_tasks_without_their_image(
+        daemon: Daemon, slurm_spank: Slurm, mount_points: None) -> None:
+    """`.status` bloated far beyond 16 MiB (120,000 acquisitions of 127-character allocation
+    names, before the job's own) does not make the plugin start the job's tasks without the
+    image it acquired (before: it read 16 MiB of `.status`, did not find the job there, and
+    started them without it)."""
+    slurm = slurm_spank
+    daemon.image("aaa", {"f": "filler"})  # listed in .status before greet
+    _serve_greet(daemon)
+    daemon.control("acquire aaa filler")
+    assert daemon.stop() == 0  # what is acquired stays mounted, for the next start
+    journal = daemon.state_dir / "journal.json"
+    document = json.loads(journal.read_text())
+    document["mounts"]["aaa"]["acquired"] += [f"{'a' * 120}{i:07d}" for i in range(120_000)]
+    journal.write_text(json.dumps(document))
+    daemon.start()
+    with (daemon.mountpoint / ".status").open("rb") as status:
+        assert len(status.read()) > 20 << 20
+    job = slurm.sbatch("--comment=uenv=greet", "--wrap=/user-environment/bin/greet; "
+                       'echo "$UENV_MOUNT_LIST"')
+    wait_until(lambda: slurm.state(job) == "", timeout=START_DEADLINE * 2,
+               what=f"job {job} and its epilog to end")
+    assert _output(slurm, job) == (f"hello from libgreet\n{daemon.images}/greet.sqfs:"
+                                   "/user-environment\n")
+    daemon.control("reconcile --none")

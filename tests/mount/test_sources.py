@@ -35,7 +35,7 @@ def test_map_files_and_program_map_through_the_mount(daemon: Daemon) -> None:
     daemon.expect("program map .* broken: expected one absolute path")
     daemon.start()
     mnt = daemon.mountpoint
-    assert sorted(os.listdir(mnt)) == [".control", ".metrics", ".status", "alpha", "b"]
+    assert sorted(os.listdir(mnt)) == [".control", ".metrics", ".socket", ".status", "alpha", "b"]
     assert (mnt / "alpha/f").read_text() == "alpha"
     assert (mnt / "b/f").read_text() == "beta"
     assert (mnt / "gamma/f").read_text() == "gamma"  # a program map name: not listable

@@ -41,6 +41,15 @@ os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)),
 os.execv(sys.executable, [sys.executable, "-m", "uenvfs", *argv])
 """
 
+# Asks the query socket at argv[1] (waiting as long as it takes) and prints the answer.
+ASK = r"""
+import socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+sock.sendall(b'{"op": "allocation", "alloc": "job-1"}\n')
+print(sock.makefile().readline(), end="")
+"""
+
 
 class StandIn:
     """What systemd does with the notifications of a service: READY=1, FDSTORE=1 with FDNAME=,
@@ -101,8 +110,9 @@ def test_the_store_keeps_the_connection_when_every_process_dies(
     data = os.urandom(1 << 20)
     daemon.image("img", {"f": data, "g": "g", "small": "small"})
     daemon.start()
-    wait_until(lambda: sorted(systemd.stored) == ["fuse", "ledger"],
-               what="the connection in the store")
+    wait_until(lambda: sorted(systemd.stored) == ["fuse", "ledger", "socket"],
+               what="the connection and the query socket in the store")
+    socket_inode = (daemon.state_dir / "socket").stat().st_ino
     # READY=1 follows the store (the keeper says it once the server answers).
     wait_until(lambda: any("READY=1" in m for m in systemd.messages), what="READY=1")
     # The job holding a file is a process of its own: this one must hold no file of the mount
@@ -113,11 +123,14 @@ def test_the_store_keeps_the_connection_when_every_process_dies(
     assert holder.stdin is not None
     assert holder.stdout is not None
     reader: subprocess.Popen[str] | None = None
+    asked: subprocess.Popen[str] | None = None
     try:
         assert holder.stdout.readline() == "ready\n"
         daemon.kill()  # keeper and server: without the store, the connection would end here
         reader = subprocess.Popen(["cat", str(daemon.mountpoint / "img/g")],
                                   stdout=subprocess.PIPE, text=True)
+        asked = subprocess.Popen([sys.executable, "-c", ASK, str(daemon.state_dir / "socket")],
+                                 stdout=subprocess.PIPE, text=True)
         with systemd.lock:
             names = ":".join(systemd.stored)
             fds = list(systemd.stored.values())
@@ -132,6 +145,10 @@ def test_the_store_keeps_the_connection_when_every_process_dies(
         wait_until(lambda: " resumed " in daemon.log(), what="the connection resumed")
         out, _ = reader.communicate(timeout=30)
         assert (reader.returncode, out) == (0, "g")
+        # The query socket was kept too: a query made while no uenvfs ran is answered.
+        out, _ = asked.communicate(timeout=30)
+        assert json.loads(out)["ok"] is True
+        assert (daemon.state_dir / "socket").stat().st_ino == socket_inode
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
         holder.stdin.write("go\n")
         holder.stdin.flush()
@@ -147,6 +164,9 @@ def test_the_store_keeps_the_connection_when_every_process_dies(
                 reader.communicate(timeout=5)
             reader.kill()
             reader.wait()
+        if asked is not None:
+            asked.kill()
+            asked.communicate()
     daemon.wait_idle("img")
     assert daemon.stop() == 0
     assert systemd.stored == {}  # a clean stop ends the connection: nothing to resume

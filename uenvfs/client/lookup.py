@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ..core.names import valid_name
@@ -55,9 +55,10 @@ def _served(mountpoint: Path) -> str:
     return f" (uenvfs at {mountpoint} serves: {shown or 'no image'})"
 
 
-def read_meta(mountpoint: Path, name: str) -> Meta | None:
+def read_meta(mountpoint: Path, name: str, why: Callable[[str], object]) -> Meta | None:
     """The image's meta/env.json read through uenvfs (None if it has none); this also mounts
-    the image. Fails with the reason if the image is unknown or cannot be mounted."""
+    the image. Fails with the reason if the image is unknown or cannot be mounted (*why*(name)
+    it cannot, as uenvfs says)."""
     directory = mountpoint / name
     if not valid_name(name):
         raise RunError(f"no image or uenv label {name!r}{_served(mountpoint)}")
@@ -70,7 +71,7 @@ def read_meta(mountpoint: Path, name: str) -> Meta | None:
         return None
     except OSError as exc:
         if exc.errno == errno.EIO:
-            error = mount_entry(read_status(mountpoint), name).get("error")
+            error = why(name)
             raise RunError(f"image {name} cannot be mounted: {error or exc.strerror} "
                            "(uenvfs status shows it)") from exc
         raise RunError(f"{directory}: {exc.strerror}") from exc

@@ -1,6 +1,7 @@
 """`uenvfs run` and `uenvfs start`: a command in its own mount namespace, with images of the
 running uenvfs bind-mounted at the mount points they were built for; and `attach`, the same
-binds for the Slurm SPANK plugin.
+binds for the Slurm SPANK plugin, of the images that the daemon's query socket says a job
+acquired (client/ask.py: within a deadline, never from `.status`).
 
 The images are looked up through the mount (client/lookup.py; which mounts them, as any
 access does), their `meta/env.json` read from there, the mount points checked, and only then
@@ -18,6 +19,7 @@ the command's own.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pwd
 import sys
@@ -25,11 +27,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from .. import MOUNTPOINT
+from ..core.queries import request
+from ..image.uenv import Meta
 from ..kernel import mountinfo, namespace
 from . import exits, session
+from .ask import ask
 from .exits import RunError
 from .lookup import meta_beside, mount_entry, read_meta, read_status, served_name
 from .session import Placement, SessionError
+
+ATTACH_TIMEOUT = 10.0  # seconds `attach` waits for the daemon's answer, by default
 
 
 def _mount_point_ok(image: Placement) -> None:
@@ -70,15 +77,31 @@ def prepare(mountpoint: Path, images_text: str, views_text: str | None,
     read_status(mountpoint)  # first: "not running" before "no such image"
     specs = [session.ImageSpec(served_name(mountpoint, spec.image, config_file), spec.mount)
              for spec in specs]
-    metas = [read_meta(mountpoint, spec.image) for spec in specs]
+    why = functools.partial(_error, mountpoint)
+    metas = [read_meta(mountpoint, spec.image, why) for spec in specs]
     document = read_status(mountpoint)  # now with the images mounted: their image files
-    images = []
-    for spec, meta in zip(specs, metas, strict=True):
-        image_path = mount_entry(document, spec.image).get("image_path")
-        if meta is None and image_path:  # a repository's image: its meta/ may be beside it
-            meta = meta_beside(Path(str(image_path)))
-        images.append(Placement(spec.image, session.mount_point(spec, meta), meta,
-                            str(image_path or mountpoint / spec.image)))
+    images = [_placed(mountpoint, spec, meta, mount_entry(document, spec.image).get("image_path"))
+              for spec, meta in zip(specs, metas, strict=True)]
+    return _settle(mountpoint, images, wanted, environ)
+
+
+def _error(mountpoint: Path, name: str) -> object:
+    """Why uenvfs cannot mount *name*, as `.status` says."""
+    return mount_entry(read_status(mountpoint), name).get("error")
+
+
+def _placed(mountpoint: Path, spec: session.ImageSpec, meta: Meta | None,
+            image_path: object) -> Placement:
+    """Where the image of *spec* goes: its image file is *image_path* (if known)."""
+    if meta is None and image_path:  # a repository's image: its meta/ may be beside it
+        meta = meta_beside(Path(str(image_path)))
+    return Placement(spec.image, session.mount_point(spec, meta), meta,
+                     str(image_path or mountpoint / spec.image))
+
+
+def _settle(mountpoint: Path, images: list[Placement], wanted: list[session.ViewSpec],
+            environ: Mapping[str, str]) -> tuple[list[Placement], dict[str, str]]:
+    """The *images* still to bind (their mount points checked), and the environment."""
     bound = {b.mount_point: b.name for b in bound_here(mountpoint)}
     try:
         todo = session.check_mounts(images, str(mountpoint), bound)
@@ -100,22 +123,34 @@ def _own_namespace(document: Mapping[str, object]) -> bool:
         return False
 
 
-def attach(mountpoint: Path, alloc: str) -> str:
+def attach(mountpoint: Path, alloc: str, socket_path: Path | None, timeout: float) -> str:
     """For the Slurm SPANK plugin: bind every image that *alloc* acquired at its mount point,
     in this process's mount namespace, which the plugin made for a task (never the host's).
-    Returns UENV_MOUNT_LIST for the task ("" if the allocation acquired nothing)."""
-    document = read_status(mountpoint)
-    if not _own_namespace(document):
+    The daemon's query socket (*socket_path*, else where `.socket` leads) names the images,
+    within *timeout* seconds. Returns UENV_MOUNT_LIST for the task ("" if the allocation
+    acquired nothing)."""
+    answer = ask(mountpoint, request("allocation", alloc=alloc), socket_path, timeout)
+    if not answer["ok"]:
+        raise RunError(f"uenvfs at {mountpoint}: {answer.get('error')}")
+    if not _own_namespace(answer):
         raise RunError("attach binds images in its caller's mount namespace, and this is the "
                        "one uenvfs serves in: only the SPANK plugin, which makes one for each "
                        "task, runs it")
-    mounts = document.get("mounts")
-    names = [str(entry["name"]) for entry in (mounts if isinstance(mounts, list) else [])
-             if isinstance(entry, dict)
-             and entry.get("allocations", {}).get(alloc, {}).get("acquired") is True]
-    if not names:
+    acquired = answer.get("images")
+    entries = [e for e in acquired if isinstance(e, dict)] if isinstance(acquired, list) else []
+    errors = {str(entry.get("name")): entry.get("error") for entry in entries}
+    images = []
+    for entry in entries:
+        name = str(entry.get("name"))
+        if entry.get("state") == "failed":
+            raise RunError(f"image {name} cannot be mounted: {errors[name]} (uenvfs status "
+                           "shows it)")
+        meta = read_meta(mountpoint, name, errors.get)
+        images.append(_placed(mountpoint, session.ImageSpec(name, None), meta,
+                              entry.get("image_path")))
+    if not images:
         return ""
-    todo, environ = prepare(mountpoint, ",".join(sorted(names)), None, {})
+    todo, environ = _settle(mountpoint, images, [], {})
     try:
         for image in todo:
             namespace.bind(mountpoint / image.name, Path(image.mount))
@@ -249,10 +284,22 @@ def add_attach(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
         "For the Slurm SPANK plugin (scripts/slurm/uenvfs_spank.c), as root, in the mount "
         "namespace the plugin made for a task: bind every image that ALLOC acquired at the "
         "mount point of its meta/env.json (else /user-environment), and print the task's "
-        "UENV_MOUNT_LIST (nothing if ALLOC acquired no image). Refuses to run in the host's "
-        "mount namespace.")
+        "UENV_MOUNT_LIST (nothing if ALLOC acquired no image). The daemon's query socket says "
+        "which images ALLOC acquired; if it has not answered within --timeout seconds, attach "
+        "fails. Refuses to run in the host's mount namespace.")
     p.epilog = "exit codes: 0 done; 125 failed (the one-line message says why)"
     p.add_argument("alloc", metavar="ALLOC")
+    p.add_argument("--socket", metavar="PATH",
+                   help="the daemon's query socket (default: where MOUNTPOINT/.socket leads)")
+    p.add_argument("--timeout", metavar="SECONDS", type=_seconds, default=ATTACH_TIMEOUT,
+                   help="give up if uenvfs has not answered within this (default %(default)g)")
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(text)
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -291,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mountpoint = Path(args.mountpoint).absolute()
     try:
         if args.command == "attach":
-            print(attach(mountpoint, args.alloc))
+            socket_path = Path(args.socket).absolute() if args.socket else None
+            print(attach(mountpoint, args.alloc, socket_path, args.timeout))
             return exits.OK
         config_file = Path(args.config) if args.config else None
         if args.command == "start":

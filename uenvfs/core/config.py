@@ -74,6 +74,11 @@ class Config:
     def journal_path(self) -> Path:
         return self.state_dir / "journal.json"
 
+    @property
+    def socket_path(self) -> Path:
+        """The query socket (core/queries.py): `<state-dir>/socket`."""
+        return self.state_dir / "socket"
+
     def checked(self) -> Config:
         """This configuration, if every value is usable; else `ConfigError` says which."""
         for name in ("hold_time", "negative_cache", "mount_timeout", "program_timeout"):

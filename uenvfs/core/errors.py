@@ -6,7 +6,7 @@
     │   │   └── NodeResourceFailed   ... for want of disk, descriptors or memory (not cached)
     │   ├── UnmountFailed          a backing mount could not be unmounted
     │   └── RefcountInconsistency  a refcount would have gone wrong (a bug)
-    ├── CommandError               a refused `.control` command
+    ├── CommandError               a refused `.control` command or query of the socket
     └── JournalWriteFailed         the journal could not be written (disk full, I/O error)
 
     StartupError                   `uenvfs serve` cannot start (not a UenvfsError: no caller
@@ -74,7 +74,8 @@ class RefcountInconsistency(MountError):
 
 
 class CommandError(UenvfsError):
-    """A refused `.control` command. Its errno says why: EINVAL, ENOENT, EPERM, EACCES."""
+    """A refused `.control` command, or a refused query of the query socket (core/queries.py).
+    Its errno says why: EINVAL, ENOENT, EPERM, EACCES."""
 
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)

@@ -49,6 +49,10 @@ HELP = {
     "uenvfs_fuse_requests_total": ("counter", "FUSE requests handled, by operation."),
     "uenvfs_fuse_errors_total": ("counter", "FUSE requests answered with an error."),
     "uenvfs_control_commands_total": ("counter", ".control commands, by command and outcome."),
+    "uenvfs_queries_total": ("counter", "Requests to the query socket, by op and outcome."),
+    "uenvfs_query_refusals_total": (
+        "counter", "Connections to the query socket closed unanswered: over the caller's "
+                   "share of connections, or too long or too slow a request."),
     "uenvfs_mount_seconds": ("histogram", "Time to mount an image (tool and checks)."),
     "uenvfs_unmount_seconds": ("histogram", "Time to unmount an image."),
     "uenvfs_check_seconds": ("histogram", "Time to validate an image version (rdsquashfs -d)."),
@@ -87,6 +91,7 @@ ZERO_COUNTERS = (
     "uenvfs_refcount_errors_total",
     "uenvfs_open_files_refused_total",
     "uenvfs_program_map_refusals_total",
+    "uenvfs_query_refusals_total",
     "uenvfs_storage_waits_total",
     "uenvfs_process_scans_total",
     "uenvfs_readahead_windows_total",

@@ -32,6 +32,7 @@ import trio
 from pyfuse3 import FileNameT, InodeT, ModeT, XAttrNameT
 
 from ..core import metrics
+from ..core.config import Config
 from ..core.interfaces import CommandService, ImageService
 from ..core.ledger import Ledger
 from ..core.model import InodePrefixes
@@ -43,7 +44,7 @@ from .descriptors import DescriptorBudget
 from .directories import DirectoryRequests
 from .files import FileRequests
 from .handles import HandleTable
-from .inodes import METRICS, ROOT, InodeTable, Node, child_ino
+from .inodes import ROOT, SOCKET, InodeTable, Node, child_ino
 from .listener import FsListener
 from .listings import ListingCache
 from .prefetch import Prefetcher
@@ -75,6 +76,7 @@ class UenvFS(FileRequests, DirectoryRequests):
         budget: DescriptorBudget | None = None,
         mountpoint: Path | None = None,
         hold_time: Callable[[], float] = lambda: 60.0,
+        socket_path: Path | None = None,
     ) -> None:
         super().__init__()
         self.images = images
@@ -86,7 +88,8 @@ class UenvFS(FileRequests, DirectoryRequests):
         self.workers = Workers()  # the worker threads of each image (see fuse/workers.py)
         self.prefetcher = Prefetcher()
         self.budget = budget or DescriptorBudget(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-        self.root = MountRoot(images, commands, self.inodes, self.resolver, self._gauges)
+        self.root = MountRoot(images, commands, self.inodes, self.resolver, self._gauges,
+                              os.fsencode(socket_path or Config().socket_path))
         # Processes sitting in images (none counted without a mountpoint to scan for); they
         # are scanned for more often the shorter the global hold time (*hold_time*).
         self.uses = UseScanner(mountpoint or Path(), self.inodes, self.resolver, images,
@@ -179,7 +182,7 @@ class UenvFS(FileRequests, DirectoryRequests):
 
     @fuse_errors
     async def getattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if inode <= METRICS:
+        if inode <= SOCKET:
             return self.root.attrs(inode)
         node = self.inodes[inode]
         if not node.prefix:
@@ -191,6 +194,8 @@ class UenvFS(FileRequests, DirectoryRequests):
 
     @fuse_errors
     async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileNameT:
+        if inode == SOCKET:
+            return FileNameT(self.root.socket)
         node = self.inodes[inode]
         if not node.prefix:  # in the root: a label's symlink
             return FileNameT(self.root.readlink(node.image))
@@ -205,7 +210,7 @@ class UenvFS(FileRequests, DirectoryRequests):
     async def getxattr(
         self, inode: InodeT, name: XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
-        node = self.inodes[inode] if inode > METRICS else None
+        node = self.inodes[inode] if inode > SOCKET else None
         if node is None or self._browsing(node):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         mount, path = self._backing_now(node) or await self._backing(node)
@@ -220,7 +225,7 @@ class UenvFS(FileRequests, DirectoryRequests):
     async def listxattr(
         self, inode: InodeT, ctx: pyfuse3.RequestContext
     ) -> Sequence[XAttrNameT]:
-        node = self.inodes[inode] if inode > METRICS else None
+        node = self.inodes[inode] if inode > SOCKET else None
         if node is None or self._browsing(node):
             return []
         mount, path = self._backing_now(node) or await self._backing(node)

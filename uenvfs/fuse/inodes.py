@@ -27,6 +27,7 @@ from ..core.model import PREFIX_SHIFT, InodePrefixes, Mount
 ROOT = pyfuse3.ROOT_INODE
 RESTORED = 1 << 62  # the lookups of a node restored from the ledger: never forgotten
 CONTROL, STATUS, METRICS = InodeT(2), InodeT(3), InodeT(4)
+SOCKET = InodeT(5)  # `.socket`, a symlink: no file requests, only attributes and readlink
 INO_MASK = (1 << PREFIX_SHIFT) - 1
 
 @dataclass(eq=False)

@@ -1,5 +1,6 @@
 """The mount root: the image names it lists and looks up, and its own files: `.control`
-(commands, root only), `.status` and `.metrics`."""
+(commands, root only), `.status` and `.metrics`, and `.socket`, a symlink to the query socket
+(server/queries.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .inodes import (
     CONTROL,
     METRICS,
     ROOT,
+    SOCKET,
     STATUS,
     InodeTable,
 )
@@ -35,7 +37,8 @@ from .listings import Listing
 
 log = logging.getLogger(__name__)
 
-SPECIAL_NAMES = {b".control": CONTROL, b".status": STATUS, b".metrics": METRICS}
+SPECIAL_NAMES = {b".control": CONTROL, b".status": STATUS, b".metrics": METRICS,
+                 b".socket": SOCKET}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 Gauges = dict[str, dict[Labels, float]]
@@ -89,12 +92,14 @@ class MountRoot:
         inodes: InodeTable,
         resolver: AllocationResolver,
         gauges: Callable[[], Gauges],
+        socket: bytes,
     ) -> None:
         self.images = images
         self.commands = commands  # what `.control` does
         self.inodes = inodes
         self.resolver = resolver
         self.gauges = gauges  # the state of the filesystem, for `.metrics`
+        self.socket = socket  # the query socket's path: `.socket` leads there
         self.started_ns = int(time.time() * 1e9)  # the time of every synthetic attribute
 
     async def lookup(self, raw: bytes, uid: int = 0) -> pyfuse3.EntryAttributes:
@@ -148,9 +153,13 @@ class MountRoot:
         return target.encode()
 
     def attrs(self, ino: int) -> pyfuse3.EntryAttributes:
-        """The attributes of the root or of a control file."""
+        """The attributes of the root, of a control file or of `.socket`."""
         if ino == ROOT:
             return synthetic(ino, stat.S_IFDIR | 0o755, self.started_ns, timeout=1.0)
+        if ino == SOCKET:
+            attrs = synthetic(ino, stat.S_IFLNK | 0o777, self.started_ns, timeout=1.0)
+            attrs.st_size = len(self.socket)
+            return attrs
         mode = 0o200 if ino == CONTROL else 0o444
         # Size 0 with direct_io: readers read until EOF; the content changes all the time.
         return synthetic(ino, stat.S_IFREG | mode, self.started_ns, timeout=1.0)

@@ -16,6 +16,10 @@ lock. From then on both hold them, so the connection outlives either process:
     takes them back from LISTEN_FDS when it starts, so that even the death of every uenvfs
     process does not end the connection.
 
+The keeper also holds the query socket's listening descriptor (server/queries.py), which a
+server makes and hands over ("hold-socket") and every later server gets: clients that ask
+while no server runs wait in its backlog for the next one.
+
 The connection ends when the server stops on purpose (SIGTERM to the keeper, `systemctl stop`,
 an unmount from outside): it says so ("stopping"), unmounts, and the keeper exits with its
 exit status.
@@ -50,10 +54,12 @@ from .protocol import (
     HANDOVER,
     HELD,
     HOLD,
+    HOLD_SOCKET,
     MAX_MESSAGE,
     READY,
     RESTART,
     RESTART_FAILED,
+    SOCKET,
     STANDBY,
     STATUS,
     STOPPING,
@@ -78,7 +84,7 @@ class Keeper:
     (after one died, until the next is started or, during a restart, takes over); `next` is
     a server started by `restart` that has not taken over yet; `held` has the connection's
     descriptors (from systemd's store, an adopted server or the first "hold") until the
-    connection ends (`_release`).
+    connection ends (`_release`), and the query socket's once a server handed it over.
     """
 
     def __init__(self, server_argv: list[str], held: dict[str, int] | None = None,
@@ -139,6 +145,10 @@ class Keeper:
         word, rest = parse(data)
         if word == HOLD:
             self._hold(dict(zip(HELD, fds, strict=False)))
+        elif word == HOLD_SOCKET and fds:
+            self._hold({SOCKET: fds[0]})
+            for fd in fds[1:]:
+                os.close(fd)
         elif word == HANDED and fds:
             child.handed = fds[0]
             for fd in fds[1:]:
@@ -177,11 +187,17 @@ class Keeper:
         self.pending.clear()
 
     def _hold(self, fds: dict[str, int]) -> None:
-        for fd in self.held.values():
-            os.close(fd)
-        self.held = fds
+        """Hold *fds* from now on: the connection (HELD's names, replacing all of them), or
+        the query socket (SOCKET, replacing the one held)."""
+        replaced = HELD if FUSE in fds else tuple(fds)
+        for name in replaced:
+            fd = self.held.pop(name, None)
+            if fd is not None:
+                os.close(fd)
+        self.held.update(fds)
         systemd.store(fds)
-        log.info("holding the FUSE connection (fds %s)", fds)
+        log.info("holding the %s (fds %s)",
+                 "FUSE connection" if FUSE in fds else "query socket", fds)
 
     def _reexec(self) -> None:
         """Become the installed keeper (same pid: systemd's main process stays), holding what
@@ -191,9 +207,10 @@ class Keeper:
         if current is None or self.next is not None or FUSE not in self.held:
             return
         fds = [self.held.get(name, -1) for name in HELD]
-        info = {"pid": current.pid, "fds": fds, "sock": current.sock.fileno(),
-                "argv": self.server_argv, "restart": True}
-        for fd in [*fds, current.sock.fileno()]:
+        socket_fd = self.held.get(SOCKET, -1)
+        info = {"pid": current.pid, "fds": fds, "socket": socket_fd,
+                "sock": current.sock.fileno(), "argv": self.server_argv, "restart": True}
+        for fd in [*fds, socket_fd, current.sock.fileno()]:
             if fd >= 0:
                 os.set_inheritable(fd, True)
         env = {**os.environ, ENV_SERVER: json.dumps(info),

@@ -8,6 +8,8 @@ for some a space and a text, for some descriptors with it.
 From a server to its keeper:
 
     hold      + fuse, ledger, lock   a new connection, mounted by this server: hold it too
+    hold-socket + socket             the query socket this server listens on (one it made,
+                                     not got from the keeper): hold it too
     ready                            it serves (libfuse went through INIT)
     status TEXT                      how it serves, every HEARTBEAT seconds at most: systemd's
                                      STATUS=, and the proof that its loop runs (the watchdog)
@@ -34,6 +36,7 @@ import sys
 # -- the words -------------------------------------------------------------------------------
 
 HOLD = "hold"
+HOLD_SOCKET = "hold-socket"
 READY = "ready"
 STATUS = "status"
 STOPPING = "stopping"
@@ -48,17 +51,22 @@ MAX_MESSAGE = 4096  # bytes of one message, at most
 
 # -- the descriptors -------------------------------------------------------------------------
 
-FUSE, LEDGER, LOCK = "fuse", "ledger", "lock"
-HELD = (FUSE, LEDGER, LOCK)  # what the keeper holds, in the order of `hold` and ENV_RESUME
-STORED = (FUSE, LEDGER)  # what it also keeps in systemd's store (FDSTORE=1), by these names
+FUSE, LEDGER, LOCK, SOCKET = "fuse", "ledger", "lock", "socket"
+HELD = (FUSE, LEDGER, LOCK)  # the connection, in the order of `hold` and ENV_RESUME
+# The keeper also holds SOCKET, the query socket's listening descriptor (server/queries.py),
+# apart from HELD: a server or keeper of the version before it, which splits HELD's lists
+# into exactly three, works on with one that has it (and makes its own socket).
+STORED = (FUSE, LEDGER, SOCKET)  # what it also keeps in systemd's store, by these names
 
 # -- the environment -------------------------------------------------------------------------
 
 ENV_KEEPER = "UENVFS_KEEPER"  # in a server: its socket to the keeper
 ENV_RESUME = "UENVFS_RESUME"  # in a server: fuse,ledger,lock descriptors to resume with
+ENV_SOCKET = "UENVFS_SOCKET"  # in a server: the query socket's descriptor, to listen on
 # In a keeper started by a server whose keeper died, or run by `restart` (exec): a JSON object
 # with the server's pid, the held descriptors ("fds", in HELD's order, -1 for none), the
-# socket to it ("sock"), its command ("argv"), and "restart" if it must start a new server.
+# query socket ("socket", if held), the socket to the server ("sock"), its command ("argv"),
+# and "restart" if it must start a new server.
 ENV_SERVER = "UENVFS_SERVER"
 ENV_STANDBY = "UENVFS_STANDBY"  # in a server started by `restart`: wait for GO
 ENV_FDSTORE = "UENVFS_FDSTORE"  # in a server: systemd keeps the connection too (see Link)

@@ -14,7 +14,7 @@ import sys
 from ..kernel import fusedev
 from . import loop, systemd
 from .keeper import Keeper
-from .protocol import ENV_SERVER, FUSE, HELD, LEDGER, server_argv
+from .protocol import ENV_SERVER, FUSE, HELD, LEDGER, SOCKET, server_argv
 
 log = logging.getLogger("uenvfs.keeper")
 
@@ -65,6 +65,8 @@ def adopt_server() -> int:
     code): hold the server's descriptors and watch it."""
     info = json.loads(os.environ.pop(ENV_SERVER))
     held = {name: fd for name, fd in zip(HELD, info["fds"], strict=True) if fd >= 0}
+    if info.get("socket", -1) >= 0:  # absent: a server of the version before
+        held[SOCKET] = info["socket"]
     for fd in [*held.values(), info["sock"]]:
         os.set_inheritable(fd, False)
     sock = socket.socket(fileno=info["sock"])

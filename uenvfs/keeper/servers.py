@@ -17,9 +17,11 @@ from .protocol import (
     ENV_KEEPER,
     ENV_RESUME,
     ENV_SERVER,
+    ENV_SOCKET,
     ENV_STANDBY,
     HEARTBEAT,
     HELD,
+    SOCKET,
     socketpair,
 )
 
@@ -46,8 +48,9 @@ class Child:
 
 def spawn(argv: list[str], held: Mapping[str, int], resume: bool, standby: bool,
           watchdog: float) -> Child:
-    """Start a server (*argv*): for a new connection, or to resume the *held* one; *standby*:
-    started by `restart`, it takes over once the old server has stopped. *watchdog*:
+    """Start a server (*argv*): for a new connection, or to resume the *held* one (with the
+    query socket, if held); *standby*: started by `restart`, it takes over once the old server
+    has stopped. *watchdog*:
     systemd's WatchdogSec= (0: none), which sets how often the server must report."""
     ours, theirs = socketpair()
     env = dict(os.environ)
@@ -68,6 +71,10 @@ def spawn(argv: list[str], held: Mapping[str, int], resume: bool, standby: bool,
         pass_fds += [fd for fd in fds if fd >= 0]
     else:
         env.pop(ENV_RESUME, None)
+    env.pop(ENV_SOCKET, None)
+    if SOCKET in held:
+        env[ENV_SOCKET] = str(held[SOCKET])
+        pass_fds.append(held[SOCKET])
     process = subprocess.Popen(argv, env=env, pass_fds=pass_fds)
     theirs.close()
     child = Child(process.pid, os.pidfd_open(process.pid), ours, heard=time.monotonic())

@@ -11,6 +11,7 @@ the states, the settings and the process serving.
 from __future__ import annotations
 
 import errno
+import operator
 from collections.abc import Collection
 from typing import Any
 
@@ -98,7 +99,7 @@ class Images:
             raise CommandError(errno.ENOENT, f"no image named {word!r}{labels}")
         return word
 
-    # -- .status ---------------------------------------------------------------------------
+    # -- .status and the query socket --------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         """The `.status` document."""
@@ -109,6 +110,16 @@ class Images:
             mounts=manager.backing_mounts, labels=labels_by_id(self.catalog.records()))
         return status_document(str(config.mountpoint), settings.hold_time, settings.emergency,
                                mounts, settings.verify, self.server)
+
+    def acquired_by(self, alloc: str) -> list[dict[str, Any]]:
+        """The images *alloc* acquired, by name: each one's image file, state and error (as
+        in `.status`), for the query socket's `allocation`."""
+        paths = self.manager.mounter.paths
+        acquired = [image for image in self.manager.registry.users_of(alloc)
+                    if image.users[alloc].acquired]
+        return [{"name": image.name, "image_path": str(paths.get(image.name, "")),
+                 "state": image.phase.value, "error": image.error}
+                for image in sorted(acquired, key=operator.attrgetter("name"))]
 
 
 def _is_label(word: str) -> bool:

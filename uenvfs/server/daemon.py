@@ -9,6 +9,7 @@ daemon to adopt.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -44,6 +45,7 @@ from ..keeper.protocol import (
     ENV_HEARTBEAT,
     ENV_KEEPER,
     ENV_RESUME,
+    ENV_SOCKET,
     ENV_STANDBY,
     HANDED,
     HEARTBEAT,
@@ -58,7 +60,7 @@ from ..manager.executor import Executor
 from ..manager.images import Images
 from ..manager.manager import Manager
 from ..manager.reconfigure import Reconfigure
-from . import handover
+from . import handover, queries
 from .link import Link
 from .ownership import clear_stale_mount, lock_state_dir
 from .resume import (
@@ -113,7 +115,8 @@ async def _tune_after_init(fs: UenvFS, config: Config) -> None:
 
 def _prepare_dirs(config: Config, resuming: bool) -> None:
     """The directories uenvfs needs; not the mountpoint when resuming: it is our live mount,
-    and a stat of it would wait for this very process."""
+    and a stat of it would wait for this very process. The state directory is traversable by
+    all, for its query socket."""
     mountpoint = () if resuming else (config.mountpoint,)
     for directory in (config.state_dir, config.backing_root, *mountpoint):
         try:
@@ -122,6 +125,10 @@ def _prepare_dirs(config: Config, resuming: bool) -> None:
             raise StartupError(f"cannot create {directory}: {exc.strerror}") from exc
         if not stat.S_ISDIR(directory.stat().st_mode):
             raise StartupError(f"{directory} is not a directory")
+    try:
+        config.state_dir.chmod(0o755)
+    except OSError as exc:
+        raise StartupError(f"cannot make {config.state_dir} mode 0755: {exc.strerror}") from exc
 
 
 async def recover(manager: Manager, settings: Settings) -> None:
@@ -180,12 +187,13 @@ async def _expire_on_signal(manager: Manager) -> None:
     log.info("SIGUSR1: %s", await manager.expire_idle())
 
 
-async def run(config: Config, link: Link, resume: Resume | None,
+async def run(config: Config, link: Link, resume: Resume | None, handed_socket: int | None,
               reread: Callable[[], Config] | None = None) -> None:
     """Serve until a signal or an external unmount, then shut down cleanly.
 
     A new connection is mounted here and handed to the keeper; a live one (*resume*) is
-    taken over with what its ledger says.
+    taken over with what its ledger says. The query socket is the one the keeper handed over
+    (*handed_socket*), else a new one.
     """
     backend = make_backend(config.backend, config.mount_timeout)
     missing = backend.missing_tools()
@@ -232,7 +240,7 @@ async def run(config: Config, link: Link, resume: Resume | None,
     log.info("open files: %d per allocation, %d in all (descriptor limit %d)",
              budget.per_allocation, limit - RESERVE, limit)
     fs = UenvFS(images, executor, prefixes, resolver, budget, config.mountpoint,
-                hold_time=lambda: settings.hold_time)
+                hold_time=lambda: settings.hold_time, socket_path=config.socket_path)
     manager.listen(fs.listener)
 
     if found is not None:
@@ -254,6 +262,7 @@ async def run(config: Config, link: Link, resume: Resume | None,
         link.resumed_with(fuse_fd, ledger.fd, lock)
     manager.mounter.attach(ledger)
     fs.attach(ledger)
+    query_server = queries.server(config.socket_path, handed_socket, link, images)
     if found is not None:
         restore_handles(fs, found, ledger, config.mountpoint)
     if handed is not None:
@@ -285,6 +294,8 @@ async def run(config: Config, link: Link, resume: Resume | None,
             nursery.start_soon(_ready_after_init, fs, manager, link, resume is not None,
                                name="ready")
             nursery.start_soon(_report, fs, images, link, name="report")
+            if query_server is not None:
+                nursery.start_soon(query_server.run, name="queries")
             with serving:
                 await pyfuse3.main(max_tasks=MAX_REQUESTS)
                 if not handing_over.is_set():
@@ -292,6 +303,8 @@ async def run(config: Config, link: Link, resume: Resume | None,
             if handing_over.is_set():
                 _hand_over(manager, settings, link)  # does not return
             link.send(STOPPING)
+            with contextlib.suppress(OSError):
+                config.socket_path.unlink()  # the keeper stops too: no server to ask
             _end_connection(config)
             # Uses through open files die with the connection (the kernel can no longer send
             # their releases); only acquisitions outlive the daemon, through the journal.
@@ -382,8 +395,9 @@ def serve(config: Config, reread: Callable[[], Config] | None = None) -> int:
         standby = os.environ.pop(ENV_STANDBY, "")
         if resume is not None:
             resume.standby = bool(standby)
+        handed_socket = queries.handed_socket(os.environ.pop(ENV_SOCKET, ""))
         with fastloop.installed(linger=config.linger_us / 1e6):  # warns if pyfuse3 is unknown
-            trio.run(run, config, link, resume, reread)
+            trio.run(run, config, link, resume, handed_socket, reread)
     except StartupError as exc:
         log.error("%s", exc)
         return 1

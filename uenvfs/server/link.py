@@ -19,6 +19,7 @@ from ..keeper.protocol import (
     GO,
     HANDOVER,
     HOLD,
+    HOLD_SOCKET,
     MAX_MESSAGE,
     READY,
     RESTART,
@@ -40,6 +41,7 @@ class Link:
         self.sock = socket.socket(fileno=fd)
         self.sock.setblocking(False)
         self.held: list[int] = []  # fuse, ledger, lock: what a new keeper gets
+        self.socket = -1  # the query socket's listening descriptor, for a new keeper too
         self._children: list[subprocess.Popen[bytes]] = []
 
     def send(self, word: str, fds: Sequence[int] = ()) -> None:
@@ -56,6 +58,13 @@ class Link:
     def resumed_with(self, fuse: int, ledger: int, lock: int) -> None:
         """The keeper handed us these (it holds them already)."""
         self.held = [fuse, ledger, lock]
+
+    def hold_socket(self, fd: int, made: bool) -> None:
+        """Have the keeper hold the query socket too, if this server *made* it (else the
+        keeper handed it over, and holds it already)."""
+        self.socket = fd
+        if made:
+            self.send(HOLD_SOCKET, [fd])
 
     def ready(self) -> None:
         self.send(READY)
@@ -123,10 +132,11 @@ class Link:
         ours, theirs = socketpair()
         env = dict(os.environ)
         env[ENV_SERVER] = json.dumps({"pid": os.getpid(), "fds": self.held,
-                                      "sock": theirs.fileno(), "argv": server_argv()})
+                                      "socket": self.socket, "sock": theirs.fileno(),
+                                      "argv": server_argv()})
         self._children.append(subprocess.Popen(
             keeper_argv(), env=env,
-            pass_fds=[theirs.fileno(), *(fd for fd in self.held if fd >= 0)],
+            pass_fds=[theirs.fileno(), *(fd for fd in [*self.held, self.socket] if fd >= 0)],
             stdin=subprocess.DEVNULL))
         theirs.close()
         trio.lowlevel.notify_closing(self.sock)

@@ -1,0 +1,115 @@
+"""Asking the daemon's query socket (core/queries.py) within a deadline, for `uenvfs attach`
+(which the SPANK plugin runs for the tasks of jobs that acquired images). Nothing goes through
+FUSE but reading the mount root's `.socket` link, when the socket is not named, and that is
+waited for no longer than the deadline either. Never imports trio or pyfuse3.
+
+A connection closed without an answer (a server killed while it answered, a server over its
+share of connections) is tried again until the deadline: a query only reads.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..core.queries import MAX_ANSWER, parse_answer
+from .exits import RunError
+
+AGAIN = 0.05  # seconds between tries
+
+
+class _NoAnswer(Exception):
+    """The connection ended, or could not be made for now, without an answer: try again."""
+
+
+def ask(mountpoint: Path, request: bytes, socket_path: Path | None, timeout: float
+        ) -> dict[str, Any]:
+    """The answer of the uenvfs at *mountpoint* to *request* (one line), through the socket
+    at *socket_path* (None: where `.socket` leads). `RunError` if none comes within
+    *timeout* seconds, or if no uenvfs serves there."""
+    deadline = time.monotonic() + timeout
+    late = RunError(f"uenvfs at {mountpoint} did not answer within {timeout:g} s")
+    path = socket_path or _linked(mountpoint, deadline, late)
+    while True:
+        try:
+            return _exchange(mountpoint, path, request, deadline)
+        except TimeoutError:
+            raise late from None
+        except _NoAnswer:
+            if time.monotonic() + AGAIN >= deadline:
+                raise late from None
+            time.sleep(AGAIN)
+
+
+def _linked(mountpoint: Path, deadline: float, late: RunError) -> Path:
+    """Where `<mountpoint>/.socket` leads, read in a thread of its own: a server that does
+    not answer holds up that thread, never this one beyond *deadline*."""
+    found: list[str | OSError] = []
+
+    def read() -> None:
+        try:
+            found.append(os.readlink(mountpoint / ".socket"))
+        except OSError as exc:
+            found.append(exc)
+
+    reader = threading.Thread(target=read, name="readlink", daemon=True)
+    reader.start()
+    reader.join(max(0.0, deadline - time.monotonic()))
+    if not found:
+        raise late
+    target = found[0]
+    if isinstance(target, OSError):
+        raise RunError(f"no uenvfs serving at {mountpoint} (is the uenvfs service running?): "
+                       f"{mountpoint / '.socket'}: {target.strerror}")
+    return mountpoint / target  # an absolute target stays as it is
+
+
+def _exchange(mountpoint: Path, path: Path, request: bytes, deadline: float) -> dict[str, Any]:
+    """One connection: send *request*, read the answer's line. TimeoutError past *deadline*;
+    _NoAnswer if the connection ends without an answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(_left(deadline))
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise RunError(f"no uenvfs serving at {mountpoint} (is the uenvfs service "
+                           f"running?): {path}: {exc.strerror}") from None
+        except BlockingIOError:  # its backlog is full: a server is on its way
+            raise _NoAnswer from None
+        try:
+            sock.settimeout(_left(deadline))
+            sock.sendall(request)
+            data = bytearray()
+            while not data.endswith(b"\n"):
+                if len(data) > MAX_ANSWER:
+                    raise RunError(f"uenvfs at {mountpoint} answered more than {MAX_ANSWER} "
+                                   "bytes")
+                sock.settimeout(_left(deadline))
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    raise _NoAnswer
+                data += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            raise _NoAnswer from None
+        except OSError as exc:
+            if isinstance(exc, TimeoutError) or exc.errno == errno.ETIMEDOUT:
+                raise TimeoutError from None
+            raise RunError(f"uenvfs at {mountpoint}: {path}: {exc.strerror}") from None
+    try:
+        return parse_answer(bytes(data))
+    except ValueError as exc:
+        raise RunError(f"uenvfs at {mountpoint} answered what is not an answer: {exc}"
+                       ) from None
+
+
+def _left(deadline: float) -> float:
+    """Seconds left until *deadline*; TimeoutError if none."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
