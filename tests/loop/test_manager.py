@@ -246,6 +246,40 @@ async def test_reconcile_keeps_only_live_allocations(
     assert manager.registry["b"].phase is Phase.HOLDING
 
 
+async def test_owners_are_known_for_allocations_in_use_only(
+    env: tuple[Parts, FakeBackend], autojump_clock: trio.testing.MockClock
+) -> None:
+    parts, _ = env
+    manager = parts.manager
+    counts, owners = manager.counts, manager.owners
+    await run(parts, "acquire a slurm-1 1000")
+    await run(parts, "acquire b slurm-1")  # without a uid: the owner stays
+    assert owners.owner("slurm-1") == 1000
+    journaled = manager.journal.snapshot().mounts
+    assert journaled["a"].owners == journaled["b"].owners == {"slurm-1": 1000}
+    await run(parts, "acquire a slurm-1 1001")  # the resource manager's latest word
+    assert owners.owner("slurm-1") == 1001
+    await run(parts, "release slurm-1 a")
+    assert owners.owner("slurm-1") == 1001  # it still uses b
+    await run(parts, "release slurm-1")
+    assert owners.owner("slurm-1") is None
+
+    # An owner learned from a process in the allocation's cgroup goes with its last use.
+    first = counts.open("a", "job-2")
+    owners.learn("job-2", 2000, "a process in its cgroup")
+    second = counts.open("b", "job-2")
+    counts.close("a", first)
+    assert owners.owner("job-2") == 2000
+    counts.close("b", second)
+    assert owners.owner("job-2") is None
+
+    await run(parts, "acquire a job-3 3000")
+    await run(parts, "acquire a job-4 4000")
+    await run(parts, "reconcile job-4")
+    assert (owners.owner("job-3"), owners.owner("job-4")) == (None, 4000)
+    assert len(owners) == 1
+
+
 def test_every_command_has_a_handler() -> None:
     assert set(HANDLERS) == set(COMMANDS.values())
 

@@ -159,6 +159,9 @@ def test_two_images_at_two_mount_points(served: Daemon, user: str) -> None:
 
 
 def test_uses_count_for_the_callers_allocation(served: Daemon) -> None:
+    # job-42 is nobody's (a prolog's `acquire NAME ALLOC UID` says so): only then may nobody's
+    # environment name it.
+    served.control("acquire plain job-42 65534")
     python, env = _python_for_nobody()
     job = subprocess.Popen(
         [*NOBODY, sys.executable, "-m", "uenvfs", "run", "greet", "--mountpoint",
@@ -191,6 +194,7 @@ def test_uses_count_for_the_callers_allocation(served: Daemon) -> None:
     assert job.returncode == 0
     wait_until(lambda: "job-42" not in (served.mount_status("greet") or {}).get(
         "allocations", {}), what="job-42 to end its uses")
+    served.control("release job-42")
 
 
 def test_clear_errors_and_nothing_done(served: Daemon, world_tmp: Path) -> None:
@@ -278,6 +282,7 @@ def test_start_nested_runs_and_expiry(make_daemon: DaemonFactory, mount_points: 
                            "meta/env.json": meta_json("tools-env", "/user-tools", "tools")},
                  mode=0o755)
     daemon.start()
+    daemon.control("acquire tools job-7 65534")  # nobody's allocation, as a prolog says
     python, env = _python_for_nobody()
     shell = subprocess.Popen(
         [*NOBODY, sys.executable, "-m", "uenvfs", "start", "greet", "--view", "default",
@@ -339,3 +344,4 @@ def test_start_nested_runs_and_expiry(make_daemon: DaemonFactory, mount_points: 
     assert "/user-environment already holds image greet (from an enclosing uenvfs run or " \
            "start); put tools elsewhere" in errors
     assert shell.returncode == 0, errors
+    daemon.control("release job-7")

@@ -45,10 +45,27 @@ def test_file_values_and_flags_beat_the_defaults_in_that_order(tmp_path: Path) -
     ("mountpoint = 'relative'", "mountpoint must be an absolute path"),
     ("holdtime = 3", "unknown key 'holdtime'"),
     ("hold_time = ", "Invalid value"),
+    ("cgroup_layouts = '/workload.slice/{id}.scope'", "cgroup_layouts must be a list"),
+    ("cgroup_layouts = [1]", "cgroup_layouts must be a list of cgroup paths"),
+    ("cgroup_layouts = ['workload.slice/{id}.scope']", "must start with /"),
+    ("cgroup_layouts = ['/workload.slice/x.scope']", "must name the allocation once"),
+    ("cgroup_layouts = ['/a/{id}/{job}']", "must name the allocation once"),
+    ("cgroup_layouts = ['/a/{name}']", r"unknown placeholder \{name\}"),
+    ("cgroup_layouts = ['/a/../{id}']", r"empty, \. or \.\. component"),
 ])
 def test_a_bad_value_is_refused_with_its_reason(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config.load(write(tmp_path, text + "\n"))
+
+
+def test_cgroup_layouts_default_to_pact_and_slurm_and_may_be_set(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, "")).cgroup_layouts == (
+        "/workload.slice/{id}.scope", "/system.slice/slurmstepd.scope/job_{job}",
+        "/slurm/uid_{uid}/job_{job}")
+    text = "cgroup_layouts = ['/site.slice/alloc_{id}', '/slurm/job_{job}']\n"
+    assert config.load(write(tmp_path, text)).cgroup_layouts == (
+        "/site.slice/alloc_{id}", "/slurm/job_{job}")
+    assert config.load(write(tmp_path, "cgroup_layouts = []\n")).cgroup_layouts == ()
 
 
 def test_a_missing_file_given_by_name_is_an_error(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ from uenvfs.core.errors import CommandError
     ("line", "command"),
     [
         ("acquire pytorch-2.5 alloc-42", Acquire("pytorch-2.5", "alloc-42")),
+        ("acquire img slurm-7 1000", Acquire("img", "slurm-7", 1000)),
+        ("acquire img slurm-7 0", Acquire("img", "slurm-7", 0)),
         ("  release   slurm-7  ", Release("slurm-7")),
         ("release slurm-7 img", Release("slurm-7", "img")),
         ("reconcile --none", Reconcile()),
@@ -59,6 +61,11 @@ def test_parse_line(line: str, command: Command) -> None:
         ("acquire ../etc alloc", "invalid image name or uenv label"),
         ("acquire .hidden alloc", "invalid image name"),
         ("acquire img al/loc", "invalid allocation id"),
+        ("acquire img a -1", "invalid uid '-1'"),
+        ("acquire img a 4294967295", "invalid uid"),
+        ("acquire img a 1e3", "invalid uid"),
+        ("acquire img a \u0661", "invalid uid"),  # an Arabic-Indic digit one
+        ("acquire img a 1 2", "usage: acquire NAME ALLOC [UID]"),
         ("release", "usage: release ALLOC [NAME]"),
         ("hold-time -1", "between 0 and"),
         ("hold-time nan", "between 0 and"),
@@ -104,7 +111,7 @@ def test_parser_never_raises_anything_but_einval(data: bytes) -> None:
 
 def test_the_table_has_every_command_with_its_usage() -> None:
     assert {verb: kind.usage for verb, kind in COMMANDS.items()} == {
-        "acquire": "acquire NAME ALLOC",
+        "acquire": "acquire NAME ALLOC [UID]",
         "release": "release ALLOC [NAME]",
         "reconcile": "reconcile ALLOC... | --none",
         "expire": "expire [NAME]",

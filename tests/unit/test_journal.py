@@ -13,7 +13,8 @@ from uenvfs.manager import journal
 from uenvfs.manager.journal import Journal, JournalError, MountRecord
 from uenvfs.manager.recovery import loop_backing_file, plan
 
-RECORD = MountRecord("/images/a.sqfs", "/state/mnt/a", (1, 2, 3, 4), ("slurm-7",), 1.5)
+RECORD = MountRecord("/images/a.sqfs", "/state/mnt/a", (1, 2, 3, 4), ("slurm-7",), 1.5,
+                     {"slurm-7": 1000})
 
 
 def test_roundtrip(tmp_path: Path) -> None:
@@ -39,6 +40,13 @@ def test_settings_roundtrip_and_an_older_journal_has_none(tmp_path: Path) -> Non
     assert (settings.hold_time, settings.emergency) == (None, False)
 
 
+def test_an_older_journal_has_no_owners() -> None:
+    older = (b'{"version": 1, "mounts": {"a": {"image_path": "/a", "backing": "/b", '
+             b'"acquired": ["slurm-7"]}}}')  # written before owners were journaled
+    record = journal.parse(older).mounts["a"]
+    assert (record.acquired, record.owners) == (("slurm-7",), {})
+
+
 @pytest.mark.parametrize(
     "data",
     [b'{"version": 1, "mounts": {}, "hold_time": -1}',
@@ -61,6 +69,10 @@ def test_bad_settings_are_a_journal_error(data: bytes) -> None:
      b'{"version": 1, "mounts": {"a": {"image_path": "/a", "backing": "/b", "identity": [1]}}}',
      b'{"version": 1, "mounts": {"a": {"image_path": "/a", "backing": "/b", '
      b'"acquired": ["bad id"]}}}',
+     *(b'{"version": 1, "mounts": {"a": {"image_path": "/a", "backing": "/b", '
+       b'"acquired": ["j"], "owners": %s}}}' % owners
+       for owners in (b'[]', b'{"j": -1}', b'{"j": 4294967295}', b'{"j": "5"}', b'{"j": true}',
+                      b'{"other": 5}')),
      os.urandom(300)],
 )
 def test_garbage_is_a_journal_error(data: bytes) -> None:

@@ -19,6 +19,7 @@ of `uenvfs serve` has its name with `_` for `-` (but `maps` is `--map` and `repo
     linger_us = 100                 # keep polling for the next request before sleeping (0: no)
     open_files_per_allocation = 0   # open files in images per allocation (0: half the limit)
     storage_guard = "auto"          # auto | always | never: see manager/storage.py
+    cgroup_layouts = ["/workload.slice/{id}.scope", ...]  # where a cgroup names an allocation
     log_level = "INFO"
 """
 
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import MOUNTPOINT
+from .cgroups import DEFAULT_LAYOUTS, LayoutError, parse_layouts
 
 DEFAULT_CONFIG_FILE = Path("/etc/uenvfs.toml")
 DEFAULT_MOUNTPOINT = Path(MOUNTPOINT)
@@ -63,6 +65,7 @@ class Config:
     linger_us: int = 100
     open_files_per_allocation: int = 0
     storage_guard: str = "auto"
+    cgroup_layouts: tuple[str, ...] = DEFAULT_LAYOUTS  # see core/cgroups.py
     log_level: str = "INFO"
 
     @property
@@ -95,6 +98,10 @@ class Config:
         for name in ("mountpoint", "state_dir"):
             if not getattr(self, name).is_absolute():
                 raise ConfigError(f"{name} must be an absolute path")
+        try:
+            parse_layouts(self.cgroup_layouts)
+        except LayoutError as exc:
+            raise ConfigError(f"cgroup_layouts: {exc}") from None
         mp, sd = self.mountpoint, self.state_dir
         if mp == sd or mp in sd.parents or sd in mp.parents:
             # The daemon would stat its own mountpoint when managing its backing mounts.
@@ -129,6 +136,10 @@ def _convert(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{key} must be a whole number >= 0 (0: automatic)")
         return value
+    if key == "cgroup_layouts":
+        if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
+            raise ConfigError(f"{key} must be a list of cgroup paths")
+        return tuple(value)
     if key == "validate":
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false")

@@ -2,7 +2,7 @@
 
 Pure: no trio, no pyfuse3. A command line is words separated by blanks:
 
-    acquire NAME ALLOC        release ALLOC [NAME]      reconcile ALLOC... | --none
+    acquire NAME ALLOC [UID]  release ALLOC [NAME]      reconcile ALLOC... | --none
     expire [NAME]             hold-time SECONDS [NAME]  emergency on|off
     force-unmount NAME        reload                    verify
     restart
@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Literal, Self, TypeVar, dataclass_transform
 from .errors import CommandError
 from .labels import LabelError, parse_label
 from .names import valid_alloc, valid_name
+from .owners import MAX_UID
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,12 @@ def _alloc(word: str) -> str:
     return word
 
 
+def _uid(word: str) -> int:
+    if not word.isascii() or not word.isdigit() or int(word) > MAX_UID:
+        raise _invalid(f"invalid uid {word!r}: a number from 0 to {MAX_UID}")
+    return int(word)
+
+
 def _seconds(word: str) -> float:
     try:
         value = float(word)
@@ -98,6 +105,7 @@ def _on_off(word: str) -> bool:
 
 NAME = Word("NAME", _name)
 ALLOC = Word("ALLOC", _alloc)
+UID = Word("UID", _uid)
 SECONDS = Word("SECONDS", _seconds, show=lambda seconds: f"{seconds:g}")
 ON_OFF = Word("on|off", _on_off, show=lambda on: "on" if on else "off", choices=("on", "off"),
               dest="mode")
@@ -211,10 +219,12 @@ def command(verb: str, help: str) -> Callable[[type[C]], type[C]]:
     return register
 
 
-@command("acquire", "ALLOC uses NAME (mounting it) until released")
+@command("acquire", "ALLOC (the job of user UID, if given) uses NAME (mounting it) until "
+         "released")
 class Acquire(Command):
     name: str = field(metadata=NAME.meta)
     alloc: str = field(metadata=ALLOC.meta)
+    uid: int | None = field(default=None, metadata=UID.meta)
 
 
 @command("release", "ALLOC stops using NAME (or every image)")

@@ -69,6 +69,11 @@ HELP = {
     "uenvfs_process_scans_total": (
         "counter", "Scans of /proc for processes sitting in images."),
     "uenvfs_process_scan_seconds": ("gauge", "How long the last scan of /proc took."),
+    "uenvfs_identity_reads_total": (
+        "counter", "Processes whose cgroup and environment were read to find their allocation "
+                   "(once per process, not per thread, at most every 50 ms)."),
+    "uenvfs_allocation_owners": (
+        "gauge", "Allocations in use whose user (uid) the daemon knows."),
     "uenvfs_verify_differences": (
         "gauge", "Differences of the counts from the processes at the last `verify`."),
     "uenvfs_readahead_windows_total": (

@@ -81,7 +81,7 @@ class UenvFS(FileRequests, DirectoryRequests):
         super().__init__()
         self.images = images
         self.metrics = images.metrics  # counted on every request: one attribute less
-        self.resolver = resolver or AllocationResolver()
+        self.resolver = resolver if resolver is not None else AllocationResolver()
         self.inodes = InodeTable(prefixes)
         self.handles = HandleTable()
         self.listings = ListingCache()
@@ -255,6 +255,8 @@ class UenvFS(FileRequests, DirectoryRequests):
             gauges["uenvfs_verify_differences"] = metrics.gauge(len(verified["differences"]))
         gauges["uenvfs_process_scans_total"] = metrics.gauge(self.uses.scans)
         gauges["uenvfs_process_scan_seconds"] = metrics.gauge(self.uses.scan_seconds)
+        gauges["uenvfs_identity_reads_total"] = metrics.gauge(self.resolver.lookups)
+        gauges["uenvfs_allocation_owners"] = metrics.gauge(len(self.resolver.owners))
         gauges["uenvfs_known_inodes"] = metrics.gauge(len(self.inodes))
         gauges["uenvfs_listing_cache_entries"] = metrics.gauge(self.listings.entries)
         gauges["uenvfs_listing_cache_bytes"] = metrics.gauge(self.listings.memory)

@@ -14,6 +14,11 @@ which counts them as `cwd` uses of their allocations. It scans:
 
 `verify` compares every count of the daemon with a full scan (open files, mappings, running
 programs, working directories) and says what differs: `uenvfs status --verify`.
+
+A scan costs the event loop one step per process and image, not per thread: the worker thread
+that scans /proc keeps one hold per process, kind and image version (the threads of a process
+that sit in one image are one use) and reads what /proc says of each process that holds any
+(`AllocationResolver.read`); the loop only decides whose each process is.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from typing import Any
 import trio
 
 from ..core.interfaces import ImageService
+from ..core.model import PREFIX_SHIFT
 from ..kernel import mountinfo, procscan
 from ..kernel.procscan import Hold
-from .allocation import AllocationResolver
+from .allocation import AllocationResolver, Process
 from .inodes import InodeTable
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,30 @@ FILE_KINDS = frozenset({"fd", "map", "exe"})
 
 # What the processes hold: image -> allocation -> kind -> the pids holding it that way
 Holdings = dict[str, dict[str, dict[str, set[int]]]]
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What a scan found: one hold per process, kind (`root` as `cwd`) and image version, and
+    what /proc says of each process holding any."""
+
+    holds: list[Hold]
+    processes: dict[int, Process]
+
+
+def scan(dev: int, kinds: Iterable[str], read: Callable[[int, int], Process]) -> Scan:
+    """`procscan.scan`, thread by thread, folded into one hold per process, kind and image
+    version (an inode number's prefix: core/model.py), and *read* of each process found. For
+    a worker thread: it takes as long as there are threads."""
+    holds: dict[tuple[int, str, int], Hold] = {}
+    for hold in procscan.scan(dev, kinds):
+        kind = "cwd" if hold.kind in procscan.CWD_KINDS else hold.kind
+        holds.setdefault((hold.pid, kind, hold.ino >> PREFIX_SHIFT), hold)
+    processes: dict[int, Process] = {}
+    for hold in holds.values():
+        if hold.uid >= 0 and hold.pid not in processes:
+            processes[hold.pid] = read(hold.pid, hold.uid)
+    return Scan(list(holds.values()), processes)
 
 
 def rescan_every(hold_time: float) -> float:
@@ -93,37 +123,41 @@ class UseScanner:
             if time.monotonic() - self._scanned_at <= max_age:
                 return
             started = time.monotonic()
-            holds = await self._scan(procscan.CWD_KINDS)
-            if holds is None:
+            found = await self._scan(procscan.CWD_KINDS)
+            if found is None:
                 return
             self._scanned_at = started
             self.scans += 1
             self.scan_seconds = time.monotonic() - started
             counts = {image: {alloc: len(kinds["cwd"]) for alloc, kinds in users.items()}
-                      for image, users in self.holdings(holds).items()}
+                      for image, users in self.holdings(found).items()}
             self._sitting = self.images.sitting(counts)
 
-    async def _scan(self, kinds: Iterable[str]) -> list[Hold] | None:
-        """`procscan.scan` in a worker thread; None if it takes over `SCAN_TIMEOUT` (it is
-        left to finish; /proc answers unless the kernel itself is stuck). Nothing is held
-        once the connection is gone (a shutdown during an await)."""
+    async def _scan(self, kinds: Iterable[str]) -> Scan | None:
+        """`scan` in a worker thread; None if it takes over `SCAN_TIMEOUT` (it is left to
+        finish; /proc answers unless the kernel itself is stuck). Nothing is held once the
+        connection is gone (a shutdown during an await)."""
         dev = self.dev
         if dev is None:
-            return []
+            return Scan([], {})
         with trio.move_on_after(SCAN_TIMEOUT):
-            return await trio.to_thread.run_sync(procscan.scan, dev, kinds,
+            return await trio.to_thread.run_sync(scan, dev, kinds, self.resolver.read,
                                                  abandon_on_cancel=True)
         log.warning("a scan of the processes took over %g s; given up", SCAN_TIMEOUT)
         return None
 
-    def holdings(self, holds: Iterable[Hold]) -> Holdings:
-        """The holds by image, allocation and kind (`root` counts as `cwd`)."""
+    def holdings(self, found: Scan) -> Holdings:
+        """The holds by image, allocation and kind (`root` counts as `cwd`); each process's
+        allocation decided once."""
         holdings: Holdings = defaultdict(lambda: defaultdict(lambda: defaultdict(set)))
-        for hold in holds:
+        allocs: dict[int, str] = {}
+        for hold in found.holds:
             node = self.inodes.get(hold.ino)
             if node is None or hold.uid < 0:
                 continue  # not an inode of an image the kernel knows, or the process is gone
-            alloc = self.resolver.resolve(hold.tid, hold.uid)
+            alloc = allocs.get(hold.pid)
+            if alloc is None:
+                alloc = allocs[hold.pid] = self.resolver.judge(found.processes[hold.pid])
             kind = "cwd" if hold.kind in procscan.CWD_KINDS else hold.kind
             holdings[node.image][alloc][kind].add(hold.pid)
         return holdings
@@ -144,10 +178,10 @@ class UseScanner:
         return [text for key, text in second.items() if key in first]
 
     async def _compare(self) -> dict[tuple[str, str, str], str]:
-        holds = await self._scan(procscan.ALL_KINDS)
-        if holds is None:
+        found = await self._scan(procscan.ALL_KINDS)
+        if found is None:
             return {("", "", "scan"): "the scan of the processes gave no answer"}
-        return compare(self.images.status()["mounts"], self.holdings(holds))
+        return compare(self.images.status()["mounts"], self.holdings(found))
 
 
 def compare(mounts: Iterable[Mapping[str, Any]],

@@ -4,6 +4,9 @@ the acquisitions made by command, and the processes a scan finds sitting in imag
 A use that ends may start an image's hold timer, so the timer is told whenever one ends.
 Acquisitions and releases are in the journal before they are answered; handles are not
 (they die with the connection; a resumed connection has them in the ledger).
+
+The owners of allocations (core/owners.py) are kept for the allocations in use: an
+acquisition may name one, and an allocation whose last use ends is forgotten.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 
 from ..core.errors import RefcountInconsistency
 from ..core.metrics import Metrics
+from ..core.owners import Owners
 from ..core.state import Registry, Use
 from .hold_timer import HoldTimer
 from .journal_writer import JournalWriter
@@ -21,11 +25,12 @@ log = logging.getLogger(__name__)
 
 
 class Counts:
-    """Counts uses in `registry`, and tells the hold timer and the journal writer.
+    """Counts uses in `registry`, and tells the hold timer, the journal writer and `owners`.
 
-    Invariant: after any change that may have ended the last use of an image, the hold timer
-    was told (`wake_for` or `wake`), so no timer runs out late. The images must be mounted
-    when a use begins (`open`, `acquire`): the manager mounts them.
+    Invariants: after any change that may have ended the last use of an image, the hold timer
+    was told (`wake_for` or `wake`), so no timer runs out late; after any that may have ended
+    an allocation's last use, `owners` forgot it (see core/owners.py). The images must be
+    mounted when a use begins (`open`, `acquire`): the manager mounts them.
     """
 
     def __init__(
@@ -35,12 +40,14 @@ class Counts:
         journal: JournalWriter,
         metrics: Metrics,
         clock: Callable[[], float],
+        owners: Owners,
     ) -> None:
         self.registry = registry
         self.timer = timer
         self.journal = journal
         self.metrics = metrics
         self.clock = clock
+        self.owners = owners
         self._wake_for = timer.wake_for  # bound once: close() calls it on every release
 
     def open(self, name: str, alloc: str) -> Use:
@@ -53,6 +60,7 @@ class Counts:
         if new is not None:
             log.debug("%s: an executable of %s counts for %s now that it runs", name,
                       use.alloc, alloc)
+            self._left(use.alloc)
         return new
 
     def close(self, name: str, use: Use) -> None:
@@ -64,6 +72,13 @@ class Counts:
             self.metrics.inc("uenvfs_refcount_errors_total")
             log.exception("refcount bug on %s; continuing", name)
         self._wake_for(image)
+        if use.alloc not in image.users:
+            self._left(use.alloc)
+
+    def _left(self, alloc: str) -> None:
+        """*alloc* left an image: forget its owner if that was its last use."""
+        if alloc in self.owners and not self.registry.users_of(alloc):
+            self.owners.forget(alloc)
 
     def sitting(self, found: Mapping[str, Mapping[str, int]]) -> bool:
         """A scan found these processes sitting in images: count them (see fuse/uses.py).
@@ -74,15 +89,19 @@ class Counts:
                       {u.alloc: u.cwd for u in image.users.values() if u.cwd} or "none")
         if changed:
             self.timer.wake()
+            self.owners.prune()
         return any(u.cwd for i in self.registry if i.is_mounted for u in i.users.values())
 
-    async def acquire(self, name: str, alloc: str) -> bool | None:
-        """*alloc* uses *name* until released; in the journal once this returns. False if
-        it had acquired it already; None if *name* is not mounted now (mount it first)."""
+    async def acquire(self, name: str, alloc: str, uid: int | None = None) -> bool | None:
+        """*alloc* (of *uid*, if given) uses *name* until released; in the journal once this
+        returns. False if it had acquired it already; None if *name* is not mounted now (mount
+        it first)."""
         image = self.registry[name]
         if not image.is_mounted:
             return None
         new = image.acquire(alloc, self.clock())
+        if uid is not None:
+            self.owners.learn(alloc, uid, "acquire")
         await self.journal.durable()
         return new
 
@@ -92,6 +111,7 @@ class Counts:
         left = self.registry.release(alloc, self.clock(), names)
         if left:
             self.timer.wake()
+            self._left(alloc)
             await self.journal.durable()
         return left
 
@@ -100,6 +120,7 @@ class Counts:
         this returns. Returns (image, allocation) of each use released."""
         dropped = self.registry.reconcile(live, self.clock())
         self.timer.wake()
+        self.owners.prune()
         await self.journal.durable()
         return dropped
 

@@ -81,7 +81,7 @@ class Executor:
                 await self.manager.ensure_mounted(name)
             except MountError as exc:
                 raise CommandError(errno.EIO, str(exc)) from exc
-            new = await self.counts.acquire(name, cmd.alloc)
+            new = await self.counts.acquire(name, cmd.alloc, cmd.uid)
             if new is not None:
                 return "acquired" if new else "already acquired"
 

@@ -11,7 +11,8 @@ journal only adds what the mount table cannot say (image identity, acquisitions,
      "mounts": {"pytorch-2.5": {"image_path": "/images/pytorch-2.5.sqfs",
                                 "backing": "/run/pact/uenvfs/mnt/pytorch-2.5",
                                 "identity": [64769, 1234, 104857600, 1732950000000000000],
-                                "acquired": ["slurm-7"], "mounted_at": 1732950000.0}},
+                                "acquired": ["slurm-7"], "owners": {"slurm-7": 1000},
+                                "mounted_at": 1732950000.0}},
      "hold_time": 5.0, "hold_time_configured": 60.0, "hold_times": {"pytorch-2.5": 600.0},
      "emergency": false}
 
@@ -20,7 +21,8 @@ time set by `hold-time SECONDS` (null: the configured one), and `hold_time_confi
 configured one at that time: if the configuration says otherwise at the next start, the
 configuration wins (as at a `reload` that changes it). `hold_times` are those set for single
 images. The settings are optional when read, so a journal written by an older uenvfs reads as
-"nothing set", and an older uenvfs ignores them.
+"nothing set", and an older uenvfs ignores them. So are `owners` (the uid each acquired
+allocation belongs to, where known: core/owners.py): an older journal has none.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 
 from ..core.model import Mount
 from ..core.names import valid_alloc, valid_name
+from ..core.owners import MAX_UID, Owners
 from ..core.settings import Settings, SettingsRecord
 from ..core.state import Registry
 
@@ -57,6 +60,7 @@ class MountRecord:
     identity: tuple[int, int, int, int] | None = None
     acquired: tuple[str, ...] = ()
     mounted_at: float | None = None
+    owners: Mapping[str, int] = field(default_factory=dict)  # acquired allocation -> uid
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,6 +68,7 @@ class MountRecord:
             "backing": self.backing,
             "identity": list(self.identity) if self.identity else None,
             "acquired": sorted(self.acquired),
+            "owners": dict(sorted(self.owners.items())),
             "mounted_at": self.mounted_at,
         }
 
@@ -83,14 +88,16 @@ class Journal:
                 "emergency": settings.emergency}
 
 
-def snapshot(registry: Registry, mounts: Mapping[str, Mount], settings: Settings) -> Journal:
+def snapshot(registry: Registry, mounts: Mapping[str, Mount], settings: Settings,
+             owners: Owners) -> Journal:
     """What must survive a crash, as of now: the backing *mounts*, the allocations that
-    acquired them, and the settings made by command."""
+    acquired them with their *owners*, and the settings made by command."""
     records = {}
     for name, mount in mounts.items():
         acquired = tuple(a for a, u in registry[name].users.items() if u.acquired)
         records[name] = MountRecord(str(mount.image_path), str(mount.backing),
-                                    mount.version.identity, acquired, mount.mounted_at)
+                                    mount.version.identity, acquired, mount.mounted_at,
+                                    owners.of(acquired))
     return Journal(records, settings.record())
 
 
@@ -99,7 +106,7 @@ def _record(name: str, raw: Any) -> MountRecord:
         raise JournalError(f"bad entry {name!r}")
     image_path, backing = raw.get("image_path"), raw.get("backing")
     identity, acquired = raw.get("identity"), raw.get("acquired", [])
-    mounted_at = raw.get("mounted_at")
+    mounted_at, owners = raw.get("mounted_at"), raw.get("owners", {})
     if mounted_at is not None and (
         isinstance(mounted_at, bool) or not isinstance(mounted_at, (int, float))
     ):
@@ -115,9 +122,14 @@ def _record(name: str, raw: Any) -> MountRecord:
         isinstance(a, str) and valid_alloc(a) for a in acquired
     ):
         raise JournalError(f"{name}: bad acquired list")
+    if not isinstance(owners, dict) or not all(
+        alloc in acquired and isinstance(uid, int) and not isinstance(uid, bool)
+        and 0 <= uid <= MAX_UID for alloc, uid in owners.items()
+    ):
+        raise JournalError(f"{name}: bad owners table")
     ident = (identity[0], identity[1], identity[2], identity[3]) if identity else None
     return MountRecord(image_path, backing, ident, tuple(acquired),
-                       None if mounted_at is None else float(mounted_at))
+                       None if mounted_at is None else float(mounted_at), dict(owners))
 
 
 def parse(data: bytes) -> Journal:

@@ -29,6 +29,7 @@ from ..core.errors import JournalWriteFailed, MountError, MountFailed
 from ..core.interfaces import MountListener, NoListener
 from ..core.metrics import Metrics
 from ..core.model import InodePrefixes, Mount
+from ..core.owners import Owners
 from ..core.settings import Settings
 from ..core.state import Phase, Registry
 from ..core.status import iso_time
@@ -86,11 +87,13 @@ class Manager:
                                lambda name: self.listener.entry_stale(name), threads=threads)
         self._changed: dict[str, trio.Event] = {}
         self.timer = HoldTimer(self.registry, self._start_unmount, clock, self._check_uses)
+        self.owners = Owners(self.registry.allocations)  # whose each allocation in use is
         snapshot = functools.partial(journal.snapshot, self.registry, self.backing_mounts,
-                                     settings)
+                                     settings, self.owners)
         self.journal = JournalWriter(config.journal_path, snapshot, self.metrics,
                                      in_thread=threads)
-        self.counts = Counts(self.registry, self.timer, self.journal, self.metrics, clock)
+        self.counts = Counts(self.registry, self.timer, self.journal, self.metrics, clock,
+                             self.owners)
         self._nursery: trio.Nursery | None = None
         self.listener: MountListener = NoListener()  # until `listen`
 
@@ -285,6 +288,7 @@ class Manager:
         if not image.is_mounted:
             return f"{name} is not mounted"
         dropped = image.force_unmount(self.clock())
+        self.owners.prune()
         self._stop_serving(name)
         log.warning("%s: FORCE-UNMOUNT, dropping allocations %s", name, dropped or "none")
         await self.listener.force_unmounted(name)
@@ -297,7 +301,7 @@ class Manager:
 
     def adopt(self, found: Adoption) -> None:
         """Serve a backing mount found at start-up: refcount 0 and its hold timer, plus the
-        acquisitions the journal remembers."""
+        acquisitions the journal remembers, with their owners."""
         name, record = found.name, found.record
         now = self.clock()
         path = Path(found.image_path) if found.image_path else self.catalog.lookup_listed(name)
@@ -308,8 +312,11 @@ class Manager:
         image.begin_mount(now)
         image.mounted(now)
         self.mounts[name] = mount
+        owners = record.owners if record else {}
         for alloc in record.acquired if record else ():
             image.acquire(alloc, now)
+            if alloc in owners:
+                self.owners.learn(alloc, owners[alloc], "the journal")
         log.info("%s: adopted %s at %s (%s)%s", name, path or "an unknown image",
                  found.backing, found.source,
                  f", acquired by {', '.join(record.acquired)}" if record and record.acquired

@@ -27,6 +27,7 @@ import pyfuse3
 import trio
 
 from ..core import ledger as ledger_mod
+from ..core.cgroups import parse_layouts
 from ..core.config import Config
 from ..core.errors import CommandError, MountError, StartupError
 from ..core.metrics import Metrics
@@ -233,7 +234,8 @@ async def run(config: Config, link: Link, resume: Resume | None, handed_socket: 
     images = Images(manager, catalog, settings, server)
     reconfigure = Reconfigure(manager, catalog, settings, reread, link.request_restart)
     executor = Executor(manager, manager.counts, images, settings, reconfigure)
-    resolver = AllocationResolver()
+    resolver = AllocationResolver(layouts=parse_layouts(config.cgroup_layouts),
+                                  owners=manager.owners)
     _raise_fd_limit()
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     budget = DescriptorBudget(limit, config.open_files_per_allocation)
