@@ -90,6 +90,7 @@ class Daemon:
     allow_leftovers: bool = False
     log_offset: int = 0
     config: str = ""  # the text of the daemon's configuration file
+    cwd: Path | None = None  # the working directory `serve` is started in (None: the test's)
 
     @property
     def mountpoint(self) -> Path:
@@ -115,8 +116,10 @@ class Daemon:
         return build_image(self.images / f"{name}.sqfs", files, mode)
 
     def command(self) -> list[str]:
+        # -P: the installed code, as the `uenvfs` script runs it, never a module of the
+        # working directory.
         return [
-            sys.executable, "-m", "uenvfs", "serve",
+            sys.executable, "-P", "-m", "uenvfs", "serve",
             "--mountpoint", str(self.mountpoint), "--images", str(self.images),
             "--state-dir", str(self.state_dir),
             *(["--hold-time", str(self.hold_time)] if self.hold_time is not None else []),
@@ -140,7 +143,8 @@ class Daemon:
         # A session of its own: the keeper, its servers and any keeper they start, killed
         # together by `kill` and checked for leftovers at the end.
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=log, env=env,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                                        stdin=subprocess.DEVNULL, start_new_session=True,
+                                        cwd=self.cwd)
         log.close()
         self.wait_ready()
         return self

@@ -1,7 +1,8 @@
 """uenv repositories for tests, with the schema that uenv creates (`uenv repo create`).
 
 `make_repository(root, images)` writes `index.db` and `images/<sha256>/store.squashfs` (+ meta/)
-for each image given; `tag(...)` adds or moves a tag as `uenv image pull` would.
+for each image given; `pull(root, image)` adds it or moves its tags as `uenv image pull` would;
+`replace_records(root, select)` makes the index hostile, as anyone who can write it can.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ FROM tags
     INNER JOIN uenv ON uenv.version_id = tags.version_id
     INNER JOIN images ON images.sha256 = tags.sha256;
 """
+# The rows of uenv's own `records` view, for a hostile view to add its own to.
+RECORDS = SCHEMA.split("CREATE VIEW records AS")[1].strip().rstrip(";")
 
 
 @dataclass(frozen=True)
@@ -95,5 +98,17 @@ def pull(root: Path, image: Pulled) -> None:
             for tag in image.tags:
                 db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?, ?)",
                            (version_id, tag, image.sha256))
+    finally:
+        db.close()
+
+
+def replace_records(root: Path, select: str) -> None:
+    """Make *root*'s view `records` `CREATE VIEW records AS <select>` (e.g. `RECORDS UNION
+    ALL <rows of one's own>`, or rows that never end)."""
+    db = sqlite3.connect(root / "index.db")
+    try:
+        with db:
+            db.execute("DROP VIEW records")
+            db.execute(f"CREATE VIEW records AS {select}")
     finally:
         db.close()

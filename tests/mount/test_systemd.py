@@ -27,7 +27,8 @@ from .test_resume import READER
 
 pytestmark = pytest.mark.fuse
 
-# Puts the given descriptors at 3, 4, ... and starts `uenvfs serve` as systemd would.
+# Puts the given descriptors at 3, 4, ... and runs the command (`uenvfs serve`) as systemd
+# would.
 AS_SYSTEMD = r"""
 import os, sys
 names, fds, argv = sys.argv[1].split(":"), [int(fd) for fd in sys.argv[2].split(",")], sys.argv[3:]
@@ -38,7 +39,7 @@ for index, fd in enumerate(high):
     os.set_inheritable(3 + index, True)
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)),
                   LISTEN_FDNAMES=":".join(names))
-os.execv(sys.executable, [sys.executable, "-m", "uenvfs", *argv])
+os.execv(argv[0], argv)
 """
 
 # Asks the query socket at argv[1] (waiting as long as it takes) and prints the answer.
@@ -138,7 +139,7 @@ def test_the_store_keeps_the_connection_when_every_process_dies(
         daemon.log_offset = daemon.log_path.stat().st_size
         daemon.process = subprocess.Popen(
             [sys.executable, "-c", AS_SYSTEMD, names, ",".join(map(str, fds)),
-             *daemon.command()[3:]],
+             *daemon.command()],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, pass_fds=fds,
             env={**os.environ, **daemon.env}, start_new_session=True)
         log.close()

@@ -101,7 +101,8 @@ def served_name(mountpoint: Path, word: str, config_file: Path | None) -> str:
     except config.ConfigError as exc:
         raise RunError(f"configuration: {exc}") from exc
     records = [record for root in cfg.repos
-               for record in repository.read(root, cfg.system, cfg.uarch).records]
+               for record in repository.read(root, cfg.system, cfg.uarch,
+                                             cfg.mount_timeout).records]
     if not records:
         return word  # not a label of any repository: "no image" says the rest
     try:

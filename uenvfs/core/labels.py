@@ -6,6 +6,10 @@ A label names records: `name/version:tag@system%uarch`, every part but the name 
 matches is one image (one sha256); when they are several, it is ambiguous and the error
 lists them. Nothing is chosen by date.
 
+A record comes from a repository's index, which anyone who can write the repository wrote:
+`record_fault` says whether it is as uenv makes it (its id and sha256 hexadecimal, each part
+of its label in uenv's characters), for only such records to be served.
+
 Pure: the daemon's `.control`, the catalog and the command line share these rules.
 """
 
@@ -20,6 +24,15 @@ _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # no leading '.' or '-': never '..' or an
 _PART = re.compile(rf"([/:@%])({_WORD})")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[0-9a-f]{16}")
+# Each part of a record's label, as uenv parses one (parse_name: a letter, digit or '_', then
+# those, '.' and '-'), at most MAX_PART characters; a record's date, printable ASCII.
+MAX_PART = 128
+_RECORD_PART = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{MAX_PART - 1}}}")
+_RECORD_DATE = re.compile(r"[ -~]{0,64}")
+_CHECKS = (("id", _ID), ("sha256", SHA256), ("name", _RECORD_PART), ("version", _RECORD_PART),
+           ("tag", _RECORD_PART), ("system", _RECORD_PART), ("uarch", _RECORD_PART),
+           ("date", _RECORD_DATE))
+_RECORD = re.compile("\0".join(rule.pattern for _, rule in _CHECKS))  # every field at once
 
 
 class LabelError(Exception):
@@ -95,6 +108,30 @@ class Record:
         return all(wanted is None or wanted == have for wanted, have in (
             (label.name, self.name), (label.version, self.version), (label.tag, self.tag),
             (label.system, self.system), (label.uarch, self.uarch)))
+
+
+def record_fault(record: Record) -> str | None:
+    """What keeps *record* from being served: its first field that is not as uenv writes it
+    (`field 'value'`, the value cut short); None if there is none. Its id and label become
+    names in the mount root and its sha256 a path: no '/', ':', ',' or blank may get there."""
+    if record.size >= 0 and _RECORD.fullmatch("\0".join(
+            (record.id, record.sha256, record.name, record.version, record.tag,
+             record.system, record.uarch, record.date))):
+        return None  # the common case, in one match
+    for field_name, rule in _CHECKS:
+        value = getattr(record, field_name)
+        if rule.fullmatch(value) is None:
+            return f"{field_name} {shown(value)}"
+    if record.size < 0:
+        return f"size {record.size}"
+    return None
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """*value* for a log line: its repr, a long text or blob cut short after *limit*."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} long)"
+    return repr(value)
 
 
 def resolve(records: Sequence[Record], text: str) -> list[Record]:

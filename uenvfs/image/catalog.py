@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SUFFIXES = (".sqfs", ".squashfs")
+# The repositories' indexes are read within this share of the source timeout (in all): one
+# whose `records` view does not end is given up, reported and its last read kept, before the
+# sources as a whole are given up on.
+INDEX_SHARE = 0.9
 
 
 @dataclass
@@ -159,6 +164,7 @@ class Catalog:
         """What the directories, map files and repositories list now (blocking; touches no
         state but the last good read of each repository, kept for when its index cannot be
         read)."""
+        deadline = time.monotonic() + self.source_timeout * INDEX_SHARE
         listing: dict[str, Path] = {}
         for directory in self.image_dirs:
             for name, path in self._scan_dir(directory).items():
@@ -174,7 +180,8 @@ class Catalog:
         aliases: dict[str, str] = {}
         records: list[Record] = []
         for root in self.repos:
-            repo = repository.read(root, self.system, self.uarch)
+            repo = repository.read(root, self.system, self.uarch,
+                                   max(0.0, deadline - time.monotonic()))
             for problem in repo.problems:
                 log.warning("uenv repository: %s", problem)
             if repo.readable:

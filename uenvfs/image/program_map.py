@@ -1,5 +1,7 @@
 """The program map of the image sources: a program called with a name as its one argument,
-which prints the image's path (exit 0) or nothing (any other exit: no such image).
+which prints the image's path (exit 0) or nothing (any other exit: no such image). A name
+that starts with '-' is no image, without asking the program: anyone can look a name up,
+and the program must never be given an option.
 
 Its answers are remembered (a "no" for `answer_ttl` seconds, a path until the next reload):
 the kernel of this libfuse serializes lookups in one directory, so while the program runs, no
@@ -76,6 +78,9 @@ class ProgramMap:
                       is_image: Callable[[Path], Awaitable[bool]]) -> Path | None:
         """The image path the program gives for *name* (asked by *uid*), remembered; None if
         it gives none, or *uid* used its share. *is_image* checks the path it prints."""
+        if name.startswith("-"):
+            log.debug("program map: %r looks like an option; not asked", name)
+            return None
         known = self._answers.get(name)
         now = trio.current_time()
         if known is not None and (known[0] is not None or now < known[1]):

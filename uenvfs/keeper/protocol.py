@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Sequence
 
 # -- the words -------------------------------------------------------------------------------
 
@@ -87,11 +88,25 @@ def parse(data: bytes) -> tuple[str, str]:
     return word, text
 
 
-def server_argv() -> list[str]:
-    """The command that starts a server: this very `uenvfs serve` command."""
-    return [sys.executable, "-m", "uenvfs", *sys.argv[1:]]
+# How uenvfs runs Python: `-P` puts no unsafe path (`-m`'s working directory) first on the
+# import path, so that a `uenvfs.py` that anyone left in the directory `serve` was started
+# from never runs as root. The installed code runs, or what root's own PYTHONPATH names
+# (scripts/bench.py and scripts/hostile.py run another checkout by it).
+PYTHON = (sys.executable, "-P")
+
+
+def server_argv(args: Sequence[str] | None = None) -> list[str]:
+    """The command that starts a server: `uenvfs` with *args*, by default this very
+    `uenvfs serve` command's."""
+    return [*PYTHON, "-m", "uenvfs", *(sys.argv[1:] if args is None else args)]
+
+
+def uenvfs_args(argv: Sequence[str]) -> list[str]:
+    """The arguments of `uenvfs` in a server command *argv* (`server_argv`'s, or an older
+    uenvfs's: a keeper run by `restart` after an upgrade gets one)."""
+    return list(argv[argv.index("uenvfs") + 1:])
 
 
 def keeper_argv() -> list[str]:
     """The command that starts a keeper for a running server (see keeper/__main__.py)."""
-    return [sys.executable, "-m", "uenvfs.keeper"]
+    return [*PYTHON, "-m", "uenvfs.keeper"]

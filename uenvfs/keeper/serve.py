@@ -14,7 +14,7 @@ import sys
 from ..kernel import fusedev
 from . import loop, systemd
 from .keeper import Keeper
-from .protocol import ENV_SERVER, FUSE, HELD, LEDGER, SOCKET, server_argv
+from .protocol import ENV_SERVER, FUSE, HELD, LEDGER, SOCKET, server_argv, uenvfs_args
 
 log = logging.getLogger("uenvfs.keeper")
 
@@ -71,7 +71,8 @@ def adopt_server() -> int:
         os.set_inheritable(fd, False)
     sock = socket.socket(fileno=info["sock"])
     try:
-        keeper = Keeper(info["argv"], held, info["pid"], sock)
+        # The installed code's command, whatever the server's was (e.g. without -P).
+        keeper = Keeper(server_argv(uenvfs_args(info["argv"])), held, info["pid"], sock)
     except OSError as exc:
         if exc.errno == errno.ESRCH:
             return 1  # the server is gone already
