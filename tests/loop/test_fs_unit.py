@@ -1,7 +1,9 @@
-"""The FUSE adapter's path rules, against a plain directory standing in for a backing mount.
+"""The FUSE adapter's path rules, against a plain directory standing in for a backing mount,
+and its answers when an image is unmounted while a request waits for a worker thread.
 
 No FUSE mount is needed: the handlers are called directly, the way pyfuse3 would, so that even
-requests the kernel would never send (a lookup under a symlink) can be tried.
+requests the kernel would never send (a lookup under a symlink) can be tried, and a worker
+thread can be made to start late.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import errno
 import os
 import stat
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from uenvfs.fuse.inodes import ROOT
 from uenvfs.image.catalog import Catalog
 
 from ..fakes import FakeBackend
-from ..parts import make_parts
+from ..parts import Parts, make_parts
 
 
 @dataclass
@@ -39,7 +42,8 @@ class Ctx:
 
 
 class DirBackend(FakeBackend):
-    """'Mounts' an image by pointing its backing directory at a prepared tree."""
+    """'Mounts' an image by pointing its backing directory at a prepared tree; unmounting
+    leaves the empty directory again, as a real unmount does."""
 
     def __init__(self, trees: dict[str, Path]) -> None:
         super().__init__(delay=0)
@@ -50,9 +54,16 @@ class DirBackend(FakeBackend):
         os.rmdir(target)
         os.symlink(self.trees[target.name], target)
 
+    async def unmount(self, target: Path, *, lazy: bool = False) -> None:
+        await super().unmount(target, lazy=lazy)
+        os.unlink(target)
+        os.mkdir(target)
 
-@pytest.fixture
-async def fs(tmp_path: Path) -> AsyncIterator[UenvFS]:
+
+@asynccontextmanager
+async def serving(tmp_path: Path, **options: Any) -> AsyncIterator[tuple[UenvFS, Parts]]:
+    """A filesystem serving the image `img` (a tree with a directory, a file and symlinks
+    out of it), configured with *options*; and the manager's parts."""
     tree = tmp_path / "tree"
     (tree / "dir").mkdir(parents=True)
     (tree / "dir/file").write_text("inside\n")
@@ -63,15 +74,21 @@ async def fs(tmp_path: Path) -> AsyncIterator[UenvFS]:
     (images / "img.sqfs").write_bytes(b"image")
     catalog = Catalog([images])
     catalog.refresh()
-    config = Config(images=(images,), state_dir=tmp_path / "state", validate=False)
+    config = Config(images=(images,), state_dir=tmp_path / "state", validate=False, **options)
     prefixes = InodePrefixes()
     parts = make_parts(config, DirBackend({"img": tree}), catalog, prefixes)
     async with trio.open_nursery() as nursery:
         await nursery.start(parts.manager.run)
         fs = UenvFS(parts.images, parts.executor, prefixes)
         parts.manager.listen(fs.listener)
-        yield fs
+        yield fs, parts
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def fs(tmp_path: Path) -> AsyncIterator[UenvFS]:
+    async with serving(tmp_path) as (fs, _):
+        yield fs
 
 
 async def errno_of(call: Any) -> int:
@@ -148,3 +165,146 @@ async def test_unknown_inodes_are_stale_and_files_are_not_directories(fs: UenvFS
     info = await fs.open(f.st_ino, os.O_RDONLY, ctx)
     assert await fs.read(info.fh, 0, 100) == b"inside\n"
     await fs.release(info.fh)
+
+
+# -- requests that wait for a worker thread while the image may be unmounted ----------------
+
+
+@dataclass
+class HeldUp:
+    """The worker threads of the filesystem, held up: a call waits until `go` is set."""
+
+    asked: trio.Event
+    go: trio.Event
+
+
+def hold_up_worker_threads(fs: UenvFS, monkeypatch: pytest.MonkeyPatch) -> HeldUp:
+    """Every call to a worker thread of an image waits for `go` (as a thread started late on
+    a loaded machine does); `asked` is set once one waits."""
+    held = HeldUp(trio.Event(), trio.Event())
+    run = fs.workers.run
+
+    async def late(image: str, fn: Any, *args: object) -> Any:
+        held.asked.set()
+        await held.go.wait()
+        return await run(image, fn, *args)
+
+    monkeypatch.setattr(fs.workers, "run", late)
+    return held
+
+
+async def test_an_image_stays_mounted_while_a_directory_of_it_is_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The first opendir of a directory lists it in a worker thread. It uses the image from
+    the start: its hold timer must not unmount the image under the listing, which would then
+    read the empty backing directory (ENOENT for a directory inside: the rare failure of
+    test_twenty_crashes_under_churn on a loaded machine, where every new server lists anew)."""
+    ctx: Any = Ctx()
+    async with serving(tmp_path) as (fs, parts):
+        parts.settings.set_hold_time(0.05)
+        image = await fs.lookup(ROOT, b"img", ctx)
+        d = await fs.lookup(image.st_ino, b"dir", ctx)  # mounted now, idle: its timer runs
+        held = hold_up_worker_threads(fs, monkeypatch)
+        opened: list[pyfuse3.FileHandleT] = []
+
+        async def opendir() -> None:
+            opened.append(await fs.opendir(d.st_ino, ctx))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(opendir)
+            await held.asked.wait()
+            await trio.sleep(1)  # 20 hold times
+            assert fs.images.mounted("img") is not None
+            held.go.set()
+        entries, _ = fs.handles[opened[0]].listing()
+        assert [name for name, _ in entries] == [b".", b"..", b"file"]
+        await fs.releasedir(opened[0])
+        await trio.sleep(1)
+        assert fs.images.mounted("img") is None  # its hold timer runs again once released
+
+
+async def test_a_listing_read_while_the_image_went_away_is_stale_and_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A force-unmount while a directory is listed: the listing read the empty backing
+    directory. It is ESTALE (the kernel looks the path up again), and it is not kept: an
+    image's root replayed empty would make every name in it a negative entry for good."""
+    ctx: Any = Ctx()
+    async with serving(tmp_path) as (fs, parts):
+        image = await fs.lookup(ROOT, b"img", ctx)
+        await fs.lookup(image.st_ino, b"dir", ctx)  # mounts it
+        held = hold_up_worker_threads(fs, monkeypatch)
+        failed: list[int] = []
+
+        async def opendir() -> None:
+            failed.append(await errno_of(fs.opendir(image.st_ino, ctx)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(opendir)
+            await held.asked.wait()
+            await parts.manager.force_unmount("img")
+            held.go.set()
+        assert failed == [errno.ESTALE]
+        fh = await fs.opendir(image.st_ino, ctx)  # mounts it again, and lists it
+        entries, _ = fs.handles[fh].listing()
+        assert sorted(name for name, _ in entries) == [b".", b"..", b"dir", b"evil", b"evil2"]
+        await fs.releasedir(fh)
+
+
+async def test_on_guarded_storage_an_answer_about_an_image_that_went_away_is_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """On guarded storage a request waits for a worker thread, without using the image; if
+    its hold timer unmounts it meanwhile, what the thread finds missing is missing from the
+    empty backing directory, not from the image: ESTALE (the kernel looks the path up
+    again), never ENOENT (which a lookup would answer as a negative entry, kept an hour)."""
+    ctx: Any = Ctx()
+    async with serving(tmp_path, storage_guard="always") as (fs, parts):
+        parts.settings.set_hold_time(0.05)
+        image = await fs.lookup(ROOT, b"img", ctx)
+        link = await fs.lookup(image.st_ino, b"evil", ctx)
+        held = hold_up_worker_threads(fs, monkeypatch)
+        failed: list[int] = []
+
+        async def readlink() -> None:
+            failed.append(await errno_of(fs.readlink(link.st_ino, ctx)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(readlink)
+            await held.asked.wait()
+            await trio.sleep(1)
+            assert fs.images.mounted("img") is None  # unmounted under the readlink
+            held.go.set()
+        assert failed == [errno.ESTALE]
+        monkeypatch.undo()
+        parts.settings.set_hold_time(60)  # autojump: no unmount while the next thread works
+        assert await fs.readlink(link.st_ino, ctx) == b"/etc"  # mounted again
+
+
+async def test_on_guarded_storage_an_image_stays_mounted_while_a_file_of_it_is_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An open that waits for a worker thread (on guarded storage, when the kernel's caches
+    cannot answer) uses the image from the start, as an opendir does."""
+    ctx: Any = Ctx()
+    async with serving(tmp_path, storage_guard="always") as (fs, parts):
+        parts.settings.set_hold_time(0.05)
+        image = await fs.lookup(ROOT, b"img", ctx)
+        d = await fs.lookup(image.st_ino, b"dir", ctx)
+        f = await fs.lookup(d.st_ino, b"file", ctx)
+        monkeypatch.setattr("uenvfs.fuse.files.cache.open_cached", lambda path, flags: None)
+        held = hold_up_worker_threads(fs, monkeypatch)
+        opened: list[pyfuse3.FileInfo] = []
+
+        async def open_file() -> None:
+            opened.append(await fs.open(f.st_ino, os.O_RDONLY, ctx))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_file)
+            await held.asked.wait()
+            await trio.sleep(1)
+            assert fs.images.mounted("img") is not None
+            held.go.set()
+        assert await fs.read(opened[0].fh, 0, 100) == b"inside\n"
+        await fs.release(opened[0].fh)

@@ -263,20 +263,26 @@ while True:
     try:
         if rng.random() < 0.02:  # now and then, sit in an image, or leave
             sitting = None if sitting else images[rng.randrange(len(images))]
-            os.chdir(os.path.join(root, sitting, "d0") if sitting else "/")
+            where = os.path.join(root, sitting, "d0") if sitting else "/"
+            doing = "chdir " + where
+            os.chdir(where)
             if sitting:
                 # A cd alone may mount nothing (the kernel may still know the names of an
                 # unmounted image); a look around does, and from then on it must stay.
+                doing = "listdir of " + where
                 os.listdir(".")
         if held and (len(held) >= 3 or rng.random() < 0.5):
             _, f = held.pop(rng.randrange(len(held)))
+            doing = "close"
             f.close()
         else:
             # The images in use drift with time, so the idle ones unmount under the load.
             image = images[(int(time.monotonic() * 4) + rng.randrange(3)) % len(images)]
-            name = "d%d/f%d" % (rng.randrange(4), rng.randrange(5))
-            f = open(os.path.join(root, image, name), "rb")
+            path = os.path.join(root, image, "d%d/f%d" % (rng.randrange(4), rng.randrange(5)))
+            doing = "open " + path
+            f = open(path, "rb")
             held.append((image, f))
+        doing = "read"
         for _, f in held:
             f.seek(0)
             if len(f.read()) != 4096:
@@ -284,7 +290,7 @@ while True:
             reads += 1
     except OSError as exc:
         errors += 1
-        last_error = repr(exc)
+        last_error = "%s: %r" % (doing, exc)  # which call, on which path
 for _, f in held:
     f.close()
 say({"reads": reads, "errors": errors, "last_error": last_error})

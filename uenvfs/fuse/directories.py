@@ -2,8 +2,9 @@
 
 A directory of an image is listed once per image version (fuse/listings.py), in a worker
 thread of the image, and the listing is replayed to every later opendir: an image never
-changes. An open directory of an image is counted for the caller's allocation until it is
-released; the root's listing is made at each opendir (fuse/root.py).
+changes. An open directory of an image is counted for the caller's allocation from the start
+of its opendir (so the image stays mounted while it is listed) until it is released; the
+root's listing is made at each opendir (fuse/root.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import errno
 import pyfuse3
 from pyfuse3 import FileHandleT, InodeT
 
-from ..core.model import PREFIX_SHIFT
+from ..core.model import PREFIX_SHIFT, Mount
 from .handles import DirHandle, RootDirHandle
 from .inodes import METRICS, ROOT, Node
 from .listings import Listing, scan
@@ -33,25 +34,29 @@ class DirectoryRequests(Requests):
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         mount, path = self._backing_now(node) or await self._backing(node)
-        prefix = mount.version.prefix
-        entries = self.listings.recall((prefix, node.rel))
-        if entries is None:
-            # Read once per image version: an image never changes, so a listing is replayed
-            # to every later opendir. In a worker thread: a big directory (or slow storage)
-            # must not hold up the requests of every other image.
-            entries = self.listings.add((prefix, node.rel), await self._scan(node, path, prefix))
-            mount, path = self._backing_now(node) or await self._backing(node)
-            if mount.version.prefix != prefix:
-                raise pyfuse3.FUSEError(errno.ESTALE)  # replaced meanwhile: look it up again
         alloc = self.resolver.resolve(ctx.pid, ctx.uid)
-        # No await from here on: the count is of the mount just checked.
+        # Counted before any wait (no await since the mount was checked): the image's hold
+        # timer cannot unmount it while the directory is listed.
         use = self.images.open(node.image, alloc)
+        entries = self.listings.recall((mount.version.prefix, node.rel))
+        if entries is None:
+            try:
+                entries = await self._list(node, mount, path)
+            except BaseException:
+                self.images.close(node.image, use)
+                raise
         return self.handles.add(DirHandle(node.image, use, node, entries), ctx.pid)
 
-    async def _scan(self, node: Node, path: bytes, prefix: int) -> Listing:
-        """The listing of *node* at *path*, read in a worker thread of the image (an image on
-        hung storage holds its own threads, not all of them)."""
-        return await self.workers.run(node.image, scan, path, node.ino, prefix)
+    async def _list(self, node: Node, mount: Mount, path: bytes) -> Listing:
+        """The listing of *node* at *path* in *mount*, kept for replay: read once per image
+        version, as an image never changes. In a worker thread of the image: a big directory
+        (or slow storage, or hung storage, which holds the image's own threads only) must not
+        hold up the requests of every other image. ESTALE, and nothing kept, if *mount* went
+        away meanwhile (a force-unmount: a use does not keep the image mounted then): what
+        was read may be the empty backing directory."""
+        prefix = mount.version.prefix
+        listing = await self._in_worker(mount, scan, path, node.ino, prefix)
+        return self.listings.add((prefix, node.rel), listing)
 
     @fuse_errors
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -69,14 +74,12 @@ class DirectoryRequests(Requests):
                 add_lookup(attrs.st_ino, parent, attrs.st_ino >> PREFIX_SHIFT, name, attrs.st_mode)
 
     async def _list_again(self, handle: DirHandle) -> None:
-        """The listing of a directory opened by a server before this one."""
+        """The listing of a directory opened by a server before this one (its use, counted
+        again, keeps the image mounted)."""
         node = handle.node
         mount, path = self._backing_now(node) or await self._backing(node)
-        prefix = mount.version.prefix
-        entries = self.listings.recall((prefix, node.rel))
-        if entries is None:
-            entries = self.listings.add((prefix, node.rel), await self._scan(node, path, prefix))
-        handle.entries = entries
+        entries = self.listings.recall((mount.version.prefix, node.rel))
+        handle.entries = entries if entries is not None else await self._list(node, mount, path)
 
     @fuse_errors
     async def releasedir(self, fh: FileHandleT) -> None:

@@ -54,15 +54,18 @@ class FileRequests(Requests):
         else:
             alloc, final = self.resolver.resolve(ctx.pid, ctx.uid), True
         self.budget.take(alloc)
+        # Counted before any wait (no await since the mount was checked): the image's hold
+        # timer cannot unmount it while the file is opened in a worker thread.
+        use = self.images.open(node.image, alloc)
         try:
             if mount.guarded:
                 fd, size = await self._open_waiting(mount, path)
             else:
                 fd = paths.open_file(path, OPEN_FLAGS)
         except BaseException:
+            self.images.close(node.image, use)
             self.budget.give_back(alloc)
             raise
-        use = self.images.open(node.image, alloc)
         if mount.guarded:
             handle: FileHandle = GuardedFileHandle(node.image, use, inode, fd, self.prefetcher,
                                                    self.budget, alloc, size=size)
@@ -76,10 +79,15 @@ class FileRequests(Requests):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def _open_waiting(self, mount: Mount, path: bytes) -> tuple[int, int]:
-        """`open` on guarded storage (see `_lstat_waiting`): the fd and the file's size."""
+        """`open` on guarded storage (see `_lstat_waiting`): the fd and the file's size;
+        ESTALE if *mount* went away meanwhile, whatever the open found (see `_in_worker`)."""
         fd = cache.open_cached(path, OPEN_FLAGS) if len(path) < paths.ROOM else None
         if fd is None:
-            fd = await self.workers.run(mount.name, paths.open_file, path, OPEN_FLAGS)
+            try:
+                fd = await self.workers.run(mount.name, paths.open_file, path, OPEN_FLAGS)
+            except OSError:
+                self._check_still(mount)
+                raise
             if self.images.mounted(mount.name) is not mount:
                 os.close(fd)
                 raise pyfuse3.FUSEError(errno.ESTALE)

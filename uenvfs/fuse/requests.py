@@ -76,7 +76,9 @@ class Requests(ReadOnlyOperations):
     Every request inside an image is answered from its backing mount, which is mounted first if
     needed (on the first access, or again after the hold timer unmounted it). A node of another
     version of its image than the one mounted answers ESTALE (see `backing_path`), and so does
-    one whose mount changed while a worker thread waited for its storage.
+    one whose mount changed while a worker thread waited for its storage, whatever the thread
+    found. A request that makes a handle (open, opendir) counts its use before it waits, so
+    that the hold timer cannot unmount the image under it.
     """
 
     images: ImageService
@@ -111,17 +113,26 @@ class Requests(ReadOnlyOperations):
             st = cache.lstat_cached(path)
             if st is not None:
                 return st
-        st = await self.workers.run(mount.name, paths.lstat, path)
-        self._check_still(mount)
-        return st
+        return await self._in_worker(mount, paths.lstat, path)
 
     async def _on_storage(self, mount: Mount, fn: Callable[..., T], *args: object) -> T:
         """`fn(*args)` on *mount*'s backing files: at once, or on guarded storage in a worker
-        thread of the image (then ESTALE if the mount changed meanwhile). Not for the hot
-        handlers (lookup, getattr, open, read): they avoid the coroutine when not guarded."""
+        thread of the image (see `_in_worker`). Not for the hot handlers (lookup, getattr,
+        open, read): they avoid the coroutine when not guarded."""
         if not mount.guarded:
             return fn(*args)
-        result = await self.workers.run(mount.name, fn, *args)
+        return await self._in_worker(mount, fn, *args)
+
+    async def _in_worker(self, mount: Mount, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` on *mount*'s backing files, in a worker thread of the image. What it
+        returns or raises holds only if *mount* still serves the image when it comes back:
+        else ESTALE (see `_check_still`). An unmount meanwhile leaves the empty backing
+        directory, where every name is missing: that ENOENT is not the image's."""
+        try:
+            result = await self.workers.run(mount.name, fn, *args)
+        except OSError:
+            self._check_still(mount)
+            raise
         self._check_still(mount)
         return result
 
