@@ -16,6 +16,7 @@ import trio.testing
 from uenvfs.core.config import Config
 from uenvfs.core.control import parse_line
 from uenvfs.core.errors import MountFailed
+from uenvfs.core.state import GRACE, Scanned
 from uenvfs.image.catalog import Catalog
 from uenvfs.manager import journal
 from uenvfs.server import handover
@@ -98,8 +99,38 @@ async def test_settings_timers_and_failures_are_carried_over(
         assert await run(new, "hold-time 1 never-used") == "hold time 1 s"  # still a name
 
 
-# What the version before this one captured (its per-image hold times inside "images"), and
-# the one before that, which journaled no hold time ("hold_time_set" missing).
+async def test_namespace_uses_and_trees_in_their_grace_are_carried_over(
+    server: Server, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with server() as old:
+        await recover(old, "held")
+        counts = old.manager.counts
+        counts.scanned({"held": {"job-2": Scanned(cwd=1, namespaces=2)}})
+        counts.tree_handed("held", "job-3")  # not attached yet
+        await trio.sleep(4)
+        document = handover.capture(old.manager, old.settings)
+        before = old.images.status()["mounts"][0]["allocations"]
+    assert document["images"]["held"]["namespaces"] == {"job-2": 2, "job-3": 1}
+    assert document["images"]["held"]["handed"] == {"job-3": pytest.approx(GRACE - 4)}
+    async with server() as new:
+        await recover(new, "held")
+        handover.apply(new.manager, new.settings, document)
+        assert new.images.status()["mounts"][0]["allocations"] == before == {
+            "job-2": {"opens": 0, "acquired": False, "cwd": 1, "namespaces": 2},
+            "job-3": {"opens": 0, "acquired": False, "cwd": 0, "namespaces": 1}}
+        # The new server's first scan finds job-2's namespaces; job-3's tree keeps its
+        # grace time, counted from the handout, not from the restart.
+        counts = new.manager.counts
+        counts.scanned({"held": {"job-2": Scanned(namespaces=2)}})
+        assert new.manager.registry["held"].users.keys() == {"job-2", "job-3"}
+        await trio.sleep(GRACE - 4)
+        counts.scanned({"held": {"job-2": Scanned(namespaces=2)}})
+        assert new.manager.registry["held"].users.keys() == {"job-2"}
+
+
+# What the version before this one captured (its per-image hold times inside "images"; no
+# namespaces, no trees handed out), and the one before that, which journaled no hold time
+# ("hold_time_set" missing).
 PREVIOUS: dict[str, Any] = {
     "config": None, "hold_time": 200.0, "hold_time_set": 200.0, "emergency": True,
     "verify": {"at": "2026-01-01T00:00:00Z", "differences": []},
@@ -122,12 +153,13 @@ async def test_the_previous_versions_document_reads_the_same(
         mounts = {m["name"]: m for m in status["mounts"]}
         assert mounts["idle"]["hold_remaining"] == pytest.approx(50.0)
         assert mounts["held"]["allocations"] == {
-            "job-2": {"opens": 0, "acquired": True, "cwd": 0}}
-        # Its capture is the same document, key for key.
+            "job-2": {"opens": 0, "acquired": True, "cwd": 0, "namespaces": 0}}
+        # Its capture is the same document, key for key, plus the namespaces.
         captured = handover.capture(new.manager, new.settings)
         assert captured.keys() == PREVIOUS.keys()
         assert captured["images"].keys() == PREVIOUS["images"].keys()
-        assert captured["images"]["idle"].keys() == PREVIOUS["images"]["idle"].keys()
+        assert captured["images"]["idle"].keys() == (PREVIOUS["images"]["idle"].keys()
+                                                     | {"namespaces", "handed"})
     older = {k: v for k, v in PREVIOUS.items() if k != "hold_time_set"}
     async with server() as new:
         await recover(new, "idle")

@@ -39,7 +39,7 @@ def state_of(daemon: Daemon, name: str) -> tuple[str, int, dict[str, object]] | 
 def test_acquire_and_release(served: Daemon) -> None:
     served.control("acquire a slurm-7")
     assert state_of(served, "a") == (
-        "mounted", 1, {"slurm-7": {"opens": 0, "acquired": True, "cwd": 0}})
+        "mounted", 1, {"slurm-7": {"opens": 0, "acquired": True, "cwd": 0, "namespaces": 0}})
     assert served.backing_mounted("a")
     served.control("acquire a alloc-2\nacquire b alloc-2")
     assert state_of(served, "a")[1] == 2  # type: ignore[index]
@@ -71,7 +71,7 @@ def test_reconcile_keeps_only_live_allocations(served: Daemon) -> None:
     served.control("acquire b alloc-3")
     served.control("reconcile alloc-2 alloc-99")
     assert state_of(served, "a") == (
-        "mounted", 1, {"alloc-2": {"opens": 0, "acquired": True, "cwd": 0}})
+        "mounted", 1, {"alloc-2": {"opens": 0, "acquired": True, "cwd": 0, "namespaces": 0}})
     assert state_of(served, "b")[:2] == ("holding", 0)  # type: ignore[index]
     served.control("acquire b alloc-3")
     served.control("reconcile --none")  # no allocation lives
@@ -262,7 +262,8 @@ def test_sigusr1_expires_and_sighup_reloads(served: Daemon) -> None:
 def test_several_lines_apply_in_order_until_one_fails(served: Daemon) -> None:
     assert errno_of(lambda: served.control("acquire a x1\nacquire nosuch x2\nacquire b x3")) \
         == errno.ENOENT
-    assert state_of(served, "a")[2] == {"x1": {"opens": 0, "acquired": True, "cwd": 0}}  # type: ignore[index]
+    assert state_of(served, "a")[2] == {  # type: ignore[index]
+        "x1": {"opens": 0, "acquired": True, "cwd": 0, "namespaces": 0}}
     assert state_of(served, "b") is None
     served.control("reconcile --none")
 

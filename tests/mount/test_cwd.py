@@ -90,7 +90,7 @@ def test_a_shell_sitting_in_an_image_keeps_it_and_leaving_lets_it_expire(
     try:
         # .status says so within a second of the cd, as a use of its allocation.
         seconds_until(lambda: allocations(daemon, "acc").get("job-7") ==
-                      {"opens": 0, "acquired": False, "cwd": 1})
+                      {"opens": 0, "acquired": False, "cwd": 1, "namespaces": 0})
         status = daemon.mount_status("acc")
         assert status is not None
         assert (status["refcount"], status["state"]) == (1, "mounted")
@@ -236,7 +236,7 @@ def test_verify_finds_descriptors_shared_by_fork_and_passed_over_a_socket(
         # One open, by job-a: that is what FUSE saw. The processes of job-b and job-c hold
         # the same open file description, which verify finds and reports.
         assert allocations(daemon, "acc") == {"job-a": {"opens": 1, "acquired": False,
-                                                        "cwd": 0}}
+                                                        "cwd": 0, "namespaces": 0}}
         code, differences = verify(daemon)
         assert code == 1
         assert set(differences) == {

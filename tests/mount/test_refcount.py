@@ -50,8 +50,9 @@ def test_two_allocations_then_hold_then_unmount_then_remount(daemon: Daemon) -> 
     status = daemon.mount_status("img")
     assert status is not None
     assert (status["state"], status["refcount"]) == ("mounted", 2)
-    assert status["allocations"] == {"alloc-1": {"opens": 1, "acquired": False, "cwd": 0},
-                                     "alloc-2": {"opens": 2, "acquired": False, "cwd": 0}}
+    assert status["allocations"] == {
+        "alloc-1": {"opens": 1, "acquired": False, "cwd": 0, "namespaces": 0},
+        "alloc-2": {"opens": 2, "acquired": False, "cwd": 0, "namespaces": 0}}
     assert status["hold_remaining"] is None
     release_holder(h1)
     status = daemon.mount_status("img")
@@ -59,7 +60,7 @@ def test_two_allocations_then_hold_then_unmount_then_remount(daemon: Daemon) -> 
     assert (status["refcount"], list(status["allocations"])) == (1, ["alloc-2"])
     release_holder(h2)
     assert daemon.mount_status("img")["allocations"] == {  # type: ignore[index]
-        "alloc-2": {"opens": 1, "acquired": False, "cwd": 0}}
+        "alloc-2": {"opens": 1, "acquired": False, "cwd": 0, "namespaces": 0}}
     release_holder(h3)
     status = daemon.mount_status("img")
     assert status is not None
@@ -224,7 +225,7 @@ def test_status_command_table_and_json(daemon: Daemon) -> None:
         document = json.loads(as_json.stdout)
         assert document == daemon.status() | {"mounts": document["mounts"]}
         assert document["mounts"][0]["allocations"] == {
-            "alloc-7": {"opens": 1, "acquired": False, "cwd": 0}}
+            "alloc-7": {"opens": 1, "acquired": False, "cwd": 0, "namespaces": 0}}
     finally:
         release_holder(holder)
     gone = run_in("/", f"{sys.executable} -m uenvfs status --mountpoint /nonexistent")

@@ -56,8 +56,10 @@ def test_kill_9_then_restart_restores_everything(make_daemon: DaemonFactory) -> 
     second = restart(make_daemon, first)
     status = {m["name"]: m for m in second.status()["mounts"]}
     assert sorted(status) == ["x", "y", "z"]
-    assert status["x"]["allocations"] == {"alloc-1": {"opens": 0, "acquired": True, "cwd": 0}}
-    assert status["y"]["allocations"] == {"alloc-2": {"opens": 0, "acquired": True, "cwd": 0}}
+    assert status["x"]["allocations"] == {
+        "alloc-1": {"opens": 0, "acquired": True, "cwd": 0, "namespaces": 0}}
+    assert status["y"]["allocations"] == {
+        "alloc-2": {"opens": 0, "acquired": True, "cwd": 0, "namespaces": 0}}
     assert (status["z"]["state"], status["z"]["refcount"]) == ("holding", 0)
     assert status["x"]["image_path"] == str(second.images / "x.sqfs")
     assert backing_names(second) == Counter({"x": 1, "y": 1, "z": 1})  # none mounted twice
@@ -74,7 +76,8 @@ def test_kill_9_then_restart_restores_everything(make_daemon: DaemonFactory) -> 
     second.control("reconcile alloc-2")
     status = {m["name"]: m for m in second.status()["mounts"]}
     assert status["x"]["refcount"] == 0
-    assert status["y"]["allocations"] == {"alloc-2": {"opens": 0, "acquired": True, "cwd": 0}}
+    assert status["y"]["allocations"] == {
+        "alloc-2": {"opens": 0, "acquired": True, "cwd": 0, "namespaces": 0}}
     second.control("release alloc-2")
     wait_until(lambda: not second.backing_mounts(), what="every hold timer to run out")
     wait_until(lambda: loop_count(first.root) == loops_at_start,
@@ -110,7 +113,8 @@ def test_damaged_journal_never_stops_the_daemon(make_daemon: DaemonFactory, dama
     assert list(status) == ["x"]  # adopted from the mount table in every case
     if damage == "ghost":
         assert "ghost: in the journal but no longer mounted; dropped" in log
-        assert status["x"]["allocations"] == {"alloc-1": {"opens": 0, "acquired": True, "cwd": 0}}
+        assert status["x"]["allocations"] == {
+            "alloc-1": {"opens": 0, "acquired": True, "cwd": 0, "namespaces": 0}}
     else:
         assert "unreadable" in log
         assert "recovering from the mount table alone" in log
@@ -187,6 +191,7 @@ def test_sigterm_keeps_acquired_images_for_the_next_start(make_daemon: DaemonFac
     second = restart(make_daemon, first)
     m = second.mount_status("acquired")
     assert m is not None
-    assert m["allocations"] == {"prolog-1": {"opens": 0, "acquired": True, "cwd": 0}}
+    assert m["allocations"] == {
+        "prolog-1": {"opens": 0, "acquired": True, "cwd": 0, "namespaces": 0}}
     assert second.mount_status("held") is None
     second.control("reconcile --none")

@@ -272,7 +272,8 @@ def test_a_crash_in_the_middle_of_a_mount_and_of_a_command(daemon: Daemon) -> No
         assert (reader.returncode, out, err) == (0, "slow", "")
         status = daemon.mount_status("slow")
         assert status is not None
-        assert status["allocations"] == {"job-1": {"opens": 0, "acquired": True, "cwd": 0}}
+        assert status["allocations"] == {
+            "job-1": {"opens": 0, "acquired": True, "cwd": 0, "namespaces": 0}}
         assert [e.mount_point for e in daemon.backing_mounts()].count(
             str(daemon.backing_root / "slow")) == 1
         daemon.control("release job-1")
@@ -414,7 +415,7 @@ def test_a_restart_that_cannot_start_changes_nothing(daemon: Daemon) -> None:
         assert after["server"]["pid"] == before["pid"]
         assert "exited with status 2" in after["server"]["restart_error"]
         assert after["mounts"][0]["allocations"] == {
-            "job-1": {"opens": 1, "acquired": False, "cwd": 0}}
+            "job-1": {"opens": 1, "acquired": False, "cwd": 0, "namespaces": 0}}
         assert (daemon.mountpoint / "img/f").read_text() == "served on"
         (daemon.root / "uenvfs.toml").write_text("")
         assert daemon.cli("restart").returncode == 0

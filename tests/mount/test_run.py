@@ -182,7 +182,7 @@ def test_uses_count_for_the_callers_allocation(served: Daemon) -> None:
             lines.append(line.strip())
         assert "this process sees greet at /user-environment (views applied: none)" in lines
         wait_until(lambda: (served.mount_status("greet") or {}).get("allocations", {}).get(
-            "job-42") == {"opens": 1, "acquired": False, "cwd": 1},
+            "job-42") == {"opens": 1, "acquired": False, "cwd": 1, "namespaces": 0},
             what="job-42's open file and working directory in .status")
         verify = served.cli("status", "--verify")
         assert verify.returncode == 0, verify.stdout

@@ -80,8 +80,9 @@ def test_prolog_acquires_from_comment_and_spank(daemon: Daemon) -> None:
     done = _script("prolog", daemon, 41, SLURM_JOB_COMMENT="x=1 uenv=hello y=2",
                    SPANK_UENVFS_IMAGES="other,hello")
     assert done.returncode == 0, done.stderr
-    assert _allocations(daemon)["slurm-41"] == {"hello": {"opens": 0, "acquired": True, "cwd": 0},
-                                                "other": {"opens": 0, "acquired": True, "cwd": 0}}
+    assert _allocations(daemon)["slurm-41"] == {
+        "hello": {"opens": 0, "acquired": True, "cwd": 0, "namespaces": 0},
+        "other": {"opens": 0, "acquired": True, "cwd": 0, "namespaces": 0}}
     done = _script("epilog", daemon, 41)
     assert done.returncode == 0, done.stderr
     assert "slurm-41" not in _allocations(daemon)
@@ -97,7 +98,8 @@ def test_prolog_policy_for_unknown_images(daemon: Daemon) -> None:
     assert "cannot acquire nosuch" in done.stderr
     assert "'--mountpoint=/tmp' is not an image name" in done.stderr
     assert "'../x' is not an image name" in done.stderr
-    assert _allocations(daemon)["slurm-42"] == {"hello": {"opens": 0, "acquired": True, "cwd": 0}}
+    assert _allocations(daemon)["slurm-42"] == {
+        "hello": {"opens": 0, "acquired": True, "cwd": 0, "namespaces": 0}}
     # UENVFS_STRICT=1: the same failure fails the prolog (what it acquired stays acquired:
     # Slurm runs the epilog after a failed prolog).
     done = _script("prolog", daemon, 43, SLURM_JOB_COMMENT="uenv=hello,nosuch",
@@ -384,7 +386,7 @@ def test_slurm_job_uses_its_uenv(daemon: Daemon, slurm: Slurm) -> None:
     done = _script("prolog", daemon, held, UENVFS_SCONTROL="1", **slurm.env)
     assert done.returncode == 0, done.stderr
     assert _allocations(daemon)[f"slurm-{held}"] == {
-        "hello": {"opens": 0, "acquired": True, "cwd": 0}}
+        "hello": {"opens": 0, "acquired": True, "cwd": 0, "namespaces": 0}}
     assert _script("epilog", daemon, held).returncode == 0
     assert f"slurm-{held}" not in _allocations(daemon)
 

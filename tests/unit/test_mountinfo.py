@@ -98,6 +98,15 @@ def test_device_at_reads_the_table_and_never_fails(tmp_path: Path) -> None:
     assert mountinfo.device_at("/", tmp_path / "missing") is None
 
 
+def test_the_mounts_of_some_devices_are_read_alone(tmp_path: Path) -> None:
+    table = tmp_path / "mountinfo"
+    table.write_bytes(TABLE + b"not an entry 7:3 at all\n")
+    loop3, fuse = os.makedev(7, 3), os.makedev(0, 52)
+    assert mountinfo.mounts_of([loop3], table) == [mountinfo.parse(TABLE)[3]]
+    assert [e.mount_id for e in mountinfo.mounts_of({fuse, loop3}, bytes(table))] == [60, 61, 62]
+    assert mountinfo.mounts_of([os.makedev(9, 9)], table) == []
+
+
 def test_the_type_of_a_device() -> None:
     entries = mountinfo.parse(TABLE)
     assert mountinfo.type_of_device(os.makedev(7, 3), entries) == "squashfs"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -9,7 +11,16 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from uenvfs.core.errors import RefcountInconsistency
 from uenvfs.core.settings import Settings
-from uenvfs.core.state import FORCE_UNMOUNTED, IllegalTransition, Image, Phase, Registry, Use
+from uenvfs.core.state import (
+    FORCE_UNMOUNTED,
+    GRACE,
+    IllegalTransition,
+    Image,
+    Phase,
+    Registry,
+    Scanned,
+    Use,
+)
 
 HOLD = 60.0
 
@@ -206,11 +217,12 @@ ALLOCS = st.sampled_from(["alloc-1", "alloc-2", "slurm-3", "uid-0"])
 
 class ImageMachine(RuleBasedStateMachine):
     """Random opens, closes, acquires, releases, reconciles, scans of processes sitting in the
-    image, timer expiries and remounts.
+    image and of namespaces holding it, trees handed out, timer expiries and remounts.
 
     A model counts independently: a handle counts while its allocation has not been released
     since the handle opened (a per-allocation generation), so the refcount must equal the
-    number of allocations with a counting handle or an acquire.
+    number of allocations with a counting handle, an acquire, or what the last scan found (a
+    tree handed out counting as a namespace until its grace time is over).
     """
 
     @initialize()
@@ -221,7 +233,8 @@ class ImageMachine(RuleBasedStateMachine):
         self.handles: list[tuple[Use, str, int]] = []
         self.generation: dict[str, int] = {}
         self.acquired: set[str] = set()
-        self.sitting: dict[str, int] = {}  # the last scan's, while it counts
+        self.scanned: dict[str, tuple[int, int]] = {}  # the last scan's (cwd, namespaces)
+        self.handed: dict[str, float] = {}  # a tree handed out counts until then
 
     def gen(self, alloc: str) -> int:
         return self.generation.get(alloc, 0)
@@ -229,7 +242,8 @@ class ImageMachine(RuleBasedStateMachine):
     def forget(self, alloc: str) -> None:
         self.generation[alloc] = self.gen(alloc) + 1
         self.acquired.discard(alloc)
-        self.sitting.pop(alloc, None)
+        self.scanned.pop(alloc, None)
+        self.handed.pop(alloc, None)
 
     @rule(dt=st.floats(min_value=0, max_value=10))
     def tick(self, dt: float) -> None:
@@ -268,10 +282,26 @@ class ImageMachine(RuleBasedStateMachine):
         if moved is not None:
             self.handles[index] = (moved, alloc, self.gen(alloc))
 
-    @rule(found=st.dictionaries(ALLOCS, st.integers(0, 2)))
-    def scan(self, found: dict[str, int]) -> None:
-        self.image.sitting(found, self.now)
-        self.sitting = {a: n for a, n in found.items() if n > 0 and self.image.is_mounted}
+    @rule(found=st.dictionaries(ALLOCS, st.tuples(st.integers(0, 2), st.integers(0, 2))))
+    def scan(self, found: dict[str, tuple[int, int]]) -> None:
+        self.image.scanned({a: Scanned(*seen) for a, seen in found.items()}, self.now)
+        self.scanned = {}
+        if not self.image.is_mounted:
+            return
+        for alloc in found.keys() | self.handed.keys():
+            cwd, namespaces = found.get(alloc, (0, 0))
+            if self.now < self.handed.get(alloc, -math.inf):
+                namespaces = max(namespaces, 1)
+            if cwd or namespaces:
+                self.scanned[alloc] = (cwd, namespaces)
+
+    @precondition(lambda self: self.image.is_mounted)
+    @rule(alloc=ALLOCS)
+    def hand(self, alloc: str) -> None:
+        self.image.handed(alloc, self.now)
+        self.handed[alloc] = max(self.handed.get(alloc, -math.inf), self.now + GRACE)
+        cwd, namespaces = self.scanned.get(alloc, (0, 0))
+        self.scanned[alloc] = (cwd, max(namespaces, 1))
 
     @precondition(lambda self: self.image.is_mounted)
     @rule(alloc=ALLOCS)
@@ -309,13 +339,22 @@ class ImageMachine(RuleBasedStateMachine):
         if not hasattr(self, "image"):
             return
         counting = {alloc for _, alloc, gen in self.handles if gen == self.gen(alloc)}
-        users = {a for a in counting | self.acquired | set(self.sitting)
+        users = {a for a in counting | self.acquired | set(self.scanned)
                  if self.image.is_mounted}
         assert self.image.refcount == len(users) >= 0
         assert set(self.image.users) == users
-        assert {a: u.cwd for a, u in self.image.users.items() if u.cwd} == self.sitting
+        assert {a: (u.cwd, u.namespaces) for a, u in self.image.users.items()
+                if u.cwd or u.namespaces} == self.scanned
         assert all(u.opens >= 0 for u in self.image.users.values())
         self.image.check()
+
+    @invariant()
+    def a_tree_in_its_grace_time_is_a_use(self) -> None:
+        if not hasattr(self, "image"):
+            return
+        for alloc, until in self.handed.items():
+            if self.now < until:
+                assert self.image.users[alloc].namespaces >= 1
 
     @invariant()
     def timer_runs_exactly_when_idle_and_mounted(self) -> None:
@@ -330,32 +369,115 @@ ImageMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=
 TestImageMachine = ImageMachine.TestCase
 
 
+def sitting(found: dict[str, dict[str, int]]) -> dict[str, dict[str, Scanned]]:
+    """A scan that found processes sitting in images (image -> allocation -> how many)."""
+    return {image: {alloc: Scanned(cwd=n) for alloc, n in allocs.items()}
+            for image, allocs in found.items()}
+
+
 def test_processes_sitting_in_an_image_are_uses_of_their_allocations() -> None:
     registry = Registry(Settings(60.0))
     image = registry["img"]
     image.begin_mount(0)
     image.mounted(1)
     # A scan finds two processes of job-7 in the image: used, the hold timer stops.
-    assert registry.sitting({"img": {"job-7": 2}}, 2) == [image]
+    assert registry.scanned(sitting({"img": {"job-7": 2}}), 2) == [image]
     assert (image.phase, image.refcount, image.users["job-7"].cwd) == (Phase.MOUNTED, 1, 2)
     image.check()
-    assert registry.sitting({"img": {"job-7": 2}}, 3) == []  # nothing changed
+    assert registry.scanned(sitting({"img": {"job-7": 2}}), 3) == []  # nothing changed
     # An open of the same allocation adds to the same use; leaving keeps the open.
     use = image.open("job-7", 4)
-    assert registry.sitting({}, 5) == [image]
+    assert registry.scanned({}, 5) == [image]
     assert (image.refcount, use.cwd, use.opens) == (1, 0, 1)
     image.close(use, 6)
     assert (image.phase, image.idle_since) == (Phase.HOLDING, 6)
     # A release forgets the processes too, until a scan finds them again.
-    registry.sitting({"img": {"job-8": 1}}, 7)
+    registry.scanned(sitting({"img": {"job-8": 1}}), 7)
     assert image.release("job-8", 8)
     assert (image.phase, image.refcount) == (Phase.HOLDING, 0)
-    assert registry.sitting({"img": {"job-8": 1}}, 9) == [image]
+    assert registry.scanned(sitting({"img": {"job-8": 1}}), 9) == [image]
     image.check()
     # An image that is not mounted does not count them.
     other = registry["other"]
-    assert registry.sitting({"img": {"job-8": 1}, "other": {"job-8": 1}}, 10) == []
+    assert registry.scanned(sitting({"img": {"job-8": 1}, "other": {"job-8": 1}}), 10) == []
     assert other.refcount == 0
     # Nor does one being unmounted by force.
     assert image.force_unmount(11) == ["job-8"]
-    assert registry.sitting({"img": {"job-8": 1}}, 12) == []
+    assert registry.scanned(sitting({"img": {"job-8": 1}}), 12) == []
+
+
+def test_namespaces_holding_an_image_are_uses_of_their_allocations() -> None:
+    registry = Registry(Settings(60.0))
+    image = registry["img"]
+    image.begin_mount(0)
+    image.mounted(1)
+    # Two namespaces of job-7 hold a mount of the image, none of its processes in it.
+    assert registry.scanned({"img": {"job-7": Scanned(namespaces=2)}}, 2) == [image]
+    use = image.users["job-7"]
+    assert (image.phase, use.namespaces, use.cwd, use.opens) == (Phase.MOUNTED, 2, 0, 0)
+    image.check()
+    # One of its processes goes in as well: one scan sets both, the same use.
+    assert registry.scanned({"img": {"job-7": Scanned(1, 1)}}, 3) == [image]
+    assert image.users["job-7"] is use
+    assert (use.cwd, use.namespaces) == (1, 1)
+    # Its processes sit elsewhere while the namespace holds it: still a use, no timer.
+    assert registry.scanned({"img": {"job-7": Scanned(0, 1)}}, 4) == [image]
+    assert (image.phase, image.idle_since) == (Phase.MOUNTED, None)
+    # The namespace's last process is gone: idle, the hold timer starts then.
+    assert registry.scanned({}, 5) == [image]
+    assert (image.phase, image.idle_since, image.refcount) == (Phase.HOLDING, 5, 0)
+    # A release forgets them, until a scan finds them again.
+    registry.scanned({"img": {"job-8": Scanned(namespaces=1)}}, 6)
+    assert image.release("job-8", 7)
+    assert image.refcount == 0
+    assert registry.scanned({"img": {"job-8": Scanned(namespaces=1)}}, 8) == [image]
+    # Expire leaves it (a use); a force-unmount drops it, and no scan counts it after.
+    assert not image.expire(9, 60.0, force=True)
+    assert image.force_unmount(10) == ["job-8"]
+    assert registry.scanned({"img": {"job-8": Scanned(namespaces=1)}}, 11) == []
+
+
+def test_without_the_fuse_connection_only_namespaces_hold_images() -> None:
+    registry = Registry(Settings(60.0))
+    for name in ("sat", "held", "both"):
+        registry[name].begin_mount(0)
+        registry[name].mounted(0)
+    registry.scanned({"sat": {"job-1": Scanned(cwd=1)}, "held": {"job-2": Scanned(0, 2)},
+                      "both": {"job-3": Scanned(1, 1)}}, 1)
+    registry["held"].handed("job-4", 1)
+    assert sorted(i.name for i in registry.disconnected(2)) == ["both", "sat"]
+    assert (registry["sat"].phase, registry["sat"].idle_since) == (Phase.HOLDING, 2)
+    assert {a: (u.cwd, u.namespaces) for a, u in registry["held"].users.items()} == {
+        "job-2": (0, 2), "job-4": (0, 1)}
+    assert {a: (u.cwd, u.namespaces) for a, u in registry["both"].users.items()} == {
+        "job-3": (0, 1)}
+    registry.check()
+
+
+def test_a_tree_handed_out_is_a_namespace_use_for_its_grace_time() -> None:
+    image = mounted_image(0.0)
+    # Handed out at 10: one namespace of job-7 at once, the hold timer stopped.
+    use = image.handed("job-7", 10.0)
+    assert (image.phase, image.refcount, use.namespaces) == (Phase.MOUNTED, 1, 1)
+    # Not attached yet: a scan within the grace time keeps it.
+    assert not image.scanned({}, 10.0 + GRACE / 2)
+    assert image.users["job-7"].namespaces == 1
+    # Attached in two namespaces: the scan's count, grace or not.
+    assert image.scanned({"job-7": Scanned(namespaces=2)}, 10.0 + GRACE / 2)
+    assert use.namespaces == 2
+    # Both gone within the grace time: one still counts; after it, none.
+    assert image.scanned({}, 10.0 + GRACE - 0.1)
+    assert use.namespaces == 1
+    assert image.scanned({}, 10.0 + GRACE)
+    assert (image.phase, image.idle_since, image.refcount) == (Phase.HOLDING, 10.0 + GRACE, 0)
+    # A tree handed out to an allocation with uses adds to its use; a release ends the grace.
+    opened = image.open("job-8", 30.0)
+    assert image.handed("job-8", 31.0) is opened
+    assert (opened.opens, opened.namespaces) == (1, 1)
+    assert image.release("job-8", 32.0)
+    assert image.refcount == 0
+    image.open("job-8", 33.0)
+    assert image.scanned({}, 34.0) is False  # nothing of a namespace left to count
+    # A tree of an image that is not mounted cannot be handed out (mount it first).
+    with pytest.raises(IllegalTransition):
+        Image("other").handed("job-7", 40.0)

@@ -24,8 +24,9 @@ def test_status_document_and_table() -> None:
         MountStatus("zeta", "/images/zeta.sqfs", "/run/pact/uenv/zeta", "/s/mnt/zeta", "holding",
                     0, {}, 12.3456, "2026-11-30T06:00:00Z", None),
         MountStatus("alpha", "/images/alpha.sqfs", "/run/pact/uenv/alpha", "/s/mnt/alpha",
-                    "mounted", 3, {"slurm-7": (0, True, 0), "alloc-42": (3, False, 0),
-                                   "job-9": (0, False, 2)}, None,
+                    "mounted", 4, {"slurm-7": (0, True, 0, 0), "alloc-42": (3, False, 0, 0),
+                                   "job-9": (0, False, 2, 0), "job-ns": (0, False, 0, 1)},
+                    None,
                     "2026-11-30T06:00:00Z", None),
     ]
     doc = json.loads(render_status(status_document(
@@ -35,17 +36,18 @@ def test_status_document_and_table() -> None:
     assert doc["verify"] == {"at": "2026-11-30T06:01:00Z", "differences": ["x: y"]}
     assert [m["name"] for m in doc["mounts"]] == ["alpha", "zeta"]
     assert doc["mounts"][0]["allocations"] == {
-        "alloc-42": {"opens": 3, "acquired": False, "cwd": 0},
-        "job-9": {"opens": 0, "acquired": False, "cwd": 2},
-        "slurm-7": {"opens": 0, "acquired": True, "cwd": 0}}
+        "alloc-42": {"opens": 3, "acquired": False, "cwd": 0, "namespaces": 0},
+        "job-9": {"opens": 0, "acquired": False, "cwd": 2, "namespaces": 0},
+        "job-ns": {"opens": 0, "acquired": False, "cwd": 0, "namespaces": 1},
+        "slurm-7": {"opens": 0, "acquired": True, "cwd": 0, "namespaces": 0}}
     assert doc["mounts"][1]["hold_remaining"] == 12.346
     assert set(doc["mounts"][0]) == {"name", "image_path", "mount_point", "backing", "state",
                                      "refcount", "allocations", "hold_remaining", "mounted_at",
                                      "error", "labels", "hold_time"}
     assert doc["mounts"][0]["labels"] == []
     table = format_table(doc)
-    assert "alpha  mounted  3" in table
-    assert "alloc-42(3),job-9(0+cwd),slurm-7(0+acq)" in table
+    assert "alpha  mounted  4" in table
+    assert "alloc-42(3),job-9(0+cwd),job-ns(0+ns),slurm-7(0+acq)" in table
     assert "zeta   holding  0     12s" in table
 
 
@@ -81,7 +83,7 @@ def test_mount_statuses_from_the_registry() -> None:
     assert sorted(statuses) == ["bad", "idle", "leaving", "used"]
     used = statuses["used"]
     assert (used.state, used.refcount, used.hold_remaining) == ("mounted", 2, None)
-    assert used.allocations == {"slurm-7": (0, True, 0), "alloc-1": (1, False, 0)}
+    assert used.allocations == {"slurm-7": (0, True, 0, 0), "alloc-1": (1, False, 0, 0)}
     assert (used.image_path, used.mount_point, used.backing) == (
         "/images/used.sqfs", "/run/pact/uenv/used", "/s/mnt/used")
     assert used.mounted_at == "1970-01-01T00:00:00Z"

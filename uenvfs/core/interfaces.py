@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from .control import Command
     from .metrics import Metrics
     from .model import Mount
-    from .state import Use
+    from .state import Scanned, Use
 
 
 class ImageService(Protocol):
@@ -26,6 +26,9 @@ class ImageService(Protocol):
 
     def mounted(self, name: str) -> Mount | None:
         """The backing mount of *name* if it is mounted now (no mounting)."""
+
+    def serving(self) -> Collection[Mount]:
+        """The backing mounts of the images mounted now (no mounting)."""
 
     async def ensure_mounted(self, name: str) -> Mount:
         """The backing mount of *name*, mounting it first if needed (MountError if not)."""
@@ -60,9 +63,16 @@ class ImageService(Protocol):
     def status(self) -> dict[str, Any]:
         """The `.status` document."""
 
-    def sitting(self, found: Mapping[str, Mapping[str, int]]) -> bool:
-        """A scan found these processes sitting in images (image -> allocation -> how many):
-        count them. Returns whether any sits in a mounted image."""
+    def scanned(self, found: Mapping[str, Mapping[str, Scanned]]) -> None:
+        """A scan of the processes found these uses (image -> allocation -> processes sitting
+        there, namespaces holding it): count them."""
+
+    def disconnected(self) -> None:
+        """The FUSE connection is gone: no process sits in an image any more (namespaces
+        still hold them)."""
+
+    def scanned_uses(self) -> bool:
+        """Whether a mounted image has a use that only a scan can end."""
 
 
 class CommandService(Protocol):

@@ -17,6 +17,12 @@ Lifecycle of one image::
 `force_unmount` takes MOUNTED or HOLDING straight to UNMOUNTING and drops every user; the image
 is then FAILED ("force-unmounted") until it is next used.
 
+Uses that FUSE does not see are set by scans of the processes (`scanned`): processes sitting in
+the image (`cwd`), and mount namespaces holding a mount of it (`namespaces`). A tree of the
+image handed out to be attached in a namespace (`handed`) counts as one such namespace at once,
+and for `GRACE` seconds whatever a scan says: the image cannot expire between the handout and
+the attach that a scan would see.
+
 `held_before` and `failed_before` carry on what the server before this one handed over at a
 planned restart: a running hold timer, a failure still in its negative-cache time.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -34,6 +41,7 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 FORCE_UNMOUNTED = "force-unmounted"
+GRACE = 10.0  # seconds a tree handed out counts as a namespace, whatever a scan finds
 
 
 class Phase(enum.Enum):
@@ -51,6 +59,17 @@ class IllegalTransition(RuntimeError):
     """An event that the current phase does not allow: a bug in the caller."""
 
 
+@dataclass(frozen=True, slots=True)
+class Scanned:
+    """What a scan of the processes found of one allocation in one image."""
+
+    cwd: int = 0  # its processes whose working directory or root is in the image
+    namespaces: int = 0  # mount namespaces of its processes holding a mount of the image
+
+
+NOTHING = Scanned()
+
+
 @dataclass(eq=False)
 class Use:
     """One allocation's use of one image.
@@ -65,18 +84,20 @@ class Use:
     opens: int = 0
     acquired: bool = False
     cwd: int = 0  # its processes whose working directory or root is in the image (a scan's)
+    namespaces: int = 0  # mount namespaces of its processes holding the image (a scan's)
+    handed_until: float = -math.inf  # a tree handed out counts as a namespace until then
 
     @property
     def active(self) -> bool:
-        return self.opens > 0 or self.acquired or self.cwd > 0
+        return self.opens > 0 or self.acquired or self.cwd > 0 or self.namespaces > 0
 
 
 class Image:
     """The state of one image.
 
     Invariants (checked by `check`):
-      - refcount == len(users) >= 0, and every user is active (opens > 0, acquired, or
-        processes sitting in the image: cwd > 0);
+      - refcount == len(users) >= 0, and every user is active (opens > 0, acquired,
+        processes sitting in the image: cwd > 0, or namespaces holding it: namespaces > 0);
       - users is non-empty only while MOUNTED, and MOUNTED always has users;
       - idle_since is set (the hold timer runs) exactly while HOLDING.
     """
@@ -103,7 +124,8 @@ class Image:
 
     def check(self) -> None:
         """Raise `RefcountInconsistency` if an invariant does not hold."""
-        if any(not u.active or u.opens < 0 or u.cwd < 0 for u in self.users.values()):
+        if any(not u.active or min(u.opens, u.cwd, u.namespaces) < 0
+               for u in self.users.values()):
             raise RefcountInconsistency(f"{self.name}: inactive or negative use {self.users}")
         if (self.phase is Phase.MOUNTED) != bool(self.users):
             raise RefcountInconsistency(
@@ -200,33 +222,51 @@ class Image:
         use.acquired = True
         return not already
 
-    def sitting(self, counts: Mapping[str, int], now: float) -> bool:
-        """A scan of the processes found *counts* of each allocation's processes with their
-        working directory or root in the image (none for allocations not named). Only a
-        mounted image counts them. Returns whether a count changed."""
+    def handed(self, alloc: str, now: float, grace: float = GRACE) -> Use:
+        """A tree of the image was handed to a process of *alloc*, to attach in its mount
+        namespace: one namespace use at once, which scans keep for *grace* seconds at least."""
+        use = self._add_use(alloc)
+        use.namespaces = max(use.namespaces, 1)
+        use.handed_until = max(use.handed_until, now + grace)
+        return use
+
+    def scanned(self, found: Mapping[str, Scanned], now: float) -> bool:
+        """A scan of the processes found this of each allocation (nothing, of those not
+        named); a tree handed out less than its grace ago counts as one namespace still.
+        Only a mounted image counts them. Returns whether a count changed."""
         if not self.is_mounted:
             return False
-        changed = False
-        for use in [u for u in self.users.values() if u.cwd and not counts.get(u.alloc)]:
-            use.cwd = 0
-            changed = True
+        changed: list[Use] = []
+        for alloc in sorted(self.users.keys() | found.keys()):
+            use = self.users.get(alloc)
+            seen = found.get(alloc, NOTHING)
+            cwd, namespaces = seen.cwd, seen.namespaces
+            if use is not None and now < use.handed_until:
+                namespaces = max(namespaces, 1)
+            if use is None:
+                if not (cwd > 0 or namespaces > 0):
+                    continue
+                use = self._add_use(alloc)
+            elif (use.cwd, use.namespaces) == (cwd, namespaces):
+                continue
+            use.cwd, use.namespaces = cwd, namespaces
+            changed.append(use)
+        for use in changed:  # after every count is set: no timer starts and stops at once
             self._drop_if_idle(use, now)
-        for alloc, count in counts.items():
-            known = self.users.get(alloc)
-            if count > 0 and (known is None or known.cwd != count):
-                self._add_use(alloc).cwd = count
-                changed = True
-        return changed
+        return bool(changed)
 
     def release(self, alloc: str, now: float) -> bool:
         """*alloc* no longer uses the image; its open handles are forgotten too, and its
-        processes sitting in it until a scan finds them again."""
+        processes sitting in it and namespaces holding it (a tree handed out too) until a
+        scan finds them again."""
         use = self.users.get(alloc)
         if use is None:
             return False
         use.opens = 0
         use.acquired = False
         use.cwd = 0
+        use.namespaces = 0
+        use.handed_until = -math.inf
         self._drop_if_idle(use, now)
         return True
 
@@ -319,10 +359,18 @@ class Registry:
         """The images whose hold timer ran out."""
         return [i for i in self.images.values() if i.due(now, self.hold_time_of(i))]
 
-    def sitting(self, found: Mapping[str, Mapping[str, int]], now: float) -> list[Image]:
-        """Apply a scan of the processes sitting in images (image -> allocation -> processes)
-        to every image. Returns the images whose counts changed."""
-        return [i for i in self.images.values() if i.sitting(found.get(i.name, {}), now)]
+    def scanned(self, found: Mapping[str, Mapping[str, Scanned]], now: float) -> list[Image]:
+        """Apply a scan of the processes (image -> allocation -> what it found) to every
+        image. Returns the images whose counts changed."""
+        return [i for i in self.images.values() if i.scanned(found.get(i.name, {}), now)]
+
+    def disconnected(self, now: float) -> list[Image]:
+        """The FUSE connection is gone: processes sitting in images no longer use them (they
+        sat in its files), the namespaces holding them still do (their mounts are the
+        kernel's). Returns the images whose counts changed."""
+        return [i for i in self.images.values()
+                if i.scanned({a: Scanned(namespaces=u.namespaces) for a, u in i.users.items()},
+                             now)]
 
     def users_of(self, alloc: str) -> list[Image]:
         return [i for i in self.images.values() if alloc in i.users]

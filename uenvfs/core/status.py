@@ -7,7 +7,8 @@ Pure: no trio, no pyfuse3. The document (version 1) lists every image that is no
                  "mount_point": "/run/pact/uenv/pytorch-2.5",
                  "backing": "/run/pact/uenvfs/mnt/pytorch-2.5", "state": "mounted",
                  "refcount": 1,
-                 "allocations": {"slurm-7": {"opens": 0, "acquired": true, "cwd": 1}},
+                 "allocations": {"slurm-7": {"opens": 0, "acquired": true, "cwd": 1,
+                                             "namespaces": 1}},
                  "hold_time": 60.0, "hold_remaining": null,
                  "mounted_at": "2026-11-30T06:00:00Z", "error": null}]}
 """
@@ -58,7 +59,7 @@ class MountStatus:
     backing: str
     state: str
     refcount: int
-    allocations: Mapping[str, tuple[int, bool, int]] = field(default_factory=dict)
+    allocations: Mapping[str, tuple[int, bool, int, int]] = field(default_factory=dict)
     hold_remaining: float | None = None
     mounted_at: str | None = None
     error: str | None = None
@@ -75,8 +76,9 @@ class MountStatus:
             "state": self.state,
             "refcount": self.refcount,
             "allocations": {
-                alloc: {"opens": opens, "acquired": acquired, "cwd": cwd}
-                for alloc, (opens, acquired, cwd) in sorted(self.allocations.items())
+                alloc: {"opens": opens, "acquired": acquired, "cwd": cwd,
+                        "namespaces": namespaces}
+                for alloc, (opens, acquired, cwd, namespaces) in sorted(self.allocations.items())
             },
             "hold_time": self.hold_time,
             "hold_remaining": (
@@ -120,7 +122,8 @@ def mount_statuses(
             backing=str(backing_root / image.name),
             state=state,
             refcount=image.refcount,
-            allocations={a: (u.opens, u.acquired, u.cwd) for a, u in image.users.items()},
+            allocations={a: (u.opens, u.acquired, u.cwd, u.namespaces)
+                         for a, u in image.users.items()},
             hold_remaining=None if deadline is None else max(0.0, deadline - now),
             mounted_at=iso_time(mount.mounted_at) if mount else None,
             error=image.error,
@@ -169,7 +172,7 @@ def format_table(document: Mapping[str, Any]) -> str:
     for m in mounts:
         allocs = ",".join(
             f"{a}({u['opens']}{'+acq' if u['acquired'] else ''}"
-            f"{'+cwd' if u.get('cwd') else ''})"
+            f"{'+cwd' if u.get('cwd') else ''}{'+ns' if u.get('namespaces') else ''})"
             for a, u in m["allocations"].items()
         )
         hold = "" if m["hold_remaining"] is None else f"{m['hold_remaining']:.0f}s"

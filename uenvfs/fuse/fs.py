@@ -135,8 +135,7 @@ class UenvFS(FileRequests, DirectoryRequests):
         for fh in list(self.handles):
             self._release(fh)
         self.prefetcher.close()
-        self.uses.dev = None  # processes sitting in images no longer use this connection
-        self.images.sitting({})
+        self.uses.disconnect()
 
     # -- lookups and attributes ------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from pyfuse3 import FileNameT, InodeT
 from ..core.interfaces import ImageService
 from .handles import HandleTable
 from .inodes import ROOT
-from .uses import UseScanner
+from .uses import UseScanner, few
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,15 @@ class FsListener:
         self.uses = uses
 
     async def force_unmounted(self, name: str) -> None:
-        """Every handle into *name* fails with EIO from now on.
+        """Every handle into *name* fails with EIO from now on; the mount namespaces holding
+        it (as the scan just before found them) are named in the log: they keep their tree.
 
-        Their cached pages go too, or a read (or a mapped program's page fault) would still
-        be served from the page cache of an image that is gone.
+        The handles' cached pages go too, or a read (or a mapped program's page fault) would
+        still be served from the page cache of an image that is gone.
         """
+        for alloc, pids in self.uses.holders.get(name, ()):
+            log.warning("%s: a mount namespace of %s (processes %s) holds it and keeps its tree "
+                        "until it ends", name, alloc, few(pids, 4))
         killed, inodes = self.handles.kill(name)
         if killed:
             log.warning("%s: %d open handles now fail with EIO", name, killed)

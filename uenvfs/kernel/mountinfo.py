@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +85,20 @@ def read(path: str | Path = SELF) -> list[MountEntry]:
     """The entries of the mountinfo file *path* (this process's by default). Raises OSError."""
     with open(path, "rb") as table:
         return parse(table.read())
+
+
+def mounts_of(devices: Collection[int], path: str | bytes | Path = SELF) -> list[MountEntry]:
+    """The entries of the mountinfo file *path* whose device is one of *devices*: only their
+    lines are parsed (a scan reads the table of every mount namespace). Raises OSError."""
+    wanted = {b"%d:%d" % (os.major(dev), os.minor(dev)) for dev in devices}
+    with open(path, "rb") as table:
+        text = table.read()
+    found = []
+    for line in text.split(b"\n"):
+        fields = line.split(b" ", 3)
+        if len(fields) > 3 and fields[2] in wanted and (entry := parse_line(line)) is not None:
+            found.append(entry)
+    return found
 
 
 def mount_at(target: str | Path, entries: Iterable[MountEntry] | None = None

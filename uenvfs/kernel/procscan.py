@@ -16,6 +16,12 @@ device and inode number it holds, without asking the filesystem. So this never s
 to the FUSE daemon, and the daemon may scan its own mount (in a worker thread, still: /proc of
 thousands of processes takes milliseconds).
 
+A mount namespace can hold a mount of an image with no process using it: a bind of a backing
+mount (or a tree handed out and attached there) keeps its superblock alive. `namespaces_holding`
+finds those: the processes grouped by mount namespace (the inode number of
+`/proc/<pid>/ns/mnt`, looked at, never opened), and the mount table of each namespace other than
+this process's read once (`/proc/<one of its pids>/mountinfo`).
+
 Blocking, and without state but whether kcmp is there: for worker threads and the CLI.
 """
 
@@ -26,10 +32,10 @@ import errno
 import logging
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from . import libc
+from . import libc, mountinfo
 
 AT_STATX_DONT_SYNC = 0x4000
 STATX_INO = 0x100
@@ -56,6 +62,17 @@ class Hold:
     kind: str  # one of ALL_KINDS
     ino: int
     fd: int = -1  # the descriptor, for kind "fd"
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """A mount namespace other than this process's, with mounts of some of the devices asked
+    for: its inode number, its processes (as found, in order: any may have gone since), the
+    devices."""
+
+    ino: int
+    pids: tuple[int, ...]
+    devices: frozenset[int]
 
 
 def identity(path: bytes, buf: ctypes.Array[ctypes.c_char] | None = None
@@ -214,3 +231,56 @@ def descriptions(holds: Iterable[Hold]) -> list[list[Hold]]:
             candidates.append(group)
             groups.append(group)
     return groups
+
+
+def mount_namespace(base: bytes) -> int | None:
+    """The inode number of the mount namespace of the process at *base* (`/proc/<pid>`),
+    as its `ns/mnt` link reads (`mnt:[4026531841]`: half the cost of a stat of it, and no
+    descriptor); None if it is gone or not ours to see."""
+    try:
+        return int(os.readlink(base + b"/ns/mnt")[5:-1])
+    except (OSError, ValueError):
+        return None
+
+
+def by_namespace(proc: bytes = b"/proc") -> dict[int, list[int]]:
+    """The processes of every mount namespace, by its inode number (a process's namespace is
+    its main thread's)."""
+    spaces: dict[int, list[int]] = {}
+    for pid in _numbers(proc):
+        ino = mount_namespace(b"%s/%d" % (proc, pid))
+        if ino is not None:
+            spaces.setdefault(ino, []).append(pid)
+    return spaces
+
+
+def namespaces_holding(devices: Mapping[int, str], proc: bytes = b"/proc") -> list[Namespace]:
+    """The mount namespaces other than this process's in which a device of *devices* (st_dev
+    -> the mount point of our own mount of it) is mounted anywhere but at that mount point.
+
+    There sits the copy of our mount that every namespace made since inherits: it is nobody's
+    use (it goes with our own unmount where the propagation of mounts reaches it). A bind of it
+    elsewhere, or a tree attached elsewhere, is. The mount table of each namespace is read once,
+    through its first process still there (and still in it); mount points are as that
+    process sees them, from its root."""
+    if not devices:
+        return []
+    own = mount_namespace(b"%s/self" % proc)
+    found = []
+    for ino, pids in by_namespace(proc).items():
+        if ino == own:
+            continue
+        for pid in pids:
+            base = b"%s/%d" % (proc, pid)
+            try:
+                entries = mountinfo.mounts_of(devices.keys(), base + b"/mountinfo")
+            except OSError:
+                continue
+            if mount_namespace(base) == ino:  # not a new process with an old one's pid
+                break
+        else:
+            continue  # every process of it is gone
+        held = frozenset(e.device for e in entries if e.mount_point != devices[e.device])
+        if held:
+            found.append(Namespace(ino, tuple(sorted(pids)), held))
+    return found

@@ -1,5 +1,6 @@
 """The uses of every image, counted in the state machine: the handles the filesystem opens,
-the acquisitions made by command, and the processes a scan finds sitting in images.
+the acquisitions made by command, the trees handed out by the query socket, and what a scan of
+the processes finds (processes sitting in images, mount namespaces holding them).
 
 A use that ends may start an image's hold timer, so the timer is told whenever one ends.
 Acquisitions and releases are in the journal before they are answered; handles are not
@@ -17,7 +18,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from ..core.errors import RefcountInconsistency
 from ..core.metrics import Metrics
 from ..core.owners import Owners
-from ..core.state import Registry, Use
+from ..core.state import Image, Registry, Scanned, Use
 from .hold_timer import HoldTimer
 from .journal_writer import JournalWriter
 
@@ -80,17 +81,39 @@ class Counts:
         if alloc in self.owners and not self.registry.users_of(alloc):
             self.owners.forget(alloc)
 
-    def sitting(self, found: Mapping[str, Mapping[str, int]]) -> bool:
-        """A scan found these processes sitting in images: count them (see fuse/uses.py).
-        Returns whether any sits in a mounted image."""
-        changed = self.registry.sitting(found, self.clock())
+    def scanned(self, found: Mapping[str, Mapping[str, Scanned]]) -> None:
+        """A scan of the processes found these uses of images: count them (see
+        fuse/uses.py)."""
+        self._changed(self.registry.scanned(found, self.clock()))
+
+    def disconnected(self) -> None:
+        """The FUSE connection is gone: no process sits in an image any more; namespaces
+        holding images still do (`Registry.disconnected`)."""
+        self._changed(self.registry.disconnected(self.clock()))
+
+    def _changed(self, changed: list[Image]) -> None:
+        """The counts of *changed* found by scanning changed: a use may have ended or begun."""
         for image in changed:
-            log.debug("%s: processes sitting there: %s", image.name,
-                      {u.alloc: u.cwd for u in image.users.values() if u.cwd} or "none")
+            log.debug("%s: processes sitting there, namespaces holding it: %s", image.name,
+                      {u.alloc: (u.cwd, u.namespaces) for u in image.users.values()
+                       if u.cwd or u.namespaces} or "none")
         if changed:
             self.timer.wake()
             self.owners.prune()
-        return any(u.cwd for i in self.registry if i.is_mounted for u in i.users.values())
+
+    def scanned_uses(self) -> bool:
+        """Whether a mounted image has a use that only a scan can end: processes sitting in
+        it, or namespaces holding it (a tree handed out, too)."""
+        return any(u.cwd or u.namespaces for i in self.registry if i.is_mounted
+                   for u in i.users.values())
+
+    def tree_handed(self, name: str, alloc: str) -> None:
+        """A tree of *name* was handed to a process of *alloc* (the query socket's `tree`):
+        one namespace use at once, which scans keep for `state.GRACE` seconds at least (the
+        caller attaches it meanwhile). The image must be mounted (just after
+        ensure_mounted), as for `open`."""
+        self.registry[name].handed(alloc, self.clock())
+        log.debug("%s: a tree handed out to %s", name, alloc)
 
     async def acquire(self, name: str, alloc: str, uid: int | None = None) -> bool | None:
         """*alloc* (of *uid*, if given) uses *name* until released; in the journal once this

@@ -41,11 +41,14 @@ class Images:
         self.server = server  # the process serving, for `.status` (None: none, as in tests)
         self.metrics = manager.metrics
         self.mounted = manager.mounts.get  # `Manager.mounts` is never replaced
+        self.serving = manager.mounts.values
         self.ensure_mounted = manager.ensure_mounted
         self.spawn = manager.spawn
         counts = manager.counts
         self.open, self.transfer, self.close = counts.open, counts.transfer, counts.close
-        self.sitting = counts.sitting
+        self.scanned, self.scanned_uses = counts.scanned, counts.scanned_uses
+        self.disconnected = counts.disconnected
+        self.tree_handed = counts.tree_handed  # for the query socket's `tree`
 
     def has_backing_mount(self, name: str) -> bool:
         """Whether a backing mount of *name* exists (serving, or being unmounted)."""

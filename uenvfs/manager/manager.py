@@ -197,13 +197,13 @@ class Manager:
         self._stop_serving(name)
         self.spawn(self._unmount, name, task=f"unmount:{name}")
 
-    async def _unmount(self, name: str) -> None:
+    async def _unmount(self, name: str, lazy: bool = False) -> None:
         image = self.registry[name]
         mount = self._unmounting[name]
         started = self.clock()
         try:
             try:
-                await self.mounter.detach(mount)
+                await self.mounter.detach(mount, lazy=lazy)
             except Exception as exc:
                 if not isinstance(exc, MountError):
                     log.exception("%s: unexpected error while unmounting", name)
@@ -281,7 +281,12 @@ class Manager:
         return f"expired {len(started)} images"
 
     async def force_unmount(self, name: str) -> str:
-        """Emergency: unmount *name* whatever its refcount, its open handles killed first."""
+        """Emergency: unmount *name* whatever its refcount, its open handles killed first.
+
+        Our backing mount is detached at once (lazily). A mount namespace holding a mount of
+        the image keeps its tree (the kernel keeps the image's superblock and loop device until
+        the last such mount goes): the listener names each holder in the log. A new access
+        mounts the image anew, beside them."""
         await self._wait_settled(name)
         await self._check_uses()  # the allocations dropped are logged: count them all
         image = self.registry[name]
@@ -292,7 +297,7 @@ class Manager:
         self._stop_serving(name)
         log.warning("%s: FORCE-UNMOUNT, dropping allocations %s", name, dropped or "none")
         await self.listener.force_unmounted(name)
-        self.spawn(self._unmount, name, task=f"unmount:{name}")
+        self.spawn(self._unmount, name, True, task=f"unmount:{name}")  # lazily, at once
         await self._wait_settled(name)
         await self.journal.durable()
         return f"force-unmounted {name}"
@@ -307,7 +312,7 @@ class Manager:
         path = Path(found.image_path) if found.image_path else self.catalog.lookup_listed(name)
         mount = self.mounter.adopted(
             name, path, record.identity if record and record.identity else None,
-            found.backing, found.source, record.mounted_at if record else None)
+            found.backing, found.source, found.device, record.mounted_at if record else None)
         image = self.registry[name]
         image.begin_mount(now)
         image.mounted(now)
@@ -334,5 +339,6 @@ class Manager:
             log.error("at shutdown: %s", exc)
         for image in self.registry:
             if image.is_mounted:
-                log.info("%s: acquired by %s; left mounted at %s for the next start",
-                         image.name, ", ".join(image.users), self.mounts[image.name].backing)
+                log.info("%s: used by %s; left mounted at %s for the next start", image.name,
+                         ", ".join(image.users) or "none since the last look",
+                         self.mounts[image.name].backing)

@@ -4,14 +4,16 @@ The ledger (core/ledger.py) has every node and handle, so the counts of open han
 exactly; the journal and the mount table have the mounts and the acquisitions. This adds what
 only the old server's memory held: the settings whole (core/settings.py: the global and
 per-image hold times, emergency mode, the last verification), the running hold timers (as
-time left), failed images with their error and retry time, and the processes sitting in
-images. Times are carried as seconds left, so the deadlines stay where they were.
+time left), failed images with their error and retry time, the processes sitting in images,
+the mount namespaces holding them and the trees handed out still in their grace time. Times
+are carried as seconds left, so the deadlines stay where they were.
 
     {"config": {...the configuration in force...},
      "hold_time": 60.0, "hold_time_set": null, "emergency": false, "verify": null,
      "images": {"x": {"hold_time": 5.0, "phase": "holding", "hold_left": 3.2,
                       "error": null, "retry_in": 0.0, "acquired": ["job-1"],
-                      "cwd": {"job-2": 1}}}}
+                      "cwd": {"job-2": 1}, "namespaces": {"job-3": 1},
+                      "handed": {"job-3": 4.5}}}}
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from ..core import config as config_mod
 from ..core.settings import Settings
-from ..core.state import Image, Phase
+from ..core.state import Image, Phase, Scanned
 from ..manager.manager import Manager
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,9 @@ def capture(manager: Manager, settings: Settings) -> dict[str, Any]:
             "retry_in": max(0.0, image.retry_at - now),
             "acquired": sorted(a for a, u in image.users.items() if u.acquired),
             "cwd": {a: u.cwd for a, u in image.users.items() if u.cwd},
+            "namespaces": {a: u.namespaces for a, u in image.users.items() if u.namespaces},
+            "handed": {a: u.handed_until - now for a, u in image.users.items()
+                       if u.handed_until > now},
         }
     return {"config": config_mod.as_json(manager.config),
             "hold_time": settings.hold_time, "hold_time_set": settings.hold_time_set,
@@ -71,7 +76,11 @@ def apply(manager: Manager, settings: Settings, document: dict[str, Any]) -> Non
         if image.is_mounted:
             for alloc in was["acquired"]:
                 image.acquire(alloc, now)
-            image.sitting(was["cwd"], now)
+            for alloc, left in was.get("handed", {}).items():  # none from an older server
+                image.handed(alloc, now, left)
+            namespaces = was.get("namespaces", {})
+            image.scanned({alloc: Scanned(was["cwd"].get(alloc, 0), namespaces.get(alloc, 0))
+                           for alloc in was["cwd"].keys() | namespaces.keys()}, now)
             if image.phase is Phase.HOLDING and was["hold_left"] is not None:
                 image.held_before(now, registry.hold_time_of(image) - was["hold_left"])
         elif image.phase is Phase.UNMOUNTED and was["phase"] == Phase.FAILED.value:
