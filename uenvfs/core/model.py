@@ -70,6 +70,7 @@ class Mount:
     source: str
     mounted_at: float = field(default_factory=time.time)
     guarded: bool = False  # its storage may hang: see fuse/workers.py
+    device: int = 0  # st_dev of the files of the backing mount (its superblock); 0: unknown
 
     def __post_init__(self) -> None:
         self.root = os.fsencode(self.backing)  # the backing directory, for path building

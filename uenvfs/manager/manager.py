@@ -307,7 +307,7 @@ class Manager:
         path = Path(found.image_path) if found.image_path else self.catalog.lookup_listed(name)
         mount = self.mounter.adopted(
             name, path, record.identity if record and record.identity else None,
-            found.backing, found.source, record.mounted_at if record else None)
+            found.backing, found.source, found.device, record.mounted_at if record else None)
         image = self.registry[name]
         image.begin_mount(now)
         image.mounted(now)

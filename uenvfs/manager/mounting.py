@@ -33,7 +33,7 @@ from ..core.metrics import Metrics
 from ..core.model import Identity, ImageVersion, InodePrefixes, Mount
 from ..image import squashfs
 from ..image.catalog import Catalog
-from ..kernel import loop
+from ..kernel import loop, mountinfo
 from .backend import FileMountBackend, MountBackend, is_mount_point
 from .storage import Storage
 
@@ -52,11 +52,12 @@ def _failed(what: str, exc: OSError) -> MountFailed:
 @dataclass
 class Probe:
     """What the worker thread of a first access found: the image file's identity, its first
-    bytes and, if it mounted the file too, the mount's source."""
+    bytes and, if it mounted the file too, the mount's source and device."""
 
     identity: Identity
     header: bytes
     source: str | None = None
+    device: int = 0
 
 
 @dataclass
@@ -94,6 +95,7 @@ def _probe_and_mount(
             progress.mounting = True
             os.set_blocking(fd, True)  # the loop device reads through this open file
             probe.source = mount_file(fd, path, target)
+            probe.device = os.stat(target).st_dev  # the kernel's squashfs: answers at once
     finally:
         os.close(fd)  # a loop device holds its own reference
     return probe
@@ -193,7 +195,7 @@ class Mounter:
             probe = await self._in_thread(name, path, target, accept, mount_file)
             version = self.version(name, probe.identity)
             if probe.source is not None:
-                return self._mount(name, path, target, version, probe.source)
+                return self._mount(name, path, target, version, probe.source, probe.device)
             if self.config.validate and not version.validated:
                 await self._validate(path, probe)
                 version.validated = True
@@ -204,7 +206,8 @@ class Mounter:
                 if source is None:
                     raise MountFailed(
                         f"{self.backend.name} reported success but {target} is not mounted")
-                return self._mount(name, path, target, version, source)
+                return self._mount(name, path, target, version, source,
+                                   mountinfo.device_at(target) or 0)
             accept = _only(version.identity)  # that one, checked now
         raise MountFailed(f"image {path} changed while it was being checked, "
                           f"{CHANGING_ATTEMPTS} times")
@@ -297,7 +300,7 @@ class Mounter:
         return self.backend.mounted(mount.backing) is not None
 
     def adopted(self, name: str, path: Path | None, identity: Identity | None, backing: Path,
-                source: str, mounted_at: float | None) -> Mount:
+                source: str, device: int, mounted_at: float | None) -> Mount:
         """The `Mount` of a backing mount found at start-up (see recovery.py).
 
         Its version is what is really mounted: the kernel names the file behind a loop device
@@ -311,12 +314,12 @@ class Mounter:
         if path is not None:
             self.paths[name] = path
         return self._mount(name, path or Path(), backing, self.version(name, identity), source,
-                           mounted_at or time.time())
+                           device, mounted_at or time.time())
 
     def _mount(self, name: str, path: Path, backing: Path, version: ImageVersion, source: str,
-               mounted_at: float | None = None) -> Mount:
+               device: int, mounted_at: float | None = None) -> Mount:
         return Mount(name, path, backing, version, source, mounted_at or time.time(),
-                     self.storage.guarded(version.identity[0]))
+                     self.storage.guarded(version.identity[0]), device)
 
     @staticmethod
     def _identity_of_mounted(path: Path | None, mounted: tuple[int, int] | None) -> Identity:

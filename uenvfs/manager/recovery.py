@@ -26,6 +26,7 @@ class Adoption:
     source: str
     image_path: str | None  # None: unknown, look the name up in the image sources
     record: MountRecord | None  # what the journal knew about it
+    device: int = 0  # st_dev of its files, as the mount table says
 
 
 @dataclass
@@ -75,7 +76,7 @@ def plan(
         record = records.pop(name, None)
         image_path = record.image_path if record else loop_file(entry.source)
         result.adopt.append(Adoption(name, Path(entry.mount_point), entry.source, image_path,
-                                     record))
+                                     record, entry.device))
     result.dropped = sorted(records)
     return result
 
