@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 
+import trio
+
 from ..core.errors import RefcountInconsistency
 from ..core.metrics import Metrics
 from ..core.owners import Owners
@@ -22,6 +24,8 @@ from .hold_timer import HoldTimer
 from .journal_writer import JournalWriter
 
 log = logging.getLogger(__name__)
+
+TREE_GRACE = 10.0  # seconds a tree handed out counts for its allocation (see tree_handed)
 
 
 class Counts:
@@ -49,6 +53,7 @@ class Counts:
         self.clock = clock
         self.owners = owners
         self._wake_for = timer.wake_for  # bound once: close() calls it on every release
+        self._handed: list[tuple[str, Use]] = []  # trees handed out in their grace time
 
     def open(self, name: str, alloc: str) -> Use:
         """Count a handle of *alloc*. The image must be mounted (just after ensure_mounted)."""
@@ -91,6 +96,32 @@ class Counts:
             self.timer.wake()
             self.owners.prune()
         return any(u.cwd for i in self.registry if i.is_mounted for u in i.users.values())
+
+    def tree_handed(self, name: str, alloc: str) -> None:
+        """A tree of *name* was handed to a process of *alloc* (the query socket's `tree`):
+        a use of *alloc* at once, for TREE_GRACE seconds, so that the image cannot expire
+        before the caller has bound it. The image must be mounted (just after
+        ensure_mounted), as for `open`.
+
+        A stand-in until mount namespaces that hold an image count as its uses (issue 28):
+        counted as an open handle, closed after the grace time or when the daemon stops.
+        """
+        handout = (name, self.open(name, alloc))
+        self._handed.append(handout)
+
+        async def grace() -> None:
+            await trio.sleep(TREE_GRACE)
+            if handout in self._handed:
+                self._handed.remove(handout)
+                self.close(*handout)
+
+        trio.lowlevel.spawn_system_task(grace, name=f"tree-grace:{name}")
+
+    def end_handouts(self) -> None:
+        """The daemon stops: the trees handed out count no longer (see tree_handed)."""
+        for handout in self._handed:
+            self.close(*handout)
+        self._handed.clear()
 
     async def acquire(self, name: str, alloc: str, uid: int | None = None) -> bool | None:
         """*alloc* (of *uid*, if given) uses *name* until released; in the journal once this

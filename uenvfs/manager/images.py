@@ -46,6 +46,7 @@ class Images:
         counts = manager.counts
         self.open, self.transfer, self.close = counts.open, counts.transfer, counts.close
         self.sitting = counts.sitting
+        self.tree_handed = counts.tree_handed  # for the query socket's `tree`
 
     def has_backing_mount(self, name: str) -> bool:
         """Whether a backing mount of *name* exists (serving, or being unmounted)."""

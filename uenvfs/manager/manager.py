@@ -325,6 +325,7 @@ class Manager:
 
     async def shutdown(self) -> None:
         """Unmount every idle image; acquired images stay mounted for the next daemon to adopt."""
+        self.counts.end_handouts()
         for image in self.registry:
             await self._wait_settled(image.name)
         await self.expire_idle()
