@@ -260,8 +260,9 @@ def test_the_socket_outlives_crashes_and_restarts(daemon: Daemon) -> None:
 
 def attach(daemon: Daemon, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """`uenvfs attach ARGS` as the SPANK plugin runs it: as root, in a mount namespace of its
-    own whose mounts are slaves of the host's (then the binds are listed)."""
-    script = ('"$@" && grep -c " /user-environment " /proc/self/mountinfo')
+    own whose mounts are slaves of the host's (then the kernel mounts bound at
+    /user-environment are counted)."""
+    script = ('"$@" && grep " /user-environment " /proc/self/mountinfo | grep -c " - squashfs "')
     return subprocess.run(
         ["unshare", "--mount", "--propagation", "slave", "sh", "-c", script, "attach",
          sys.executable, "-m", "uenvfs", "attach", "--mountpoint", str(daemon.mountpoint),

@@ -409,12 +409,12 @@ def _sitting_job(daemon: Daemon, slurm: Slurm, body: str) -> str:
         return out.exists() and "in-step" in out.read_text()
 
     wait_until(stepping, timeout=START_DEADLINE, what=f"job {job}'s step to run greet")
-    # The step sits in the image (its working directory; its `sleep` too, at times): its
-    # allocation, acquired by the prolog, uses it.
+    # The step sits in the image's kernel mount, bound in its namespace (its working
+    # directory; its `sleep` too, at times), which uenvfs sees no request of: its allocation,
+    # acquired by the prolog, uses the image.
     def sitting() -> bool:
         use = _allocations(daemon).get(alloc, {}).get("greet")
-        return (isinstance(use, dict) and use["acquired"] is True and use["cwd"] >= 1
-                and use["opens"] == 0)
+        return isinstance(use, dict) and use["acquired"] is True and use["cwd"] == 0
 
     try:
         wait_until(sitting, what=f"{alloc}'s use in .status")

@@ -14,8 +14,9 @@ import pytest
 from uenvfs.core.errors import CommandError
 from uenvfs.core.metrics import Metrics
 from uenvfs.core.queries import parse_answer, parse_request, refusal, request
+from uenvfs.fuse.allocation import AllocationResolver
 from uenvfs.manager.images import Images
-from uenvfs.server.queries import CONNECTIONS, OTHERS, PER_UID, Caller, QueryServer
+from uenvfs.server.queries import CONNECTIONS, OTHERS, PER_UID, Caller, QueryServer, Service
 
 
 def test_a_request_is_one_json_object_with_an_op() -> None:
@@ -41,7 +42,7 @@ def test_answers() -> None:
 
 def _server() -> QueryServer:
     images = cast(Images, SimpleNamespace(metrics=Metrics()))
-    return QueryServer(socket.socket(socket.AF_UNIX), images)
+    return QueryServer(socket.socket(socket.AF_UNIX), Service(images, AllocationResolver()))
 
 
 def test_connections_are_shared_out_by_uid() -> None:
@@ -77,7 +78,7 @@ def test_refusals_are_counted() -> None:
     try:
         server._refuse(None, "testing")
         server._refuse(Caller(1, 2, 3), "testing")
-        metrics: Any = server.images.metrics
+        metrics: Any = server.metrics
         assert metrics.counters["uenvfs_query_refusals_total"][()] == 2
     finally:
         server.sock.close()

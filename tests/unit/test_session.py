@@ -131,6 +131,30 @@ def test_bound_images_from_the_mount_table() -> None:
     assert namespace.bound_images(mountinfo.parse(b"garbage\n\n1 2 3")) == []
 
 
+KERNEL_MOUNTINFO = rb"""22 1 254:0 / / rw - ext4 /dev/vda rw
+60 22 0:40 / /run/pact/uenv rw,nosuid - fuse.uenvfs uenvfs rw
+70 22 7:3 / /run/pact/uenvfs/mnt/acc ro,nosuid,nodev - squashfs /dev/loop3 ro
+71 22 7:4 / /run/pact/uenvfs/mnt/tools ro,nosuid,nodev - squashfs /dev/loop4 ro
+72 22 7:3 / /user-environment ro,nosuid,nodev - squashfs /dev/loop3 ro
+73 22 7:4 /bin /opt/bin ro,nosuid,nodev - squashfs /dev/loop4 ro
+74 22 7:9 / /user-tools ro - squashfs /dev/loop9 ro
+75 22 0:40 /tools /user-tools rw,nosuid - fuse.uenvfs uenvfs rw
+"""
+
+
+def test_kernel_binds_from_the_mount_table() -> None:
+    """A backing mount bound elsewhere, whole; not the copy at its own path, which every
+    namespace made from the host has, nor a part of it, nor another squashfs."""
+    trees = {os.makedev(7, 3): ("acc", "/run/pact/uenvfs/mnt/acc"),
+             os.makedev(7, 4): ("tools", "/run/pact/uenvfs/mnt/tools")}
+    entries = mountinfo.parse(KERNEL_MOUNTINFO)
+    found = namespace.bound_images(entries, os.makedev(0, 40), trees)
+    assert [(b.name, b.mount_point, b.device) for b in found] == [
+        ("acc", "/user-environment", os.makedev(7, 3)),
+        ("tools", "/user-tools", os.makedev(0, 40))]
+    assert [b.name for b in namespace.bound_images(entries, os.makedev(0, 40))] == ["tools"]
+
+
 # -- a view applied in Python is what its shell lines do in a shell ---------------------------
 
 _names = st.sampled_from(["PLIST", "LIBS", "HOME_X", "EMPTY"])  # not PATH: sh has its own

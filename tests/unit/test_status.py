@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def test_status_document_and_table() -> None:
     assert doc["mounts"][1]["hold_remaining"] == 12.346
     assert set(doc["mounts"][0]) == {"name", "image_path", "mount_point", "backing", "state",
                                      "refcount", "allocations", "hold_remaining", "mounted_at",
-                                     "error", "labels", "hold_time"}
+                                     "error", "labels", "hold_time", "device"}
     assert doc["mounts"][0]["labels"] == []
     table = format_table(doc)
     assert "alpha  mounted  4" in table
@@ -61,6 +62,7 @@ def test_empty_table() -> None:
 @dataclass
 class FakeMount:
     mounted_at: float
+    device: int = 0
 
 
 def test_mount_statuses_from_the_registry() -> None:
@@ -78,7 +80,8 @@ def test_mount_statuses_from_the_registry() -> None:
     statuses = {s.name: s for s in mount_statuses(
         registry, 40.0, mountpoint=Path("/run/pact/uenv"), backing_root=Path("/s/mnt"),
         image_paths={"used": Path("/images/used.sqfs")},
-        mounts={"used": FakeMount(0.0), "idle": FakeMount(0.0), "leaving": FakeMount(0.0)})}
+        mounts={"used": FakeMount(0.0, os.makedev(7, 3)), "idle": FakeMount(0.0),
+                "leaving": FakeMount(0.0, os.makedev(259, 1048575))})}
 
     assert sorted(statuses) == ["bad", "idle", "leaving", "used"]
     used = statuses["used"]
@@ -87,13 +90,18 @@ def test_mount_statuses_from_the_registry() -> None:
     assert (used.image_path, used.mount_point, used.backing) == (
         "/images/used.sqfs", "/run/pact/uenv/used", "/s/mnt/used")
     assert used.mounted_at == "1970-01-01T00:00:00Z"
+    # The device of its backing mount, as the mount table writes it; none where it is unknown
+    # or there is no backing mount.
+    assert used.device == "7:3"
+    assert statuses["leaving"].device == "259:1048575"
+    assert statuses["idle"].device is None
     assert statuses["idle"].state == "holding"
     assert statuses["idle"].hold_remaining == pytest.approx(30.0)
     assert statuses["leaving"].state == "holding"  # being unmounted: idle, its time over
     assert statuses["leaving"].hold_remaining == 0.0
     bad = statuses["bad"]
-    assert (bad.state, bad.error, bad.mounted_at, bad.image_path) == (
-        "failed", "bad magic", None, "")
+    assert (bad.state, bad.error, bad.mounted_at, bad.image_path, bad.device) == (
+        "failed", "bad magic", None, "", None)
 
 
 def test_each_image_shows_its_own_hold_time() -> None:

@@ -28,8 +28,6 @@ KCMP = {"x86_64": 312, "aarch64": 272, "riscv64": 272, "loongarch64": 272, "ppc6
 def test_known_architectures() -> None:
     for arch, kcmp in KCMP.items():
         assert libc.number("kcmp", arch) == kcmp
-        assert libc.number("open_tree", arch) == 428
-        assert libc.number("move_mount", arch) == 429
         assert libc.number("openat2", arch) == 437
         assert libc.number("cachestat", arch) == 451
     assert set(libc.NUMBERS) == {*KCMP, "aarch64_be"}

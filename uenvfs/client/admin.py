@@ -67,22 +67,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(document, indent=1))
     else:
         print(status.format_table(document), end="")
-        for entry in _this_process(args):
+        for entry in _this_process(args, document):
             views = ", ".join(str(view) for view in entry["views"]) or "none"
             print(f"this process sees {entry['name']} at {entry['mount_point']} "
                   f"(views applied: {views})")
     return exits.OK
 
 
-def _this_process(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _this_process(args: argparse.Namespace, document: dict[str, object]
+                  ) -> list[dict[str, Any]]:
     """The images that this process sees bound at mount points (inside `uenvfs run` or
-    `start`), with the views that UENV_VIEW says are applied there."""
+    `start`), with the views that UENV_VIEW says are applied there; *document* is `.status`
+    (which has the devices of the images' kernel mounts)."""
     from .run import bound_here
 
     views = [entry.split(":") for entry in os.environ.get("UENV_VIEW", "").split(",")]
     return [{"name": b.name, "mount_point": b.mount_point,
              "views": [v[2] for v in views if len(v) == 3 and v[0] == b.mount_point]}
-            for b in bound_here(_mountpoint(args))]
+            for b in bound_here(_mountpoint(args), document)]
 
 
 def _print_verify(document: dict[str, object], as_json: bool) -> int:

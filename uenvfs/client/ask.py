@@ -1,7 +1,8 @@
 """Asking the daemon's query socket (core/queries.py) within a deadline, for `uenvfs attach`
-(which the SPANK plugin runs for the tasks of jobs that acquired images). Nothing goes through
-FUSE but reading the mount root's `.socket` link, when the socket is not named, and that is
-waited for no longer than the deadline either. Never imports trio or pyfuse3.
+(which the SPANK plugin runs for the tasks of jobs that acquired images), `run` and `start`.
+Nothing goes through FUSE but reading the mount root's `.socket` link, when the socket is not
+named, and that is waited for no longer than the deadline either (`socket_at` waits as long as
+the server takes). Never imports trio or pyfuse3.
 
 A connection closed without an answer (a server killed while it answered, a server over its
 share of connections) is tried again until the deadline: a query only reads.
@@ -27,12 +28,13 @@ class _NoAnswer(Exception):
     """The connection ended, or could not be made for now, without an answer: try again."""
 
 
-def ask(mountpoint: Path, request: bytes, socket_path: Path | None, timeout: float
-        ) -> dict[str, Any]:
+def ask(mountpoint: Path, request: bytes, socket_path: Path | None, timeout: float,
+        since: float | None = None) -> dict[str, Any]:
     """The answer of the uenvfs at *mountpoint* to *request* (one line), through the socket
     at *socket_path* (None: where `.socket` leads). `RunError` if none comes within
-    *timeout* seconds, or if no uenvfs serves there."""
-    deadline = time.monotonic() + timeout
+    *timeout* seconds (from *since*, a time.monotonic() of the first of several questions
+    that share them; else from now), or if no uenvfs serves there."""
+    deadline = (time.monotonic() if since is None else since) + timeout
     late = RunError(f"uenvfs at {mountpoint} did not answer within {timeout:g} s")
     path = socket_path or _linked(mountpoint, deadline, late)
     while True:
@@ -64,9 +66,23 @@ def _linked(mountpoint: Path, deadline: float, late: RunError) -> Path:
         raise late
     target = found[0]
     if isinstance(target, OSError):
-        raise RunError(f"no uenvfs serving at {mountpoint} (is the uenvfs service running?): "
-                       f"{mountpoint / '.socket'}: {target.strerror}")
+        raise _no_link(mountpoint, target)
     return mountpoint / target  # an absolute target stays as it is
+
+
+def socket_at(mountpoint: Path) -> Path:
+    """Where `<mountpoint>/.socket` leads, read in this thread, however long the server takes
+    to answer: for callers that read through the mount anyway, and may start no thread (`run`
+    makes a user namespace, which the kernel refuses a process with several threads)."""
+    try:
+        return mountpoint / os.readlink(mountpoint / ".socket")
+    except OSError as exc:
+        raise _no_link(mountpoint, exc) from None
+
+
+def _no_link(mountpoint: Path, exc: OSError) -> RunError:
+    return RunError(f"no uenvfs serving at {mountpoint} (is the uenvfs service running?): "
+                    f"{mountpoint / '.socket'}: {exc.strerror}")
 
 
 def _exchange(mountpoint: Path, path: Path, request: bytes, deadline: float) -> dict[str, Any]:

@@ -1,15 +1,17 @@
 """`uenvfs run` and `uenvfs start`: a command in its own mount namespace, with images of the
-running uenvfs bind-mounted at the mount points they were built for; and `attach`, the same
-binds for the Slurm SPANK plugin, of the images that the daemon's query socket says a job
-acquired (client/ask.py: within a deadline, never from `.status`).
+running uenvfs bound at the mount points they were built for; and `attach`, the same binds for
+the Slurm SPANK plugin, of the images that the daemon's query socket says a job acquired
+(client/ask.py: within a deadline, never from `.status`).
 
 The images are looked up through the mount (client/lookup.py; which mounts them, as any
-access does), their `meta/env.json` read from there, the mount points checked, and only then
-is anything done: an error leaves no namespace and no mount behind. The command then replaces
-this process (exec): no uenvfs process stays between the job and its command. Every access
-through the bind goes to uenvfs like one at MOUNTPOINT/NAME, so it counts for the caller's
-allocation, and an image that expires while nothing uses it is mounted again at the next
-access.
+access does), their `meta/env.json` read from there, the mount points checked, and each
+image's kernel mount asked of the daemon's query socket (client/trees.py); only then is
+anything done: an error leaves no namespace and no mount behind. What is bound is the image's
+own kernel mount (the daemon's backing squashfs mount), so the command's reads never go through
+uenvfs; the daemon counts the namespace as a use of the caller's allocation. Where that cannot
+be, the image's directory of uenvfs is bound instead (said on stderr), whose accesses count as
+any other. The command then replaces this process (exec): no uenvfs process stays between the
+job and its command.
 
 Exit codes (client/exits.py), as env(1) and chroot(1) have them: 125 uenvfs run itself
 failed (the message says why), 126 the command cannot be executed, 127 it was not found; else
@@ -23,6 +25,7 @@ import functools
 import os
 import pwd
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -30,11 +33,12 @@ from .. import MOUNTPOINT
 from ..core.queries import request
 from ..image.uenv import Meta
 from ..kernel import mountinfo, namespace
-from . import exits, session
-from .ask import ask
+from . import exits, session, trees
+from .ask import ask, socket_at
 from .exits import RunError
 from .lookup import meta_beside, mount_entry, read_meta, read_status, served_name
 from .session import Placement, SessionError
+from .trees import Tree
 
 ATTACH_TIMEOUT = 10.0  # seconds `attach` waits for the daemon's answer, by default
 
@@ -52,8 +56,10 @@ def _mount_point_ok(image: Placement) -> None:
                    f"(mkdir {path}), or choose another with {image.name}:MOUNT")
 
 
-def bound_here(mountpoint: Path) -> list[namespace.Bound]:
-    """The images of the uenvfs at *mountpoint* bound in this process's namespace."""
+def bound_here(mountpoint: Path, document: Mapping[str, object]) -> list[namespace.Bound]:
+    """The images of the uenvfs at *mountpoint* bound in this process's namespace: through
+    uenvfs, or their backing mounts, which its `.status` *document* names with their devices
+    ({}: none)."""
     try:
         entries = mountinfo.read()
     except OSError:
@@ -61,7 +67,20 @@ def bound_here(mountpoint: Path) -> list[namespace.Bound]:
     served = mountinfo.mount_at(mountpoint, entries)
     if served is None:
         return []
-    return namespace.bound_images(entries, served.device)
+    return namespace.bound_images(entries, served.device, _backing_mounts(document))
+
+
+def _backing_mounts(document: Mapping[str, object]) -> dict[int, tuple[str, str]]:
+    """The backing mounts that a `.status` *document* lists: device -> (image, mount point)."""
+    mounts = document.get("mounts")
+    found = {}
+    for entry in mounts if isinstance(mounts, list) else []:
+        try:
+            device = trees.parse_device(entry["device"])
+        except (KeyError, TypeError, ValueError):
+            continue  # not mounted
+        found[device] = (str(entry.get("name")), str(entry.get("backing")))
+    return found
 
 
 def prepare(mountpoint: Path, images_text: str, views_text: str | None,
@@ -82,7 +101,7 @@ def prepare(mountpoint: Path, images_text: str, views_text: str | None,
     document = read_status(mountpoint)  # now with the images mounted: their image files
     images = [_placed(mountpoint, spec, meta, mount_entry(document, spec.image).get("image_path"))
               for spec, meta in zip(specs, metas, strict=True)]
-    return _settle(mountpoint, images, wanted, environ)
+    return _settle(mountpoint, images, wanted, environ, document)
 
 
 def _error(mountpoint: Path, name: str) -> object:
@@ -100,9 +119,12 @@ def _placed(mountpoint: Path, spec: session.ImageSpec, meta: Meta | None,
 
 
 def _settle(mountpoint: Path, images: list[Placement], wanted: list[session.ViewSpec],
-            environ: Mapping[str, str]) -> tuple[list[Placement], dict[str, str]]:
-    """The *images* still to bind (their mount points checked), and the environment."""
-    bound = {b.mount_point: b.name for b in bound_here(mountpoint)}
+            environ: Mapping[str, str], document: Mapping[str, object]
+            ) -> tuple[list[Placement], dict[str, str]]:
+    """The *images* still to bind (their mount points checked), and the environment; the
+    binds there are already are found with the `.status` *document* ({}: through uenvfs
+    only)."""
+    bound = {b.mount_point: b.name for b in bound_here(mountpoint, document)}
     try:
         todo = session.check_mounts(images, str(mountpoint), bound)
         views = session.choose_views(images, wanted)
@@ -126,10 +148,11 @@ def _own_namespace(document: Mapping[str, object]) -> bool:
 def attach(mountpoint: Path, alloc: str, socket_path: Path | None, timeout: float) -> str:
     """For the Slurm SPANK plugin: bind every image that *alloc* acquired at its mount point,
     in this process's mount namespace, which the plugin made for a task (never the host's).
-    The daemon's query socket (*socket_path*, else where `.socket` leads) names the images,
-    within *timeout* seconds. Returns UENV_MOUNT_LIST for the task ("" if the allocation
-    acquired nothing)."""
-    answer = ask(mountpoint, request("allocation", alloc=alloc), socket_path, timeout)
+    The daemon's query socket (*socket_path*, else where `.socket` leads) names the images
+    and their kernel mounts, all within *timeout* seconds. Returns UENV_MOUNT_LIST for the
+    task ("" if the allocation acquired nothing)."""
+    since = time.monotonic()
+    answer = ask(mountpoint, request("allocation", alloc=alloc), socket_path, timeout, since)
     if not answer["ok"]:
         raise RunError(f"uenvfs at {mountpoint}: {answer.get('error')}")
     if not _own_namespace(answer):
@@ -150,13 +173,19 @@ def attach(mountpoint: Path, alloc: str, socket_path: Path | None, timeout: floa
                               entry.get("image_path")))
     if not images:
         return ""
-    todo, environ = _settle(mountpoint, images, [], {})
-    try:
-        for image in todo:
-            namespace.bind(mountpoint / image.name, Path(image.mount))
-    except namespace.NamespaceError as exc:
-        raise RunError(str(exc)) from exc
+    todo, environ = _settle(mountpoint, images, [], {}, {})
+    found = trees.trees(mountpoint, todo, socket_path, timeout, since)
+    for image, tree in zip(todo, found, strict=True):
+        _place(mountpoint, image, tree, socket_path, timeout, since)
     return environ[session.MOUNT_LIST]
+
+
+def _place(mountpoint: Path, image: Placement, tree: Tree | None, socket_path: Path | None,
+           timeout: float, since: float) -> None:
+    """Bind *image* in this namespace (client/trees.py), asking again, if need be, within
+    the *timeout* seconds from *since* that the first questions had."""
+    trees.place(mountpoint, image, tree,
+                lambda: trees.ask_tree(mountpoint, image.name, socket_path, timeout, since))
 
 
 def _home() -> str:
@@ -167,17 +196,24 @@ def _home() -> str:
 
 
 def enter(mountpoint: Path, todo: Sequence[Placement], environ: dict[str, str]) -> None:
-    """Enter a new namespace, bind the images, and go back to the working directory."""
+    """Ask for the images' trees, enter a new namespace, bind the images, and go back to the
+    working directory."""
     try:
         cwd: str | None = os.getcwd()
     except OSError:
         cwd = None
+    # Asked first: the namespace is a copy of this one, the backing mounts included. No
+    # thread may be started (to wait for `.socket`): the kernel makes no user namespace for a
+    # process with several.
+    socket_path = socket_at(mountpoint) if todo else None
+    since = time.monotonic()
+    found = trees.trees(mountpoint, list(todo), socket_path, trees.ANSWER_SECONDS, since)
     try:
         namespace.enter()
-        for image in todo:
-            namespace.bind(mountpoint / image.name, Path(image.mount))
     except namespace.NamespaceError as exc:
         raise RunError(str(exc)) from exc
+    for image, tree in zip(todo, found, strict=True):
+        _place(mountpoint, image, tree, socket_path, trees.ANSWER_SECONDS, since)
     for directory in (cwd, environ.get("HOME"), _home(), "/"):
         if not directory:
             continue
@@ -243,9 +279,11 @@ DESCRIPTION = (
     "the image's own paths (VIEW, or IMAGE:VIEW when several images have it; default: no "
     "view). The command sees UENV_MOUNT_LIST (image-file:mount-point,...) and UENV_VIEW "
     "(mount-point:uenv-name:view,...), as uenv sets them, and runs as the same user with the "
-    "same groups, in the same working directory. Every access through the mount point counts "
-    "for the caller's allocation; an image that expires while unused is mounted again at the "
-    "next access. Inside, `uenvfs status` says which images this process sees where. As a "
+    "same groups, in the same working directory. What is at the mount point is the image's own "
+    "kernel mount, the one uenvfs mounted (its reads never go through uenvfs); the command's "
+    "namespace counts as a use of the caller's allocation. Where it cannot be bound (said on "
+    "stderr), the image's directory of uenvfs is. Inside, `uenvfs status` says which images "
+    "this process sees where. As a "
     "user other than root, files of other users show as owned by nobody and setuid programs "
     "do not gain privileges (only the caller's own ids exist in its user namespace).")
 EPILOG = """exit codes: 125 uenvfs run itself failed (the one-line message says why: no

@@ -14,6 +14,13 @@ object on one line (with descriptors, SCM_RIGHTS, where the answer has any) and 
      "server": {"pid": 812, "version": "0.1.0", "started": ..., "resumes": 0, ...}}
     {"ok": false, "errno": "EINVAL", "error": "'a b' is not an allocation id"}
 
+    {"op": "tree", "image": "pytorch-2.5"}
+    {"ok": true, "name": "pytorch-2.5", "image_path": "/images/pytorch-2.5.sqfs",
+     "backing": "/run/pact/uenvfs/mnt/pytorch-2.5", "device": "7:3"}
+
+(`tree`: where the image's kernel mount is, mounted for it, for `uenvfs run`, `start` and
+`attach` to bind in the caller's own mount namespace and check by its device.)
+
 A request longer than MAX_REQUEST bytes, or not sent whole within REQUEST_SECONDS, gets no
 answer: the connection is closed. A client reads at most MAX_ANSWER bytes of an answer.
 """

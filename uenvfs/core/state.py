@@ -367,7 +367,12 @@ class Registry:
     def disconnected(self, now: float) -> list[Image]:
         """The FUSE connection is gone: processes sitting in images no longer use them (they
         sat in its files), the namespaces holding them still do (their mounts are the
-        kernel's). Returns the images whose counts changed."""
+        kernel's) until a scan finds them gone: a tree handed out counts no longer for its
+        grace time (the daemon stops; the next scan says whether it was attached). Returns
+        the images whose counts changed."""
+        for image in self.images.values():
+            for use in image.users.values():
+                use.handed_until = -math.inf
         return [i for i in self.images.values()
                 if i.scanned({a: Scanned(namespaces=u.namespaces) for a, u in i.users.items()},
                              now)]

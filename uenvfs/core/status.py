@@ -10,12 +10,16 @@ Pure: no trio, no pyfuse3. The document (version 1) lists every image that is no
                  "allocations": {"slurm-7": {"opens": 0, "acquired": true, "cwd": 1,
                                              "namespaces": 1}},
                  "hold_time": 60.0, "hold_remaining": null,
-                 "mounted_at": "2026-11-30T06:00:00Z", "error": null}]}
+                 "mounted_at": "2026-11-30T06:00:00Z", "error": null, "device": "7:3"}]}
+
+`device` is the device number of the backing mount's files ("MAJ:MIN"; null while there is no
+backing mount): a job's bind of the image (`uenvfs run`) shows the same.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +51,7 @@ class Mounted(Protocol):
     """What the document needs of a backing mount."""
 
     mounted_at: float  # epoch seconds
+    device: int  # st_dev of its files (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class MountStatus:
     error: str | None = None
     labels: tuple[str, ...] = ()  # uenv labels of a repository's image (served by its id)
     hold_time: float | None = None  # its own (`hold-time SECONDS NAME`), else the global one
+    device: str | None = None  # "MAJ:MIN" of the backing mount's files, if there is one
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -86,6 +92,7 @@ class MountStatus:
             ),
             "mounted_at": self.mounted_at,
             "error": self.error,
+            "device": self.device,
         }
 
 
@@ -129,8 +136,13 @@ def mount_statuses(
             error=image.error,
             labels=tuple((labels or {}).get(image.name, ())),
             hold_time=registry.hold_time_of(image),
+            device=_major_minor(mount.device) if mount and mount.device else None,
         ))
     return statuses
+
+
+def _major_minor(device: int) -> str:
+    return f"{os.major(device)}:{os.minor(device)}"
 
 
 def status_document(

@@ -6,8 +6,14 @@ namespace too, in which its uid and gid are mapped to themselves (no other id is
 no setuid helper is needed); the capabilities that the new user namespace gives are enough to
 bind-mount, and the exec of the command as a non-root uid drops them.
 
+The new namespace is a copy of the one it was made from, with every mount there: an image's
+backing mount too, which is what is bound (client/trees.py), or else its directory of uenvfs.
+Copied into a user namespace, a mount keeps its flags locked (read-only, nosuid, nodev), and so
+do binds of it: the command cannot remount them otherwise.
+
 Every mount is made a slave of the namespace it was copied from first: nothing mounted here
-reaches the host, and what the host unmounts goes away here too.
+reaches the host, and what the host unmounts goes away here too (where the host's mounts
+propagate: shared ones, as systemd makes them; a bind of one stays).
 
 Only the standard library; nothing may start a thread before `enter()` (the kernel refuses a
 new user namespace to a process with several threads).
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +103,8 @@ def enter() -> None:
 
 
 def bind(source: Path, target: Path) -> None:
-    """Bind-mount *source* (a directory of the running uenvfs) onto *target*."""
+    """Bind-mount *source* (an image's backing mount, or its directory of the running uenvfs)
+    onto *target*."""
     try:
         libc.mount(os.fsencode(source), os.fsencode(target), None, libc.MS_BIND, None)
     except OSError as exc:
@@ -111,26 +118,42 @@ def bind(source: Path, target: Path) -> None:
                              ) from exc
 
 
+def unbind(target: Path) -> None:
+    """Undo a bind at *target* (detached at once, also if busy). Raises NamespaceError."""
+    try:
+        libc.umount2(os.fsencode(target), libc.MNT_DETACH)
+    except OSError as exc:
+        raise NamespaceError(f"cannot unmount {target}: {_errno_text(exc.errno or errno.EIO)}"
+                             ) from exc
+
+
 @dataclass(frozen=True)
 class Bound:
-    """An image of a uenvfs bind-mounted somewhere in this process's mount namespace."""
+    """An image of a uenvfs bound somewhere in this process's mount namespace."""
 
     name: str  # the image's name in uenvfs
     mount_point: str
-    device: int  # the uenvfs instance's device number
+    device: int  # of its files there: the uenvfs instance's, or the image's backing mount's
 
 
-def bound_images(entries: Iterable[MountEntry], device: int | None = None) -> list[Bound]:
-    """The image directories of uenvfs bound elsewhere, among the entries of a mount table:
-    mounts of type fuse.uenvfs whose root is one image's directory, not the filesystem's
-    root. *device*: only those of this uenvfs (its device number). Later mounts over the
-    same mount point hide earlier ones: only the last one there is listed."""
+def bound_images(entries: Iterable[MountEntry], device: int | None = None,
+                 trees: Mapping[int, tuple[str, str]] | None = None) -> list[Bound]:
+    """The images of uenvfs bound elsewhere, among the entries of a mount table: mounts of
+    type fuse.uenvfs whose root is one image's directory, not the filesystem's root (*device*:
+    only those of this uenvfs, its device number); and whole backing mounts (*trees*: device
+    -> the image's name and its backing mount point) anywhere but at that mount point (where
+    every copy of the host's mount table has them). Later mounts over the same mount point
+    hide earlier ones: only the last one there is listed."""
+    trees = trees or {}
     found: dict[str, Bound] = {}
     for entry in entries:
         root = entry.root.strip("/")
-        if (entry.fstype != "fuse.uenvfs" or (device is not None and entry.device != device)
-                or not root or "/" in root):
+        tree = trees.get(entry.device)
+        if tree is not None and not root and entry.mount_point != tree[1]:
+            found[entry.mount_point] = Bound(tree[0], entry.mount_point, entry.device)
+        elif (entry.fstype == "fuse.uenvfs" and (device is None or entry.device == device)
+                and root and "/" not in root):
+            found[entry.mount_point] = Bound(root, entry.mount_point, entry.device)
+        else:
             found.pop(entry.mount_point, None)
-            continue
-        found[entry.mount_point] = Bound(root, entry.mount_point, entry.device)
     return list(found.values())

@@ -264,7 +264,8 @@ async def run(config: Config, link: Link, resume: Resume | None, handed_socket: 
         link.resumed_with(fuse_fd, ledger.fd, lock)
     manager.mounter.attach(ledger)
     fs.attach(ledger)
-    query_server = queries.server(config.socket_path, handed_socket, link, images)
+    query_server = queries.server(config.socket_path, handed_socket, link,
+                                  queries.Service(images, resolver))
     if found is not None:
         restore_handles(fs, found, ledger, config.mountpoint)
     if handed is not None:

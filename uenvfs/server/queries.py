@@ -12,7 +12,9 @@ REQUEST_SECONDS, else the connection is closed unanswered. The caller is known b
 Each uid but root may have PER_UID connections served at once, the uids but root together
 OTHERS, and all together CONNECTIONS (root always has CONNECTIONS - OTHERS for itself); a
 connection past these is closed at once. Requests are answered by OPS, a table of small
-functions, one per op; an answer may carry descriptors (SCM_RIGHTS).
+functions, one per op; an answer may carry descriptors (SCM_RIGHTS). An op that counts a use
+for the caller's allocation finds it from the caller's pid as FUSE requests are (a /proc read,
+in a worker thread).
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from typing import Any
 
 import trio
 
-from ..core.errors import CommandError
+from ..core import control
+from ..core.errors import CommandError, MountError
 from ..core.names import valid_alloc
 from ..core.queries import MAX_REQUEST, REQUEST_SECONDS, SOCKET_MODE, line, parse_request, refusal
+from ..fuse.allocation import AllocationResolver
 from ..manager.images import Images
 from .link import Link
 
@@ -57,6 +61,19 @@ class Caller:
     gid: int
 
 
+@dataclass(frozen=True)
+class Service:
+    """What the ops answer from: the images, and whose each caller's process is."""
+
+    images: Images
+    resolver: AllocationResolver
+
+    async def allocation_of(self, caller: Caller) -> str:
+        """The allocation of *caller*'s process, as a FUSE request of it would count."""
+        process = await trio.to_thread.run_sync(self.resolver.read, caller.pid, caller.uid)
+        return self.resolver.judge(process)
+
+
 @dataclass
 class Reply:
     """An answer: its document, and the descriptors sent with it (closed once sent)."""
@@ -65,7 +82,7 @@ class Reply:
     fds: list[int] = field(default_factory=list)
 
 
-Op = Callable[[Images, Caller, dict[str, Any]], Awaitable[Reply]]
+Op = Callable[[Service, Caller, dict[str, Any]], Awaitable[Reply]]
 OPS: dict[str, Op] = {}
 
 
@@ -78,15 +95,42 @@ def op(name: str) -> Callable[[Op], Op]:
 
 
 @op("allocation")
-async def allocation(images: Images, caller: Caller, request: dict[str, Any]) -> Reply:
+async def allocation(service: Service, caller: Caller, request: dict[str, Any]) -> Reply:
     """The images that an allocation acquired (what a job's prolog acquires), with what
     `uenvfs attach` needs to bind them; the server, for its pid."""
     alloc = request.get("alloc")
     if not isinstance(alloc, str) or not valid_alloc(alloc):
         raise CommandError(errno.EINVAL, f"{alloc!r} is not an allocation id")
+    images = service.images
     server = images.server.to_json() if images.server is not None else None
     return Reply({"ok": True, "alloc": alloc, "images": images.acquired_by(alloc),
                   "server": server})
+
+
+@op("tree")
+async def tree(service: Service, caller: Caller, request: dict[str, Any]) -> Reply:
+    """Where the kernel mount of an image is (its backing mount, mounted first if need be),
+    for `uenvfs run`, `start` and `attach` to bind in the caller's own mount namespace, with
+    its device for them to check the bind. The image is named as in `.control` (a name or a
+    uenv label). The handout counts as a use of the caller's allocation at once (it has not
+    bound the tree yet)."""
+    word = request.get("image")
+    if not isinstance(word, str):
+        raise CommandError(errno.EINVAL, f"{word!r} is not an image name or uenv label")
+    images = service.images
+    name = await images.image(control.NAME.read(word))
+    alloc = await service.allocation_of(caller)
+    try:
+        mount = await images.ensure_mounted(name)
+    except MountError as exc:
+        raise CommandError(errno.EIO, str(exc)) from exc
+    if not mount.device:  # not seen in the mount table when it was made: nothing to check
+        raise CommandError(errno.ENODEV, f"the device of {name}'s backing mount is unknown")
+    images.tree_handed(name, alloc)  # mounted still: no await since ensure_mounted
+    device = f"{os.major(mount.device)}:{os.minor(mount.device)}"
+    log.debug("tree of %s (%s) handed to pid %d of %s", name, device, caller.pid, alloc)
+    return Reply({"ok": True, "name": name, "image_path": str(mount.image_path),
+                  "backing": str(mount.backing), "device": device})
 
 
 # -- the listening socket ----------------------------------------------------------------------
@@ -101,7 +145,7 @@ def handed_socket(text: str) -> int | None:
     return fd
 
 
-def server(path: Path, handed: int | None, link: Link, images: Images) -> QueryServer | None:
+def server(path: Path, handed: int | None, link: Link, service: Service) -> QueryServer | None:
     """The query socket's server, on the socket the keeper *handed* over or on a new one at
     *path*, which the keeper then holds too (see *link*). None: no socket could be made."""
     found = listener(path, handed)
@@ -109,7 +153,7 @@ def server(path: Path, handed: int | None, link: Link, images: Images) -> QueryS
         return None
     sock, made = found
     link.hold_socket(sock.fileno(), made)
-    return QueryServer(sock, images)
+    return QueryServer(sock, service)
 
 
 def listener(path: Path, handed: int | None) -> tuple[socket.socket, bool] | None:
@@ -171,16 +215,18 @@ def _make(path: Path) -> socket.socket:
 
 
 class QueryServer:
-    """Answers the connections to the query socket *sock*, each in a task of its own.
+    """Answers the connections to the query socket *sock*, each in a task of its own, from
+    *service*.
 
     Invariants: `serving[uid]` is the number of connections of *uid* accepted and not yet
     closed (no entry at 0), at most PER_UID for a uid but root; `others` is their sum over the
     uids but root, at most OTHERS; `total` the sum over all, at most CONNECTIONS.
     """
 
-    def __init__(self, sock: socket.socket, images: Images) -> None:
+    def __init__(self, sock: socket.socket, service: Service) -> None:
         self.sock = sock
-        self.images = images
+        self.service = service
+        self.metrics = service.images.metrics
         self.serving: dict[int, int] = {}
         self.others = 0
         self.total = 0
@@ -232,7 +278,7 @@ class QueryServer:
 
     def _refuse(self, caller: Caller | None, why: str) -> None:
         self.refused += 1
-        self.images.metrics.inc("uenvfs_query_refusals_total")
+        self.metrics.inc("uenvfs_query_refusals_total")
         if self.refused & (self.refused - 1) == 0:  # the 1st, 2nd, 4th, 8th... time
             who = "an unknown caller" if caller is None else f"pid {caller.pid} uid {caller.uid}"
             log.warning("query socket: closed a connection of %s unanswered: %s (%d so far)",
@@ -273,12 +319,12 @@ class QueryServer:
                 name = "invalid"
                 raise CommandError(errno.EINVAL, f"no op {request['op']!r} (ops: "
                                    f"{', '.join(sorted(OPS))})")
-            reply = await answer(self.images, caller, request)
+            reply = await answer(self.service, caller, request)
             outcome = "ok"
         except CommandError as exc:
             reply = Reply(refusal(exc))
             outcome = errno.errorcode.get(exc.errno, str(exc.errno))
-        self.images.metrics.inc("uenvfs_queries_total", op=name, outcome=outcome)
+        self.metrics.inc("uenvfs_queries_total", op=name, outcome=outcome)
         log.debug("query from pid %d uid %d: %s: %s", caller.pid, caller.uid, name, outcome)
         return reply
 
