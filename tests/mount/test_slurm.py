@@ -90,7 +90,7 @@ def test_prolog_acquires_from_comment_and_spank(daemon: Daemon) -> None:
 
 def test_prolog_policy_for_unknown_images(daemon: Daemon) -> None:
     _hello(daemon)
-    daemon.expect(r"acquire nosuch slurm-4[23]: failed")
+    daemon.expect(r"acquire nosuch slurm-4[23]( \d+)?: failed")
     # An unknown name and names that are not names: logged, the job runs.
     comment = "uenv=nosuch,--mountpoint=/tmp,../x,hello"
     done = _script("prolog", daemon, 42, SLURM_JOB_COMMENT=comment)
@@ -353,7 +353,7 @@ def _slurm(daemon: Daemon, plugstack: str = "") -> Iterator[Slurm]:
 
 def test_slurm_job_uses_its_uenv(daemon: Daemon, slurm: Slurm) -> None:
     _hello(daemon)
-    daemon.expect(r"acquire nosuch slurm-\d+: failed")
+    daemon.expect(r"acquire nosuch slurm-\d+( \d+)?: failed")
     go = slurm.root / "go"
     job = slurm.sbatch("--comment=uenv=hello,nosuch note=x",
                        f"--wrap={daemon.mountpoint}/hello/bin/hello; "

@@ -262,12 +262,16 @@ class Manager:
         self.listener.listing_changed(names)
 
     async def expire_idle(self) -> str:
-        """Unmount now every image with refcount 0 (SIGUSR1, `expire`)."""
-        return await self.expire([i.name for i in self.registry if i.phase is Phase.HOLDING])
+        """Unmount now every image with refcount 0 (SIGUSR1, `expire`, shutdown)."""
+        await self._check_uses()  # first: a tree handed out may have gone since
+        return await self._expire([i.name for i in self.registry if i.phase is Phase.HOLDING])
 
     async def expire(self, names: list[str]) -> str:
         """Unmount now each of *names* that is idle, whatever its hold time."""
         await self._check_uses()  # a process sitting in an image keeps it
+        return await self._expire(names)
+
+    async def _expire(self, names: list[str]) -> str:
         started = []
         for name in names:
             await self._wait_settled(name)
