@@ -92,6 +92,17 @@ class Use:
         return self.opens > 0 or self.acquired or self.cwd > 0 or self.namespaces > 0
 
 
+class Changes:
+    """How many times the state of a registry's images changed (every event that may change
+    what `.status` shows counts one): `.status` is made again only after a change (see
+    fuse/snapshots.py). One per registry, shared by its images."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class Image:
     """The state of one image.
 
@@ -102,8 +113,9 @@ class Image:
       - idle_since is set (the hold timer runs) exactly while HOLDING.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, changes: Changes | None = None) -> None:
         self.name = name
+        self.changes = changes if changes is not None else Changes()
         self.phase = Phase.UNMOUNTED
         self.users: dict[str, Use] = {}
         self.idle_since: float | None = None
@@ -147,6 +159,7 @@ class Image:
         return self.phase is Phase.FAILED and now >= self.retry_at
 
     def begin_mount(self, now: float) -> None:
+        self.changes.count += 1
         if not self.may_mount(now):
             raise IllegalTransition(f"{self.name}: begin_mount while {self.phase.value}")
         self.phase = Phase.MOUNTING
@@ -155,11 +168,13 @@ class Image:
 
     def mounted(self, now: float) -> None:
         """The backing mount is there; nobody uses it yet, so the hold timer starts."""
+        self.changes.count += 1
         self._require("mounted", Phase.MOUNTING)
         self.phase = Phase.HOLDING
         self.idle_since = now
 
     def mount_failed(self, now: float, error: str, retry_after: float) -> None:
+        self.changes.count += 1
         self._require("mount_failed", Phase.MOUNTING)
         self.phase = Phase.FAILED
         self.error = error
@@ -187,12 +202,14 @@ class Image:
 
     def open(self, alloc: str, now: float) -> Use:
         """A file or directory handle of *alloc* opened. Returns the use to close later."""
+        self.changes.count += 1
         use = self._add_use(alloc)
         use.opens += 1
         return use
 
     def close(self, use: Use, now: float) -> bool:
         """A handle counted in *use* was released. False if that use was forgotten already."""
+        self.changes.count += 1
         if self.users.get(use.alloc) is not use:
             return False
         if use.opens <= 0:
@@ -208,6 +225,7 @@ class Image:
 
         For an executable: its allocation is only known once its execve is over.
         """
+        self.changes.count += 1
         if self.users.get(use.alloc) is not use or use.alloc == alloc:
             return None
         new = self._add_use(alloc)
@@ -217,6 +235,7 @@ class Image:
 
     def acquire(self, alloc: str, now: float) -> bool:
         """*alloc* uses the image until released. False if it had acquired it already."""
+        self.changes.count += 1
         use = self._add_use(alloc)
         already = use.acquired
         use.acquired = True
@@ -225,6 +244,7 @@ class Image:
     def handed(self, alloc: str, now: float, grace: float = GRACE) -> Use:
         """A tree of the image was handed to a process of *alloc*, to attach in its mount
         namespace: one namespace use at once, which scans keep for *grace* seconds at least."""
+        self.changes.count += 1
         use = self._add_use(alloc)
         use.namespaces = max(use.namespaces, 1)
         use.handed_until = max(use.handed_until, now + grace)
@@ -253,12 +273,14 @@ class Image:
             changed.append(use)
         for use in changed:  # after every count is set: no timer starts and stops at once
             self._drop_if_idle(use, now)
+        self.changes.count += bool(changed)
         return bool(changed)
 
     def release(self, alloc: str, now: float) -> bool:
         """*alloc* no longer uses the image; its open handles are forgotten too, and its
         processes sitting in it and namespaces holding it (a tree handed out too) until a
         scan finds them again."""
+        self.changes.count += 1
         use = self.users.get(alloc)
         if use is None:
             return False
@@ -277,12 +299,14 @@ class Image:
         """Start unmounting if idle and the hold time is over (or *force*). True if it did."""
         if self.phase is not Phase.HOLDING or not (force or self.due(now, hold_time)):
             return False
+        self.changes.count += 1
         self.phase = Phase.UNMOUNTING
         self.idle_since = None
         return True
 
     def force_unmount(self, now: float) -> list[str]:
         """Emergency: unmount whatever the refcount. Returns the allocations dropped."""
+        self.changes.count += 1
         self._require("force_unmount", Phase.MOUNTED, Phase.HOLDING)
         dropped = list(self.users)
         self.users.clear()
@@ -292,6 +316,7 @@ class Image:
         return dropped
 
     def unmounted(self, now: float) -> None:
+        self.changes.count += 1
         self._require("unmounted", Phase.UNMOUNTING)
         if self._forced:
             self.phase = Phase.FAILED
@@ -304,12 +329,14 @@ class Image:
     def held_before(self, now: float, idle_for: float) -> None:
         """The server before this one had held the image idle for *idle_for* seconds (a
         planned restart): its hold timer runs on from there, not from now."""
+        self.changes.count += 1
         self._require("held_before", Phase.HOLDING)
         self.idle_since = now - idle_for
 
     def failed_before(self, now: float, error: str, retry_in: float) -> None:
         """The server before this one failed to mount the image: it stays failed for the
         rest of that negative-cache time (a planned restart)."""
+        self.changes.count += 1
         self._require("failed_before", Phase.UNMOUNTED)
         self.phase = Phase.FAILED
         self.error = error
@@ -317,6 +344,7 @@ class Image:
 
     def unmount_failed(self, now: float, error: str) -> None:
         """The backing mount is still there: hold it again, the timer retries later."""
+        self.changes.count += 1
         self._require("unmount_failed", Phase.UNMOUNTING)
         self.phase = Phase.HOLDING
         self.idle_since = now
@@ -325,16 +353,20 @@ class Image:
 
 
 class Registry:
-    """Every image's state, and the settings whose hold times time them. Pure, like `Image`."""
+    """Every image's state, and the settings whose hold times time them. Pure, like `Image`.
+
+    Invariant: `changes` counts up at every event of every image that may change its state.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.images: dict[str, Image] = {}
+        self.changes = Changes()  # shared by every image
 
     def __getitem__(self, name: str) -> Image:
         image = self.images.get(name)
         if image is None:
-            image = self.images[name] = Image(name)
+            image = self.images[name] = Image(name, self.changes)
         return image
 
     def __iter__(self) -> Iterator[Image]:

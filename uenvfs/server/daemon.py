@@ -33,16 +33,18 @@ from ..core.errors import CommandError, MountError, StartupError
 from ..core.metrics import Metrics
 from ..core.model import InodePrefixes
 from ..core.settings import Settings
-from ..core.shared_ledger import SharedLedger
+from ..core.shared_ledger import SLOTS, SharedLedger
 from ..core.status import Server
 from ..core.status import summary as status_summary
 from ..fuse import fastloop
 from ..fuse.allocation import AllocationResolver
 from ..fuse.descriptors import RESERVE, DescriptorBudget
 from ..fuse.fs import UenvFS
+from ..fuse.shares import HandleShares
 from ..image import squashfs
 from ..image.catalog import Catalog
 from ..keeper.protocol import (
+    ENV_DIED,
     ENV_HEARTBEAT,
     ENV_KEEPER,
     ENV_RESUME,
@@ -65,8 +67,10 @@ from . import handover, queries
 from .link import Link
 from .ownership import clear_stale_mount, lock_state_dir
 from .resume import (
+    Death,
     Resume,
     read_handed,
+    read_ledger,
     restore_handles,
     restore_versions,
 )
@@ -218,7 +222,7 @@ async def run(config: Config, link: Link, resume: Resume | None, handed_socket: 
         lock = resume.lock if resume.lock >= 0 else lock_state_dir(config.state_dir,
                                                                     os.getppid())
         try:
-            found = resume.ledger.read()
+            found = read_ledger(resume.ledger, resume.death)
         except ledger_mod.LedgerError as exc:
             raise StartupError(f"cannot resume the connection: its ledger is {exc}; only a "
                                "stop and start (which ends the connection) can go on") from exc
@@ -237,11 +241,15 @@ async def run(config: Config, link: Link, resume: Resume | None, handed_socket: 
     resolver = AllocationResolver(layouts=parse_layouts(config.cgroup_layouts),
                                   owners=manager.owners)
     _raise_fd_limit()
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    budget = DescriptorBudget(limit, config.open_files_per_allocation)
-    log.info("open files: %d per allocation, %d in all (descriptor limit %d)",
-             budget.per_allocation, limit - RESERVE, limit)
-    fs = UenvFS(images, executor, prefixes, resolver, budget, config.mountpoint,
+    # No more open files than the ledger has slots for (a descriptor limit above that would
+    # give one user's share room to take every slot).
+    limit = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], SLOTS)
+    budget = DescriptorBudget(limit, config.open_files_per_allocation, config.open_files_per_uid)
+    log.info("open files: %d per allocation, %d per uid, %d in all (descriptor limit %d)",
+             budget.per_allocation, budget.per_uid, limit - RESERVE, limit)
+    shares = HandleShares(config.handles_per_uid, config.handles_total,
+                          config.allocations_per_uid)
+    fs = UenvFS(images, executor, prefixes, resolver, budget, shares, config.mountpoint,
                 hold_time=lambda: settings.hold_time, socket_path=config.socket_path)
     manager.listen(fs.listener)
 
@@ -396,8 +404,10 @@ def serve(config: Config, reread: Callable[[], Config] | None = None) -> int:
         text = os.environ.pop(ENV_RESUME, None)
         resume = Resume.from_env(text) if text else None
         standby = os.environ.pop(ENV_STANDBY, "")
+        died = os.environ.pop(ENV_DIED, None)
         if resume is not None:
             resume.standby = bool(standby)
+            resume.death = Death.from_env(died)
         handed_socket = queries.handed_socket(os.environ.pop(ENV_SOCKET, ""))
         with fastloop.installed(linger=config.linger_us / 1e6):  # warns if pyfuse3 is unknown
             trio.run(run, config, link, resume, handed_socket, reread)
