@@ -26,7 +26,7 @@ render that starts after it, shared with the opens waiting meanwhile, under the 
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +41,7 @@ MAX_AGE = 0.5  # seconds a snapshot showing hold times that run is served, at mo
 @dataclass(frozen=True, eq=False, slots=True)
 class Snapshot:
     """A file's content (`data`, shared by every handle given it), and what it was made of:
-    `version` of the state then, `made` (time.monotonic()) when its document was built, and
+    `version` of the state then, `made` (trio's clock) when its document was built, and
     whether it `ages` (shows times that run, so it goes stale by itself)."""
 
     data: bytes
@@ -84,14 +84,14 @@ class Renderer:
         self.pending: _Render | None = None
         self.renders = 0  # made so far, for `.metrics`
         self._lock = trio.Lock()
-        self._next_at = 0.0  # time.monotonic() before which no render starts
+        self._next_at = -math.inf  # (trio's clock) no render starts before this
 
     def current(self) -> bytes | None:
         """The last snapshot's data if an open now may get it; else None."""
         last = self.last
         if last is None or self.version is None or last.version != self.version():
             return None
-        if last.ages and time.monotonic() - last.made >= MAX_AGE:
+        if last.ages and trio.current_time() - last.made >= MAX_AGE:
             return None
         return last.data
 
@@ -115,20 +115,20 @@ class Renderer:
         restores the handles of the last one, before it serves)."""
         data = self.current()
         if data is None:
-            data = self._render(time.monotonic()).data
+            data = self._render(trio.current_time()).data
         return data
 
     async def _make(self, render: _Render) -> None:
         try:
             async with self._lock:
-                wait = self._next_at - time.monotonic()
+                wait = self._next_at - trio.current_time()
                 if wait > 0:
                     await trio.sleep(wait)
                 # From here on, an open needs a later render: this one's document is built
                 # now, without a checkpoint in between.
                 if self.pending is render:
                     self.pending = None
-                started = time.monotonic()
+                started = trio.current_time()
                 if self.off_loop:
                     version = self.version() if self.version is not None else None
                     document = self.build()
@@ -147,7 +147,7 @@ class Renderer:
         return self._keep(self.encode(document), version, started, self.ages(document))
 
     def _keep(self, data: bytes, version: object, started: float, ages: bool) -> Snapshot:
-        ended = time.monotonic()
+        ended = trio.current_time()
         self._next_at = ended + max(MIN_GAP, (ended - started) * (1 / DUTY - 1))
         self.renders += 1
         snapshot = self.last = Snapshot(data, version, started, ages)
