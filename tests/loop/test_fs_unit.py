@@ -326,7 +326,7 @@ async def test_root_and_status_handles_share_their_snapshot_and_count_for_their_
     image = await fs.lookup(ROOT, b"img", ctx)
     fh = await fs.opendir(image.st_ino, ctx)  # mounts it: the root's listing changes
     assert fs.handles[await fs.opendir(ROOT, ctx)].listing()[0] is not listing
-    assert fs.shares.allocations == {1000: {"uid-1000": 1}}
+    assert list(fs.shares.allocations) == [1000]  # the image directory counts for one
     for number in [*root, fh]:
         await fs.releasedir(number)
     for number in status:
