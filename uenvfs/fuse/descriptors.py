@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import resource
 
 import pyfuse3
+
+from ..core.shared_ledger import SLOTS
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,20 @@ class DescriptorBudget:
         self.by_uid: dict[int, int] = {}
         self.total = 0
         self.refused = 0
+
+    @classmethod
+    def of_server(cls, per_allocation: int, per_uid: int) -> DescriptorBudget:
+        """The budget of a server, its descriptor limit raised as far as the system allows
+        (every open file in every image holds one backing descriptor), but no more files
+        than the ledger has slots for (a share of a higher limit could take every slot)."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        limit = min(hard, SLOTS)
+        budget = cls(limit, per_allocation, per_uid)
+        log.info("open files: %d per allocation, %d per uid, %d in all (descriptor limit %d)",
+                 budget.per_allocation, budget.per_uid, limit - RESERVE, hard)
+        return budget
 
     def take(self, alloc: str, uid: int) -> None:
         """One more descriptor for *alloc*, opened by a process of *uid*; raises FUSEError

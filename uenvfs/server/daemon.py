@@ -14,7 +14,6 @@ import functools
 import json
 import logging
 import os
-import resource
 import shutil
 import signal
 import stat
@@ -33,12 +32,12 @@ from ..core.errors import CommandError, MountError, StartupError
 from ..core.metrics import Metrics
 from ..core.model import InodePrefixes
 from ..core.settings import Settings
-from ..core.shared_ledger import SLOTS, SharedLedger
+from ..core.shared_ledger import SharedLedger
 from ..core.status import Server
 from ..core.status import summary as status_summary
 from ..fuse import fastloop
 from ..fuse.allocation import AllocationResolver
-from ..fuse.descriptors import RESERVE, DescriptorBudget
+from ..fuse.descriptors import DescriptorBudget
 from ..fuse.fs import UenvFS
 from ..fuse.shares import HandleShares
 from ..image import squashfs
@@ -83,13 +82,6 @@ log = logging.getLogger(__name__)
 MAX_REQUESTS = 1000
 DRAIN = 1.0  # seconds an old server lets its requests finish before it hands over
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-
-
-def _raise_fd_limit() -> None:
-    """Every open file in every image holds one backing fd: allow as many as the system does."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _tune_readahead(config: Config) -> None:
@@ -240,13 +232,8 @@ async def run(config: Config, link: Link, resume: Resume | None, handed_socket: 
     executor = Executor(manager, manager.counts, images, settings, reconfigure)
     resolver = AllocationResolver(layouts=parse_layouts(config.cgroup_layouts),
                                   owners=manager.owners)
-    _raise_fd_limit()
-    # No more open files than the ledger has slots for (a descriptor limit above that would
-    # give one user's share room to take every slot).
-    limit = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], SLOTS)
-    budget = DescriptorBudget(limit, config.open_files_per_allocation, config.open_files_per_uid)
-    log.info("open files: %d per allocation, %d per uid, %d in all (descriptor limit %d)",
-             budget.per_allocation, budget.per_uid, limit - RESERVE, limit)
+    budget = DescriptorBudget.of_server(config.open_files_per_allocation,
+                                        config.open_files_per_uid)
     shares = HandleShares(config.handles_per_uid, config.handles_total,
                           config.allocations_per_uid)
     fs = UenvFS(images, executor, prefixes, resolver, budget, shares, config.mountpoint,
