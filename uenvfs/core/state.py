@@ -93,9 +93,8 @@ class Use:
 
 
 class Changes:
-    """How many times the state of a registry's images changed (every event that may change
-    what `.status` shows counts one): `.status` is made again only after a change (see
-    fuse/snapshots.py). One per registry, shared by its images."""
+    """Counts the events that may change what `.status` shows, of every image of a registry
+    (one shared by them): `.status` is made again only after one (see fuse/snapshots.py)."""
 
     __slots__ = ("count",)
 
@@ -151,6 +150,7 @@ class Image:
     def _require(self, event: str, *phases: Phase) -> None:
         if self.phase not in phases:
             raise IllegalTransition(f"{self.name}: {event} while {self.phase.value}")
+        self.changes.count += 1  # an event: what `.status` shows may change
 
     def may_mount(self, now: float) -> bool:
         """Whether `begin_mount` is allowed now (a failure is retried after its negative cache)."""
@@ -168,13 +168,11 @@ class Image:
 
     def mounted(self, now: float) -> None:
         """The backing mount is there; nobody uses it yet, so the hold timer starts."""
-        self.changes.count += 1
         self._require("mounted", Phase.MOUNTING)
         self.phase = Phase.HOLDING
         self.idle_since = now
 
     def mount_failed(self, now: float, error: str, retry_after: float) -> None:
-        self.changes.count += 1
         self._require("mount_failed", Phase.MOUNTING)
         self.phase = Phase.FAILED
         self.error = error
@@ -192,6 +190,7 @@ class Image:
         return use
 
     def _drop_if_idle(self, use: Use, now: float) -> None:
+        self.changes.count += 1  # a count changed
         if not use.active:
             del self.users[use.alloc]
             if not self.users:
@@ -202,14 +201,12 @@ class Image:
 
     def open(self, alloc: str, now: float) -> Use:
         """A file or directory handle of *alloc* opened. Returns the use to close later."""
-        self.changes.count += 1
         use = self._add_use(alloc)
         use.opens += 1
         return use
 
     def close(self, use: Use, now: float) -> bool:
         """A handle counted in *use* was released. False if that use was forgotten already."""
-        self.changes.count += 1
         if self.users.get(use.alloc) is not use:
             return False
         if use.opens <= 0:
@@ -225,7 +222,6 @@ class Image:
 
         For an executable: its allocation is only known once its execve is over.
         """
-        self.changes.count += 1
         if self.users.get(use.alloc) is not use or use.alloc == alloc:
             return None
         new = self._add_use(alloc)
@@ -235,7 +231,6 @@ class Image:
 
     def acquire(self, alloc: str, now: float) -> bool:
         """*alloc* uses the image until released. False if it had acquired it already."""
-        self.changes.count += 1
         use = self._add_use(alloc)
         already = use.acquired
         use.acquired = True
@@ -244,7 +239,6 @@ class Image:
     def handed(self, alloc: str, now: float, grace: float = GRACE) -> Use:
         """A tree of the image was handed to a process of *alloc*, to attach in its mount
         namespace: one namespace use at once, which scans keep for *grace* seconds at least."""
-        self.changes.count += 1
         use = self._add_use(alloc)
         use.namespaces = max(use.namespaces, 1)
         use.handed_until = max(use.handed_until, now + grace)
@@ -273,14 +267,12 @@ class Image:
             changed.append(use)
         for use in changed:  # after every count is set: no timer starts and stops at once
             self._drop_if_idle(use, now)
-        self.changes.count += bool(changed)
         return bool(changed)
 
     def release(self, alloc: str, now: float) -> bool:
         """*alloc* no longer uses the image; its open handles are forgotten too, and its
         processes sitting in it and namespaces holding it (a tree handed out too) until a
         scan finds them again."""
-        self.changes.count += 1
         use = self.users.get(alloc)
         if use is None:
             return False
@@ -306,7 +298,6 @@ class Image:
 
     def force_unmount(self, now: float) -> list[str]:
         """Emergency: unmount whatever the refcount. Returns the allocations dropped."""
-        self.changes.count += 1
         self._require("force_unmount", Phase.MOUNTED, Phase.HOLDING)
         dropped = list(self.users)
         self.users.clear()
@@ -316,7 +307,6 @@ class Image:
         return dropped
 
     def unmounted(self, now: float) -> None:
-        self.changes.count += 1
         self._require("unmounted", Phase.UNMOUNTING)
         if self._forced:
             self.phase = Phase.FAILED
@@ -329,14 +319,12 @@ class Image:
     def held_before(self, now: float, idle_for: float) -> None:
         """The server before this one had held the image idle for *idle_for* seconds (a
         planned restart): its hold timer runs on from there, not from now."""
-        self.changes.count += 1
         self._require("held_before", Phase.HOLDING)
         self.idle_since = now - idle_for
 
     def failed_before(self, now: float, error: str, retry_in: float) -> None:
         """The server before this one failed to mount the image: it stays failed for the
         rest of that negative-cache time (a planned restart)."""
-        self.changes.count += 1
         self._require("failed_before", Phase.UNMOUNTED)
         self.phase = Phase.FAILED
         self.error = error
@@ -344,7 +332,6 @@ class Image:
 
     def unmount_failed(self, now: float, error: str) -> None:
         """The backing mount is still there: hold it again, the timer retries later."""
-        self.changes.count += 1
         self._require("unmount_failed", Phase.UNMOUNTING)
         self.phase = Phase.HOLDING
         self.idle_since = now
