@@ -102,6 +102,7 @@ from typing import Any
 # The repository, for tests/mounts.py (mounts and loop devices) and tests/uenv_repos.py (uenv's
 # index schema).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.cgroups import MemoryGroup
 from tests.mounts import clean_up, is_mounted, loops_for, mounts_under, wait_until
 from tests.uenv_repos import SCHEMA
 
@@ -632,100 +633,6 @@ def latency_figures(samples: Sequence[tuple[float, float, int]], begin: float,
             "p99_ms": round(percentile(latencies, 0.99), 3),
             "max_ms": round(max(latencies), 3), "errors": errors,
             "ok": sum(1 for s in chosen if s[2] == 0)}
-
-
-# -- the memory cgroup -----------------------------------------------------------------------
-
-
-@dataclass
-class MemoryGroup:
-    """A memory cgroup of ours below our own (v1 `memory`, or v2 if it has the controller),
-    limited to `limit` bytes; the daemon runs in it. Removed (its processes killed) at the end.
-    """
-
-    path: Path
-    version: int
-
-    @classmethod
-    def create(cls, name: str, limit: int) -> MemoryGroup | None:
-        for version, base in own_memory_cgroups():
-            path = base / name
-            try:
-                path.mkdir()
-            except OSError:
-                continue
-            group = cls(path, version)
-            knob = "memory.limit_in_bytes" if version == 1 else "memory.max"
-            try:
-                (path / knob).write_text(str(limit))
-            except OSError:
-                group.remove()
-                continue
-            return group
-        return None
-
-    @property
-    def procs(self) -> Path:
-        return self.path / "cgroup.procs"
-
-    def peak(self) -> int | None:
-        knob = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
-        try:
-            return int((self.path / knob).read_text())
-        except (OSError, ValueError):
-            return None
-
-    def oom_kills(self) -> int | None:
-        knob = "memory.oom_control" if self.version == 1 else "memory.events"
-        with contextlib.suppress(OSError, ValueError):
-            for line in (self.path / knob).read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-        return None
-
-    def pids(self) -> list[int]:
-        try:
-            return [int(p) for p in self.procs.read_text().split()]
-        except (OSError, ValueError):
-            return []
-
-    def remove(self) -> bool:
-        """Kill what is left in it (processes we started: the daemon's) and remove it."""
-        for _ in range(50):
-            for pid in self.pids():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            try:
-                self.path.rmdir()
-                return True
-            except FileNotFoundError:
-                return True
-            except OSError:
-                time.sleep(0.1)
-        return False
-
-
-def own_memory_cgroups() -> list[tuple[int, Path]]:
-    """Where a child of our own memory cgroup can be made: (version, directory)."""
-    mounts: dict[str, tuple[int, Path]] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            head, _, tail = line.partition(" - ")
-            fields, extra = head.split(), tail.split()
-            if len(extra) >= 3 and extra[0] == "cgroup" and "memory" in extra[2].split(","):
-                mounts["v1"] = (1, Path(fields[4]))
-            elif extra and extra[0] == "cgroup2":
-                mounts.setdefault("v2", (2, Path(fields[4])))
-    found = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            if "memory" in controllers.split(",") and "v1" in mounts:
-                found.append((1, mounts["v1"][1] / path.lstrip("/")))
-            elif controllers == "" and "v2" in mounts:
-                found.append((2, mounts["v2"][1] / path.lstrip("/")))
-    return sorted(found)
 
 
 # -- the daemon ------------------------------------------------------------------------------

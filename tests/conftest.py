@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -11,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from .mounts import clean_up, is_mounted, mounts_under
+from .mounts import clean_up, is_mounted, loops_for, mounts_under, wait_until
 from .support import Daemon
 
 FUSE_REASON = None
@@ -75,6 +77,10 @@ def make_daemon(world_tmp: Path) -> Iterator[DaemonFactory]:
             problems.append("uenvfs processes left running after the keeper exited")
     roots = {d.root for d in daemons}
     for root in roots:
+        # A loop device is detached once the last opener of it closes it, which need not be
+        # the daemon's unmount (udev may be probing it): give it a moment.
+        with contextlib.suppress(AssertionError):
+            wait_until(functools.partial(_no_loops, root), timeout=5.0)
         left = clean_up(root)
         if left and not all(d.allow_leftovers for d in daemons if d.root == root):
             problems.append("left behind: " + ", ".join(left))
@@ -84,6 +90,10 @@ def make_daemon(world_tmp: Path) -> Iterator[DaemonFactory]:
             problems.append("unexpected log lines:\n  " + "\n  ".join(bad[:20]))
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+def _no_loops(root: Path) -> bool:
+    return not loops_for(root)
 
 
 @pytest.fixture

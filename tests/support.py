@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -91,6 +92,8 @@ class Daemon:
     log_offset: int = 0
     config: str = ""  # the text of the daemon's configuration file
     cwd: Path | None = None  # the working directory `serve` is started in (None: the test's)
+    nofile: int | None = None  # the daemon's descriptor limit (soft and hard); None: ours
+    cgroup: Path | None = None  # the cgroup directory to start it in (its keeper and servers)
 
     @property
     def mountpoint(self) -> Path:
@@ -144,10 +147,17 @@ class Daemon:
         # together by `kill` and checked for leftovers at the end.
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=log, env=env,
                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                        cwd=self.cwd)
+                                        cwd=self.cwd, preexec_fn=self._confine)
         log.close()
         self.wait_ready()
         return self
+
+    def _confine(self) -> None:
+        """In the child, before it runs uenvfs: its descriptor limit and its cgroup."""
+        if self.nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+        if self.cgroup is not None:
+            (self.cgroup / "cgroup.procs").write_text(str(os.getpid()))
 
     def wait_ready(self) -> None:
         """Wait for our FUSE mount. (Mount ids are reused, so a stale mount of a killed daemon

@@ -9,6 +9,7 @@ thread can be made to start late.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 from collections.abc import AsyncIterator
@@ -24,7 +25,7 @@ import trio
 from uenvfs.core.config import Config
 from uenvfs.core.model import InodePrefixes
 from uenvfs.fuse.fs import UenvFS
-from uenvfs.fuse.inodes import ROOT
+from uenvfs.fuse.inodes import ROOT, STATUS
 from uenvfs.image.catalog import Catalog
 
 from ..fakes import FakeBackend
@@ -308,3 +309,26 @@ async def test_on_guarded_storage_an_image_stays_mounted_while_a_file_of_it_is_o
             held.go.set()
         assert await fs.read(opened[0].fh, 0, 100) == b"inside\n"
         await fs.release(opened[0].fh)
+
+
+async def test_root_and_status_handles_share_their_snapshot_and_count_for_their_uid(
+    fs: UenvFS,
+) -> None:
+    ctx: Any = Ctx(uid=1000)
+    root = [await fs.opendir(ROOT, ctx) for _ in range(3)]
+    listing = fs.handles[root[0]].listing()[0]
+    assert all(fs.handles[fh].listing()[0] is listing for fh in root)
+    status = [(await fs.open(STATUS, os.O_RDONLY, ctx)).fh for _ in range(3)]
+    data = await fs.read(status[0], 0, 1 << 20)
+    assert json.loads(data)["mounts"] == []
+    assert fs.shares.held == {1000: 6}
+    assert fs.shares.pinned == {1000: listing.memory + len(data)}  # each snapshot once
+    image = await fs.lookup(ROOT, b"img", ctx)
+    fh = await fs.opendir(image.st_ino, ctx)  # mounts it: the root's listing changes
+    assert fs.handles[await fs.opendir(ROOT, ctx)].listing()[0] is not listing
+    assert list(fs.shares.allocations) == [1000]  # the image directory counts for one
+    for number in [*root, fh]:
+        await fs.releasedir(number)
+    for number in status:
+        await fs.release(number)
+    assert fs.shares.held == {1000: 1}

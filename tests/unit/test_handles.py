@@ -45,17 +45,17 @@ def prefetcher() -> Iterator[Prefetcher]:
 
 def open_file(path: Path, image: str, prefetcher: Prefetcher) -> FileHandle:
     budget = DescriptorBudget(1024)
-    budget.take("alloc")
-    return FileHandle(image, Use("alloc"), 99, os.open(path, os.O_RDONLY), prefetcher, budget,
-                      "alloc")
+    budget.take("alloc", 1000)
+    return FileHandle(image, Use("alloc"), 1000, 99, os.open(path, os.O_RDONLY), prefetcher,
+                      budget, "alloc")
 
 
 def test_numbers_are_never_reused_and_unknown_ones_are_ebadf() -> None:
     table = HandleTable()
-    first = table.add(RootDirHandle(Listing()))
+    first = table.add(RootDirHandle(Listing(), 1000))
     assert table.release(first) is not None
     assert table.release(first) is None
-    second = table.add(DataHandle(STATUS, b"x"))
+    second = table.add(DataHandle(STATUS, b"x", 1000))
     assert (first, second) == (1, 2)
     assert errno_of(table.__getitem__, first) == errno.EBADF
     assert table.get(first) is None
@@ -66,9 +66,9 @@ async def test_each_kind_does_what_it_can(tmp_path: Path, prefetcher: Prefetcher
     node = Node(5, "img", 2, b"dir")
     entries = Listing([(b".", pyfuse3.EntryAttributes())])
     file = open_file(tmp_path / "f", "img", prefetcher)
-    directory = DirHandle("img", Use("alloc"), node, entries)
-    root = RootDirHandle(entries)
-    data = DataHandle(STATUS, b"status")
+    directory = DirHandle("img", Use("alloc"), 1000, node, entries)
+    root = RootDirHandle(entries, 1000)
+    data = DataHandle(STATUS, b"status", 1000)
     assert file.read(2, 3) == b"nte"
     assert data.read(2, 100) == b"atus"
     assert directory.listing() == (entries, node)
@@ -96,8 +96,9 @@ def test_force_unmount_kills_the_handles_of_one_image(
     node = Node(5, "img", 2, b"dir")
     file = open_file(tmp_path / "f", "img", prefetcher)
     other = open_file(tmp_path / "f", "other", prefetcher)
-    directory = DirHandle("img", Use("alloc"), node, Listing())
-    for handle in (file, other, directory, RootDirHandle(Listing()), DataHandle(STATUS, b"")):
+    directory = DirHandle("img", Use("alloc"), 1000, node, Listing())
+    for handle in (file, other, directory, RootDirHandle(Listing(), 1000),
+                   DataHandle(STATUS, b"", 1000)):
         table.add(handle)
     assert table.counted() == 3
     assert table.kill("img") == (2, [99])

@@ -189,3 +189,88 @@ def test_a_handle_whose_answer_may_be_lost_is_kept_only_if_its_opener_holds_it(
     assert not {lost, twice, closed} & {s.fh for s in again(written).read().handles}
     assert [(s.fh, s.pending) for s in again(written).read().handles] == [
         (got, False), (earlier, False)]
+
+
+def alloc_records(book: SharedLedger) -> list[tuple[int, str]]:
+    """The allocation records of the active half of the log, in order."""
+    _, _, active, used, _ = book._read_header()
+    return [(number, data.decode()) for kind, _, number, data in book._records(active,
+                                                                               used[active])
+            if kind == ledger.ALLOC]
+
+
+def test_an_allocation_is_kept_only_while_a_handle_counts_for_it(written: SharedLedger) -> None:
+    job = written.opened(HandleKind.FILE, 10, "job", uid=1000)
+    for n in range(1000):  # made-up names, each for one open and close
+        written.released(written.opened(HandleKind.FILE, 11, f"made-up-{n}", uid=65534))
+    assert written.allocations == {"job": 1}
+    assert {number for number, _ in alloc_records(written)} == {1, 2}  # numbers handed out again
+    moved = written.opened(HandleKind.FILE, 12, "made-up-x")
+    written.moved(moved, "job")  # an executable that counts for its program's allocation
+    assert written.allocations == {"job": 1}
+    found = again(written).read()
+    assert [(s.fh, s.alloc, s.uid) for s in found.handles] == [(job, "job", 1000),
+                                                               (moved, "job", 0)]
+
+
+def test_a_compaction_copies_the_allocations_in_use_only(
+    written: SharedLedger, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(shared_ledger, "LOG", 8192)
+    keep = written.opened(HandleKind.DIR, 7, "job")
+    for n in range(2000):
+        held = written.opened(HandleKind.FILE, 8, f"made-up-{n:04d}")
+        written.released(held)
+    assert not written.full
+    assert alloc_records(written)[0] == (1, "job")  # a compaction kept it, and it alone
+    assert [s.alloc for s in again(written).read().handles] == ["job"]
+    written.released(keep)
+    assert written.allocations == {}
+
+
+def test_the_opener_uid_is_in_every_slot_and_a_format_1_ledger_is_carried_on(
+    written: SharedLedger,
+) -> None:
+    data = written.opened(HandleKind.DATA, 0, "", 4343, uid=65534, data_ino=3)
+    root = written.opened(HandleKind.ROOT_DIR, 0, "", 4444, uid=65534)
+    read = {s.fh: s for s in again(written).read().handles}
+    assert (read[data].uid, read[data].data_ino, read[data].ino) == (65534, 3, 0)
+    assert read[root].uid == 65534
+    # A ledger of format 1 (the version before): numbers never handed out again, no uids.
+    struct.pack_into("=I", written.map, 8, 1)
+    struct.pack_into("=Q", written.map, SLOTS_AT + (data & 0xFFFFFFFF) * 32 + 16, 0)
+    book = again(written)
+    found = book.read()
+    assert {s.fh: s.uid for s in found.handles} == {data: 0, root: 65534}
+    book.resumed(found)
+    assert struct.unpack_from("=I", written.map, 8)[0] == shared_ledger.FORMAT == 2
+
+
+def test_a_format_the_ledger_does_not_know_is_refused(written: SharedLedger) -> None:
+    struct.pack_into("=I", written.map, 8, 3)
+    with pytest.raises(ledger.LedgerError, match="not a uenvfs ledger of format 1 or 2"):
+        again(written).read()
+
+
+def test_handles_spared_at_a_read_are_dead_and_never_read(written: SharedLedger) -> None:
+    kept = written.opened(HandleKind.FILE, 10, "job", uid=1000)
+    written.confirm(kept)
+    spared = [written.opened(HandleKind.DIR, 11, "made-up", uid=65534) for _ in range(3)]
+    for fh in spared:
+        written.confirm(fh)
+    pending = written.opened(HandleKind.DIR, 11, "made-up", uid=65534)  # maybe never got it
+    status = written.opened(HandleKind.DATA, 0, "", uid=1000, data_ino=3)
+    book = again(written)
+    assert book.holders() == {(HandleKind.FILE, 1000): 1, (HandleKind.DIR, 65534): 4,
+                              (HandleKind.DATA, 1000): 1}
+    found = book.read(lambda kind, uid: uid == 65534)
+    assert [s.fh for s in found.handles] == [kept, status]
+    assert found.spared == {(HandleKind.DIR, 65534): 4}
+    book.resumed(found)
+    assert all(book.is_dead(fh) for fh in spared)
+    assert not book.is_dead(pending)  # freed: its slot is handed out again
+    assert not book.is_dead(kept)
+    for fh in spared:
+        book.released(fh)
+    assert book.allocations == {"job": 1}
+    assert [s.fh for s in again(written).read().handles] == [kept, status]

@@ -481,3 +481,40 @@ def test_a_tree_handed_out_is_a_namespace_use_for_its_grace_time() -> None:
     # A tree of an image that is not mounted cannot be handed out (mount it first).
     with pytest.raises(IllegalTransition):
         Image("other").handed("job-7", 40.0)
+
+
+def test_every_event_that_may_change_status_counts_in_the_registry_changes() -> None:
+    registry = Registry(Settings(60))
+    image = registry["img"]
+    counts = [registry.changes.count]
+
+    def changed() -> bool:
+        counts.append(registry.changes.count)
+        return counts[-1] > counts[-2]
+
+    image.begin_mount(0)
+    assert changed()
+    image.mounted(1)
+    assert changed()
+    use = image.open("job", 2)
+    assert changed()
+    image.open("job", 2)  # opens 1 -> 2: .status shows the number
+    assert changed()
+    image.close(use, 3)
+    assert changed()
+    image.acquire("other", 3)
+    assert changed()
+    assert not image.scanned({}, 4)  # nothing found, nothing changed...
+    assert not changed()  # ...and not counted either
+    image.scanned({"job": Scanned(cwd=1)}, 4)
+    assert changed()
+    registry.release("other", 5)
+    assert changed()
+    image.close(use, 6)
+    assert changed()
+    assert image.scanned({}, 7)  # the process left
+    assert changed()
+    assert image.expire(100, 60)
+    assert changed()
+    image.unmounted(101)
+    assert changed()

@@ -18,6 +18,10 @@ of `uenvfs serve` has its name with `_` for `-` (but `maps` is `--map` and `repo
     read_ahead_kb = 1024            # readahead through the mount (0: the kernel's 128)
     linger_us = 100                 # keep polling for the next request before sleeping (0: no)
     open_files_per_allocation = 0   # open files in images per allocation (0: half the limit)
+    open_files_per_uid = 0          # open files in images per uid but root's (0: half the limit)
+    handles_per_uid = 16384         # other handles (directories, .status...) per uid but root's
+    handles_total = 131072          # other handles in all
+    allocations_per_uid = 4096      # allocations the handles of one uid (not root) count for
     storage_guard = "auto"          # auto | always | never: see manager/storage.py
     cgroup_layouts = ["/workload.slice/{id}.scope", ...]  # where a cgroup names an allocation
     log_level = "INFO"
@@ -64,6 +68,10 @@ class Config:
     read_ahead_kb: int = 1024
     linger_us: int = 100
     open_files_per_allocation: int = 0
+    open_files_per_uid: int = 0
+    handles_per_uid: int = 16384
+    handles_total: int = 131072
+    allocations_per_uid: int = 4096
     storage_guard: str = "auto"
     cgroup_layouts: tuple[str, ...] = DEFAULT_LAYOUTS  # see core/cgroups.py
     log_level: str = "INFO"
@@ -112,6 +120,7 @@ class Config:
 _PATH_LISTS = {"images", "maps", "repos"}
 _PATHS = {"mountpoint", "state_dir", "program_map"}
 _FLOATS = {"hold_time", "negative_cache", "mount_timeout", "program_timeout"}
+_COUNTS = {"handles_per_uid", "handles_total", "allocations_per_uid"}
 
 
 def _convert(key: str, value: Any) -> Any:
@@ -132,7 +141,7 @@ def _convert(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10_000:
             raise ConfigError(f"{key} must be a number of microseconds from 0 to 10000")
         return value
-    if key == "open_files_per_allocation":
+    if key in ("open_files_per_allocation", "open_files_per_uid"):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{key} must be a whole number >= 0 (0: automatic)")
         return value
@@ -140,6 +149,10 @@ def _convert(key: str, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
             raise ConfigError(f"{key} must be a list of cgroup paths")
         return tuple(value)
+    if key in _COUNTS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key} must be a whole number >= 1")
+        return value
     if key == "validate":
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false")

@@ -74,6 +74,10 @@ class ImageService(Protocol):
     def scanned_uses(self) -> bool:
         """Whether a mounted image has a use that only a scan can end."""
 
+    def status_version(self) -> object:
+        """A value (compared with ==) that changes whenever `status` changes, but for the
+        hold times still to run (they change with time)."""
+
 
 class CommandService(Protocol):
     """What `.control` does."""

@@ -9,7 +9,8 @@ keeper/keeper.py):
   - the connection's INIT request, to start libfuse again;
   - every inode prefix handed out: the image directory of a name, the versions of an image;
   - the path in its image of every node id the kernel was given (an append-only log);
-  - every open handle: its kind, its node, the allocation it counts for, who opened it.
+  - every open handle: its kind, its node, the allocation it counts for, who opened it (pid
+    and uid), and the names of the allocations that handles count for.
 
 Each is written before the answer that hands it to the kernel, so a server that dies at any
 point leaves a ledger that names everything the kernel may ask about. A handle is written as
@@ -25,6 +26,7 @@ The memfd and its layout: core/shared_ledger.py.
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -35,17 +37,18 @@ IDENTITY = struct.Struct("=qqqq")
 
 class HandleKind(IntEnum):
     """What an open handle is: a slot's kind (the format's numbers: never change one). Every
-    slot keeps the pid of the handle's opener; what else it holds depends on the kind."""
+    slot keeps the pid and uid of the handle's opener; what else it holds depends on the
+    kind."""
 
     FREE = 0  # a free slot
     FILE = 1  # a file of an image: its node id, the allocation it counts for
     DIR = 2  # a directory of an image: its node id, the allocation it counts for
     ROOT_DIR = 3  # the mount root: nothing else
-    CONTROL = 4  # `.control`: its opener's allocation and uid
+    CONTROL = 4  # `.control`: its opener's allocation
     DATA = 5  # `.status` or `.metrics`: which one, by inode number
 
 
-@dataclass
+@dataclass(slots=True)
 class Slot:
     """An open handle as the ledger has it (what each field holds by kind: `HandleKind`)."""
 
@@ -55,7 +58,7 @@ class Slot:
     alloc: str  # the allocation it counts for; "" for none
     ino: int  # the node id of a FILE or DIR; 0 for the others
     pid: int = 0  # the process that opened it
-    uid: int = 0  # CONTROL: its opener's uid
+    uid: int = 0  # its opener's uid (0 but for CONTROL in a ledger of format 1)
     data_ino: int = 0  # DATA: which file it shows, `.status` or `.metrics` (their inodes)
     pending: bool = False
 
@@ -71,6 +74,8 @@ class Contents:
     versions: dict[int, tuple[str, tuple[int, int, int, int], bool]] = field(
         default_factory=dict)  # prefix -> name, identity, validated
     handles: list[Slot] = field(default_factory=list)
+    spared: Counter[tuple[HandleKind, int]] = field(default_factory=Counter)  # not read: by
+    # kind and uid, the live handles a server could not afford (now dead in the ledger)
 
     @property
     def last_prefix(self) -> int:
@@ -118,8 +123,8 @@ class Ledger:
 
     def opened(self, kind: HandleKind, ino: int, alloc: str = "", pid: int = 0, *,
                uid: int = 0, data_ino: int = 0) -> int:
-        """Record a new handle of *kind*, opened by process *pid* (the other fields: see
-        `HandleKind`), pending until `confirm`; returns its number."""
+        """Record a new handle of *kind*, opened by process *pid* of *uid* (the other fields:
+        see `HandleKind`), pending until `confirm`; returns its number."""
         self._next += 1
         return self._next
 
@@ -129,8 +134,13 @@ class Ledger:
     def moved(self, fh: int, alloc: str) -> None:
         """The handle *fh* counts for *alloc* from now on (an executable: fuse/files.py)."""
 
+    def is_dead(self, fh: int) -> bool:
+        """Whether *fh* is a handle in the ledger that answers EIO (see `killed`)."""
+        return False
+
     def killed(self, fh: int) -> None:
-        """The handle *fh* answers EIO from now on (its image was force-unmounted)."""
+        """The handle *fh* answers EIO from now on (its image was force-unmounted, or a
+        server could not afford to restore it)."""
 
     def released(self, fh: int) -> None:
         """The handle *fh* is closed."""

@@ -10,11 +10,23 @@ Layout of the memfd (sparse: only what is written takes memory)::
               up, the live records are written to the other half, which becomes active
 
 A slot: gen (u32), kind (u8, `HandleKind`), flags (u8), pad (u16), allocation number (u32),
-the opener's uid or the file shown (u32, by kind), node id (u64), the opener's pid (u64). A
-record is appended first and counted (`used`) after, so one half-written at a crash is not
-read. A log record: kind (u8), flag (u8), length (u16), a number (u64), then `length` bytes.
+the opener's uid or, for DATA, the file shown (u32), node id or, for DATA, the opener's uid
+(u64), the opener's pid (u64). A record is appended first and counted (`used`) after, so one
+half-written at a crash is not read. A log record: kind (u8), flag (u8), length (u16), a
+number (u64), then `length` bytes.
+
+The log keeps an ALLOC record (number, name) for each allocation that a slot uses: once no slot
+uses a number, it is forgotten (compactions no longer copy its record) and handed out again
+for the next new name, in a new record: the last record of a number names it. So made-up
+names cannot fill the log, and the records of allocations in use are bounded by the handles
+(fuse/shares.py bounds the allocations of each uid).
+
 The next server may be of the version before or after this one (`uenvfs restart`): change
-this layout only with the format number in the header.
+this layout only with the format number in the header. Format 2 (this one) is format 1 with
+numbers handed out again and the opener's uid in every slot; format 1 ledgers are read (their
+uids are 0: counted as root's) and carried on as format 2. A uenvfs that knows format 1 only
+refuses a format 2 ledger (`not a uenvfs ledger of format 1`; a restart to it fails and the
+server before serves on): going back to it takes a stop and start.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import mmap
 import os
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
 from .ledger import (
@@ -47,6 +60,8 @@ from .ledger import (
 log = logging.getLogger(__name__)
 
 MAGIC = b"UENVLDG1"
+FORMAT = 2
+FORMATS = (1, 2)  # read
 HEADER = struct.Struct("=8sIIQBBxxxxxxQQQ")  # magic, format, init length, resumes,
 # active half, initialized, pad, used[0], used[1], slots in use (high-water)
 ACTIVE_AT, INITIALIZED_AT, USED_AT, SLOTS_USED_AT = 24, 25, 32, 48  # offsets
@@ -54,7 +69,7 @@ HEADER_SIZE = 4096
 INIT_AT = 512  # the INIT request (at most 512 bytes) sits here
 SLOTS = 1 << 20
 SLOT = struct.Struct("=IBBHIIQQ")  # gen, kind, flags, pad, alloc, uid or data ino, node, pid
-GEN = struct.Struct("=I")  # a slot's first field
+GEN = NUMBER = struct.Struct("=I")  # a slot's first field; its allocation number
 KIND_AT, FLAGS_AT, ALLOC_AT = 4, 5, 8  # offsets in a slot
 SLOTS_AT = HEADER_SIZE
 LOG_AT = SLOTS_AT + SLOTS * SLOT.size
@@ -75,9 +90,12 @@ class SharedLedger(Ledger):
         if os.fstat(fd).st_size < SIZE:
             os.ftruncate(fd, SIZE)
         self.map = mmap.mmap(fd, SIZE)
-        self._allocs: dict[str, int] = {}
+        self.allocations: dict[str, int] = {}  # the allocations slots use: name -> number
+        self._names: dict[int, str] = {}  # number -> name, of those
+        self._uses: dict[int, int] = {}  # number -> slots using it (> 0)
+        self._spare: list[int] = []  # numbers no slot uses, below `_top`: handed out first
+        self._top = 0  # the highest number handed out
         self._free: list[int] = []
-        self._gens: dict[int, int] = {}
         self.full = False  # the log could not take a record: resuming would miss some nodes
         # What a compaction keeps: every node, image directory and version in use (named
         # by the parts that write them, see `keep`: InodeTable and Mounter).
@@ -101,19 +119,33 @@ class SharedLedger(Ledger):
     def _read_header(self) -> tuple[int, int, int, tuple[int, int], int]:
         magic, fmt, init_length, resumes, active, _, used0, used1, slots = HEADER.unpack_from(
             self.map, 0)
-        if magic != MAGIC or fmt != 1:
-            raise LedgerError("not a uenvfs ledger of format 1")
+        if magic != MAGIC or fmt not in FORMATS:
+            raise LedgerError(f"not a uenvfs ledger of format {' or '.join(map(str, FORMATS))}")
         return init_length, resumes, active, (used0, used1), slots
 
     def _header(self, *, init_length: int, resumes: int, active: int,
                 used: tuple[int, int], slots: int) -> None:
-        HEADER.pack_into(self.map, 0, MAGIC, 1, init_length, resumes, active,
+        HEADER.pack_into(self.map, 0, MAGIC, FORMAT, init_length, resumes, active,
                          self.map[INITIALIZED_AT], *used, slots)
 
     # -- reading, by a new server ----------------------------------------------------------
 
-    def read(self) -> Contents:
-        """Everything in the ledger. Raises `LedgerError` if it is not one."""
+    def holders(self) -> Counter[tuple[HandleKind, int]]:
+        """How many live handles (not dead) of each kind each uid holds, by the slots."""
+        held: Counter[tuple[HandleKind, int]] = Counter()
+        for index in range(self._read_header()[4]):
+            _, kind, flags, _, _, word, ino, _ = SLOT.unpack_from(self.map,
+                                                                 SLOTS_AT + index * SLOT.size)
+            if kind != HandleKind.FREE and not flags & DEAD:
+                held[HandleKind(kind), ino & 0xFFFFFFFF if kind == HandleKind.DATA else word] += 1
+        return held
+
+    def read(self, spare: Callable[[HandleKind, int], bool] | None = None) -> Contents:
+        """Everything in the ledger. Raises `LedgerError` if it is not one.
+
+        *spare* (kind, uid): the live handles not to restore (a server that cannot afford
+        them): each is marked dead in the ledger (freed if pending: its opener may never have
+        got it) and counted in `Contents.spared` instead of read, so it costs no memory."""
         init_length, resumes, active, used, slots = self._read_header()
         contents = Contents(bytes(self.map[INIT_AT:INIT_AT + init_length]), resumes)
         allocs: dict[int, str] = {}
@@ -129,7 +161,7 @@ class SharedLedger(Ledger):
             elif kind == ALLOC:
                 allocs[number] = data.decode()
         for index in range(slots):
-            gen, byte, flags, _, alloc, uid_or_data_ino, ino, pid = SLOT.unpack_from(
+            gen, byte, flags, _, alloc, word, ino, pid = SLOT.unpack_from(
                 self.map, SLOTS_AT + index * SLOT.size)
             if byte == HandleKind.FREE:
                 continue
@@ -137,11 +169,21 @@ class SharedLedger(Ledger):
                 kind = HandleKind(byte)
             except ValueError:
                 raise LedgerError(f"a handle of unknown kind {byte} in slot {index}") from None
+            if kind == HandleKind.DATA:  # the file shown, and the opener's uid
+                uid, data_ino, ino = ino & 0xFFFFFFFF, word, 0
+            else:
+                uid, data_ino = word, 0
+            if spare is not None and not flags & DEAD and spare(kind, uid):
+                at = SLOTS_AT + index * SLOT.size
+                if flags & PENDING:
+                    self.map[at + KIND_AT] = 0
+                else:
+                    self.map[at + FLAGS_AT] |= DEAD
+                contents.spared[kind, uid] += 1
+                continue
             contents.handles.append(Slot(
                 gen << 32 | index, kind, bool(flags & DEAD), allocs.get(alloc, ""), ino, pid,
-                uid=uid_or_data_ino if kind == HandleKind.CONTROL else 0,
-                data_ino=uid_or_data_ino if kind == HandleKind.DATA else 0,
-                pending=bool(flags & PENDING)))
+                uid=uid, data_ino=data_ino, pending=bool(flags & PENDING)))
         return contents
 
     def _records(self, half: int, used: int) -> Iterator[tuple[int, int, int, bytes]]:
@@ -169,21 +211,23 @@ class SharedLedger(Ledger):
         self._header(init_length=init_length, resumes=resumes + 1, active=active, used=used,
                      slots=slots)
         self._active, self._used, self._slots = active, used[active], slots
-        self._allocs = {}
+        names: dict[int, str] = {}
+        for kind, _, number, data in self._records(active, used[active]):
+            if kind == ALLOC:
+                names[number] = data.decode()  # the last record of a number names it
+        self._uses = {}
         for index in range(slots):
-            gen, kind = SLOT.unpack_from(self.map, SLOTS_AT + index * SLOT.size)[:2]
-            self._gens[index] = gen
+            kind, _, _, alloc = SLOT.unpack_from(self.map, SLOTS_AT + index * SLOT.size)[1:5]
             if kind == HandleKind.FREE:
                 self._free.append(index)
+            elif alloc:  # (without a record if the log was full: kept from reuse all the same)
+                self._uses[alloc] = self._uses.get(alloc, 0) + 1
         self._free.reverse()
-        for name, number in self._alloc_records(active, used[active]):
-            self._allocs[name] = number
+        self._names = {number: names.get(number, "") for number in self._uses}
+        self.allocations = {name: number for number, name in self._names.items() if name}
+        self._top = max(self._uses, default=0)
+        self._spare = sorted(set(range(1, self._top)) - self._uses.keys(), reverse=True)
         self._logged = set(contents.nodes)
-
-    def _alloc_records(self, half: int, used: int) -> Iterator[tuple[str, int]]:
-        for kind, _, number, data in self._records(half, used):
-            if kind == ALLOC:
-                yield data.decode(), number
 
     # -- writing ------------------------------------------------------------------------
 
@@ -194,16 +238,23 @@ class SharedLedger(Ledger):
     def keep(self, live: Callable[[], Iterable[LogRecord]]) -> None:
         self._live.append(live)
 
-    def _append(self, kind: int, flag: int, number: int, data: bytes) -> None:
+    def _append(self, kind: int, flag: int, number: int, data: bytes) -> bool:
+        """Append a record; False if the log has no room for it (it is full)."""
         size = RECORD.size + len(data)
         if self._used + size > LOG and (self._compacting or not self._compact()):
             self.full = True
-            return
+            return False
         at = LOG_AT + self._active * LOG + self._used
         RECORD.pack_into(self.map, at, kind, flag, len(data), number)
         self.map[at + RECORD.size:at + size] = data
         self._used += size
         struct.pack_into("=Q", self.map, USED_AT + 8 * self._active, self._used)
+        return True
+
+    @property
+    def log_bytes(self) -> int:
+        """The bytes of the active half of the log in use."""
+        return self._used
 
     def _compact(self) -> bool:
         """The active half is full: write what is live (`live()`, and the allocations) to
@@ -221,7 +272,7 @@ class SharedLedger(Ledger):
             self._append(kind, flag, number, data)
             if kind == NODE:
                 logged.add(number)
-        for alloc, number in self._allocs.items():
+        for alloc, number in self.allocations.items():
             self._append(ALLOC, 0, number, alloc.encode())
         self._compacting = False
         if self.full:  # what is live does not fit: keep the old half, and stop adding
@@ -255,11 +306,36 @@ class SharedLedger(Ledger):
         self._append(*version_record(prefix, name, identity, validated))
 
     def _alloc_id(self, alloc: str) -> int:
-        number = self._allocs.get(alloc)
+        """The number of *alloc* for one more slot (0, no allocation, if the log has no room
+        for its record: that handle is not restored after a crash)."""
+        number = self.allocations.get(alloc)
         if number is None:
-            number = self._allocs[alloc] = len(self._allocs) + 1
-            self._append(ALLOC, 0, number, alloc.encode())
+            number = self._spare.pop() if self._spare else self._top + 1
+            if not self._append(ALLOC, 0, number, alloc.encode()):
+                if number <= self._top:
+                    self._spare.append(number)
+                return 0
+            self._top = max(self._top, number)
+            self.allocations[alloc] = number
+            self._names[number] = alloc
+            self._uses[number] = 1
+        else:
+            self._uses[number] += 1
         return number
+
+    def _alloc_unused(self, number: int) -> None:
+        """One slot less uses allocation *number*: forgotten with the last."""
+        uses = self._uses.get(number)
+        if uses is None:
+            return  # 0: no allocation
+        if uses > 1:
+            self._uses[number] = uses - 1
+            return
+        del self._uses[number]
+        name = self._names.pop(number)
+        if name:
+            del self.allocations[name]
+        self._spare.append(number)
 
     def opened(self, kind: HandleKind, ino: int, alloc: str = "", pid: int = 0, *,
                uid: int = 0, data_ino: int = 0) -> int:
@@ -271,10 +347,14 @@ class SharedLedger(Ledger):
             struct.pack_into("=Q", self.map, SLOTS_USED_AT, self._slots)
         else:
             raise OSError(24, "too many open handles")  # EMFILE
-        gen = (self._gens.get(index, 0) + 1) & 0xFFFFFFFF
-        self._gens[index] = gen
-        SLOT.pack_into(self.map, SLOTS_AT + index * SLOT.size, gen, kind, PENDING, 0,
-                       self._alloc_id(alloc) if alloc else 0, uid or data_ino, ino, pid)
+        at = SLOTS_AT + index * SLOT.size
+        gen: int = (GEN.unpack_from(self.map, at)[0] + 1) & 0xFFFFFFFF  # it keeps its last one
+        if kind == HandleKind.DATA:
+            word, ino = data_ino, uid
+        else:
+            word = uid
+        SLOT.pack_into(self.map, at, gen, kind, PENDING, 0,
+                       self._alloc_id(alloc) if alloc else 0, word, ino, pid)
         return gen << 32 | index
 
     def confirm(self, fh: int) -> None:
@@ -284,8 +364,16 @@ class SharedLedger(Ledger):
     def moved(self, fh: int, alloc: str) -> None:
         index = fh & 0xFFFFFFFF
         at = SLOTS_AT + index * SLOT.size
-        if index < self._slots and SLOT.unpack_from(self.map, at)[0] == fh >> 32:
+        if index < self._slots and GEN.unpack_from(self.map, at)[0] == fh >> 32:
+            old = NUMBER.unpack_from(self.map, at + ALLOC_AT)[0]
             struct.pack_into("=I", self.map, at + ALLOC_AT, self._alloc_id(alloc))
+            self._alloc_unused(old)
+
+    def is_dead(self, fh: int) -> bool:
+        index = fh & 0xFFFFFFFF
+        at = SLOTS_AT + index * SLOT.size
+        return (index < self._slots and GEN.unpack_from(self.map, at)[0] == fh >> 32
+                and bool(self.map[at + KIND_AT]) and bool(self.map[at + FLAGS_AT] & DEAD))
 
     def killed(self, fh: int) -> None:
         index = fh & 0xFFFFFFFF
@@ -296,10 +384,12 @@ class SharedLedger(Ledger):
     def released(self, fh: int) -> None:
         index = fh & 0xFFFFFFFF
         at = SLOTS_AT + index * SLOT.size
-        if index < self._slots and GEN.unpack_from(self.map, at)[0] == fh >> 32:
+        if (index < self._slots and GEN.unpack_from(self.map, at)[0] == fh >> 32
+                and self.map[at + KIND_AT]):
             # HandleKind.FREE, as a plain 0: an enum member is a slow look-up in Python 3.11.
             self.map[at + KIND_AT] = 0
             self._free.append(index)
+            self._alloc_unused(NUMBER.unpack_from(self.map, at + ALLOC_AT)[0])
 
     def close(self) -> None:
         self.map.close()

@@ -92,6 +92,16 @@ class Use:
         return self.opens > 0 or self.acquired or self.cwd > 0 or self.namespaces > 0
 
 
+class Changes:
+    """Counts the events that may change what `.status` shows, of every image of a registry
+    (one shared by them): `.status` is made again only after one (see fuse/snapshots.py)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class Image:
     """The state of one image.
 
@@ -102,8 +112,9 @@ class Image:
       - idle_since is set (the hold timer runs) exactly while HOLDING.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, changes: Changes | None = None) -> None:
         self.name = name
+        self.changes = changes if changes is not None else Changes()
         self.phase = Phase.UNMOUNTED
         self.users: dict[str, Use] = {}
         self.idle_since: float | None = None
@@ -139,6 +150,7 @@ class Image:
     def _require(self, event: str, *phases: Phase) -> None:
         if self.phase not in phases:
             raise IllegalTransition(f"{self.name}: {event} while {self.phase.value}")
+        self.changes.count += 1  # an event: what `.status` shows may change
 
     def may_mount(self, now: float) -> bool:
         """Whether `begin_mount` is allowed now (a failure is retried after its negative cache)."""
@@ -147,6 +159,7 @@ class Image:
         return self.phase is Phase.FAILED and now >= self.retry_at
 
     def begin_mount(self, now: float) -> None:
+        self.changes.count += 1
         if not self.may_mount(now):
             raise IllegalTransition(f"{self.name}: begin_mount while {self.phase.value}")
         self.phase = Phase.MOUNTING
@@ -177,6 +190,7 @@ class Image:
         return use
 
     def _drop_if_idle(self, use: Use, now: float) -> None:
+        self.changes.count += 1  # a count changed
         if not use.active:
             del self.users[use.alloc]
             if not self.users:
@@ -277,6 +291,7 @@ class Image:
         """Start unmounting if idle and the hold time is over (or *force*). True if it did."""
         if self.phase is not Phase.HOLDING or not (force or self.due(now, hold_time)):
             return False
+        self.changes.count += 1
         self.phase = Phase.UNMOUNTING
         self.idle_since = None
         return True
@@ -325,16 +340,20 @@ class Image:
 
 
 class Registry:
-    """Every image's state, and the settings whose hold times time them. Pure, like `Image`."""
+    """Every image's state, and the settings whose hold times time them. Pure, like `Image`.
+
+    Invariant: `changes` counts up at every event of every image that may change its state.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.images: dict[str, Image] = {}
+        self.changes = Changes()  # shared by every image
 
     def __getitem__(self, name: str) -> Image:
         image = self.images.get(name)
         if image is None:
-            image = self.images[name] = Image(name)
+            image = self.images[name] = Image(name, self.changes)
         return image
 
     def __iter__(self) -> Iterator[Image]:

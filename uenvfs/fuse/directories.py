@@ -4,7 +4,9 @@ A directory of an image is listed once per image version (fuse/listings.py), in 
 thread of the image, and the listing is replayed to every later opendir: an image never
 changes. An open directory of an image is counted for the caller's allocation from the start
 of its opendir (so the image stays mounted while it is listed) until it is released; the
-root's listing is made at each opendir (fuse/root.py).
+root's listing is shared by the handles opened while it is current (fuse/root.py). Every
+directory handle is taken from the shares of the opener's uid (fuse/shares.py): it holds no
+descriptor, but memory.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pyfuse3
 from pyfuse3 import FileHandleT, InodeT
 
 from ..core.model import PREFIX_SHIFT, Mount
-from .handles import DirHandle, RootDirHandle
+from .handles import DirHandle
 from .inodes import METRICS, ROOT, Node
 from .listings import Listing, scan
 from .requests import Requests, fuse_errors
@@ -27,7 +29,7 @@ class DirectoryRequests(Requests):
     @fuse_errors
     async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
         if inode == ROOT:
-            return self.handles.add(RootDirHandle(self.root.entries()), ctx.pid)
+            return self._add(self.root.open_dir(ctx.uid), ctx.pid)
         if inode <= METRICS:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         node = self.inodes[inode]
@@ -35,6 +37,7 @@ class DirectoryRequests(Requests):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         mount, path = self._backing_now(node) or await self._backing(node)
         alloc = self.resolver.resolve(ctx.pid, ctx.uid)
+        self.shares.take(ctx.uid, alloc)
         # Counted before any wait (no await since the mount was checked): the image's hold
         # timer cannot unmount it while the directory is listed.
         use = self.images.open(node.image, alloc)
@@ -44,8 +47,9 @@ class DirectoryRequests(Requests):
                 entries = await self._list(node, mount, path)
             except BaseException:
                 self.images.close(node.image, use)
+                self.shares.give_back(ctx.uid, alloc)
                 raise
-        return self.handles.add(DirHandle(node.image, use, node, entries), ctx.pid)
+        return self._add(DirHandle(node.image, use, ctx.uid, node, entries), ctx.pid)
 
     async def _list(self, node: Node, mount: Mount, path: bytes) -> Listing:
         """The listing of *node* at *path* in *mount*, kept for replay: read once per image

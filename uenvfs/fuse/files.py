@@ -43,8 +43,8 @@ class FileRequests(Requests):
                 raise pyfuse3.FUSEError(errno.EISDIR)
             if inode != CONTROL:
                 await self.uses.refresh(FRESH)  # .status and .metrics count them right
-            control = self.root.open(inode, flags, ctx)
-            return pyfuse3.FileInfo(fh=self.handles.add(control, ctx.pid), direct_io=True)
+            control = await self.root.open(inode, flags, ctx)
+            return pyfuse3.FileInfo(fh=self._add(control, ctx.pid), direct_io=True)
         if flags & WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self.inodes[inode]
@@ -53,7 +53,13 @@ class FileRequests(Requests):
             alloc, final = self.resolver.resolve_exec(ctx.pid, ctx.uid)
         else:
             alloc, final = self.resolver.resolve(ctx.pid, ctx.uid), True
-        self.budget.take(alloc)
+        uid = ctx.uid
+        self.budget.take(alloc, uid)
+        try:
+            self.shares.take(uid, alloc, held=False)
+        except BaseException:
+            self.budget.give_back(alloc, uid)
+            raise
         # Counted before any wait (no await since the mount was checked): the image's hold
         # timer cannot unmount it while the file is opened in a worker thread.
         use = self.images.open(node.image, alloc)
@@ -64,14 +70,17 @@ class FileRequests(Requests):
                 fd = paths.open_file(path, OPEN_FLAGS)
         except BaseException:
             self.images.close(node.image, use)
-            self.budget.give_back(alloc)
+            self.budget.give_back(alloc, uid)
+            self.shares.give_back(uid, alloc, held=False)
             raise
         if mount.guarded:
-            handle: FileHandle = GuardedFileHandle(node.image, use, inode, fd, self.prefetcher,
-                                                   self.budget, alloc, size=size)
+            handle: FileHandle = GuardedFileHandle(node.image, use, uid, inode, fd,
+                                                   self.prefetcher, self.budget, alloc,
+                                                   size=size)
         else:
-            handle = FileHandle(node.image, use, inode, fd, self.prefetcher, self.budget, alloc)
-        fh = self.handles.add(handle, ctx.pid)
+            handle = FileHandle(node.image, use, uid, inode, fd, self.prefetcher, self.budget,
+                                alloc)
+        fh = self._add(handle, ctx.pid)
         if not final:
             self.images.spawn(self._recount_exec, fh, handle, ctx.pid, ctx.uid,
                               task=f"exec:{ctx.pid}")

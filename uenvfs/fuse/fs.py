@@ -50,6 +50,7 @@ from .listings import ListingCache
 from .prefetch import Prefetcher
 from .requests import fuse_errors
 from .root import Gauges, MountRoot
+from .shares import HandleShares
 from .uses import UseScanner
 from .workers import Workers
 
@@ -74,6 +75,7 @@ class UenvFS(FileRequests, DirectoryRequests):
         prefixes: InodePrefixes,
         resolver: AllocationResolver | None = None,
         budget: DescriptorBudget | None = None,
+        shares: HandleShares | None = None,
         mountpoint: Path | None = None,
         hold_time: Callable[[], float] = lambda: 60.0,
         socket_path: Path | None = None,
@@ -88,8 +90,9 @@ class UenvFS(FileRequests, DirectoryRequests):
         self.workers = Workers()  # the worker threads of each image (see fuse/workers.py)
         self.prefetcher = Prefetcher()
         self.budget = budget or DescriptorBudget(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.shares = shares or HandleShares()
         self.root = MountRoot(images, commands, self.inodes, self.resolver, self._gauges,
-                              os.fsencode(socket_path or Config().socket_path))
+                              os.fsencode(socket_path or Config().socket_path), self.shares)
         # Processes sitting in images (none counted without a mountpoint to scan for); they
         # are scanned for more often the shorter the global hold time (*hold_time*).
         self.uses = UseScanner(mountpoint or Path(), self.inodes, self.resolver, images,
@@ -262,6 +265,17 @@ class UenvFS(FileRequests, DirectoryRequests):
         gauges["uenvfs_storage_waits_total"] = metrics.gauge(self.workers.calls)
         gauges["uenvfs_readahead_windows_total"] = metrics.gauge(self.prefetcher.requests)
         gauges["uenvfs_open_files_refused_total"] = metrics.gauge(self.budget.refused)
+        shares = self.shares
+        gauges["uenvfs_open_handles_refused_total"] = metrics.gauge(shares.refused)
+        gauges["uenvfs_handles_without_descriptor"] = metrics.gauge(shares.held_total)
+        gauges["uenvfs_snapshot_bytes"] = metrics.gauge(shares.pinned_total)
+        gauges["uenvfs_status_renders_total"] = metrics.gauge(self.root.status.renders)
+        gauges["uenvfs_metrics_renders_total"] = metrics.gauge(self.root.metrics.renders)
+        ledger = self._ledger
+        if isinstance(ledger, SharedLedger):
+            gauges["uenvfs_ledger_allocations"] = metrics.gauge(len(ledger.allocations))
+            gauges["uenvfs_ledger_log_bytes"] = metrics.gauge(ledger.log_bytes)
+            gauges["uenvfs_ledger_full"] = metrics.gauge(int(ledger.full))
         return gauges
 
 

@@ -24,6 +24,7 @@ from .descriptors import DescriptorBudget
 from .inodes import Node
 from .listings import Listing
 from .prefetch import Prefetcher, Readahead
+from .shares import HandleShares
 from .workers import Workers
 
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -62,16 +63,25 @@ class Handle:
     def release(self, images: ImageService) -> None:
         """The kernel released the handle (or its connection is gone): called once."""
 
+    def uncharge(self, shares: HandleShares) -> None:
+        """Give back what the handle took of *shares* when it was opened (or restored): called
+        once, at its release."""
+
 
 @dataclass(eq=False, slots=True)
 class ImageHandle(Handle):
-    """A handle into an image, counted as a use of it by an allocation until released."""
+    """A handle into an image, counted as a use of it by an allocation until released, and
+    in *shares* for the uid that opened it."""
 
     image: str
     use: Use
+    uid: int  # of the process that opened it
 
     def release(self, images: ImageService) -> None:
         images.close(self.image, self.use)
+
+    def uncharge(self, shares: HandleShares) -> None:
+        shares.give_back(self.uid, self.use.alloc)
 
     def kill(self) -> int | None:
         """Force-unmount: fail with EIO from now on. Returns the inode whose cached pages must
@@ -83,7 +93,8 @@ class ImageHandle(Handle):
 class FileHandle(ImageHandle):
     """An open file of an image. Its backing fd is closed when the handle is released or the
     image force-unmounted (once no read in a worker thread uses it any more); reads fail with
-    EIO from then on."""
+    EIO from then on. Its descriptor is counted in `budget` for `owner` and `uid`, the handle
+    in the shares for `owner` (not `use.alloc`: an executable's use moves once it runs)."""
 
     ino: int
     fd: int
@@ -96,7 +107,7 @@ class FileHandle(ImageHandle):
     kind: ClassVar[HandleKind] = HandleKind.FILE
 
     def opened_in(self, ledger: Ledger, pid: int) -> int:
-        return ledger.opened(self.kind, self.ino, self.owner, pid)
+        return ledger.opened(self.kind, self.ino, self.owner, pid, uid=self.uid)
 
     def read(self, off: int, size: int) -> bytes:
         if self.dead:
@@ -129,11 +140,14 @@ class FileHandle(ImageHandle):
     def _close_fd(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
-            self.budget.give_back(self.owner)
+            self.budget.give_back(self.owner, self.uid)
 
     def release(self, images: ImageService) -> None:
         self.close()
         images.close(self.image, self.use)
+
+    def uncharge(self, shares: HandleShares) -> None:
+        shares.give_back(self.uid, self.owner, held=False)
 
     def kill(self) -> int | None:
         if self.dead:
@@ -196,15 +210,15 @@ class ReopenedFileHandle(GuardedFileHandle):
         else:
             self.opening = trio.Event()
             try:
-                self.budget.take(self.owner)
+                self.budget.take(self.owner, self.uid)
                 try:
                     fd = await workers.run(self.image, paths.open_file, self.path, OPEN_FLAGS)
                 except BaseException:
-                    self.budget.give_back(self.owner)
+                    self.budget.give_back(self.owner, self.uid)
                     raise
                 if self.dead:
                     os.close(fd)
-                    self.budget.give_back(self.owner)
+                    self.budget.give_back(self.owner, self.uid)
                 else:
                     self.fd, self.size = fd, os.fstat(fd).st_size
             finally:
@@ -239,7 +253,7 @@ class DirHandle(ImageHandle):
     kind: ClassVar[HandleKind] = HandleKind.DIR
 
     def opened_in(self, ledger: Ledger, pid: int) -> int:
-        return ledger.opened(self.kind, self.node.ino, self.use.alloc, pid)
+        return ledger.opened(self.kind, self.node.ino, self.use.alloc, pid, uid=self.uid)
 
     def listing(self) -> tuple[Listing, Node | None]:
         if self.dead or self.entries is None:
@@ -253,21 +267,28 @@ class DirHandle(ImageHandle):
 
 @dataclass(eq=False, slots=True)
 class RootDirHandle(Handle):
-    """The open mount root: image names and control files, as listed at opendir."""
+    """The open mount root: image names and control files, as listed at opendir (a listing
+    shared by the handles opened while it was current: see `MountRoot.listing`)."""
 
     entries: Listing
+    uid: int  # of the process that opened it
     kind: ClassVar[HandleKind] = HandleKind.ROOT_DIR
 
     def opened_in(self, ledger: Ledger, pid: int) -> int:
-        return ledger.opened(self.kind, 0, "", pid)
+        return ledger.opened(self.kind, 0, "", pid, uid=self.uid)
 
     def listing(self) -> tuple[Listing, Node | None]:
         return self.entries, None
 
+    def uncharge(self, shares: HandleShares) -> None:
+        shares.give_back(self.uid, pinned=self.entries)
+
 
 class HandleTable(dict[int, Handle]):
     """The open handles by number, each kept in the ledger too (for the next server; it
-    numbers them). `table[fh]` of an unknown number raises EBADF."""
+    numbers them). `table[fh]` of an unknown number raises EBADF, or EIO for a handle that
+    is only in the ledger, dead: one a server restoring the last one's could not afford (see
+    server/resume.py)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -278,7 +299,7 @@ class HandleTable(dict[int, Handle]):
         self._last = 0
 
     def __missing__(self, fh: int) -> Handle:
-        raise pyfuse3.FUSEError(errno.EBADF)
+        raise pyfuse3.FUSEError(errno.EIO if self.ledger.is_dead(fh) else errno.EBADF)
 
     def add(self, handle: Handle, pid: int = 0) -> FileHandleT:
         """Number *handle* (opened by process *pid*), to be answered at once."""
@@ -298,8 +319,7 @@ class HandleTable(dict[int, Handle]):
             self.ledger.confirm(self._last)
             self._last = 0
         handle = self.pop(fh, None)
-        if handle is not None:
-            self.ledger.released(fh)
+        self.ledger.released(fh)  # (a stale number changes nothing; a dead one is freed)
         return handle
 
     def counted(self) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
+from pyfuse3 import FileHandleT
 
 from ..core.errors import MountError, errno_of
 from ..kernel import cache, paths
@@ -26,11 +27,12 @@ if TYPE_CHECKING:
     from ..core.model import Mount
     from .allocation import AllocationResolver
     from .descriptors import DescriptorBudget
-    from .handles import HandleTable
+    from .handles import Handle, HandleTable
     from .inodes import InodeTable
     from .listings import ListingCache
     from .prefetch import Prefetcher
     from .root import MountRoot
+    from .shares import HandleShares
     from .uses import UseScanner
     from .workers import Workers
 
@@ -90,6 +92,7 @@ class Requests(ReadOnlyOperations):
     workers: Workers
     prefetcher: Prefetcher
     budget: DescriptorBudget
+    shares: HandleShares
     root: MountRoot
     uses: UseScanner
 
@@ -142,8 +145,20 @@ class Requests(ReadOnlyOperations):
         if self.images.mounted(mount.name) is not mount:
             raise pyfuse3.FUSEError(errno.ESTALE)
 
+    def _add(self, handle: Handle, pid: int) -> FileHandleT:
+        """Number *handle* (opened by *pid*, counted and charged already), to be answered at
+        once; if it cannot be (the ledger has no slot left: EMFILE), it is released."""
+        try:
+            return self.handles.add(handle, pid)
+        except BaseException:
+            handle.release(self.images)
+            handle.uncharge(self.shares)
+            raise
+
     def _release(self, fh: int) -> None:
-        """Close handle *fh* (a file's or a directory's), once: its use of an image ends."""
+        """Close handle *fh* (a file's or a directory's), once: its use of an image ends, and
+        what it took of the shares is given back."""
         handle = self.handles.release(fh)
         if handle is not None:
             handle.release(self.images)
+            handle.uncharge(self.shares)

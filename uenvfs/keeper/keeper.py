@@ -104,6 +104,7 @@ class Keeper:
         self.ready_told = False
         self.restart_first = False  # a re-executed keeper: restart the server at once
         self.watchdog = systemd.watchdog_seconds()  # systemd's WatchdogSec=, if set
+        self.died: str | None = None  # how the last server died (ENV_DIED), until one serves
 
     def children(self) -> list[Child]:
         """Every server process the keeper watches."""
@@ -120,7 +121,8 @@ class Keeper:
             self._restart()
 
     def start_server(self, resume: bool, standby: bool = False) -> Child:
-        return servers.spawn(self.server_argv, self.held, resume, standby, self.watchdog)
+        return servers.spawn(self.server_argv, self.held, resume, standby, self.watchdog,
+                             None if standby else self.died)
 
     def next_start(self) -> int | None:
         """Start the next server if it is due; else the milliseconds until it is (None: no
@@ -179,6 +181,7 @@ class Keeper:
     def _ready(self, child: Child) -> None:
         child.serving = True
         self.failed_starts = 0
+        self.died = None
         if not self.ready_told:
             self.ready_told = True
             systemd.notify("READY=1")
@@ -291,7 +294,10 @@ class Keeper:
             # now or once it is ready.
             self._take_over()
             return None
-        return self._after_server(status, child.serving)
+        code = self._after_server(status, child.serving)
+        if code is None:
+            self.died = self._death(child, status)
+        return code
 
     def _gone(self, child: Child) -> int | None:
         """*child* exited: reap it (if it is ours) and read what it said last. Returns its
@@ -310,6 +316,17 @@ class Keeper:
             log.error("server pid %d exited (%s) without stopping", child.pid,
                       "status unknown: not our child" if status is None else f"status {status}")
         return status
+
+    def _death(self, child: Child, status: int | None) -> str:
+        """How *child* died, for the next server (ENV_DIED): killed by the OOM killer if it
+        died of SIGKILL while the memory cgroup's OOM kills went up."""
+        before, now = child.oom_kills, servers.oom_kills()
+        oom = (status == -signal.SIGKILL and before is not None and now is not None
+               and now > before)
+        if oom:
+            log.error("server pid %d was killed by the OOM killer (its memory cgroup counts "
+                      "%d OOM kills, %d when it started)", child.pid, now, before)
+        return json.dumps({"status": status, "oom": oom, "before_serving": self.failed_starts})
 
     def _after_server(self, status: int | None, served: bool) -> int | None:
         """The server is gone: the exit status to exit with, or None after starting another."""

@@ -73,6 +73,11 @@ ENV_STANDBY = "UENVFS_STANDBY"  # in a server started by `restart`: wait for GO
 ENV_FDSTORE = "UENVFS_FDSTORE"  # in a server: systemd keeps the connection too (see Link)
 ENV_HEARTBEAT = "UENVFS_HEARTBEAT"  # in a server: seconds between its STATUS messages
 ENV_LOG_LEVEL = "UENVFS_LOG_LEVEL"  # in a keeper run by `restart`: the log level to keep
+# In a server started after the last one died: a JSON object saying how it died ("status":
+# its exit status, negative for a signal, null if unknown; "oom": whether the OOM killer
+# killed it; "before_serving": how many servers in a row died before they served), so that
+# it restores only what it can afford (see server/resume.py).
+ENV_DIED = "UENVFS_DIED"
 
 HEARTBEAT = 5.0  # seconds between a server's STATUS messages, at most
 

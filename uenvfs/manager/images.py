@@ -124,6 +124,18 @@ class Images:
                  "state": image.phase.value, "error": image.error}
                 for image in sorted(acquired, key=operator.attrgetter("name"))]
 
+    def status_version(self) -> object:
+        """A value (compared with ==) that changes whenever `status` changes, but for the
+        hold times still to run (they change with time): every event of an image counts in
+        the registry's changes (a mount, an unmount, a use that begins or ends, a scan's
+        counts); the rest is what the document shows of the settings, the server and the
+        repositories' labels (the same records are the same tuple: compared at once)."""
+        settings = self.settings
+        server = self.server
+        return (self.manager.registry.changes.count, settings.hold_time, settings.emergency,
+                tuple(settings.hold_times.items()), settings.verify,
+                None if server is None else server.restart_error, self.catalog.records())
+
 
 def _is_label(word: str) -> bool:
     try:

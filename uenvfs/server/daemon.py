@@ -14,7 +14,6 @@ import functools
 import json
 import logging
 import os
-import resource
 import shutil
 import signal
 import stat
@@ -38,11 +37,13 @@ from ..core.status import Server
 from ..core.status import summary as status_summary
 from ..fuse import fastloop
 from ..fuse.allocation import AllocationResolver
-from ..fuse.descriptors import RESERVE, DescriptorBudget
+from ..fuse.descriptors import DescriptorBudget
 from ..fuse.fs import UenvFS
+from ..fuse.shares import HandleShares
 from ..image import squashfs
 from ..image.catalog import Catalog
 from ..keeper.protocol import (
+    ENV_DIED,
     ENV_HEARTBEAT,
     ENV_KEEPER,
     ENV_RESUME,
@@ -65,8 +66,10 @@ from . import handover, queries
 from .link import Link
 from .ownership import clear_stale_mount, lock_state_dir
 from .resume import (
+    Death,
     Resume,
     read_handed,
+    read_ledger,
     restore_handles,
     restore_versions,
 )
@@ -79,13 +82,6 @@ log = logging.getLogger(__name__)
 MAX_REQUESTS = 1000
 DRAIN = 1.0  # seconds an old server lets its requests finish before it hands over
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-
-
-def _raise_fd_limit() -> None:
-    """Every open file in every image holds one backing fd: allow as many as the system does."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _tune_readahead(config: Config) -> None:
@@ -218,7 +214,7 @@ async def run(config: Config, link: Link, resume: Resume | None, handed_socket: 
         lock = resume.lock if resume.lock >= 0 else lock_state_dir(config.state_dir,
                                                                     os.getppid())
         try:
-            found = resume.ledger.read()
+            found = read_ledger(resume.ledger, resume.death)
         except ledger_mod.LedgerError as exc:
             raise StartupError(f"cannot resume the connection: its ledger is {exc}; only a "
                                "stop and start (which ends the connection) can go on") from exc
@@ -236,12 +232,11 @@ async def run(config: Config, link: Link, resume: Resume | None, handed_socket: 
     executor = Executor(manager, manager.counts, images, settings, reconfigure)
     resolver = AllocationResolver(layouts=parse_layouts(config.cgroup_layouts),
                                   owners=manager.owners)
-    _raise_fd_limit()
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    budget = DescriptorBudget(limit, config.open_files_per_allocation)
-    log.info("open files: %d per allocation, %d in all (descriptor limit %d)",
-             budget.per_allocation, limit - RESERVE, limit)
-    fs = UenvFS(images, executor, prefixes, resolver, budget, config.mountpoint,
+    budget = DescriptorBudget.of_server(config.open_files_per_allocation,
+                                        config.open_files_per_uid)
+    shares = HandleShares(config.handles_per_uid, config.handles_total,
+                          config.allocations_per_uid)
+    fs = UenvFS(images, executor, prefixes, resolver, budget, shares, config.mountpoint,
                 hold_time=lambda: settings.hold_time, socket_path=config.socket_path)
     manager.listen(fs.listener)
 
@@ -396,8 +391,10 @@ def serve(config: Config, reread: Callable[[], Config] | None = None) -> int:
         text = os.environ.pop(ENV_RESUME, None)
         resume = Resume.from_env(text) if text else None
         standby = os.environ.pop(ENV_STANDBY, "")
+        died = os.environ.pop(ENV_DIED, None)
         if resume is not None:
             resume.standby = bool(standby)
+            resume.death = Death.from_env(died)
         handed_socket = queries.handed_socket(os.environ.pop(ENV_SOCKET, ""))
         with fastloop.installed(linger=config.linger_us / 1e6):  # warns if pyfuse3 is unknown
             trio.run(run, config, link, resume, handed_socket, reread)
