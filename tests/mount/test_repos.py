@@ -137,11 +137,10 @@ def test_run_takes_labels(daemon: Daemon, mount_points: None) -> None:
     make_repository(daemon.root / "repo", [new, old])
     daemon.config = f'system = "daint"\nuarch = "gh200"\nrepos = ["{daemon.root / "repo"}"]\n'
     daemon.start()
-    config = str(daemon.root / "uenvfs.toml")  # the daemon's, as /etc/uenvfs.toml would be
 
-    def run(*words: str) -> subprocess.CompletedProcess[str]:
+    def run(*words: str) -> subprocess.CompletedProcess[str]:  # labels: as the daemon has them
         return subprocess.run([sys.executable, "-m", "uenvfs", "run", "--mountpoint",
-                               str(daemon.mountpoint), "--config", config, *words],
+                               str(daemon.mountpoint), *words],
                               capture_output=True, text=True, timeout=60, check=False)
 
     for label, content in (("prgenv-gnu/24.11:latest", "new"), ("prgenv-gnu+24.7+v1", "old"),
@@ -153,8 +152,9 @@ def test_run_takes_labels(daemon: Daemon, mount_points: None) -> None:
             "/user-environment\n")), (label, done.stderr)
     # Views from the meta/ of the repository (the image holds none).
     done = run("--view", "default", "prgenv-gnu/24.11:v1", "--", "sh", "-c", 'echo "$PATH"')
+    path = ["/user-environment/bin", *os.environ["PATH"].split(":")]  # repeats go, as in uenv
     assert (done.returncode, done.stdout) == (
-        0, f"/user-environment/bin:{os.environ['PATH']}\n"), done.stderr
+        0, ":".join(dict.fromkeys(p for p in path if p)) + "\n"), done.stderr
     done = run("prgenv-gnu", "--", "true")
     assert done.returncode == 125
     assert "uenvfs run: prgenv-gnu is ambiguous: it matches 2 images" in done.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from uenvfs.core.labels import Label, LabelError, parse_label, resolve
+from uenvfs.core.labels import Ambiguous, Label, LabelError, parse_label, resolve, table
 from uenvfs.image import repository
 
 from ..uenv_repos import Pulled, make_repository, pull
@@ -31,6 +31,19 @@ def test_labels() -> None:
     assert str(parse_label("a:v1%x")) == "a:v1%x"
     for bad in ("", "/24.11", "a b", "a:v1/2", "a/1/2", "a@x@y", "a/1:", "a,b", "a:/x", "../etc",
                 "-x/1"):
+        with pytest.raises(LabelError):
+            parse_label(bad)
+
+
+def test_labels_as_uenv_parses_them() -> None:
+    """The forms of uenv's own tests (test/unit/parse.cpp): a name starting with `_`, and
+    `@*` (any system) after a full or a bare label; never `%*` or `*` elsewhere."""
+    assert parse_label("_") == Label("_")
+    assert parse_label("_private/1.0:v1") == Label("_private", "1.0", "v1")
+    assert parse_label("prgenv-gnu/24.7:v1@*") == Label("prgenv-gnu", "24.7", "v1")
+    assert parse_label("prgenv-gnu@*%a100") == Label("prgenv-gnu", uarch="a100")
+    for bad in ("prgenv-gnu%*", "*", "prgenv-gnu/*", "prgenv-gnu@**", ".wombat",
+                "prgenv-gnu/24:v1@", "prgenv-gnu/24:v1@gh200%"):
         with pytest.raises(LabelError):
             parse_label(bad)
 
@@ -63,6 +76,22 @@ def test_resolution(tmp_path: Path) -> None:
         "prgenv-gnu is ambiguous: it matches 2 images: prgenv-gnu/24.11:v1@daint%gh200 "
         f"prgenv-gnu/24.11:latest@daint%gh200 ({NEW.sha256[:16]}); "
         f"prgenv-gnu/24.7:v1@daint%gh200 ({OLD.sha256[:16]})")
+    # As uenv's query: `@*` is any system; an id or sha256 with a system or uarch names its
+    # image if one of its records has them.
+    assert {r.sha256 for r in resolve(records, "prgenv-gnu/24.7:v1@*")} == {OLD.sha256}
+    assert {r.tag for r in resolve(records, "tool@*")} == {"v2"}
+    for text in (f"{NEW.sha256[:16]}@daint", f"{NEW.sha256}%gh200@daint"):
+        assert {r.sha256 for r in resolve(records, text)} == {NEW.sha256}, text
+    with pytest.raises(LabelError, match="no uenv matches"):
+        resolve(records, f"{NEW.sha256[:16]}@eiger")
+    with pytest.raises(Ambiguous) as candidates:
+        resolve(records, "prgenv-gnu@*")
+    assert {r.sha256 for r in candidates.value.records} == {NEW.sha256, OLD.sha256}
+    assert table(candidates.value.records) == [
+        "uenv                     arch   system  id                size(MB)  date",
+        f"prgenv-gnu/24.11:latest  gh200  daint   {NEW.sha256[:16]}  0         2024-11-20",
+        f"prgenv-gnu/24.11:v1      gh200  daint   {NEW.sha256[:16]}  0         2024-11-20",
+        f"prgenv-gnu/24.7:v1       gh200  daint   {OLD.sha256[:16]}  0         2024-07-01"]
     for text, message in (("prgenv-gnu/25.1", "no uenv matches prgenv-gnu/25.1"),
                           ("prgenv-gnu@eiger", "no uenv matches"),  # filtered out
                           ("0" * 64, "no image with sha256 or id"),

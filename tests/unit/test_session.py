@@ -1,20 +1,22 @@
 """The pure part of `uenvfs run`: the command line's words, mount points, views and the
-environment; and the mount table's image binds. Applying a view in Python gives what the
-shell lines of `uenvfs env` give in a real shell."""
+environment (as uenv makes it); and the mount table's image binds and uenv's own mounts. The
+shell lines of `uenvfs env` do in a real shell what their model here says."""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+from collections.abc import Mapping
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uenvfs.client import session
+from uenvfs.client.mounted import foreign_here
 from uenvfs.client.session import ImageSpec, Placement, SessionError, ViewSpec
-from uenvfs.image.uenv import Env, ListOp, Meta, View, apply_env, shell_lines
+from uenvfs.image.uenv import Env, ListOp, Meta, View, apply_views, expand, shell_lines
 from uenvfs.kernel import mountinfo, namespace
 
 
@@ -107,7 +109,71 @@ def test_environment_of_a_session() -> None:
     assert got == {"PATH": "/ue/bin:/bin", "X_HOME": "/ue",
                    "UENV_MOUNT_LIST": "/keep.sqfs:/uk,/images/a.sqfs:/ue,/images/b.sqfs:/ut",
                    "UENV_VIEW": "/uk:keep:v,/ue:prgenv:default"}
-    assert session.environment({}, [b], []) == {"UENV_MOUNT_LIST": "/images/b.sqfs:/ut"}
+    # No view: UENV_VIEW is set, empty, as uenv sets it (uenv's "in a session" needs both).
+    assert session.environment({}, [b], []) == {"UENV_MOUNT_LIST": "/images/b.sqfs:/ut",
+                                                "UENV_VIEW": ""}
+    # An entry for the mount point with another image file (stale, no mount there): replaced,
+    # and the views it had there go with it; the same image file keeps them.
+    stale = {"UENV_MOUNT_LIST": "/old.sqfs:/ut", "UENV_VIEW": "/ut:old:v,/uk:keep:v"}
+    assert session.environment(stale, [b], [])["UENV_VIEW"] == "/uk:keep:v"
+    same = {"UENV_MOUNT_LIST": "/images/b.sqfs:/ut", "UENV_VIEW": "/ut:b:v"}
+    assert session.environment(same, [b], [])["UENV_VIEW"] == "/ut:b:v"
+
+
+def _list(*ops: tuple[str, tuple[str, ...]]) -> tuple[ListOp, ...]:
+    return tuple(ListOp(op, values) for op, values in ops)
+
+
+def test_views_applied_as_uenv_applies_them() -> None:
+    """uenv (env.cpp, envvars.cpp): the views merged, every scalar first, then each list
+    variable's operations, empty and repeated entries dropped (the first one stays)."""
+    app = Env(lists={"PATH": _list(("prepend", ("/user-environment/env/app/bin",)))})
+    environ = {"PATH": "/usr/bin:/x/bin:/usr/bin::/bin"}
+    assert apply_views([app], environ) == {
+        "PATH": "/user-environment/env/app/bin:/usr/bin:/x/bin:/bin"}
+    again = Env(lists={"PATH": _list(("append", ("/usr/bin", "/y")))})
+    assert apply_views([app, again], environ)["PATH"] == (
+        "/user-environment/env/app/bin:/usr/bin:/x/bin:/bin:/y")
+    # A later view's scalar reads the environment before any list operation of any view.
+    seen = Env(scalars={"SEEN": "${@PATH@}", "WOMBAT": "soup for ${@USER@}"})
+    got = apply_views([app, seen], {"PATH": "/bin", "USER": "bob"})
+    assert (got["SEEN"], got["WOMBAT"], got["PATH"]) == (
+        "/bin", "soup for bob", "/user-environment/env/app/bin:/bin")
+    # A later view's scalar replaces an earlier one's; a null one unsets.
+    assert apply_views([Env(scalars={"A": "1", "B": "x"}), Env(scalars={"A": "2", "B": None})],
+                       {"B": "old"}) == {"A": "2"}
+    # unset last: the variable goes; an operation after it starts a new list.
+    assert apply_views([Env(lists={"L": _list(("unset", ()))})], {"L": "/a"}) == {}
+    assert apply_views([Env(lists={"L": _list(("unset", ()), ("append", ("/b",)))})],
+                       {"L": "/a"}) == {"L": "/b"}
+    assert apply_views([Env(lists={"L": _list(("prepend", ()))})], {}) == {"L": ""}
+    # ${@NAME@} is expanded in the joined list; unset or invalid names expand to nothing, an
+    # unterminated one drops the rest.
+    assert apply_views([Env(lists={"L": _list(("set", ("${@H@}/bin", "${@1x@}/z", "/q${@H")))})],
+                       {"H": "/h"}) == {"H": "/h", "L": "/h/bin:/z:/q"}
+    assert expand("a${@NOPE@}b", {}) == "ab"
+
+
+def test_paths_uenv_cannot_read_are_refused() -> None:
+    plus = Placement("pe+cuda", "/user-environment", None, "/images/pe+cuda.sqfs")
+    with pytest.raises(SessionError, match=re.escape(
+            "pe+cuda: its image file /images/pe+cuda.sqfs cannot be given to the command in "
+            "UENV_MOUNT_LIST: uenv reads only letters, digits and _ . / - in a path there, "
+            "not '+'")):
+        session.check_mounts([plus], "/run/pact/uenv", {})
+    with pytest.raises(SessionError, match="its mount point /my env cannot be given"):
+        session.check_mounts([_image("a", "/my env")], "/run/pact/uenv", {})
+
+
+def test_a_mount_of_uenv_is_refused() -> None:
+    a = _image("a", "/user-environment")
+    foreign = {"/user-environment": "a squashfs mount of /dev/loop3"}
+    with pytest.raises(SessionError, match=re.escape(
+            "/user-environment already holds a squashfs mount of /dev/loop3, which uenvfs did "
+            "not put there: a uenv session")):
+        session.check_mounts([a], "/run/pact/uenv", {}, foreign)
+    # Ours (an enclosing uenvfs session's) is no uenv mount.
+    assert session.check_mounts([a], "/run/pact/uenv", {"/user-environment": "a"}, foreign) == []
 
 
 MOUNTINFO = rb"""22 1 254:0 / / rw - ext4 /dev/vda rw
@@ -172,6 +238,32 @@ _envs = st.builds(
 _environs = st.dictionaries(_names, st.sampled_from(["", "/x", "/y:/z"]), max_size=4)
 
 
+def shell_model(env: Env, environ: Mapping[str, str]) -> dict[str, str]:
+    """*environ* with *env* applied as its shell lines do: scalars, then each list operation
+    in order, keeping repeated and empty entries (unlike `uenvfs run`, as uenv)."""
+    out = dict(environ)
+    for name, value in env.scalars.items():
+        if value is None:
+            out.pop(name, None)
+        else:
+            out[name] = expand(value, out)
+    for name, ops in env.lists.items():
+        for op in ops:
+            joined = expand(":".join(op.values), out)
+            current = out.get(name, "")
+            if op.op == "unset":
+                out.pop(name, None)
+            elif op.op == "set":
+                out[name] = joined
+            elif not op.values:
+                out[name] = current
+            elif op.op == "prepend":
+                out[name] = joined + (":" + current if current else "")
+            else:
+                out[name] = (current + ":" if current else "") + joined
+    return out
+
+
 @settings(max_examples=60, deadline=None)
 @given(env=_envs, environ=_environs)
 def test_apply_env_is_what_the_shell_lines_do(env: Env, environ: dict[str, str]) -> None:
@@ -181,4 +273,25 @@ def test_apply_env_is_what_the_shell_lines_do(env: Env, environ: dict[str, str])
     done = subprocess.run(["/bin/sh", "-c", script], env=environ, capture_output=True, check=True)
     shell = dict(item.split("=", 1) for item in done.stdout.decode().split("\0") if item)
     shell = {k: v for k, v in shell.items() if k not in ("PWD", "SHLVL", "_", "OLDPWD")}
-    assert apply_env(env, environ) == shell
+    assert shell_model(env, environ) == shell
+
+
+UENV_MOUNTINFO = rb"""22 1 254:0 / / rw - ext4 /dev/vda rw
+60 22 0:40 / /run/pact/uenv rw,nosuid - fuse.uenvfs uenvfs rw
+70 22 7:3 / /run/pact/uenvfs/mnt/acc ro,nosuid,nodev - squashfs /dev/loop3 ro
+72 22 7:3 / /user-environment ro,nosuid,nodev - squashfs /dev/loop3 ro
+80 22 7:8 / /user-tools ro,nosuid,nodev - squashfs /dev/loop8 ro
+81 22 0:51 / /scratch-env rw - tmpfs tmpfs rw
+82 22 0:52 / /other rw - tmpfs tmpfs rw
+"""
+
+
+def test_mounts_of_uenv_found_in_the_mount_table() -> None:
+    """A squashfs at a mount point that is not ours (uenv's squashfs-mount), or any mount at
+    a mount point that UENV_MOUNT_LIST names; never ours, nor a mount point named only."""
+    entries = mountinfo.parse(UENV_MOUNTINFO)
+    environ = {"UENV_MOUNT_LIST": "/r/store.squashfs:/scratch-env,/gone.squashfs:/nowhere"}
+    assert foreign_here(entries, {"/user-environment": "acc"}, environ) == {
+        "/run/pact/uenvfs/mnt/acc": "a squashfs mount of /dev/loop3",
+        "/user-tools": "a squashfs mount of /dev/loop8",
+        "/scratch-env": "a tmpfs mount of tmpfs (/r/store.squashfs in UENV_MOUNT_LIST)"}

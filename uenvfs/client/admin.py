@@ -1,10 +1,13 @@
 """The subcommands that talk to a running daemon: `status`, `metrics`, `restart` and the
-`.control` commands. They do so only through the files at its mount root (`.control`,
-`.status`, `.metrics`): a missing file means no uenvfs serves there (exit NO_DAEMON)."""
+`.control` commands. They do so through the files at its mount root (`.control`, `.status`,
+`.metrics`): a missing file means no uenvfs serves there (exit NO_DAEMON). Only to explain a
+refused label (its candidates, which a write's errno cannot carry) do they ask the daemon's
+query socket."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -16,9 +19,11 @@ from typing import Any
 from ..core import control, status
 from ..core.errors import CommandError
 from . import exits
-from .exits import CliError
+from .ask import ambiguity, resolve
+from .exits import CliError, RunError
 
 RESTART_TIMEOUT = 120.0  # seconds `uenvfs restart` waits for the new server
+EXPLAIN_TIMEOUT = 5.0  # seconds a refused command waits for the daemon to explain a label
 
 
 def _mountpoint(args: argparse.Namespace) -> Path:
@@ -34,7 +39,8 @@ def _root_file(args: argparse.Namespace, name: str) -> Path:
 
 
 def send(args: argparse.Namespace, line: str) -> None:
-    """Write one command to `.control`; the daemon's errno becomes the error message."""
+    """Write one command to `.control`; the daemon's errno becomes the error message (with
+    the candidates of an ambiguous label, `_explained`)."""
     path = _root_file(args, ".control")
     try:
         fd = os.open(path, os.O_WRONLY)
@@ -43,9 +49,24 @@ def send(args: argparse.Namespace, line: str) -> None:
     try:
         os.write(fd, (line + "\n").encode())
     except OSError as exc:
-        raise CliError(f"{line}: {exc.strerror} (the daemon's log has the details)") from exc
+        why = _explained(args, exc) or "(the daemon's log has the details)"
+        raise CliError(f"{line}: {exc.strerror} {why}") from exc
     finally:
         os.close(fd)
+
+
+def _explained(args: argparse.Namespace, exc: OSError) -> str | None:
+    """What the daemon says of the image name or label of a refused command (EINVAL): the
+    candidates of an ambiguous label, as uenv lists them; None if nothing more to say."""
+    name = getattr(args, "name", None)
+    if exc.errno != errno.EINVAL or not isinstance(name, str):
+        return None
+    try:
+        answer = resolve(_mountpoint(args), name, None, EXPLAIN_TIMEOUT)
+    except RunError:
+        return None
+    found = ambiguity(name, answer)
+    return None if found is None else f"({found})"
 
 
 def read_status(args: argparse.Namespace) -> dict[str, object]:
@@ -79,7 +100,7 @@ def _this_process(args: argparse.Namespace, document: dict[str, object]
     """The images that this process sees bound at mount points (inside `uenvfs run` or
     `start`), with the views that UENV_VIEW says are applied there; *document* is `.status`
     (which has the devices of the images' kernel mounts)."""
-    from .run import bound_here
+    from .mounted import bound_here
 
     views = [entry.split(":") for entry in os.environ.get("UENV_VIEW", "").split(",")]
     return [{"name": b.name, "mount_point": b.mount_point,

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..core.queries import MAX_ANSWER, parse_answer
+from ..core.labels import Record, table
+from ..core.queries import MAX_ANSWER, parse_answer, request
 from .exits import RunError
 
 AGAIN = 0.05  # seconds between tries
@@ -129,3 +130,25 @@ def _left(deadline: float) -> float:
     if left <= 0:
         raise TimeoutError
     return left
+
+
+def resolve(mountpoint: Path, word: str, socket_path: Path | None, timeout: float
+            ) -> dict[str, Any]:
+    """The daemon's answer to `resolve` *word* (core/queries.py): `{"ok": true, "name": ...}`
+    or its refusal (`RunError` as `ask`)."""
+    return ask(mountpoint, request("resolve", image=word), socket_path, timeout)
+
+
+def ambiguity(word: str, answer: dict[str, Any]) -> str | None:
+    """The candidates of an ambiguous label that a refusal of `resolve` lists, as uenv
+    lists them (a table of their records); None if it lists none."""
+    listed = answer.get("candidates")
+    if answer.get("ok") or not isinstance(listed, list) or not listed:
+        return None
+    try:
+        records = [Record(**entry) for entry in listed]
+    except TypeError:
+        return None
+    images = len({record.sha256 for record in records})
+    return (f"{word} is ambiguous: it matches {images} images; say which with a longer "
+            "label or an id:\n" + "\n".join("  " + line for line in table(records)))

@@ -1,7 +1,8 @@
 """What `uenvfs run`, `start` and `attach` learn from the running uenvfs, through its mount:
 its `.status`, an image's `meta/env.json` (reading it mounts the image, as any access does),
-the name under which a label is served; and the `meta/` beside a repository's image. Never
-imports trio or pyfuse3 (they start job steps)."""
+the name under which a label is served (its link in the mount, else the daemon's query
+socket); and the `meta/` beside a repository's image. Never imports trio or pyfuse3 (they
+start job steps)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from ..image.uenv import (
     MetaFormatError,
     parse_meta,
 )
+from .ask import ambiguity, resolve, socket_at
 from .exits import RunError
+from .trees import ANSWER_SECONDS
 
 
 def read_status(mountpoint: Path) -> dict[str, object]:
@@ -81,10 +84,13 @@ def read_meta(mountpoint: Path, name: str, why: Callable[[str], object]) -> Meta
         raise RunError(f"image {name}: {ENV_JSON}: {exc}") from exc
 
 
-def served_name(mountpoint: Path, word: str, config_file: Path | None) -> str:
+def served_name(mountpoint: Path, word: str) -> str:
     """The name under which uenvfs serves what *word* names: an image name as it is, a
     label's link (`prgenv-gnu+24.11+v1`, a sha256 or a one-word label) read from the mount;
-    any other label resolved in the configured repositories as the daemon resolves it."""
+    any other label as the daemon resolves it (the query socket's `resolve`, as `.control`
+    reads it: whatever repositories the daemon was given, in its configuration or on its
+    command line). A word the daemon knows no image of comes back as it is ("no image" says
+    the rest); an ambiguous label fails with its candidates."""
     if valid_name(word):
         try:
             return os.readlink(mountpoint / word)  # a label: the link leads to the image
@@ -93,24 +99,13 @@ def served_name(mountpoint: Path, word: str, config_file: Path | None) -> str:
                 return word
             if exc.errno != errno.ENOENT:
                 raise RunError(f"{mountpoint / word}: {exc.strerror}") from exc
-    from ..core import config, labels
-    from ..image import repository
-
-    try:
-        cfg = config.load(config_file)
-    except config.ConfigError as exc:
-        raise RunError(f"configuration: {exc}") from exc
-    records = [record for root in cfg.repos
-               for record in repository.read(root, cfg.system, cfg.uarch,
-                                             cfg.mount_timeout).records]
-    if not records:
-        return word  # not a label of any repository: "no image" says the rest
-    try:
-        return labels.resolve(records, word)[0].id
-    except labels.NoMatch:
+    # The socket found in this thread: `run` may start none (it makes a user namespace).
+    answer = resolve(mountpoint, word, socket_at(mountpoint), ANSWER_SECONDS)
+    if answer["ok"]:
+        return str(answer["name"])
+    if answer.get("errno") == errno.errorcode[errno.ENOENT]:
         return word
-    except labels.LabelError as exc:
-        raise RunError(str(exc)) from exc
+    raise RunError(ambiguity(word, answer) or f"{word}: {answer.get('error')}")
 
 
 def meta_beside(image_path: Path) -> Meta | None:

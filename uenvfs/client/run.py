@@ -4,7 +4,9 @@ the Slurm SPANK plugin, of the images that the daemon's query socket says a job 
 (client/ask.py: within a deadline, never from `.status`).
 
 The images are looked up through the mount (client/lookup.py; which mounts them, as any
-access does), their `meta/env.json` read from there, the mount points checked, and each
+access does), their `meta/env.json` read from there, the mount points checked (against what
+this namespace already shows: client/mounted.py), the command's environment made from the
+caller's as uenv makes it (client/session.py), and each
 image's kernel mount asked of the daemon's query socket (client/trees.py); only then is
 anything done: an error leaves no namespace and no mount behind. What is bound is the image's
 own kernel mount (the daemon's backing squashfs mount), so the command's reads never go through
@@ -37,6 +39,7 @@ from . import exits, session, trees
 from .ask import ask, socket_at
 from .exits import RunError
 from .lookup import meta_beside, mount_entry, read_meta, read_status, served_name
+from .mounted import bound_here, foreign_here
 from .session import Placement, SessionError
 from .trees import Tree
 
@@ -56,36 +59,8 @@ def _mount_point_ok(image: Placement) -> None:
                    f"(mkdir {path}), or choose another with {image.name}:MOUNT")
 
 
-def bound_here(mountpoint: Path, document: Mapping[str, object]) -> list[namespace.Bound]:
-    """The images of the uenvfs at *mountpoint* bound in this process's namespace: through
-    uenvfs, or their backing mounts, which its `.status` *document* names with their devices
-    ({}: none)."""
-    try:
-        entries = mountinfo.read()
-    except OSError:
-        return []
-    served = mountinfo.mount_at(mountpoint, entries)
-    if served is None:
-        return []
-    return namespace.bound_images(entries, served.device, _backing_mounts(document))
-
-
-def _backing_mounts(document: Mapping[str, object]) -> dict[int, tuple[str, str]]:
-    """The backing mounts that a `.status` *document* lists: device -> (image, mount point)."""
-    mounts = document.get("mounts")
-    found = {}
-    for entry in mounts if isinstance(mounts, list) else []:
-        try:
-            device = trees.parse_device(entry["device"])
-        except (KeyError, TypeError, ValueError):
-            continue  # not mounted
-        found[device] = (str(entry.get("name")), str(entry.get("backing")))
-    return found
-
-
 def prepare(mountpoint: Path, images_text: str, views_text: str | None,
-            environ: Mapping[str, str], config_file: Path | None = None
-            ) -> tuple[list[Placement], dict[str, str]]:
+            environ: Mapping[str, str]) -> tuple[list[Placement], dict[str, str]]:
     """The images still to bind, and the command's environment. Binds nothing (the reads
     through uenvfs mount the images, as any access does)."""
     try:
@@ -94,7 +69,7 @@ def prepare(mountpoint: Path, images_text: str, views_text: str | None,
     except SessionError as exc:
         raise RunError(str(exc)) from exc
     read_status(mountpoint)  # first: "not running" before "no such image"
-    specs = [session.ImageSpec(served_name(mountpoint, spec.image, config_file), spec.mount)
+    specs = [session.ImageSpec(served_name(mountpoint, spec.image), spec.mount)
              for spec in specs]
     why = functools.partial(_error, mountpoint)
     metas = [read_meta(mountpoint, spec.image, why) for spec in specs]
@@ -123,10 +98,15 @@ def _settle(mountpoint: Path, images: list[Placement], wanted: list[session.View
             ) -> tuple[list[Placement], dict[str, str]]:
     """The *images* still to bind (their mount points checked), and the environment; the
     binds there are already are found with the `.status` *document* ({}: through uenvfs
-    only)."""
-    bound = {b.mount_point: b.name for b in bound_here(mountpoint, document)}
+    only), and the images that uenv put at mount points with *environ* too."""
     try:
-        todo = session.check_mounts(images, str(mountpoint), bound)
+        entries = mountinfo.read()
+    except OSError:
+        entries = []
+    bound = {b.mount_point: b.name for b in bound_here(mountpoint, document, entries)}
+    foreign = foreign_here(entries, bound, environ)
+    try:
+        todo = session.check_mounts(images, str(mountpoint), bound, foreign)
         views = session.choose_views(images, wanted)
     except SessionError as exc:
         raise RunError(str(exc)) from exc
@@ -242,13 +222,30 @@ def execute(command: Sequence[str], environ: Mapping[str, str]) -> int:
 
 
 def run(mountpoint: Path, images_text: str, views_text: str | None,
-        command: Sequence[str], config_file: Path | None = None) -> int:
+        command: Sequence[str]) -> int:
     """`uenvfs run`: *command* in a session. Raises RunError before anything is done."""
     if not command:
         raise RunError("no command: uenvfs run IMAGE -- COMMAND [ARG...]")
-    todo, environ = prepare(mountpoint, images_text, views_text, os.environ, config_file)
+    todo, environ = prepare(mountpoint, images_text, views_text, caller_environment())
     enter(mountpoint, todo, environ)
     return execute(command, environ)
+
+
+def caller_environment() -> dict[str, str]:
+    """The environment this process was started with, as its caller gave it: the one the
+    kernel keeps (/proc/self/environ), not os.environ, where Python adds LC_CTYPE when the
+    caller's locale is C (PEP 538's locale coercion). The first of repeated names counts, as
+    in os.environ; os.environ itself where /proc does not tell."""
+    try:
+        data = Path("/proc/self/environ").read_bytes()
+    except OSError:
+        return dict(os.environ)
+    found: dict[str, str] = {}
+    for item in data.split(b"\0"):
+        name, equals, value = item.partition(b"=")
+        if name and equals:
+            found.setdefault(os.fsdecode(name), os.fsdecode(value))
+    return found
 
 
 def shell() -> str:
@@ -272,8 +269,8 @@ DESCRIPTION = (
     "Run COMMAND with images of the running uenvfs at the mount points they were built for, "
     "in a private mount namespace of its own (through a user namespace when not root: no "
     "setuid program is needed). IMAGE is an image name that uenvfs serves, or a uenv label "
-    "of its repositories (name/version:tag@system%uarch, partial, a sha256 or an id; "
-    "resolved with the repositories of --config); MOUNT is where "
+    "of its repositories (name/version:tag@system%uarch, partial, @* for any system, a "
+    "sha256 or an id; resolved by the running uenvfs); MOUNT is where "
     "to put it (default: the 'mount' of its meta/env.json, else /user-environment); the "
     "mount point must exist. --view applies views of meta/env.json to the environment with "
     "the image's own paths (VIEW, or IMAGE:VIEW when several images have it; default: no "
@@ -290,8 +287,6 @@ EPILOG = """exit codes: 125 uenvfs run itself failed (the one-line message says 
 uenvfs serving, no such image, no such view, a mount point that does not exist or is taken,
 no user namespaces); 126 COMMAND cannot be executed; 127 COMMAND not found; else COMMAND's own
 exit code (uenvfs execs it: no uenvfs process stays in between)"""
-CONFIG_HELP = ("configuration file whose uenv repositories resolve labels (default "
-               "/etc/uenvfs.toml if it exists)")
 VIEW_HELP = "views to apply (VIEW, or IMAGE:VIEW when several images have one of that name)"
 
 
@@ -300,12 +295,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     """The `run` and `start` subcommands; *add(name, help)* makes one (with --mountpoint)."""
     p = add("run", "run a command with images at the mount points they were built for")
     p.description, p.epilog = DESCRIPTION, EPILOG
-    p.usage = ("uenvfs run [--view VIEW[,VIEW...]] [--mountpoint DIR] [--config FILE] "
-               "IMAGE[:MOUNT][,...] "
+    p.usage = ("uenvfs run [--view VIEW[,VIEW...]] [--mountpoint DIR] IMAGE[:MOUNT][,...] "
                "-- COMMAND [ARG...]")
     p.add_argument("images", metavar="IMAGE[:MOUNT][,IMAGE[:MOUNT]...]")
     p.add_argument("--view", metavar="VIEW[,VIEW...]", help=VIEW_HELP)
-    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     p.add_argument("argv", nargs="*", metavar="-- COMMAND [ARG...]")
     p = add("start", "start the user's shell with images at the mount points they were "
             "built for")
@@ -313,7 +306,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.epilog = EPILOG.replace("COMMAND", "the shell")
     p.add_argument("images", nargs="+", metavar="IMAGE[:MOUNT]")
     p.add_argument("--view", metavar="VIEW[,VIEW...]", help=VIEW_HELP)
-    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
 
 
 def add_attach(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
@@ -379,10 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             socket_path = Path(args.socket).absolute() if args.socket else None
             print(attach(mountpoint, args.alloc, socket_path, args.timeout))
             return exits.OK
-        config_file = Path(args.config) if args.config else None
         if args.command == "start":
-            return run(mountpoint, ",".join(args.images), args.view, [shell()], config_file)
-        return run(mountpoint, args.images, args.view, args.argv, config_file)
+            return run(mountpoint, ",".join(args.images), args.view, [shell()])
+        return run(mountpoint, args.images, args.view, args.argv)
     except RunError as exc:
         print(f"uenvfs {args.command}: {exc}", file=sys.stderr)
         return exits.RUN_FAILED

@@ -8,9 +8,13 @@ image's own paths. The words on the command line:
     --view VIEW[,VIEW...]               VIEW: a view name, or IMAGE:VIEW (IMAGE being the
                                         served name or the uenv name of meta/env.json)
 
-The job sees uenv's variables: UENV_MOUNT_LIST (`image-path:mount-point`, comma-separated)
-and UENV_VIEW (`mount-point:uenv-name:view`, comma-separated). A session inside a session
-keeps the images of the outer one and adds its own.
+The job sees uenv's variables, as uenv sets them: UENV_MOUNT_LIST (`image-path:mount-point`,
+comma-separated; uenv reads only paths of `[A-Za-z0-9_./-]`, so an image whose path has
+another character is refused) and UENV_VIEW (`mount-point:uenv-name:view`, comma-separated;
+set, if empty, without a view: uenv takes both being set as "in a uenv session"). The views
+are applied as uenv applies them (image/uenv.py `apply_views`). A session inside a session
+keeps the images of the outer one and adds its own; a mount point where uenv itself put an
+image is refused.
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ..image.uenv import Meta, View, apply_env
+from ..image.uenv import Meta, View, apply_views
 
 DEFAULT_MOUNT = "/user-environment"
 MOUNT_LIST = "UENV_MOUNT_LIST"
 VIEW_LIST = "UENV_VIEW"
 
 _IMAGE_SPEC = re.compile(r"(?P<image>[^,]+?)(?::(?P<mount>/[^,]*))?")
+# A path as uenv parses one in UENV_MOUNT_LIST (parse.cpp, parse_path): these characters only.
+_UENV_PATH = re.compile(r"[A-Za-z0-9_./-]+")
+_NOT_UENV_PATH = re.compile(r"[^A-Za-z0-9_./-]")
 
 
 class SessionError(Exception):
@@ -104,11 +111,14 @@ def mount_point(spec: ImageSpec, meta: Meta | None) -> str:
 
 
 def check_mounts(images: Sequence[Placement], served_at: str,
-                 bound: Mapping[str, str]) -> list[Placement]:
+                 bound: Mapping[str, str],
+                 foreign: Mapping[str, str] | None = None) -> list[Placement]:
     """The images that still need a bind mount. Refuses two images on one mount point, a
     mount point inside another one of the session, `/`, anything inside the uenvfs mount
-    point, and a mount point where an enclosing session put another image (*bound*: mount
-    point → image name of the binds this process already sees)."""
+    point, a mount point or image file that uenv cannot read in UENV_MOUNT_LIST, a mount
+    point where an enclosing session put another image (*bound*: mount point → image name of
+    the binds this process already sees), and one where uenv put an image (*foreign*: mount
+    point → what is there, for the message)."""
     seen: dict[str, str] = {}
     todo = []
     for image in images:
@@ -116,6 +126,8 @@ def check_mounts(images: Sequence[Placement], served_at: str,
         if not mount.startswith("/") or mount == "/":
             raise SessionError(f"{image.name}: mount point {mount!r} must be an absolute path "
                                "other than /")
+        _uenv_readable(image, "image file", image.image_path)
+        _uenv_readable(image, "mount point", mount)
         if _inside(mount, served_at) or _inside(served_at, mount):
             raise SessionError(f"{image.name}: mount point {mount} would hide uenvfs at "
                                f"{served_at}; choose another with {image.name}:MOUNT")
@@ -128,6 +140,11 @@ def check_mounts(images: Sequence[Placement], served_at: str,
                 raise SessionError(f"mount points {other} ({other_name}) and {mount} "
                                    f"({image.name}) are inside one another")
         seen[mount] = image.name
+        if mount not in bound and mount in (foreign or {}):
+            raise SessionError(
+                f"{mount} already holds {(foreign or {})[mount]}, which uenvfs did not put "
+                "there: a uenv session (uenv start or uenv run) is running; leave it first, "
+                f"or put {image.name} elsewhere with {image.name}:MOUNT")
         if mount in bound:
             if bound[mount] != image.name:
                 raise SessionError(
@@ -137,6 +154,17 @@ def check_mounts(images: Sequence[Placement], served_at: str,
             continue  # already there: nothing to add
         todo.append(image)
     return todo
+
+
+def _uenv_readable(image: Placement, what: str, path: str) -> None:
+    """Refuse *path* (of *image*) if uenv could not read it in UENV_MOUNT_LIST."""
+    if _UENV_PATH.fullmatch(path):
+        return
+    found = _NOT_UENV_PATH.search(path)
+    shown = repr(found.group()) if found is not None else "an empty path"
+    raise SessionError(f"{image.name}: its {what} {path} cannot be given to the command in "
+                       f"{MOUNT_LIST}: uenv reads only letters, digits and _ . / - in a path "
+                       f"there, not {shown}; the file or directory needs a name of those")
 
 
 def choose_views(images: Sequence[Placement],
@@ -183,19 +211,22 @@ def _entries(value: str | None) -> list[str]:
 
 def environment(environ: Mapping[str, str], images: Sequence[Placement],
                 views: Sequence[tuple[Placement, View]]) -> dict[str, str]:
-    """The command's environment: *environ* with the views applied in order, and
-    UENV_MOUNT_LIST and UENV_VIEW extended with this session's images and views (entries of
-    an enclosing session for the same mount points are replaced)."""
-    out = dict(environ)
-    for _, view in views:
-        assert view.env is not None
-        out = apply_env(view.env, out)
-    mounts = {image.mount for image in images}
-    kept = [entry for entry in _entries(environ.get(MOUNT_LIST))
-            if entry.rpartition(":")[2] not in mounts]
-    out[MOUNT_LIST] = ",".join(kept + [f"{image.image_path}:{image.mount}" for image in images])
-    if views:
-        shown = _entries(environ.get(VIEW_LIST)) + [
-            f"{image.mount}:{image.uenv_name}:{view.name}" for image, view in views]
-        out[VIEW_LIST] = ",".join(shown)
+    """The command's environment: *environ* with the views applied as uenv applies them, and
+    UENV_MOUNT_LIST and UENV_VIEW extended with this session's images and views. UENV_VIEW is
+    set even when empty, as uenv sets it. An entry of an enclosing session for a mount point
+    of this one is replaced; if it named another image file, the views it had there go."""
+    out = apply_views([view.env for _, view in views if view.env is not None], environ)
+    mine = {image.mount: image.image_path for image in images}
+    kept, gone = [], set()
+    for entry in _entries(environ.get(MOUNT_LIST)):
+        path, _, mount = entry.rpartition(":")
+        if mount not in mine:
+            kept.append(entry)
+        elif path != mine[mount]:
+            gone.add(mount)
+    out[MOUNT_LIST] = ",".join(kept + [f"{path}:{mount}" for mount, path in mine.items()])
+    shown = [entry for entry in _entries(environ.get(VIEW_LIST))
+             if entry.partition(":")[0] not in gone]
+    shown += [f"{image.mount}:{image.uenv_name}:{view.name}" for image, view in views]
+    out[VIEW_LIST] = ",".join(shown)
     return out

@@ -1,9 +1,13 @@
 """uenv labels: the names of a repository's images, and how a label picks one image.
 
 A label names records: `name/version:tag@system%uarch`, every part but the name optional
-(`prgenv-gnu`, `prgenv-gnu/24.11`, `prgenv-gnu:v1@daint`); a 64-digit sha256 or the
-16-digit id names one image. The rule, as uenv's: a label resolves when every record it
-matches is one image (one sha256); when they are several, it is ambiguous and the error
+(`prgenv-gnu`, `prgenv-gnu/24.11`, `prgenv-gnu:v1@daint`), in uenv's grammar (parse.cpp):
+a name may start with a letter, a digit or `_`, and `@*` is "any system" (as no system is
+here: the daemon serves the records of its node's system only, where one is configured). A
+64-digit sha256 or the 16-digit id names one image; with `@system` or `%uarch` and nothing
+else (`<id>@daint`), it names that image if one of its records is of that system and uarch,
+as uenv's query does. The rule, as uenv's: a label resolves when every record it matches is
+one image (one sha256); when they are several, it is ambiguous and the error (`Ambiguous`)
 lists them. Nothing is chosen by date.
 
 A record comes from a repository's index, which anyone who can write the repository wrote:
@@ -20,8 +24,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 _WORD = r"[A-Za-z0-9_.-]+"  # as uenv allows in each part
-_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # no leading '.' or '-': never '..' or an option
-_PART = re.compile(rf"([/:@%])({_WORD})")
+_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"  # no leading '.' or '-': never '..' or an option
+_PART = re.compile(rf"([/:@%])({_WORD}|(?<=@)\*)")  # `@*`: any system
+ANY_SYSTEM = "*"
 SHA256 = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[0-9a-f]{16}")
 # Each part of a record's label, as uenv parses one (parse_name: a letter, digit or '_', then
@@ -41,6 +46,14 @@ class LabelError(Exception):
 
 class NoMatch(LabelError):
     """A well-formed label (or sha256, or id) that no record matches."""
+
+
+class Ambiguous(LabelError):
+    """A label that matches several images: *records*, every record it matches."""
+
+    def __init__(self, message: str, records: Sequence[Record]) -> None:
+        super().__init__(message)
+        self.records = tuple(records)
 
 
 @dataclass(frozen=True)
@@ -65,7 +78,8 @@ _STAGE = {"/": 1, ":": 2, "@": 3, "%": 3}
 
 
 def parse_label(text: str) -> Label:
-    """`name[/version][:tag][@system][%uarch]` (system and uarch in either order)."""
+    """`name[/version][:tag][@system][%uarch]` (system and uarch in either order; `@*` is
+    any system, as none)."""
     match = re.match(_NAME, text)
     if match is None:
         raise LabelError(f"{text!r} is not a uenv label (name/version:tag@system%uarch)")
@@ -83,6 +97,8 @@ def parse_label(text: str) -> Label:
         parts[key] = word
         stage = max(stage, _STAGE[sign])
         position = part.end()
+    if parts.get("system") == ANY_SYSTEM:
+        del parts["system"]
     return Label(match.group(), **parts)
 
 
@@ -144,13 +160,17 @@ def resolve(records: Sequence[Record], text: str) -> list[Record]:
             raise NoMatch(f"no image with sha256 or id {text}")
         return found
     label = parse_label(text)
-    found = [r for r in records if r.matches(label)]
+    by_id = (label.version is None and label.tag is None
+             and (SHA256.fullmatch(label.name) or _ID.fullmatch(label.name)) is not None)
+    found = [r for r in records if r.matches(label) or (
+        by_id and label.name in (r.sha256, r.id) and r.matches(Label(
+            r.name, system=label.system, uarch=label.uarch)))]
     if not found:
         raise NoMatch(f"no uenv matches {text}")
     images = {r.sha256 for r in found}
     if len(images) > 1:
-        raise LabelError(f"{text} is ambiguous: it matches {len(images)} images: "
-                         + "; ".join(_candidates(found)))
+        raise Ambiguous(f"{text} is ambiguous: it matches {len(images)} images: "
+                        + "; ".join(_candidates(found)), found)
     return found
 
 
@@ -167,3 +187,16 @@ def _candidates(records: Iterable[Record]) -> list[str]:
     for record in sorted(records, key=lambda r: (r.date, r.label), reverse=True):
         by_image.setdefault(record.sha256, []).append(record.label)
     return [f"{' '.join(labels)} ({sha[:16]})" for sha, labels in by_image.items()]
+
+
+def table(records: Iterable[Record]) -> list[str]:
+    """*records* as `uenv image ls` lists them (and as uenv lists the candidates of an
+    ambiguous label): a header, then one line per record, sorted as uenv sorts them."""
+    rows = [(f"{r.name}/{r.version}:{r.tag}", r.uarch, r.system, r.id,
+             str(max(r.size, 0) // (1 << 20)), r.date[:10])
+            for r in sorted(records, key=lambda r: (r.name, r.version, r.tag, r.system,
+                                                    r.uarch, r.date, r.sha256))]
+    header = ("uenv", "arch", "system", "id", "size(MB)", "date")
+    widths = [max(len(row[i]) for row in [header, *rows]) + 2 for i in range(5)]
+    return ["".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+            + row[5] for row in [header, *rows]]

@@ -18,7 +18,14 @@ object on one line (with descriptors, SCM_RIGHTS, where the answer has any) and 
     {"ok": true, "name": "pytorch-2.5", "image_path": "/images/pytorch-2.5.sqfs",
      "backing": "/run/pact/uenvfs/mnt/pytorch-2.5", "device": "7:3"}
 
-(`tree`: where the image's kernel mount is, mounted for it, for `uenvfs run`, `start` and
+    {"op": "resolve", "image": "prgenv-gnu/24.11:v1"}
+    {"ok": true, "name": "0123456789abcdef"}
+    {"ok": false, "errno": "EINVAL", "error": "prgenv-gnu is ambiguous: ...",
+     "candidates": [{"system": "daint", "uarch": "gh200", "name": "prgenv-gnu", ...}]}
+
+(`resolve`: the served name of what a word names, as `.control` reads it, for `uenvfs run`
+and the CLI to resolve labels as the daemon does; `candidates`: the records of an ambiguous
+label. `tree`: where the image's kernel mount is, mounted for it, for `uenvfs run`, `start` and
 `attach` to bind in the caller's own mount namespace and check by its device.)
 
 A request longer than MAX_REQUEST bytes, or not sent whole within REQUEST_SECONDS, gets no

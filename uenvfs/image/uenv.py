@@ -11,6 +11,10 @@ The format of `meta/env.json` is the one that stackinator writes and uenv reads:
 List variables take a sequence of operations `prepend`, `append`, `set`, `unset` (an unset
 clears the list; a later operation starts a new one). A null scalar unsets the variable.
 `${@NAME@}` in a value stands for the variable NAME of the environment the view is applied to.
+
+Two ways to apply views: `shell_lines` (for `uenvfs env`: lines for the user's shell, paths
+moved to where uenvfs serves the image) and `apply_views` (for `uenvfs run`: the environment
+itself, exactly as uenv makes it).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,8 +249,9 @@ def shell_lines(env: Env, mount: str | None, target: str) -> list[str]:
 
     Like uenv: scalars first, then list variables, each operation in order. Prepend and append
     keep the current value, whether or not the variable is set, without an empty entry.
-    Unlike uenv, repeated entries of a list are not removed (the first one wins a lookup
-    anyway) and empty entries of the current value are kept.
+    Unlike uenv (and `apply_views`, which `uenvfs run` uses), repeated entries of a list are
+    not removed (the first one wins a lookup anyway) and empty entries of the current value
+    are kept: these lines run in the user's shell, which does the rest.
     """
     lines: list[str] = []
     for name, value in env.scalars.items():
@@ -263,31 +268,66 @@ def shell_lines(env: Env, mount: str | None, target: str) -> list[str]:
 
 
 def expand(value: str, environ: Mapping[str, str]) -> str:
-    """*value* with `${@NAME@}` replaced by NAME of *environ* (empty when unset)."""
-    return _VIEW_VARIABLE.sub(lambda match: environ.get(match.group(1), ""), value)
+    """*value* with each `${@NAME@}` replaced by NAME of *environ*, as uenv expands it: empty
+    when NAME is unset or not a variable name, and an unterminated `${@...` dropped with the
+    rest of *value*."""
+    pieces = []
+    position = 0
+    while (start := value.find("${@", position)) >= 0:
+        pieces.append(value[position:start])
+        end = value.find("@}", start + 3)
+        if end < 0:
+            return "".join(pieces)
+        name = value[start + 3:end]
+        if _IDENTIFIER.fullmatch(name):
+            pieces.append(environ.get(name, ""))
+        position = end + 2
+    pieces.append(value[position:])
+    return "".join(pieces)
 
 
-def apply_env(env: Env, environ: Mapping[str, str]) -> dict[str, str]:
-    """*environ* with the view's changes applied, exactly as `shell_lines` would apply them
-    in a shell (without moving paths): scalars, then each list operation in order."""
+def merge(envs: Iterable[Env]) -> Env:
+    """The views *envs* as one, as uenv merges the views of a session: a scalar of a later
+    view replaces an earlier one's, and the operations on a list variable are those of
+    every view, in order. (A scalar and a list of one name from two views both stay: the
+    scalar is applied first.)"""
+    lists: dict[str, tuple[ListOp, ...]] = {}
+    scalars: dict[str, str | None] = {}
+    for env in envs:
+        scalars.update(env.scalars)
+        for name, ops in env.lists.items():
+            lists[name] = lists.get(name, ()) + ops
+    return Env(lists, scalars)
+
+
+def apply_views(envs: Iterable[Env], environ: Mapping[str, str]) -> dict[str, str]:
+    """*environ* with the views *envs* applied as uenv applies them (`uenv run`, `start`):
+    the views merged (`merge`), then every scalar, then each list variable: its current value
+    split at ':', every operation applied in order, the empty entries and every repeated one
+    but the first dropped, joined, and `${@NAME@}` expanded in the result. A list whose last
+    operation is `unset` is unset."""
+    merged = merge(envs)
     out = dict(environ)
-    for name, value in env.scalars.items():
+    for name, value in merged.scalars.items():
         if value is None:
             out.pop(name, None)
         else:
             out[name] = expand(value, out)
-    for name, ops in env.lists.items():
+    for name, ops in merged.lists.items():
+        entries = out.get(name, "").split(":")
+        present = True
         for op in ops:
-            joined = expand(":".join(op.values), out)
-            current = out.get(name, "")
-            if op.op == "unset":
-                out.pop(name, None)
-            elif op.op == "set":
-                out[name] = joined
-            elif not op.values:
-                out[name] = current
+            present = op.op != "unset"
+            if op.op == "set":
+                entries = list(op.values)
             elif op.op == "prepend":
-                out[name] = joined + (":" + current if current else "")
+                entries = [*op.values, *entries]
+            elif op.op == "append":
+                entries = [*entries, *op.values]
             else:
-                out[name] = (current + ":" if current else "") + joined
+                entries = []
+        if present:
+            out[name] = expand(":".join(dict.fromkeys(e for e in entries if e)), out)
+        else:
+            out.pop(name, None)
     return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -36,6 +37,7 @@ import trio
 
 from ..core import control
 from ..core.errors import CommandError, MountError
+from ..core.labels import Ambiguous
 from ..core.names import valid_alloc
 from ..core.queries import MAX_REQUEST, REQUEST_SECONDS, SOCKET_MODE, line, parse_request, refusal
 from ..fuse.allocation import AllocationResolver
@@ -105,6 +107,26 @@ async def allocation(service: Service, caller: Caller, request: dict[str, Any]) 
     server = images.server.to_json() if images.server is not None else None
     return Reply({"ok": True, "alloc": alloc, "images": images.acquired_by(alloc),
                   "server": server})
+
+
+@op("resolve")
+async def resolve(service: Service, caller: Caller, request: dict[str, Any]) -> Reply:
+    """The name under which the image that a word names is served: the word is read as in
+    `.control` (a name, or a uenv label: partial, a sha256 or an id), so that `uenvfs run`
+    resolves labels as the daemon does, whatever its configuration. Mounts nothing. A label
+    that matches several images is refused (EINVAL) with every record it matches, as
+    `candidates`."""
+    word = request.get("image")
+    if not isinstance(word, str):
+        raise CommandError(errno.EINVAL, f"{word!r} is not an image name or uenv label")
+    try:
+        name = await service.images.image(control.NAME.read(word))
+    except CommandError as exc:
+        if not isinstance(exc.__cause__, Ambiguous):
+            raise
+        return Reply({**refusal(exc),
+                      "candidates": [dataclasses.asdict(r) for r in exc.__cause__.records]})
+    return Reply({"ok": True, "name": name})
 
 
 @op("tree")
