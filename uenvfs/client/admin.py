@@ -35,7 +35,16 @@ def _root_file(args: argparse.Namespace, name: str) -> Path:
 
 def send(args: argparse.Namespace, line: str) -> None:
     """Write one command to `.control`; the daemon's errno becomes the error message."""
-    path = _root_file(args, ".control")
+    write_control(_mountpoint(args), line)
+
+
+def write_control(mountpoint: Path, line: str) -> None:
+    """Write one command to the `.control` of the uenvfs at *mountpoint* (CliError: the
+    daemon's errno, or no uenvfs there)."""
+    path = mountpoint / ".control"
+    if not path.exists():
+        raise CliError(f"no uenvfs serving at {mountpoint} (.control not found)",
+                       exits.NO_DAEMON)
     try:
         fd = os.open(path, os.O_WRONLY)
     except OSError as exc:

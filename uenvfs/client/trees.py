@@ -59,6 +59,7 @@ class Tree:
     name: str
     backing: Path
     device: int  # st_dev of its files
+    image_path: str = ""  # its image file
 
     @property
     def shown(self) -> str:
@@ -95,7 +96,7 @@ def ask_tree(mountpoint: Path, name: str, socket_path: Path | None, timeout: flo
         raise RunError(f"image {name}: {error}")
     try:
         return Tree(str(answer["name"]), Path(str(answer["backing"])),
-                    parse_device(answer["device"]))
+                    parse_device(answer["device"]), str(answer.get("image_path", "")))
     except (KeyError, ValueError) as exc:
         raise RunError(f"uenvfs at {mountpoint} answered what is not a tree: {answer}"
                        ) from exc
