@@ -137,7 +137,8 @@ static int read_options(int ac, char **av)
 	return 0;
 }
 
-/* The task (or the submission) fails with this one line, in its stderr and in the log. */
+/* The task (or the submission) fails with this one line, in its stderr, and in slurmd's log
+ * (at level info: at level error, slurmstepd would copy it to the task's stderr too). */
 static int fail(const char *format, ...) __attribute__((format(printf, 1, 2)));
 static int fail(const char *format, ...)
 {
@@ -148,7 +149,7 @@ static int fail(const char *format, ...)
 	va_end(args);
 	fprintf(stderr, "uenvfs: %s\n", line);
 	fflush(stderr);
-	slurm_error("uenvfs: %s", line);
+	slurm_info("uenvfs: %s", line);
 	return -1;
 }
 

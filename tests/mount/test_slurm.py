@@ -394,15 +394,17 @@ def test_slurm_job_uses_its_uenv(daemon: Daemon, slurm: Slurm) -> None:
 
 
 def _sitting_job(daemon: Daemon, slurm: Slurm, body: str,
-                 asks: tuple[str, ...] = ("--comment=uenv=greet",)) -> str:
-    """Run a job asking for `greet` (with the sbatch options *asks*) whose script is *body*:
+                 asks: tuple[str, ...] = ("--comment=uenv=greet",),
+                 env: dict[str, str] | None = None) -> str:
+    """Run a job asking for `greet` (with the sbatch options *asks*, and *env* in its
+    environment) whose script is *body*:
     its step ends up sitting in /user-environment, prints "in-step" and waits for the file
     {go}. Checks the job's allocation in .status meanwhile; returns the job's output once it
     and its epilog ended."""
     go = slurm.root / "go"
     script = slurm.root / "job.sh"
     script.write_text("#!/bin/sh\n" + body.format(go=go))
-    job = slurm.sbatch(*asks, str(script))
+    job = slurm.sbatch(*asks, str(script), env=env)
     alloc = f"slurm-{job}"
     out = slurm.root / f"job-{job}.out"
 
@@ -596,3 +598,51 @@ srun sh -c 'greet && tool && sh -c '"'"'{show}'"'"' step && cd /user-tools && ec
                      f"batch {path}", "hello from libgreet", "tool here",
                      f"step {mounts} {views} ", f"step {path}", "in-step"], out
     assert not is_mounted(Path("/user-environment"))
+
+
+def test_slurm_uenv_alone(daemon: Daemon, slurm_spank: Slurm, mount_points: None) -> None:
+    """SLURM_UENV names the images (a name and a label here), as --uenv would."""
+    slurm = slurm_spank
+    _serve_two(daemon)
+    out = _sitting_job(daemon, slurm, """\
+/user-environment/bin/greet; cat /user-tools/v; echo; echo "$UENV_VIEW"
+srun sh -c 'cat /user-tools/v && echo && cd /user-environment && echo in-step &&
+    while [ ! -e {go} ]; do sleep 0.1; done'
+""", (), {"SLURM_UENV": "greet,prgenv-gnu/24.11:v1:/user-tools"})
+    assert out == "hello from libgreet\n24.11\n\n24.11\nin-step\n"
+
+
+def test_uenv_errors_name_the_image_or_view(daemon: Daemon, slurm_spank: Slurm,
+                                            mount_points: None) -> None:
+    """Each error fails the job before its script runs, with one line that names the image
+    or view; an error in an srun fails that step only."""
+    slurm = slurm_spank
+    _serve_two(daemon)
+    daemon.expect(r"acquire (nosuch|prgenv-gnu) slurm-\d+ \d+: failed")
+    wrong = {
+        "--uenv=nosuch": "image nosuch: no image named 'nosuch' and no uenv label matches it",
+        "--uenv=prgenv-gnu": "image prgenv-gnu: prgenv-gnu is ambiguous",
+        "--uenv=greet --view=nosuchview": "no view 'nosuchview': greet has default",
+        "--uenv=greet:/no-such-dir": "greet: mount point /no-such-dir does not exist",
+        "--uenv=greet,tools:/user-environment": "greet and tools both want mount point "
+                                                "/user-environment",
+    }
+    jobs = {options: slurm.sbatch(*options.split(), "--wrap=echo ran") for options in wrong}
+    stepping = slurm.sbatch("--uenv=greet", "--wrap=srun --view=nosuchview true; "
+                            'echo "srun exit $?"; /user-environment/bin/greet; '
+                            'srun true && echo "srun ok"')
+    for job in [*jobs.values(), stepping]:
+        wait_until(functools.partial(_ended, slurm, job), timeout=START_DEADLINE,
+                   what=f"job {job} and its epilog to end")
+    for options, job in jobs.items():
+        out = _output(slurm, job)
+        assert out.startswith(f"uenvfs: {wrong[options]}"), (options, out)
+        # One line of the plugin's; then Slurm's own (its plugin failed).
+        assert [line for line in out.splitlines() if "uenvfs: " in line] == [
+            out.splitlines()[0]], (options, out)
+    lines = [line for line in _output(slurm, stepping).splitlines()
+             if not line.startswith(("slurmstepd-", "srun: "))]  # Slurm's own
+    assert lines == ["uenvfs: no view 'nosuchview': greet has default", "srun exit 1",
+                     "hello from libgreet", "srun ok"], lines
+    assert _allocations(daemon) == {}
+    assert slurm.node_state() == "idle"
