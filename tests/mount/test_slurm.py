@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 
 from ..mounts import is_mounted
-from ..support import Daemon, wait_until
-from ..uenv_images import greet_files
+from ..support import Daemon, build_image, wait_until
+from ..uenv_images import greet_files, meta_json
+from ..uenv_repos import Pulled, make_repository
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "slurm"
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
@@ -244,9 +245,9 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.logs()}") from None
 
-    def run(self, *command: str) -> str:
-        done = subprocess.run(command, capture_output=True, text=True, env=self.env,
-                              timeout=60, check=False)
+    def run(self, *command: str, env: dict[str, str] | None = None) -> str:
+        done = subprocess.run(command, capture_output=True, text=True,
+                              env={**self.env, **(env or {})}, timeout=60, check=False)
         if done.returncode != 0:
             raise AssertionError(f"{' '.join(command)}: exit {done.returncode}: {done.stderr}")
         return done.stdout
@@ -257,9 +258,10 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                               text=True, env=self.env, timeout=60, check=False)
         return done.stdout.strip() if done.returncode == 0 else ""
 
-    def sbatch(self, *args: str) -> int:
+    def sbatch(self, *args: str, env: dict[str, str] | None = None) -> int:
+        """Submit a job (with *env* in its environment too); its id."""
         return int(self.run("sbatch", "--parsable", f"--chdir={self.root}",
-                            f"--output={self.root}/job-%j.out", *args).split(";")[0])
+                            f"--output={self.root}/job-%j.out", *args, env=env).split(";")[0])
 
     def state(self, job: int) -> str:
         """The job's state as squeue shows it; "" once it is gone (its epilog finished)."""
@@ -391,14 +393,18 @@ def test_slurm_job_uses_its_uenv(daemon: Daemon, slurm: Slurm) -> None:
     assert f"slurm-{held}" not in _allocations(daemon)
 
 
-def _sitting_job(daemon: Daemon, slurm: Slurm, body: str) -> str:
-    """Run a job asking for `greet` whose script is *body*: its step ends up sitting in
-    /user-environment, prints "in-step" and waits for the file {go}. Checks the job's
-    allocation in .status meanwhile; returns the job's output once it and its epilog ended."""
+def _sitting_job(daemon: Daemon, slurm: Slurm, body: str,
+                 asks: tuple[str, ...] = ("--comment=uenv=greet",),
+                 env: dict[str, str] | None = None) -> str:
+    """Run a job asking for `greet` (with the sbatch options *asks*, and *env* in its
+    environment) whose script is *body*:
+    its step ends up sitting in /user-environment, prints "in-step" and waits for the file
+    {go}. Checks the job's allocation in .status meanwhile; returns the job's output once it
+    and its epilog ended."""
     go = slurm.root / "go"
     script = slurm.root / "job.sh"
     script.write_text("#!/bin/sh\n" + body.format(go=go))
-    job = slurm.sbatch("--comment=uenv=greet", str(script))
+    job = slurm.sbatch(*asks, str(script), env=env)
     alloc = f"slurm-{job}"
     out = slurm.root / f"job-{job}.out"
 
@@ -549,3 +555,94 @@ def test_a_huge_status_does_not_start_tasks_without_their_image(
     assert _output(slurm, job) == (f"hello from libgreet\n{daemon.images}/greet.sqfs:"
                                    "/user-environment\n")
     daemon.control("reconcile --none")
+
+
+# -- uenv's options: --uenv, --view, SLURM_UENV, SLURM_UENV_VIEW ------------------------------
+
+
+def _serve_two(daemon: Daemon) -> None:
+    """greet (for /user-environment, view default) and tools (for /user-tools, view tools),
+    and two images of a repository, both labelled prgenv-gnu."""
+    work = daemon.root / "cc"
+    work.mkdir()
+    daemon.image("greet", greet_files(work), mode=0o755)
+    daemon.image("tools", {"bin/tool": "#!/bin/sh\necho tool here\n",
+                           "meta/env.json": meta_json("tools-env", "/user-tools", "tools")},
+                 mode=0o755)
+    pulled = [Pulled(build_image(work / f"{version}.sqfs", {"v": version}).read_bytes(),
+                     "2024-11-20", "daint", "gh200", "prgenv-gnu", version, ("v1",))
+              for version in ("24.11", "24.7")]
+    repo = make_repository(daemon.root / "repo", pulled)
+    daemon.config = f'system = "daint"\nuarch = "gh200"\nrepos = ["{repo}"]\n'
+    daemon.start()
+
+
+def test_uenv_options_in_the_batch_script_and_its_steps(daemon: Daemon, slurm_spank: Slurm,
+                                                         mount_points: None) -> None:
+    """uenv's job script runs unchanged: two images, two views, in the batch script and in
+    an srun step (which does not apply the views again)."""
+    slurm = slurm_spank
+    _serve_two(daemon)
+    show = 'echo "$0 $UENV_MOUNT_LIST $UENV_VIEW $GREET_ENV_HOME"; echo "$0 PATH=$PATH"'
+    out = _sitting_job(daemon, slurm, f"""greet && tool && sh -c '{show}' batch
+srun sh -c 'greet && tool && sh -c '"'"'{show}'"'"' step && cd /user-tools && echo in-step &&
+    while [ ! -e {{go}} ]; do sleep 0.1; done'
+""", ("--uenv=greet,tools", "--view=default,tools-env:tools"))
+    lines = out.splitlines()
+    mounts = (f"{daemon.images}/greet.sqfs:/user-environment,"
+              f"{daemon.images}/tools.sqfs:/user-tools")
+    views = "/user-environment:greet-env:default,/user-tools:tools-env:tools"
+    path = f"PATH=/user-tools/bin:/user-environment/bin:{SBIN_PATH}"
+    # greet's view sets DEFAULT_HOME (meta_json: the view's name): not GREET_ENV_HOME
+    assert lines == ["hello from libgreet", "tool here", f"batch {mounts} {views} ",
+                     f"batch {path}", "hello from libgreet", "tool here",
+                     f"step {mounts} {views} ", f"step {path}", "in-step"], out
+    assert not is_mounted(Path("/user-environment"))
+
+
+def test_slurm_uenv_alone(daemon: Daemon, slurm_spank: Slurm, mount_points: None) -> None:
+    """SLURM_UENV names the images (a name and a label here), as --uenv would."""
+    slurm = slurm_spank
+    _serve_two(daemon)
+    out = _sitting_job(daemon, slurm, """\
+/user-environment/bin/greet; cat /user-tools/v; echo; echo "$UENV_VIEW"
+srun sh -c 'cat /user-tools/v && echo && cd /user-environment && echo in-step &&
+    while [ ! -e {go} ]; do sleep 0.1; done'
+""", (), {"SLURM_UENV": "greet,prgenv-gnu/24.11:v1:/user-tools"})
+    assert out == "hello from libgreet\n24.11\n\n24.11\nin-step\n"
+
+
+def test_uenv_errors_name_the_image_or_view(daemon: Daemon, slurm_spank: Slurm,
+                                            mount_points: None) -> None:
+    """Each error fails the job before its script runs, with one line that names the image
+    or view; an error in an srun fails that step only."""
+    slurm = slurm_spank
+    _serve_two(daemon)
+    daemon.expect(r"acquire (nosuch|prgenv-gnu) slurm-\d+ \d+: failed")
+    wrong = {
+        "--uenv=nosuch": "image nosuch: no image named 'nosuch' and no uenv label matches it",
+        "--uenv=prgenv-gnu": "image prgenv-gnu: prgenv-gnu is ambiguous",
+        "--uenv=greet --view=nosuchview": "no view 'nosuchview': greet has default",
+        "--uenv=greet:/no-such-dir": "greet: mount point /no-such-dir does not exist",
+        "--uenv=greet,tools:/user-environment": "greet and tools both want mount point "
+                                                "/user-environment",
+    }
+    jobs = {options: slurm.sbatch(*options.split(), "--wrap=echo ran") for options in wrong}
+    stepping = slurm.sbatch("--uenv=greet", "--wrap=srun --view=nosuchview true; "
+                            'echo "srun exit $?"; /user-environment/bin/greet; '
+                            'srun true && echo "srun ok"')
+    for job in [*jobs.values(), stepping]:
+        wait_until(functools.partial(_ended, slurm, job), timeout=START_DEADLINE,
+                   what=f"job {job} and its epilog to end")
+    for options, job in jobs.items():
+        out = _output(slurm, job)
+        assert out.startswith(f"uenvfs: {wrong[options]}"), (options, out)
+        # One line of the plugin's; then Slurm's own (its plugin failed).
+        assert [line for line in out.splitlines() if "uenvfs: " in line] == [
+            out.splitlines()[0]], (options, out)
+    lines = [line for line in _output(slurm, stepping).splitlines()
+             if not line.startswith(("slurmstepd-", "srun: "))]  # Slurm's own
+    assert lines == ["uenvfs: no view 'nosuchview': greet has default", "srun exit 1",
+                     "hello from libgreet", "srun ok"], lines
+    assert _allocations(daemon) == {}
+    assert slurm.node_state() == "idle"

@@ -21,7 +21,7 @@ MOUNTPOINT = Path("/run/pact/uenv")
 BACKING = Path("/run/pact/uenvfs/mnt/prgenv")
 IMAGE = Placement("prgenv", "/user-environment", None, "/images/prgenv.sqfs")
 DEVICE = os.makedev(7, 3)
-TREE = Tree("prgenv", BACKING, DEVICE)
+TREE = Tree("prgenv", BACKING, DEVICE, "/images/prgenv.sqfs")
 
 
 def answered(monkeypatch: pytest.MonkeyPatch, answer: dict[str, Any]) -> None:

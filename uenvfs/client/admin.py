@@ -41,7 +41,17 @@ def _root_file(args: argparse.Namespace, name: str) -> Path:
 def send(args: argparse.Namespace, line: str) -> None:
     """Write one command to `.control`; the daemon's errno becomes the error message (with
     the candidates of an ambiguous label, `_explained`)."""
-    path = _root_file(args, ".control")
+    write_control(_mountpoint(args), line, lambda exc: _explained(args, exc))
+
+
+def write_control(mountpoint: Path, line: str,
+                  explain: Callable[[OSError], str | None] | None = None) -> None:
+    """Write one command to the `.control` of the uenvfs at *mountpoint* (CliError: the
+    daemon's errno, with what *explain* says of it, or no uenvfs there)."""
+    path = mountpoint / ".control"
+    if not path.exists():
+        raise CliError(f"no uenvfs serving at {mountpoint} (.control not found)",
+                       exits.NO_DAEMON)
     try:
         fd = os.open(path, os.O_WRONLY)
     except OSError as exc:
@@ -49,7 +59,7 @@ def send(args: argparse.Namespace, line: str) -> None:
     try:
         os.write(fd, (line + "\n").encode())
     except OSError as exc:
-        why = _explained(args, exc) or "(the daemon's log has the details)"
+        why = (explain(exc) if explain else None) or "(the daemon's log has the details)"
         raise CliError(f"{line}: {exc.strerror} {why}") from exc
     finally:
         os.close(fd)

@@ -1,13 +1,13 @@
 """The `uenvfs` command: its parser and `main`, and `serve`, which runs the daemon. The other
 subcommands are those of client/admin.py (they talk to a running daemon only through the files
 at its mount root: `.control`, `.status`, `.metrics`), client/images.py (`images`, `check`,
-`env`: they read the images themselves) and client/run.py (`run`, `start`, `attach`, which
-start through `main` the short way).
+`env`: they read the images themselves) and client/run.py and attach.py (`run`, `start`,
+`attach`, which start through `main` the short way).
 
 Exit codes (client/exits.py): 0 success; 1 the daemon refused the command or failed (the
 message says why); 2 bad usage; 3 no uenvfs is serving at the mountpoint; 130 interrupted
 (Ctrl-C); 141 the reader of the output went away. `run`, `start` and `attach` have their own
-(client/run.py).
+(client/run.py, client/attach.py).
 """
 
 from __future__ import annotations
@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mountpoint", metavar="DIR", help="where uenvfs serves the images "
                    "(default: the configured one, /run/pact/uenv)")
 
-    from .run import add_attach, add_commands
+    from .attach import add_attach
+    from .run import add_commands
 
     add_commands(sub, lambda name, help_text: add(name, help_text, _unreachable))
     add_attach(lambda name, help_text: add(name, help_text, _unreachable))
@@ -194,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RUN_COMMANDS = ("run", "start", "attach")  # client/run.py's own, with a lighter start
+RUN_COMMANDS = ("run", "start", "attach")  # client/run.py's and attach.py's: a lighter start
 
 
 def _unreachable(args: argparse.Namespace) -> int:
@@ -212,7 +213,11 @@ def _quiet_stdout() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
-    if words and words[0] in RUN_COMMANDS:  # they start job steps: the short way
+    if words and words[0] == "attach":  # it starts job steps: the short way
+        from .attach import main as attach_main
+
+        return attach_main(words)
+    if words and words[0] in RUN_COMMANDS:  # so do these
         from .run import main as run_main
 
         return run_main(words)

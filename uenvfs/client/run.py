@@ -1,7 +1,6 @@
 """`uenvfs run` and `uenvfs start`: a command in its own mount namespace, with images of the
-running uenvfs bound at the mount points they were built for; and `attach`, the same binds for
-the Slurm SPANK plugin, of the images that the daemon's query socket says a job acquired
-(client/ask.py: within a deadline, never from `.status`).
+running uenvfs bound at the mount points they were built for. `attach` (client/attach.py) makes
+the same binds for the Slurm SPANK plugin with the parts here.
 
 The images are looked up through the mount (client/lookup.py; which mounts them, as any
 access does), their `meta/env.json` read from there, the mount points checked (against what
@@ -32,21 +31,18 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from .. import MOUNTPOINT
-from ..core.queries import request
 from ..image.uenv import Meta
 from ..kernel import mountinfo, namespace
 from . import exits, session, trees
-from .ask import ask, socket_at
+from .ask import socket_at
 from .exits import RunError
 from .lookup import meta_beside, mount_entry, read_meta, read_status, served_name
 from .mounted import bound_here, foreign_here
 from .session import Placement, SessionError
 from .trees import Tree
 
-ATTACH_TIMEOUT = 10.0  # seconds `attach` waits for the daemon's answer, by default
 
-
-def _mount_point_ok(image: Placement) -> None:
+def mount_point_ok(image: Placement) -> None:
     path = Path(image.mount)
     try:
         if path.is_dir():
@@ -74,9 +70,9 @@ def prepare(mountpoint: Path, images_text: str, views_text: str | None,
     why = functools.partial(_error, mountpoint)
     metas = [read_meta(mountpoint, spec.image, why) for spec in specs]
     document = read_status(mountpoint)  # now with the images mounted: their image files
-    images = [_placed(mountpoint, spec, meta, mount_entry(document, spec.image).get("image_path"))
+    images = [placed(mountpoint, spec, meta, mount_entry(document, spec.image).get("image_path"))
               for spec, meta in zip(specs, metas, strict=True)]
-    return _settle(mountpoint, images, wanted, environ, document)
+    return settle(mountpoint, images, wanted, environ, document)
 
 
 def _error(mountpoint: Path, name: str) -> object:
@@ -84,7 +80,7 @@ def _error(mountpoint: Path, name: str) -> object:
     return mount_entry(read_status(mountpoint), name).get("error")
 
 
-def _placed(mountpoint: Path, spec: session.ImageSpec, meta: Meta | None,
+def placed(mountpoint: Path, spec: session.ImageSpec, meta: Meta | None,
             image_path: object) -> Placement:
     """Where the image of *spec* goes: its image file is *image_path* (if known)."""
     if meta is None and image_path:  # a repository's image: its meta/ may be beside it
@@ -93,7 +89,7 @@ def _placed(mountpoint: Path, spec: session.ImageSpec, meta: Meta | None,
                      str(image_path or mountpoint / spec.image))
 
 
-def _settle(mountpoint: Path, images: list[Placement], wanted: list[session.ViewSpec],
+def settle(mountpoint: Path, images: list[Placement], wanted: list[session.ViewSpec],
             environ: Mapping[str, str], document: Mapping[str, object]
             ) -> tuple[list[Placement], dict[str, str]]:
     """The *images* still to bind (their mount points checked), and the environment; the
@@ -111,56 +107,11 @@ def _settle(mountpoint: Path, images: list[Placement], wanted: list[session.View
     except SessionError as exc:
         raise RunError(str(exc)) from exc
     for image in todo:
-        _mount_point_ok(image)
+        mount_point_ok(image)
     return todo, session.environment(environ, images, views)
 
 
-def _own_namespace(document: Mapping[str, object]) -> bool:
-    """Whether this process's mount namespace is not the one uenvfs serves in (the host's)."""
-    server = document.get("server")
-    pid = server.get("pid") if isinstance(server, dict) else None
-    try:
-        return os.stat("/proc/self/ns/mnt").st_ino != os.stat(f"/proc/{pid}/ns/mnt").st_ino
-    except OSError:
-        return False
-
-
-def attach(mountpoint: Path, alloc: str, socket_path: Path | None, timeout: float) -> str:
-    """For the Slurm SPANK plugin: bind every image that *alloc* acquired at its mount point,
-    in this process's mount namespace, which the plugin made for a task (never the host's).
-    The daemon's query socket (*socket_path*, else where `.socket` leads) names the images
-    and their kernel mounts, all within *timeout* seconds. Returns UENV_MOUNT_LIST for the
-    task ("" if the allocation acquired nothing)."""
-    since = time.monotonic()
-    answer = ask(mountpoint, request("allocation", alloc=alloc), socket_path, timeout, since)
-    if not answer["ok"]:
-        raise RunError(f"uenvfs at {mountpoint}: {answer.get('error')}")
-    if not _own_namespace(answer):
-        raise RunError("attach binds images in its caller's mount namespace, and this is the "
-                       "one uenvfs serves in: only the SPANK plugin, which makes one for each "
-                       "task, runs it")
-    acquired = answer.get("images")
-    entries = [e for e in acquired if isinstance(e, dict)] if isinstance(acquired, list) else []
-    errors = {str(entry.get("name")): entry.get("error") for entry in entries}
-    images = []
-    for entry in entries:
-        name = str(entry.get("name"))
-        if entry.get("state") == "failed":
-            raise RunError(f"image {name} cannot be mounted: {errors[name]} (uenvfs status "
-                           "shows it)")
-        meta = read_meta(mountpoint, name, errors.get)
-        images.append(_placed(mountpoint, session.ImageSpec(name, None), meta,
-                              entry.get("image_path")))
-    if not images:
-        return ""
-    todo, environ = _settle(mountpoint, images, [], {}, {})
-    found = trees.trees(mountpoint, todo, socket_path, timeout, since)
-    for image, tree in zip(todo, found, strict=True):
-        _place(mountpoint, image, tree, socket_path, timeout, since)
-    return environ[session.MOUNT_LIST]
-
-
-def _place(mountpoint: Path, image: Placement, tree: Tree | None, socket_path: Path | None,
+def place(mountpoint: Path, image: Placement, tree: Tree | None, socket_path: Path | None,
            timeout: float, since: float) -> None:
     """Bind *image* in this namespace (client/trees.py), asking again, if need be, within
     the *timeout* seconds from *since* that the first questions had."""
@@ -193,7 +144,7 @@ def enter(mountpoint: Path, todo: Sequence[Placement], environ: dict[str, str]) 
     except namespace.NamespaceError as exc:
         raise RunError(str(exc)) from exc
     for image, tree in zip(todo, found, strict=True):
-        _place(mountpoint, image, tree, socket_path, trees.ANSWER_SECONDS, since)
+        place(mountpoint, image, tree, socket_path, trees.ANSWER_SECONDS, since)
     for directory in (cwd, environ.get("HOME"), _home(), "/"):
         if not directory:
             continue
@@ -308,30 +259,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--view", metavar="VIEW[,VIEW...]", help=VIEW_HELP)
 
 
-def add_attach(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
-    p = add("attach", "for the Slurm SPANK plugin: bind the images an allocation acquired")
-    p.description = (
-        "For the Slurm SPANK plugin (scripts/slurm/uenvfs_spank.c), as root, in the mount "
-        "namespace the plugin made for a task: bind every image that ALLOC acquired at the "
-        "mount point of its meta/env.json (else /user-environment), and print the task's "
-        "UENV_MOUNT_LIST (nothing if ALLOC acquired no image). The daemon's query socket says "
-        "which images ALLOC acquired; if it has not answered within --timeout seconds, attach "
-        "fails. Refuses to run in the host's mount namespace.")
-    p.epilog = "exit codes: 0 done; 125 failed (the one-line message says why)"
-    p.add_argument("alloc", metavar="ALLOC")
-    p.add_argument("--socket", metavar="PATH",
-                   help="the daemon's query socket (default: where MOUNTPOINT/.socket leads)")
-    p.add_argument("--timeout", metavar="SECONDS", type=_seconds, default=ATTACH_TIMEOUT,
-                   help="give up if uenvfs has not answered within this (default %(default)g)")
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise ValueError(text)
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uenvfs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -343,7 +270,6 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     add_commands(sub, add)
-    add_attach(add)
     return parser
 
 
@@ -367,10 +293,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.argv = command
     mountpoint = Path(args.mountpoint).absolute()
     try:
-        if args.command == "attach":
-            socket_path = Path(args.socket).absolute() if args.socket else None
-            print(attach(mountpoint, args.alloc, socket_path, args.timeout))
-            return exits.OK
         if args.command == "start":
             return run(mountpoint, ",".join(args.images), args.view, [shell()])
         return run(mountpoint, args.images, args.view, args.argv)

@@ -42,9 +42,10 @@ from .exits import RunError
 from .session import Placement
 
 ANSWER_SECONDS = 30.0  # how long `run` and `start` wait for the daemon's answer
-# The refusals of an older daemon (no op "tree") and of one that does not know its backing
-# mount's device: the image is bound through uenvfs instead.
-NO_TREE = frozenset({"EINVAL", "ENODEV"})
+# The refusals of an older daemon (no op "tree": EINVAL, its message "no op 'tree' ...") and
+# of one that does not know its backing mount's device: the image is bound through uenvfs
+# instead. Another EINVAL refuses the word (an ambiguous label).
+NO_OP = "no op "
 
 
 class NoTree(Exception):
@@ -59,6 +60,7 @@ class Tree:
     name: str
     backing: Path
     device: int  # st_dev of its files
+    image_path: str = ""  # its image file
 
     @property
     def shown(self) -> str:
@@ -88,14 +90,15 @@ def ask_tree(mountpoint: Path, name: str, socket_path: Path | None, timeout: flo
     answer = ask(mountpoint, request("tree", image=name), socket_path, timeout, since)
     if not answer["ok"]:
         error = answer.get("error")
-        if answer.get("errno") in NO_TREE:
+        code = answer.get("errno")
+        if code == "ENODEV" or (code == "EINVAL" and str(error).startswith(NO_OP)):
             raise NoTree(f"uenvfs hands out no kernel mount of it ({error})")
-        if answer.get("errno") == errno.errorcode[errno.EIO]:
+        if code == errno.errorcode[errno.EIO]:
             raise RunError(f"image {name} cannot be mounted: {error} (uenvfs status shows it)")
         raise RunError(f"image {name}: {error}")
     try:
         return Tree(str(answer["name"]), Path(str(answer["backing"])),
-                    parse_device(answer["device"]))
+                    parse_device(answer["device"]), str(answer.get("image_path", "")))
     except (KeyError, ValueError) as exc:
         raise RunError(f"uenvfs at {mountpoint} answered what is not a tree: {answer}"
                        ) from exc
