@@ -592,7 +592,9 @@ srun sh -c 'greet && tool && sh -c '"'"'{show}'"'"' step && cd /user-tools && ec
     mounts = (f"{daemon.images}/greet.sqfs:/user-environment,"
               f"{daemon.images}/tools.sqfs:/user-tools")
     views = "/user-environment:greet-env:default,/user-tools:tools-env:tools"
-    path = f"PATH=/user-tools/bin:/user-environment/bin:{SBIN_PATH}"
+    # The views prepend their bin directories; like uenv, a later duplicate goes.
+    entries = ["/user-tools/bin", "/user-environment/bin", *SBIN_PATH.split(os.pathsep)]
+    path = "PATH=" + os.pathsep.join(e for e in dict.fromkeys(entries) if e)
     # greet's view sets DEFAULT_HOME (meta_json: the view's name): not GREET_ENV_HOME
     assert lines == ["hello from libgreet", "tool here", f"batch {mounts} {views} ",
                      f"batch {path}", "hello from libgreet", "tool here",
