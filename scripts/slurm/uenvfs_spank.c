@@ -17,27 +17,35 @@
  *     slurm-<jobid>` acquires the images for the job's allocation, until the epilog releases
  *     it (`uenvfs release slurm-<jobid>`). Neither ever fails (that would drain the node): a
  *     task of the job then fails, saying why.
- *  3. For each task, in slurmstepd's child as root before the task becomes the user
- *     (task_init_privileged), in a mount namespace of its own (every mount a slave of the
- *     host's, so nothing leaves it):
- *     - with images: `uenvfs attach --uenv IMAGES --view VIEWS slurm-<jobid>` reads the task's
- *       environment on stdin, binds the images, and prints the changes to that environment
- *       (NAME=VALUE to set, NAME to unset, each ended by a NUL), which are applied with
- *       spank_setenv and spank_unsetenv. Views that the task's UENV_VIEW lists already (an
- *       srun inside the batch script) are not applied again;
+ *  3. Once per step and node, in slurmstepd (root) before it starts any task
+ *     (init_post_opt, remote context): slurmstepd gets a mount namespace of its own (every
+ *     mount a slave of the host's, so nothing leaves it), which every task of the step, forked
+ *     from it afterwards, inherits; one `uenvfs attach`, slurmstepd's child, binds the images
+ *     there (as uenv's plugin mounts its images in slurmstepd):
+ *     - with images: `uenvfs attach --uenv IMAGES --view VIEWS slurm-<jobid>` reads the step's
+ *       environment (the job's: spank_getenv's) on stdin, binds the images, and prints the
+ *       changes to that environment (NAME=VALUE to set, NAME to unset, each ended by a NUL),
+ *       which are applied with spank_setenv and spank_unsetenv: every task's environment is
+ *       made from it. Views that the step's UENV_VIEW lists already (an srun inside the batch
+ *       script, whose environment is the batch script's) are not applied again;
  *     - else, whether the job acquired images is decided without uenvfs: its journal
  *       (<statedir>/journal.json, root's, written before `uenvfs acquire` returns) names every
  *       allocation that acquired an image. A job whose allocation (slurm-<jobid>) is not there
  *       is left alone at once, whatever uenvfs does. A journal that cannot be read whole
  *       (bigger than JOURNAL_MAX, not root's, unreadable) decides nothing: uenvfs is asked.
  *       `uenvfs attach slurm-<jobid>` binds each image the allocation acquired; its output
- *       becomes the task's UENV_MOUNT_LIST.
+ *       becomes the step's UENV_MOUNT_LIST.
  *     attach is killed if it has not finished within `timeout` seconds.
+ *  4. For each task (task_init_privileged, in slurmstepd's child, whose stderr is the task's):
+ *     if the step could not be set up, the task fails; the node's first task of the step says
+ *     why, with one line.
  *
- * The task fails, with one line in its stderr and in slurmd's log, if attach fails (the line
- * is its message: an unknown or ambiguous label, an unknown view, a missing mount point, two
- * images at one mount point, ...), does not finish in time, or prints more than OUTPUT_MAX
- * bytes: nothing is decided from a truncated read.
+ * The step's tasks fail, with one line in the job's stderr and in slurmd's log, if attach
+ * fails (the line is its message: an unknown or ambiguous label, an unknown view, a missing
+ * mount point, two images at one mount point, ...), does not finish in time, or prints more
+ * than OUTPUT_MAX bytes: nothing is decided from a truncated read. init_post_opt itself never
+ * fails: its failure in a batch step drains the node and requeues the job (slurmctld takes
+ * it for the node's), and its message would reach no output of the job.
  *
  * Build:   cc -shared -fPIC -o uenvfs_spank.so uenvfs_spank.c   (Slurm's spank.h needed:
  *          Debian's libslurm-dev)
@@ -85,6 +93,12 @@ static double timeout = 10.0;
 
 static char *uenv_option;  /* --uenv's value, if given */
 static char *view_option;  /* --view's */
+
+/* In slurmstepd: what setting the step up on this node gave its tasks (init_post_opt writes
+ * them, task_init_privileged reads them): the line that fails them (empty if none), and what
+ * attach said on the way (an image bound through uenvfs instead), for the first task to say. */
+static char step_failure[MESSAGE_MAX + 256];
+static char *step_note;
 
 static int remember(char **where, const char *value)
 {
@@ -137,8 +151,9 @@ static int read_options(int ac, char **av)
 	return 0;
 }
 
-/* The task (or the submission) fails with this one line, in its stderr, and in slurmd's log
- * (at level info: at level error, slurmstepd would copy it to the task's stderr too). */
+/* The submission (on the submit side) or the step's tasks (in slurmstepd) fail with this one
+ * line: in the submitter's stderr, or kept for the tasks to say (step_failure) and in slurmd's
+ * log (at level info: at level error, slurmstepd would copy it to a task's stderr too). */
 static int fail(const char *format, ...) __attribute__((format(printf, 1, 2)));
 static int fail(const char *format, ...)
 {
@@ -147,8 +162,12 @@ static int fail(const char *format, ...)
 	va_start(args, format);
 	vsnprintf(line, sizeof line, format, args);
 	va_end(args);
-	fprintf(stderr, "uenvfs: %s\n", line);
-	fflush(stderr);
+	if (spank_context() == S_CTX_REMOTE) {
+		snprintf(step_failure, sizeof step_failure, "%s", line);
+	} else {
+		fprintf(stderr, "uenvfs: %s\n", line);
+		fflush(stderr);
+	}
 	slurm_info("uenvfs: %s", line);
 	return -1;
 }
@@ -189,11 +208,8 @@ static int well_formed(const char *text, char *why, size_t size)
 }
 
 /* The submit side (srun, sbatch, salloc): check the syntax, hand the images to the prolog. */
-int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
+static int check_submission(spank_t sp)
 {
-	(void)ac, (void)av;
-	if (spank_context() != S_CTX_LOCAL && spank_context() != S_CTX_ALLOCATOR)
-		return 0;
 	const char *images = uenv_option ? uenv_option : getenv("SLURM_UENV");
 	const char *views = view_option ? view_option : getenv("SLURM_UENV_VIEW");
 	char why[128];
@@ -461,11 +477,27 @@ static int judge(enum outcome outcome, struct result *result, uint32_t job, cons
 	}
 	if (result->code != 0)
 		return fail("%s", last_line(result->err));
-	fputs(result->err, stderr); /* what it said on the way (an image bound through uenvfs) */
+	if (result->err[0] != '\0') { /* what it said on the way (an image bound through uenvfs) */
+		free(step_note);
+		step_note = strdup(result->err);
+	}
 	return 0;
 }
 
-/* uenv's options: attach binds the images and says how the environment changes. */
+/* Give slurmstepd a mount namespace of its own, every mount in it a slave of the host's (so
+ * that nothing mounted in it leaves it), for attach (its child) to bind the images in and
+ * the step's tasks (forked later) to inherit. */
+static int own_namespace(const char *alloc)
+{
+	if (unshare(CLONE_NEWNS) != 0)
+		return fail("%s: cannot make a mount namespace: %s", alloc, strerror(errno));
+	if (mount("none", "/", NULL, MS_REC | MS_SLAVE, NULL) != 0)
+		return fail("%s: cannot make the mount namespace a slave: %s", alloc,
+			    strerror(errno));
+	return 0;
+}
+
+/* uenv's options: attach binds the images and says how the step's environment changes. */
 static int attach_uenv(spank_t sp, uint32_t job, const char *images, const char *views,
 		       char **env)
 {
@@ -477,6 +509,10 @@ static int attach_uenv(spank_t sp, uint32_t job, const char *images, const char 
 	char *input = flatten(env, &input_length);
 	if (input == NULL)
 		return fail("%s: no memory", alloc);
+	if (own_namespace(alloc) != 0) {
+		free(input);
+		return -1;
+	}
 	char *argv[16] = {(char *)uenvfs, "attach", "--mountpoint", (char *)mountpoint,
 			  "--socket", socket_path, "--timeout", (char *)timeout_text, "--uenv",
 			  (char *)images};
@@ -512,11 +548,8 @@ static int attach_acquired(spank_t sp, uint32_t job)
 		snprintf(why, sizeof why, "%s acquired them", alloc);
 	else
 		slurm_info("uenvfs: %s: asking uenvfs, the journal decides nothing: %s", alloc, why);
-	if (unshare(CLONE_NEWNS) != 0)
-		return fail("%s: cannot make a mount namespace: %s", alloc, strerror(errno));
-	if (mount("none", "/", NULL, MS_REC | MS_SLAVE, NULL) != 0)
-		return fail("%s: cannot make the mount namespace a slave: %s", alloc,
-			    strerror(errno));
+	if (own_namespace(alloc) != 0)
+		return -1;
 	char *argv[] = {(char *)uenvfs, "attach", "--mountpoint", (char *)mountpoint, "--socket",
 			socket_path, "--timeout", (char *)timeout_text, "--", alloc, NULL};
 	struct result result;
@@ -531,29 +564,56 @@ static int attach_acquired(spank_t sp, uint32_t job)
 	return rc;
 }
 
-int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
+/* Set the step up on this node, in slurmstepd before it forks any task: 3. at the top. A
+ * failure is kept in step_failure, for the tasks. */
+static void set_up_step(spank_t sp)
 {
 	uint32_t job;
 	char **env = NULL;
-	if (read_options(ac, av) != 0)
-		return -1;
 	if (spank_get_item(sp, S_JOB_ID, &job) != ESPANK_SUCCESS)
-		return 0;
+		return;
 	if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS)
 		env = NULL;
 	const char *images = uenv_option ? uenv_option : lookup(env, "SLURM_UENV");
 	const char *views = view_option ? view_option : lookup(env, "SLURM_UENV_VIEW");
 	if (images == NULL) {
 		if (views != NULL)
-			return fail("--view=%s is given, but --uenv is not", views);
-		return attach_acquired(sp, job);
+			fail("--view=%s is given, but --uenv is not", views);
+		else
+			attach_acquired(sp, job);
+		return;
 	}
-	if (unshare(CLONE_NEWNS) != 0)
-		return fail("slurm-%u: cannot make a mount namespace: %s", job, strerror(errno));
-	if (mount("none", "/", NULL, MS_REC | MS_SLAVE, NULL) != 0)
-		return fail("slurm-%u: cannot make the mount namespace a slave: %s", job,
-			    strerror(errno));
-	return attach_uenv(sp, job, images, views, env);
+	attach_uenv(sp, job, images, views, env);
+}
+
+int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
+{
+	(void)ac, (void)av;
+	switch (spank_context()) {
+	case S_CTX_LOCAL:
+	case S_CTX_ALLOCATOR:
+		return check_submission(sp);
+	case S_CTX_REMOTE:
+		set_up_step(sp);
+		return 0; /* never fails: its tasks do (see the top) */
+	default:
+		return 0;
+	}
+}
+
+/* Each task: fails if the step could not be set up; the node's first task says why. */
+int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
+{
+	(void)ac, (void)av;
+	int task;
+	if (spank_get_item(sp, S_TASK_ID, &task) != ESPANK_SUCCESS)
+		task = 0;
+	if (task == 0 && step_failure[0] != '\0')
+		fprintf(stderr, "uenvfs: %s\n", step_failure);
+	else if (task == 0 && step_note != NULL)
+		fputs(step_note, stderr);
+	fflush(stderr);
+	return step_failure[0] != '\0' ? -1 : 0;
 }
 
 /* The prolog and epilog: never fail (that drains the node); a task says what went wrong. */

@@ -1,20 +1,21 @@
 """`uenvfs attach`: what the Slurm SPANK plugin (scripts/slurm/uenvfs_spank.c) runs, as root.
 
-- In a task's own mount namespace (the plugin makes one per task), with uenv's options
+- In a step's own mount namespace (the plugin makes one in slurmstepd for each step, which
+  the step's tasks inherit), with uenv's options
   (`--uenv IMAGE[:MOUNT][,...]`, `--view [IMAGE:]VIEW[,...]`): each image is asked of the
   daemon's query socket (`tree`: a name, a uenv label, or the path of an image file it serves),
   its meta/env.json read from its kernel mount, the mount points and views checked, and only
-  then bound (client/trees.py). The task's environment comes in on stdin and the changes for
-  the views go out on stdout, as the plugin applies them (`changes`); a view that the task's
+  then bound (client/trees.py). The step's environment comes in on stdin and the changes for
+  the views go out on stdout, as the plugin applies them (`changes`); a view that the step's
   UENV_VIEW lists already (an `srun` inside the batch script) is not applied again.
 - In the same namespace, without `--uenv` (a job that named its images in its comment): the
   images that the job's allocation acquired, at the mount points of their meta/env.json; it
-  prints the task's UENV_MOUNT_LIST.
+  prints the step's UENV_MOUNT_LIST.
 - With `--acquire UID`, in the job's prolog: acquires each image of `--uenv` for the
   allocation (`.control`), as the prolog script does for the comment; binds nothing.
 
 Every question to the daemon shares one deadline (`--timeout`): a stopped daemon fails the
-task with one line, and never holds it up longer. The meta/env.json of an image is read from
+step with one line, and never holds it up longer. The meta/env.json of an image is read from
 its kernel mount (or beside a repository's image file), never through uenvfs.
 """
 
@@ -62,16 +63,16 @@ def _acquired(mountpoint: Path, alloc: str, socket_path: Path | None, timeout: f
     if not _own_namespace(answer.get("server")):
         raise RunError("attach binds images in its caller's mount namespace, and this is the "
                        "one uenvfs serves in: only the SPANK plugin, which makes one for each "
-                       "task, runs it")
+                       "step, runs it")
     acquired = answer.get("images")
     return [e for e in acquired if isinstance(e, dict)] if isinstance(acquired, list) else []
 
 
 def attach(mountpoint: Path, alloc: str, socket_path: Path | None, timeout: float) -> str:
     """The comment form: bind every image that *alloc* acquired at its mount point, in this
-    process's mount namespace, which the plugin made for a task (never the host's). The
+    process's mount namespace, which the plugin made for a step (never the host's). The
     daemon's query socket (*socket_path*, else where `.socket` leads) names the images and
-    their kernel mounts, all within *timeout* seconds. Returns UENV_MOUNT_LIST for the task
+    their kernel mounts, all within *timeout* seconds. Returns UENV_MOUNT_LIST for the step
     ("" if the allocation acquired nothing)."""
     since = time.monotonic()
     entries = _acquired(mountpoint, alloc, socket_path, timeout, since)
@@ -96,9 +97,9 @@ def attach(mountpoint: Path, alloc: str, socket_path: Path | None, timeout: floa
 def attach_uenv(mountpoint: Path, alloc: str, images_text: str, views_text: str | None,
                 environ: Mapping[str, str], socket_path: Path | None, timeout: float
                 ) -> dict[str, str | None]:
-    """uenv's options for a task: bind the images of *images_text* (`--uenv`) in this
-    process's mount namespace, which the plugin made for the task, and return the changes
-    to the task's environment *environ* for the views of *views_text* (`--view`) and uenv's
+    """uenv's options for a step: bind the images of *images_text* (`--uenv`) in this
+    process's mount namespace, which the plugin made for the step, and return the changes
+    to the step's environment *environ* for the views of *views_text* (`--view`) and uenv's
     variables: {name: value, or None to unset}. Views listed in *environ*'s UENV_VIEW are
     applied already (the batch script's, for an `srun` in it): not again. Everything is
     decided before anything is bound."""
@@ -213,7 +214,7 @@ def acquire(mountpoint: Path, alloc: str, uid: int, images_text: str) -> None:
         raise RunError(str(exc)) from exc
     failed = []
     for spec in specs:
-        # A path: the task checks that it is the file served under this name.
+        # A path: the step checks that it is the file served under this name.
         word = _served_as(Path(spec.image)) if spec.image.startswith("/") else spec.image
         try:
             write_control(mountpoint, f"acquire {word} {alloc} {uid}")
@@ -227,17 +228,17 @@ def acquire(mountpoint: Path, alloc: str, uid: int, images_text: str) -> None:
 
 
 def add_attach(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
-    p = add("attach", "for the Slurm SPANK plugin: bind a job's images in a task")
+    p = add("attach", "for the Slurm SPANK plugin: bind a job's images for a step")
     p.description = (
         "For the Slurm SPANK plugin (scripts/slurm/uenvfs_spank.c), as root, in the mount "
-        "namespace the plugin made for a task. With --uenv: bind each image of it (a name, a "
+        "namespace the plugin made for a step. With --uenv: bind each image of it (a name, a "
         "uenv label, or the path of an image file that uenvfs serves; MOUNT, else the mount "
-        "of its meta/env.json, else /user-environment), read the task's environment from "
+        "of its meta/env.json, else /user-environment), read the step's environment from "
         "stdin (NAME=VALUE entries, each ended by a NUL) and print the changes that the "
         "views of --view and uenv's UENV_MOUNT_LIST and UENV_VIEW make to it (NAME=VALUE to "
         "set, NAME to unset, each ended by a NUL); views that its UENV_VIEW lists are not "
         "applied again. Without --uenv: bind every image that ALLOC acquired at the mount "
-        "point of its meta/env.json (else /user-environment), and print the task's "
+        "point of its meta/env.json (else /user-environment), and print the step's "
         "UENV_MOUNT_LIST (nothing if ALLOC acquired no image). With --acquire UID (in the "
         "job's prolog): acquire each image of --uenv for ALLOC, the job of UID; bind nothing. "
         "If the daemon has not answered within --timeout seconds, attach fails. Refuses to "
