@@ -1,6 +1,6 @@
 """scripts/bench end to end in its smoke mode: it completes, reports every workload for the
-three mounts, and leaves no mount or loop device behind. No timing is asserted: benchmarks
-report ratios, tests check behaviour."""
+three mounts and for jobs started with `uenvfs run`, and leaves no mount or loop device behind.
+No timing is asserted: benchmarks report ratios, tests check behaviour."""
 
 from __future__ import annotations
 
@@ -24,6 +24,15 @@ TIMED_ROWS = (
 )
 # Daemon memory: the kernel mount has no daemon, so it has no number there.
 RSS_ROWS = ("rss/idle", "rss/walk", "rss/after-drop")
+# Jobs started with `uenvfs run`, against the kernel mount, with the server's CPU meanwhile.
+RUN_ROWS = (
+    "run/find/warm", "run/find/cold", "run/stat/warm", "run/stat/cold", "run/read-all/warm",
+    "run/read-all/cold", "run/import/warm", "run/import/cold", "run/storm/warm",
+)
+RUN_SYSTEMS = ("kernel", "run")
+# The server's CPU per 10,000 file accesses: through its FUSE mount, and in a job.
+CPU_ROW = "cpu/10k-accesses"
+CPU_SYSTEMS = ("uenvfs", "run")
 MACHINE_KEYS = ("nproc", "kernel", "cpu", "python", "pyfuse3")
 
 
@@ -72,7 +81,7 @@ def test_quick_bench_reports_every_workload_and_leaves_nothing_mounted(tmp_path:
 
     document = json.loads(out.read_text())
     results = document["results"]
-    assert set(results) == set(TIMED_ROWS) | set(RSS_ROWS)
+    assert set(results) == set(TIMED_ROWS) | set(RSS_ROWS) | set(RUN_ROWS) | {CPU_ROW}
     for row in TIMED_ROWS:
         medians = {system: median_of(results[row], system) for system in SYSTEMS}
         assert all(is_number(m) for m in medians.values()), (row, medians)
@@ -80,8 +89,27 @@ def test_quick_bench_reports_every_workload_and_leaves_nothing_mounted(tmp_path:
         assert results[row]["kernel"] is None
         medians = {system: median_of(results[row], system) for system in SYSTEMS[1:]}
         assert all(is_number(m) for m in medians.values()), (row, medians)
+    check_job_rows(results)
     for key in MACHINE_KEYS:
         assert document["machine"][key], key
     assert document["problems"] == []
-    for row in (*TIMED_ROWS, *RSS_ROWS):
+    for row in (*TIMED_ROWS, *RSS_ROWS, *RUN_ROWS, CPU_ROW):
         assert row in stdout  # the table has a line for every workload
+
+
+def check_job_rows(results: dict[str, Any]) -> None:
+    """The rows of jobs started with `uenvfs run`: a time on the kernel mount and in the job,
+    a ratio, and the server's CPU seconds in every run of each; the server's CPU per 10,000
+    accesses through FUSE and in a job (the figures themselves are the benchmark's to report)."""
+    for row in RUN_ROWS:
+        result = results[row]
+        medians = {system: median_of(result, system) for system in RUN_SYSTEMS}
+        assert all(is_number(m) for m in medians.values()), (row, medians)
+        assert is_number(result["ratio"]["run"]), row
+        for system in RUN_SYSTEMS:
+            cpu = result["server_cpu_s"][system]
+            assert cpu, (row, system)
+            assert all(is_number(c) for c in cpu), (row, system, cpu)
+    result = results[CPU_ROW]
+    medians = {system: median_of(result, system) for system in CPU_SYSTEMS}
+    assert all(is_number(m) for m in medians.values()), medians
