@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,7 @@ def median_of(result: dict[str, Any], system: str) -> object:
 
 
 def run_bench(command: list[str], timeout: float = 240) -> tuple[int, str, str]:
-    """Run the benchmark; if it hangs, SIGTERM lets it take its mounts down before it dies."""
+    """Run a benchmark; if it hangs, SIGTERM lets it take its mounts down before it dies."""
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
@@ -58,7 +60,7 @@ def run_bench(command: list[str], timeout: float = 240) -> tuple[int, str, str]:
         except subprocess.TimeoutExpired:
             process.kill()
             stdout, stderr = process.communicate()
-        pytest.fail(f"scripts/bench did not finish in {timeout:g} s:\n{stdout}\n{stderr}")
+        pytest.fail(f"{shlex.join(command)} did not finish in {timeout:g} s:\n{stdout}\n{stderr}")
     return process.returncode, stdout, stderr
 
 
@@ -113,3 +115,34 @@ def check_job_rows(results: dict[str, Any]) -> None:
     result = results[CPU_ROW]
     medians = {system: median_of(result, system) for system in CPU_SYSTEMS}
     assert all(is_number(m) for m in medians.values()), medians
+
+
+@pytest.mark.fuse
+def test_quick_attachcost_reports_every_count_and_leaves_nothing_mounted(tmp_path: Path) -> None:
+    """scripts/attachcost.py --quick: 1 and 4 tasks attach at once, each checked (the image's
+    own mount in every task, one loop device and one mount on the node), and it tears down."""
+    workdir = tmp_path / "work"
+    out = tmp_path / "a.json"
+    command = [sys.executable, str(REPO / "scripts" / "attachcost.py"), "--quick",
+               "--workdir", str(workdir), "--json", str(out)]
+    try:
+        returncode, stdout, stderr = run_bench(command)
+        mounted = [entry.mount_point for entry in mounts_under(workdir)]
+        loops = loops_for(workdir)
+    finally:
+        clean_up(workdir)
+
+    assert returncode == 0, f"scripts/attachcost.py failed:\n{stdout}\n{stderr}"
+    assert mounted == []
+    assert loops == []
+    document = json.loads(out.read_text())
+    assert document["problems"] == []
+    assert [s["tasks"] for s in document["summary"]] == [1, 4]
+    for summary in document["summary"]:
+        for key in ("wall_median_s", "per_task_median_s", "per_task_max_s",
+                    "server_cpu_per_task_s"):
+            assert is_number(summary[key]), (summary["tasks"], key)
+        assert summary["rounds"] == 1
+    assert document["summary"][0]["uenv_plugin_s"] == 0.07  # printed beside ours
+    assert [len(r["per_task_s"]) for r in document["rounds"]] == [1, 4]
+    assert "uenv plugin" in stdout
