@@ -19,17 +19,20 @@ namespace, until every task of the round is checked:
   - each task's mount point is squashfs on the image's device (`.status` "device"): the
     image's own kernel mount, not a copy and not uenvfs's FUSE directory;
   - the node still has one loop device for the image (`losetup -j`), one squashfs mount of
-    that device in the host's mount namespace (the daemon's backing mount), and `.status`
-    counts every task's namespace (`namespaces`, at least one per task: a tree handed out
-    counts for 10 s whatever the scans find, so a task of the round before may still count;
-    each task has SLURM_JOB_ID=1, as slurmstepd sets it).
+    that device in the host's mount namespace (the daemon's backing mount);
+  - `.status` counts every task's namespace (`namespaces`, at least one per task: a tree
+    handed out counts for 10 s whatever the scans find, so a task of the round before may
+    still count) within COUNT_TIMEOUT; how long it took is in the JSON (`counted_after_s`).
+    Each task has SLURM_JOB_ID=1, as slurmstepd sets it.
 
 Figures per count: the wall time from the first task's start until every task is attached,
 each task's own time from its start until it is attached (median and max over every task of
-every round), and the uenvfs server's CPU seconds per task (/proc/PID/stat, user + system,
-over the round). They are printed beside what uenv's own SPANK plugin (which loop-mounts the
-image in every task) was measured at by its users: 0.07 s for 1 task, 1.03 s for 64, 1.87 s
-for 128. The JSON (--json, default bench-results/attachcost.json) has every round.
+every round), the CPU seconds each task used (user + system, its processes' rusage: on a
+node with fewer cores than tasks, the wall time is about tasks x this / cores), and the uenvfs
+server's CPU seconds per task (/proc/PID/stat, user + system, over the round). They are
+printed beside what uenv's own SPANK plugin (which loop-mounts the image in every task) was
+measured at by its users: 0.07 s for 1 task, 1.03 s for 64, 1.87 s for 128. The JSON (--json,
+default bench-results/attachcost.json) has every round.
 
 Every task is ended, the image released, the daemon stopped with SIGTERM and every mount of the
 work directory (default /var/tmp/uenvfs-attachcost) cleared, also on error and on Ctrl-C.
@@ -44,6 +47,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -57,9 +61,10 @@ from pathlib import Path
 from typing import IO, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from harness import git_label, interrupt, positive, uninterruptible, write_json
+from harness import cpu_seconds, git_label, interrupt, positive, uninterruptible, write_json
 
 from tests.mounts import clean_up, is_mounted, mounts_under, wait_until
+from uenvfs.kernel import mountinfo
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = "attachenv"
@@ -68,7 +73,7 @@ DEFAULT_WORKDIR = Path("/var/tmp/uenvfs-attachcost")
 DEFAULT_JSON = Path("bench-results/attachcost.json")
 READY_TIMEOUT = 60.0
 ATTACH_TIMEOUT = 300.0  # seconds a round's tasks may take to attach, all of them
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+COUNT_TIMEOUT = 15.0  # seconds `.status` may take after that to count every task's namespace
 # uenv's SPANK plugin, which loop-mounts the image in every task, as its users measured it.
 UENV_PLUGIN = {1: 0.07, 64: 1.03, 128: 1.87}
 # The task: attach's output is its first line; then it holds its namespace until stdin ends.
@@ -209,7 +214,7 @@ def wait_attached(task: Task) -> None:
 def run_round(daemon: Daemon, count: int) -> dict[str, Any]:
     """*count* tasks at once; their times, checked as the module docstring says."""
     server = int(daemon.status()["server"]["pid"])
-    cpu_before = server_cpu(server)
+    cpu_before, tasks_before = cpu_seconds(server), children_cpu()
     tasks: list[Task] = []
     try:
         readers = []
@@ -220,53 +225,58 @@ def run_round(daemon: Daemon, count: int) -> dict[str, Any]:
         for reader in readers:
             reader.join(ATTACH_TIMEOUT)
         end = time.perf_counter()
-        cpu = server_cpu(server) - cpu_before
-        check_round(daemon, tasks)
+        cpu = cpu_seconds(server) - cpu_before
+        counted = check_round(daemon, tasks)
     finally:
         end_tasks(tasks)
     per_task = [task.attached - task.started for task in tasks if task.attached is not None]
     return {"tasks": count, "wall_s": end - tasks[0].started, "per_task_s": per_task,
-            "server_cpu_s": cpu}
+            "server_cpu_s": cpu, "tasks_cpu_s": children_cpu() - tasks_before,
+            "counted_after_s": counted}
 
 
-def check_round(daemon: Daemon, tasks: list[Task]) -> None:
-    """Every task attached the image's own mount; the node has one of it (module docstring)."""
+def children_cpu() -> float:
+    """The user and system CPU seconds of this process's children that have ended: the tasks
+    (unshare, sh and `uenvfs attach`) and the checks' few `losetup`."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def check_round(daemon: Daemon, tasks: list[Task]) -> float:
+    """Every task attached the image's own mount; the node has one of it (module docstring).
+    Returns how long `.status` took to count every task's namespace."""
     image = daemon.image()
-    device = image["device"]
+    major, minor = (int(number) for number in image["device"].split(":"))
+    device = os.makedev(major, minor)
     expected = f"{daemon.settings.run_dir / 'images' / IMAGE}.sqfs:{daemon.settings.mount_point}"
     for task in tasks:
         if task.line != expected:
             stderr = task.process.stderr
             error = "" if task.process.poll() is None or stderr is None else stderr.read()
             raise AttachError(f"a task printed {task.line!r}, not {expected!r}: {error.strip()}")
-        found = mount_at(Path(f"/proc/{task.process.pid}/mountinfo"), daemon.settings.mount_point)
-        if found != ("squashfs", device):
-            raise AttachError(f"a task has {found} at its mount point, not squashfs on {device}")
+        table = mountinfo.read(f"/proc/{task.process.pid}/mountinfo")
+        found = mountinfo.mount_at(daemon.settings.mount_point, table)
+        if found is None or (found.fstype, found.device) != ("squashfs", device):
+            raise AttachError(f"a task has {found} at its mount point, not the squashfs of "
+                              f"{image['device']}")
     loops = subprocess.run(["losetup", "-n", "-O", "NAME", "-j", image["image_path"]],
                            capture_output=True, text=True, check=True).stdout.split()
-    host = [entry for entry in mount_entries(Path("/proc/self/mountinfo"))
-            if entry[1:] == ("squashfs", device)]
-    holders = sum(use.get("namespaces", 0) for use in image["allocations"].values())
-    if len(loops) != 1 or len(host) != 1 or holders < len(tasks):
-        raise AttachError(f"{len(loops)} loop devices ({loops}), {len(host)} squashfs mounts "
-                          f"of {device} in the host's namespace, {holders} namespaces counted "
-                          f"for {len(tasks)} tasks: not one mount per image per node")
+    host = mountinfo.mounts_of({device})
+    if len(loops) != 1 or len(host) != 1:
+        raise AttachError(f"{len(loops)} loop devices ({loops}), {len(host)} mounts of "
+                          f"{image['device']} in the host's namespace: not one per node")
+    began = time.monotonic()
+    while (holders := namespaces(daemon)) < len(tasks):
+        if time.monotonic() - began > COUNT_TIMEOUT:
+            raise AttachError(f".status counts {holders} namespaces for {len(tasks)} tasks, "
+                              f"{COUNT_TIMEOUT:g} s after they attached")
+        time.sleep(0.2)
+    return time.monotonic() - began
 
 
-def mount_entries(mountinfo: Path) -> list[tuple[str, str, str]]:
-    """(mount point, filesystem type, major:minor) of every mount in a mount table."""
-    entries = []
-    for line in mountinfo.read_text().splitlines():
-        fields, after = line.split(" - ", 1)
-        words = fields.split()
-        entries.append((words[4], after.split()[0], words[2]))
-    return entries
-
-
-def mount_at(mountinfo: Path, path: Path) -> tuple[str, str] | None:
-    """The filesystem type and device of the topmost mount at *path* in a mount table."""
-    found = [entry[1:] for entry in mount_entries(mountinfo) if entry[0] == str(path)]
-    return found[-1] if found else None
+def namespaces(daemon: Daemon) -> int:
+    """The mount namespaces that `.status` counts as holding the image, all allocations'."""
+    return sum(use.get("namespaces", 0) for use in daemon.image()["allocations"].values())
 
 
 def end_tasks(tasks: list[Task]) -> None:
@@ -284,12 +294,6 @@ def end_tasks(tasks: list[Task]) -> None:
         for pipe in (task.process.stdout, task.process.stderr):
             if pipe is not None:
                 pipe.close()
-
-
-def server_cpu(pid: int) -> float:
-    """The user and system CPU seconds of *pid*, all its threads (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def measure(settings: Settings) -> tuple[list[dict[str, Any]], list[str]]:
@@ -324,18 +328,20 @@ def summary(rounds: list[dict[str, Any]], count: int) -> dict[str, Any]:
             "wall_min_s": min(walls), "wall_max_s": max(walls),
             "per_task_median_s": statistics.median(per_task), "per_task_max_s": max(per_task),
             "server_cpu_per_task_s": statistics.median(r["server_cpu_s"] / count for r in mine),
+            "cpu_per_task_s": statistics.median(r["tasks_cpu_s"] / count for r in mine),
             "uenv_plugin_s": UENV_PLUGIN.get(count)}
 
 
 def table(summaries: list[dict[str, Any]]) -> str:
     header = (f"{'tasks':>6}{'all attached':>22}{'per task median':>17}{'per task max':>14}"
-              f"{'server CPU/task':>17}{'uenv plugin':>13}")
+              f"{'CPU/task':>10}{'server CPU/task':>17}{'uenv plugin':>13}")
     lines = [header, "-" * len(header)]
     for s in summaries:
         uenv = "n/a" if s["uenv_plugin_s"] is None else f"{s['uenv_plugin_s']:.2f} s"
         lines.append(f"{s['tasks']:>6}"
                      f"{s['wall_median_s']:>8.3f} s [{s['wall_min_s']:.2f}-{s['wall_max_s']:.2f}]"
                      f"{s['per_task_median_s']:>15.3f} s{s['per_task_max_s']:>12.3f} s"
+                     f"{s['cpu_per_task_s']:>8.3f} s"
                      f"{s['server_cpu_per_task_s'] * 1000:>14.1f} ms{uenv:>13}")
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """What the measuring scripts (scripts/bench.py, scripts/hostile.py, scripts/attachcost.py)
 share: command-line words, a git label for a checkout, clean-up that a Ctrl-C cannot cut
-short, a JSON file written whole or not at all and dropping the kernel's caches.
+short, a JSON file written whole or not at all, dropping the kernel's caches, and a process's
+CPU time.
 
 Standard library only; each script puts scripts/ on sys.path (it is its own directory) and
 imports this as `harness`.
@@ -18,6 +19,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # what /proc/PID/stat counts CPU time in, per second
 
 
 def choose(text: str, known: Sequence[str], what: str) -> tuple[str, ...]:
@@ -77,3 +80,9 @@ def drop_caches(level: int) -> None:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text(f"{level}\n")
 
+
+
+def cpu_seconds(pid: int) -> float:
+    """The user and system CPU seconds *pid* has used, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS

@@ -29,11 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchrows import CPU_SYSTEMS, RUN_SYSTEMS, BenchError, Row, check_same, progress
-from harness import drop_caches
+from harness import CLOCK_TICKS, drop_caches
 
 ROW_PREFIX = "run"  # the rows' prefix: run/find/warm, ...
 ACCESSES = 10_000  # the server's CPU is given per this many file accesses
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # what /proc/PID/stat counts CPU time in, per second
 
 # The job's command, run by the interpreter with -I (so that the job's PYTHON* variables do
 # not touch it). argv[1] is a JSON spec: root, fstype, device_of, cpu_pid, and either script
