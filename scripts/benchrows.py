@@ -29,15 +29,17 @@ def note(message: str) -> None:
 
 @dataclass
 class Row:
-    """One line of a table: the runs on each of *systems* (absent: not applicable), and the
-    uenvfs server's CPU seconds in each of those runs where they were read. Ratios are to
-    the "kernel" system, where the row has it."""
+    """One line of a table: the runs on each of *systems* (absent: not applicable), the
+    uenvfs server's CPU seconds in each of those runs where they were read, and what was
+    mounted where a system's workload ran, where that was looked at. Ratios are to the
+    "kernel" system, where the row has it."""
 
     key: str
     unit: str
     runs: dict[str, list[float]]
     systems: tuple[str, ...] = SYSTEMS
     server_cpu: dict[str, list[float]] = field(default_factory=dict)
+    mounted: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"unit": self.unit}
@@ -49,6 +51,8 @@ class Row:
         doc["ratio"] = {system: self.ratio(system) for system in self.systems[1:]}
         if self.server_cpu:
             doc["server_cpu_s"] = self.server_cpu
+        if self.mounted:
+            doc["mounted"] = self.mounted
         return doc
 
     def median(self, system: str) -> float | None:
@@ -123,8 +127,8 @@ def run_table(rows: list[Row]) -> list[str]:
     """The jobs started with `uenvfs run`, each timed inside the job against the kernel mount
     timed the same way, with the server's CPU seconds during the job's runs; then the server's
     CPU per 10,000 file accesses on both paths."""
-    lines = ["jobs started with `uenvfs run` (the image's kernel mount bound at its mount point), "
-             "timed inside the job; server CPU = the uenvfs server's user+system seconds during "
+    lines = ["jobs started with `uenvfs run IMAGE:MOUNT`, timed inside the job (what was at "
+             "MOUNT: the last line); server CPU = the uenvfs server's user+system seconds during "
              "all of the job's timed runs"]
     header = (f"{'workload':<20}{'unit':<5}{'kernel':>24}{'uenvfs run':>24}{'run/k':>10}"
               f"{'server CPU':>12}")
@@ -140,6 +144,9 @@ def run_table(rows: list[Row]) -> list[str]:
             lines.append(f"{row.key:<20}{unit:<5}"
                          + ", ".join(f"through {'uenvfs (FUSE)' if s == 'uenvfs' else 'uenvfs run'}"
                                      f" {cell(row, s, factor)}" for s in row.systems))
+    found = sorted({row.mounted["run"] for row in rows if "run" in row.mounted})
+    if found:
+        lines.append(f"at the jobs' mount point: {'; '.join(found)}")
     return lines
 
 

@@ -4,11 +4,13 @@ server's CPU time per 10,000 file accesses on both of a job's paths to its image
 `uenvfs run IMAGE:MOUNT -- COMMAND` binds the image's own kernel mount (uenvfs's backing
 squashfs mount) at MOUNT in a mount namespace of the command's own, then execs the command:
 the job's reads never reach uenvfs. Each workload here runs in such a job, as a job gets it:
-the job's command is JOB_CODE, a small timer that first checks what is at the root it was
-given (the filesystem type, and for a job the device of uenvfs's backing mount: one
-superblock per image per node, not a copy and not the FUSE fallback), reads the uenvfs
-server's CPU time (/proc/PID/stat: user + system, all its threads), runs the workload (a
-shell script, or the storm's processes), and reads the CPU time again. The baseline is the
+the job's command is JOB_CODE, a small timer that first looks at what is at the root it was
+given (the filesystem type, and for a job whether it is on the device of uenvfs's backing
+mount: one superblock per image per node, not a copy and not the FUSE fallback; the table
+says what it found, so that a --source checkout from before issue 28, whose `run` bound
+uenvfs's directory, gives the before figures), reads the uenvfs server's CPU time
+(/proc/PID/stat: user + system, all its threads), runs the workload (a shell script, or the
+storm's processes), and reads the CPU time again. The baseline is the
 same timer run directly on the kernel's own mount of the same image, the two taking turns in
 each repetition. Starting the job (`uenvfs run` looking the image up, asking for its tree,
 entering the namespace) is not timed: scripts/runcost.py measures that.
@@ -35,9 +37,11 @@ ROW_PREFIX = "run"  # the rows' prefix: run/find/warm, ...
 ACCESSES = 10_000  # the server's CPU is given per this many file accesses
 
 # The job's command, run by the interpreter with -I (so that the job's PYTHON* variables do
-# not touch it). argv[1] is a JSON spec: root, fstype, device_of, cpu_pid, and either script
-# and env (sh -c SCRIPT, its stdout the output) or storm and processes (that many `cat` of
-# the storm's files at once, in root). Prints one JSON line: seconds, output, cpu_ticks.
+# not touch it). argv[1] is a JSON spec: root, fstype (what must be mounted there; "": say
+# what is), device_of, cpu_pid, and either script and env (sh -c SCRIPT, its stdout the
+# output) or storm and processes (that many `cat` of the storm's files at once, in root).
+# Prints one JSON line: seconds, output, cpu_ticks, mounted (the filesystem type at root, and
+# whether it is on the device of device_of).
 JOB_CODE = r"""
 import json, os, subprocess, sys, time
 spec = json.loads(sys.argv[1])
@@ -47,10 +51,12 @@ for line in open("/proc/self/mountinfo"):
     mount, kind = line.split()[4], line.split(" - ")[1].split()[0]
     if (root == mount or root.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(point):
         point, fstype = mount, kind
-if fstype != spec["fstype"]:
+if spec["fstype"] and fstype != spec["fstype"]:
     sys.exit(f"{root} is on {fstype or 'nothing'} at {point}, not on {spec['fstype']}")
-if spec["device_of"] and os.stat(root).st_dev != os.stat(spec["device_of"]).st_dev:
-    sys.exit(f"{root} is not the mount of {spec['device_of']} (another device)")
+mounted = fstype
+if spec["device_of"]:
+    same = os.stat(root).st_dev == os.stat(spec["device_of"]).st_dev
+    mounted += " on uenvfs's backing mount" if same else ", not uenvfs's backing mount"
 
 def server_cpu():
     fields = open(f"/proc/{spec['cpu_pid']}/stat").read().rsplit(")", 1)[1].split()
@@ -74,7 +80,8 @@ else:
         sys.exit(f"`{spec['script']}` failed (exit {done.returncode}): {done.stderr[-2000:]}")
     output = done.stdout.strip()
 elapsed = time.perf_counter() - start
-print(json.dumps({"seconds": elapsed, "output": output, "cpu_ticks": server_cpu() - before}))
+print(json.dumps({"seconds": elapsed, "output": output, "cpu_ticks": server_cpu() - before,
+                  "mounted": mounted}))
 """
 
 
@@ -100,9 +107,10 @@ class JobWorkload:
 
 @dataclass(frozen=True)
 class Place:
-    """Where the timer runs a workload: the image is at *root*, on *fstype* (and on the
-    device of *device_of*, if set), for a timer started under *prefix* (nothing, or
-    `uenvfs run ... --`) with *env* (None: the benchmark's own)."""
+    """Where the timer runs a workload: the image is at *root*, on *fstype* ("": whatever
+    is there, which the timer reports, with whether it is on the device of *device_of*), for
+    a timer started under *prefix* (nothing, or `uenvfs run ... --`) with *env* (None: the
+    benchmark's own)."""
 
     name: str
     root: Path
@@ -117,16 +125,19 @@ class Timing:
     seconds: float
     output: str
     server_cpu: float  # seconds
+    mounted: str  # what the timer found at the root
 
 
 def job_place(python: str, fuse_mountpoint: Path, image: str, mount: Path, source: Path,
               backing: Path) -> Place:
     """A job started with `uenvfs run IMAGE:MOUNT` of the uenvfs at *fuse_mountpoint*, by the
-    code of the checkout *source* (run by *python*): its image is the backing mount's."""
+    code of the checkout *source* (run by *python*). Whatever that code binds at MOUNT is
+    measured, and said: the image's backing mount (squashfs) since issue 28, uenvfs's own
+    directory of it (fuse.uenvfs) before, for before/after figures with --source."""
     prefix = (python, "-m", "uenvfs", "run", "--mountpoint", str(fuse_mountpoint),
               f"{image}:{mount}", "--")
     env = {**os.environ, "PYTHONPATH": str(source)}
-    return Place("run", mount, "squashfs", prefix, env, backing)
+    return Place("run", mount, "", prefix, env, backing)
 
 
 def timed(job: Job, place: Place, interpreter: Path, cpu_pid: int) -> Timing:
@@ -144,7 +155,7 @@ def timed(job: Job, place: Place, interpreter: Path, cpu_pid: int) -> Timing:
                          f"{done.stderr.strip()[-2000:]}")
     result = json.loads(lines[-1])
     return Timing(float(result["seconds"]), str(result["output"]),
-                  int(result["cpu_ticks"]) / CLOCK_TICKS)
+                  int(result["cpu_ticks"]) / CLOCK_TICKS, str(result["mounted"]))
 
 
 def measure(workloads: Sequence[JobWorkload], places: Sequence[Place], interpreter: Path,
@@ -162,6 +173,7 @@ def measure(workloads: Sequence[JobWorkload], places: Sequence[Place], interpret
                                                 interpreter, cpu_pid).output
             runs: dict[str, list[float]] = {place.name: [] for place in places}
             cpu: dict[str, list[float]] = {place.name: [] for place in places}
+            mounted: dict[str, set[str]] = {place.name: set() for place in places}
             for _ in range(cold_runs if cold else warm_runs):
                 for place in places:
                     if cold:
@@ -169,9 +181,11 @@ def measure(workloads: Sequence[JobWorkload], places: Sequence[Place], interpret
                     timing = timed(workload.build(place.root), place, interpreter, cpu_pid)
                     runs[place.name].append(timing.seconds)
                     cpu[place.name].append(timing.server_cpu)
+                    mounted[place.name].add(timing.mounted)
                     outputs.setdefault(place.name, timing.output)
             check_same(f"{ROW_PREFIX}/{workload.label}", outputs)
-            row = Row(f"{ROW_PREFIX}/{workload.label}/{phase}", "s", runs, RUN_SYSTEMS, cpu)
+            row = Row(f"{ROW_PREFIX}/{workload.label}/{phase}", "s", runs, RUN_SYSTEMS, cpu,
+                      {name: "; ".join(sorted(found)) for name, found in mounted.items()})
             progress(row)
             rows.append(row)
     return rows

@@ -108,6 +108,8 @@ def check_job_rows(results: dict[str, Any]) -> None:
         medians = {system: median_of(result, system) for system in RUN_SYSTEMS}
         assert all(is_number(m) for m in medians.values()), (row, medians)
         assert is_number(result["ratio"]["run"]), row
+        # What the jobs measured: the image's own kernel mount, not uenvfs's directory.
+        assert result["mounted"]["run"] == "squashfs on uenvfs's backing mount", row
         for system in RUN_SYSTEMS:
             cpu = result["server_cpu_s"][system]
             assert cpu, (row, system)
