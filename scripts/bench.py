@@ -31,10 +31,17 @@ and uenvfs (`uenvfs serve`, a separate process, hold time 3600 s). Workloads, by
                 the others as `mount`/`squashfuse_ll` + stat, each from a fresh process
     storm       64 processes at once, each `cat` of the same 200 files of the environment
                 (16 with --quick)
+    run         find, stat, read-all, import and storm in jobs started with `uenvfs run
+                pyenv:MOUNT` (the image's own kernel mount bound at MOUNT, a directory the
+                benchmark makes), against the kernel mount, each timed inside the job by the
+                same timer (scripts/runrows.py); with the uenvfs server's CPU seconds meanwhile
+    cpu         the uenvfs server's CPU seconds per 10,000 file accesses (read-all, warm):
+                through its FUSE mount and in a job started with `uenvfs run`
 
 Warm runs follow one untimed run; cold runs follow `sync; echo 3 > /proc/sys/vm/drop_caches`.
-The three mounts take turns within each repetition. The table shows the median [min-max] per
-mount and the ratio of each FUSE median to the kernel's; the JSON (default
+The three mounts take turns within each repetition (the kernel mount and the job, for run). The
+table shows the median [min-max] per mount and the ratio of each FUSE median to the kernel's, a
+second table the jobs' rows and the server's CPU (scripts/benchrows.py); the JSON (default
 bench-results/bench.json) has every run, the images and the machine. Ratios measured in the same
 run are the result: absolute times on a shared 2-core VM are noisy. Every mount and loop device
 the benchmark makes is removed on exit, on error and on Ctrl-C.
@@ -54,25 +61,28 @@ import re
 import shlex
 import shutil
 import signal
-import statistics
 import string
 import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 # The repository, for tests/mounts.py: the tests' helpers for mounts and loop devices.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import runrows
+from benchrows import SYSTEMS, BenchError, Row, check_same, note, progress, table
+from harness import choose, drop_caches, git_label, interrupt, positive, uninterruptible, write_json
+from runrows import Job, JobWorkload, Place, job_place
+
 from tests.mounts import clean_up, is_mounted, loops_for, mounts_under, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
-SYSTEMS = ("kernel", "squashfuse_ll", "uenvfs")
-WORKLOADS = ("rss", "find", "stat", "read", "import", "seq", "concurrent", "trigger", "storm")
+WORKLOADS = ("rss", "find", "stat", "read", "import", "seq", "concurrent", "trigger", "storm",
+             "run", "cpu")
 ENV_IMAGE = "pyenv"
 DATA_IMAGE = "data"
 DATA_WORKLOADS = {"seq", "concurrent"}
@@ -122,10 +132,6 @@ print(time.perf_counter() - start)
 """
 
 
-class BenchError(Exception):
-    """The benchmark cannot go on; the message says why."""
-
-
 @dataclass(frozen=True)
 class Settings:
     workdir: Path
@@ -167,7 +173,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: ~500-file and 16 MiB images, one repetition each, "
                              f"a storm of {QUICK_STORM_PROCESSES} processes")
-    parser.add_argument("--only", type=workload_list, default=WORKLOADS, metavar="W[,W...]",
+    parser.add_argument("--only", type=lambda text: choose(text, WORKLOADS, "workload"),
+                        default=WORKLOADS, metavar="W[,W...]",
                         help="run only these workloads: " + ", ".join(WORKLOADS))
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                         help=f"images are cached here (default {DEFAULT_WORKDIR})")
@@ -193,27 +200,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     )
 
 
-def workload_list(text: str) -> tuple[str, ...]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in WORKLOADS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown workload {', '.join(unknown) or '(none)'}; "
-                                         f"choose from {', '.join(WORKLOADS)}")
-    return tuple(name for name in WORKLOADS if name in names)
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 # -- small helpers ---------------------------------------------------------------------------
-
-
-def note(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
 def run(command: Sequence[str], env: dict[str, str] | None = None) -> str:
@@ -231,12 +218,6 @@ def attempt(command: Sequence[str]) -> bool:
     done = subprocess.run(list(command), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, check=False)
     return done.returncode == 0
-
-
-def drop_caches(level: int) -> None:
-    """3: page cache, dentries and inodes; 2: dentries and inodes only."""
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text(f"{level}\n")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
@@ -257,21 +238,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise BenchError(f"no VmRSS for pid {pid}")
-
-
-@contextlib.contextmanager
-def uninterruptible() -> Iterator[None]:
-    """Clean-up must finish: a second Ctrl-C (or SIGTERM) must not cut it short."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
 
 
 # -- mounts and loop devices -----------------------------------------------------------------
@@ -329,6 +295,11 @@ class Mounts:
         return self.run_dir / "uenvfs-state"
 
     @property
+    def job_root(self) -> Path:
+        """Where jobs started with `uenvfs run` have the environment image."""
+        return self.run_dir / "job"
+
+    @property
     def uenvfs_log(self) -> Path:
         return self.run_dir / "uenvfs.log"
 
@@ -336,6 +307,7 @@ class Mounts:
         return self.state_dir / "mnt" / name
 
     def mount_all(self) -> None:
+        self.job_root.mkdir()
         for name, image in self.images.items():
             self.mount_kernel(name, image)
             self.start_squashfuse(name, image)
@@ -613,23 +585,38 @@ def timed_shell(script: str, env: dict[str, str] | None = None) -> Sample:
     return elapsed, done.stdout.strip()
 
 
+def find_script(root: Path) -> str:
+    return f"find {shlex.quote(str(root))} -type f | wc -l"
+
+
+def stat_script(root: Path) -> str:
+    return f"find {shlex.quote(str(root))} -printf '%s\\n' | wc -l"
+
+
+def read_script(root: Path) -> str:
+    return f"find {shlex.quote(str(root))} -type f -print0 | xargs -0 cat > /dev/null"
+
+
+def import_script(root: Path) -> str:
+    """The import set, to run with python_env(root)."""
+    return shlex.join([str(interpreter()), "-S", "-c", IMPORT_CODE, str(root)])
+
+
 def find_walk(bench: Bench, system: str, cold: bool) -> Sample:
-    return timed_shell(f"find {shlex.quote(str(bench.root(system)))} -type f | wc -l")
+    return timed_shell(find_script(bench.root(system)))
 
 
 def stat_walk(bench: Bench, system: str, cold: bool) -> Sample:
-    return timed_shell(f"find {shlex.quote(str(bench.root(system)))} -printf '%s\\n' | wc -l")
+    return timed_shell(stat_script(bench.root(system)))
 
 
 def read_all(bench: Bench, system: str, cold: bool) -> Sample:
-    root = shlex.quote(str(bench.root(system)))
-    return timed_shell(f"find {root} -type f -print0 | xargs -0 cat > /dev/null")
+    return timed_shell(read_script(bench.root(system)))
 
 
 def import_set(bench: Bench, system: str, cold: bool) -> Sample:
     root = bench.root(system)
-    command = [str(interpreter()), "-S", "-c", IMPORT_CODE, str(root)]
-    return timed_shell(shlex.join(command), env=python_env(root))
+    return timed_shell(import_script(root), env=python_env(root))
 
 
 def read_file(bench: Bench, system: str, name: str) -> Sample:
@@ -719,35 +706,6 @@ TIMED = (
 )
 
 
-@dataclass
-class Row:
-    """One line of the table: the runs of each mount (absent: not applicable)."""
-
-    key: str
-    unit: str
-    runs: dict[str, list[float]]
-
-    def summary(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"unit": self.unit}
-        for system in SYSTEMS:
-            values = self.runs.get(system)
-            doc[system] = None if not values else {
-                "median": statistics.median(values), "min": min(values), "max": max(values),
-                "runs": values}
-        doc["ratio"] = {system: self.ratio(system) for system in SYSTEMS[1:]}
-        return doc
-
-    def median(self, system: str) -> float | None:
-        values = self.runs.get(system)
-        return statistics.median(values) if values else None
-
-    def ratio(self, system: str) -> float | None:
-        base, value = self.median("kernel"), self.median(system)
-        if base is None or value is None or base <= 0:
-            return None
-        return value / base
-
-
 def run_timed(bench: Bench, workload: Workload) -> list[Row]:
     """Every phase of *workload*, the mounts taking turns in each repetition."""
     rows = []
@@ -772,9 +730,44 @@ def run_timed(bench: Bench, workload: Workload) -> list[Row]:
     return rows
 
 
-def check_same(label: str, outputs: dict[str, str]) -> None:
-    if len(set(outputs.values())) > 1:
-        raise BenchError(f"{label} gives different results on the three mounts: {outputs}")
+def job_workloads(bench: Bench) -> tuple[JobWorkload, ...]:
+    """The workloads of the rows above, as a job runs them (scripts/runrows.py)."""
+    storm_job = Job(storm=tuple(bench.storm_files), processes=bench.settings.storm_processes)
+    return (
+        JobWorkload("find", lambda root: Job(find_script(root))),
+        JobWorkload("stat", lambda root: Job(stat_script(root))),
+        JobWorkload("read-all", lambda root: Job(read_script(root))),
+        JobWorkload("import", lambda root: Job(import_script(root), python_env(root))),
+        JobWorkload("storm", lambda root: storm_job, phases=("warm",)),
+    )
+
+
+def job_places(bench: Bench) -> dict[str, Place]:
+    """The kernel's own mount, uenvfs's FUSE mount, and a job started with `uenvfs run`."""
+    mounts = bench.mounts
+    return {
+        "kernel": Place("kernel", bench.root("kernel"), "squashfs"),
+        "uenvfs": Place("uenvfs", bench.root("uenvfs"), "fuse.uenvfs"),
+        "run": job_place(sys.executable, mounts.fuse_mountpoint, ENV_IMAGE, mounts.job_root,
+                         mounts.source, mounts.backing(ENV_IMAGE)),
+    }
+
+
+def measure_jobs(bench: Bench) -> list[Row]:
+    """Jobs started with `uenvfs run` against the kernel mount (--only run), and the server's
+    CPU per file access through FUSE and in a job (--only cpu)."""
+    places = job_places(bench)
+    pid, settings = bench.mounts.uenvfs_pid(), bench.settings
+    rows = []
+    if "run" in settings.only:
+        rows += runrows.measure(job_workloads(bench), [places["kernel"], places["run"]],
+                                interpreter(), pid, settings.warm_runs, settings.cold_runs)
+    if "cpu" in settings.only:
+        files = count_files(bench.root("kernel"))
+        rows.append(runrows.measure_cpu(lambda root: Job(read_script(root)),
+                                        [places["uenvfs"], places["run"]], files,
+                                        interpreter(), pid, settings.warm_runs))
+    return rows
 
 
 def measure_rss(bench: Bench) -> list[Row]:
@@ -806,6 +799,8 @@ def run_workloads(bench: Bench) -> list[Row]:
     for workload in TIMED:
         if workload.name in bench.settings.only:
             rows += run_timed(bench, workload)
+    if {"run", "cpu"} & set(bench.settings.only):
+        rows += measure_jobs(bench)
     return rows
 
 
@@ -841,7 +836,7 @@ def machine(source: Path = REPO) -> dict[str, Any]:
         "squashfuse": tool_version(["squashfuse_ll", "--version"]),
         "mksquashfs": tool_version(["mksquashfs", "-version"]),
         "libfuse": tool_version(["fusermount3", "-V"]),
-        "uenvfs_commit": git_commit(source),
+        "uenvfs_commit": git_label(source, "unknown"),
     }
 
 
@@ -857,74 +852,6 @@ def tool_version(command: list[str]) -> str:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     found = re.search(r"\b\d+\.\d+(\.\d+)*\b", done.stdout + done.stderr)
     return found.group(0) if found else "unknown"
-
-
-def git_commit(source: Path = REPO) -> str:
-    head = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, check=False).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--", "uenvfs"],
-                           capture_output=True, text=True, check=False).stdout.strip()
-    return (head or "unknown") + ("+changes" if dirty else "")
-
-
-def scale(row: Row) -> tuple[float, str]:
-    if row.unit != "s":
-        return 1.0, row.unit
-    medians = [m for m in (row.median(s) for s in SYSTEMS) if m is not None]
-    return (1.0, "s") if medians and max(medians) >= 10 else (1000.0, "ms")
-
-
-def cell(row: Row, system: str, factor: float) -> str:
-    values = row.runs.get(system)
-    if not values:
-        return "n/a"
-    median = statistics.median(values) * factor
-    low, high = min(values) * factor, max(values) * factor
-    return f"{median:.1f} [{low:.1f}-{high:.1f}]" if len(values) > 1 else f"{median:.1f}"
-
-
-def ratio_text(row: Row, system: str) -> str:
-    ratio = row.ratio(system)
-    return "n/a" if ratio is None else f"{ratio:.2f}x"
-
-
-def table(rows: list[Row], info: dict[str, Any]) -> str:
-    m = info["machine"]
-    settings = info["settings"]
-    images = "; ".join(f"{name} {d['files']} files, {d['mib']:.0f} MiB"
-                       for name, d in info["images"].items())
-    lines = [
-        f"uenvfs benchmark: {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, "
-        f"Python {m['python']}, pyfuse3 {m['pyfuse3']}, libfuse {m['libfuse']}, "
-        f"squashfuse {m['squashfuse']}, mksquashfs {m['mksquashfs']}",
-        f"uenvfs {m['uenvfs_commit']} (backend {settings['uenvfs_backend']}); images: {images}",
-        f"median [min-max] of {settings['warm_runs']} warm / {settings['cold_runs']} cold runs; "
-        "ratio = median / kernel median",
-        "",
-    ]
-    header = (f"{'workload':<20}{'unit':<5}{'kernel':>24}{'squashfuse_ll':>24}{'uenvfs':>24}"
-              f"{'sqfuse/k':>10}{'uenvfs/k':>10}")
-    lines += [header, "-" * len(header)]
-    for row in rows:
-        factor, unit = scale(row)
-        lines.append(f"{row.key:<20}{unit:<5}"
-                     + "".join(f"{cell(row, s, factor):>24}" for s in SYSTEMS)
-                     + "".join(f"{ratio_text(row, s):>10}" for s in SYSTEMS[1:]))
-    return "\n".join(lines)
-
-
-def progress(row: Row) -> None:
-    factor, unit = scale(row)
-    parts = ", ".join(f"{s} {cell(row, s, factor)}" for s in SYSTEMS)
-    note(f"{row.key} ({unit}): {parts}")
-
-
-def write_json(path: Path, rows: list[Row], info: dict[str, Any]) -> None:
-    document = {**info, "results": {row.key: row.summary() for row in rows}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(document, indent=2) + "\n")
-    partial.replace(path)
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -1019,7 +946,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         note("interrupted; every mount was taken down")
         return 130
     info["elapsed_s"] = round(time.monotonic() - started, 1)
-    write_json(settings.json_path, rows, info)
+    write_json(settings.json_path, {**info, "results": {row.key: row.summary() for row in rows}})
     print(table(rows, info))
     print(f"\n{len(rows)} rows in {info['elapsed_s']:.0f} s; JSON: {settings.json_path}")
     return 1 if info["problems"] else 0

@@ -96,12 +96,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 # The repository, for tests/mounts.py (mounts and loop devices) and tests/uenv_repos.py (uenv's
 # index schema).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import harness
+from harness import choose, git_label, interrupt, positive, uninterruptible
+
 from tests.cgroups import MemoryGroup
 from tests.mounts import clean_up, is_mounted, loops_for, mounts_under, wait_until
 from tests.uenv_repos import SCHEMA
@@ -486,29 +488,6 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     """Nearest rank: the smallest value with at least *fraction* of the values at or below it."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
-def git_label(source: Path) -> str:
-    head = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, check=False).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--", "uenvfs"],
-                           capture_output=True, text=True, check=False).stdout.strip()
-    return (head or source.name) + ("+changes" if dirty else "")
-
-
-@contextlib.contextmanager
-def uninterruptible() -> Iterator[None]:
-    """Clean-up must finish: a second Ctrl-C (or SIGTERM) must not cut it short."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -1461,30 +1440,10 @@ def write_json(settings: Settings, results: Results, info: dict[str, Any]) -> No
                                      for k, v in vars(settings).items() if k != "sources"},
                 "sources": [{"dir": str(s.path), "label": s.label} for s in settings.sources],
                 "attacks": results.runs, "problems": results.problems}
-    path = settings.json_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(document, indent=2, default=str) + "\n")
-    partial.replace(path)
+    harness.write_json(settings.json_path, document)
 
 
 # -- main ------------------------------------------------------------------------------------
-
-
-def attack_list(text: str) -> tuple[str, ...]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in ATTACK_NAMES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown attack {', '.join(unknown) or '(none)'}; "
-                                         f"choose from {', '.join(ATTACK_NAMES)}")
-    return tuple(name for name in ATTACK_NAMES if name in names)
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def seconds(text: str) -> float:
@@ -1500,7 +1459,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
                     "refused opens (needs root).")
     parser.add_argument("--source", type=Path, action="append", metavar="DIR",
                         help="a uenvfs checkout whose code serves (repeatable; default: this)")
-    parser.add_argument("--only", type=attack_list, default=ATTACK_NAMES, metavar="A[,A...]",
+    parser.add_argument("--only", type=lambda text: choose(text, ATTACK_NAMES, "attack"),
+                        default=ATTACK_NAMES, metavar="A[,A...]",
                         help="only these attacks: " + ", ".join(ATTACK_NAMES))
     parser.add_argument("--rounds", type=positive, default=1, metavar="N")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, dest="json_path")
@@ -1533,7 +1493,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     paths = [p.absolute() for p in (args.source or [REPO])]
     labels: list[str] = []
     for path in paths:
-        label = git_label(path)
+        label = git_label(path, path.name)
         labels.append(label if label not in labels else f"{label}-{len(labels)}")
     return Settings(
         sources=tuple(Source(p, lab) for p, lab in zip(paths, labels, strict=True)),
