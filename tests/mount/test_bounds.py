@@ -395,7 +395,7 @@ def test_a_server_killed_by_the_oom_killer_while_restoring_does_not_crash_loop(
     for line in (r"server pid \d+ was killed by SIGKILL",
                  r"server pid \d+ was killed by the OOM killer",
                  r"servers in a row died before serving",
-                 r"the last server was killed by the OOM killer .*: so as not to die the same "
+                 r"the last server was killed by the OOM killer.*: so as not to die the same "
                  r"way, \d+ handles answer EIO from now on, not restored: "):
         daemon.expect(line)
     daemon.start()

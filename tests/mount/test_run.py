@@ -91,7 +91,8 @@ def test_software_built_for_its_mount_point_runs(served: Daemon, user: str) -> N
                   command=["/user-environment/bin/greet"])
     assert (done.returncode, done.stdout) == (0, "hello from libgreet\n"), done.stderr
     done = uenvfs(served, "run", "greet", user=who, command=["/user-environment/bin/hello"])
-    assert (done.returncode, done.stdout) == (0, "script run by /user-environment/bin/hello\n")
+    assert (done.returncode, done.stdout) == (0, "script run by /user-environment/bin/hello\n"
+                                              ), done.stderr
 
     # The view: the image's own paths, and uenv's variables.
     shown = ('greet; echo "$DEFAULT_HOME"; echo "$UENV_MOUNT_LIST"; echo "$UENV_VIEW"; '
