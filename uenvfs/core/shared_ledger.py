@@ -56,6 +56,7 @@ from .ledger import (
     node_record,
     version_record,
 )
+from .numbers import AllocationNumbers
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,7 @@ class SharedLedger(Ledger):
         if os.fstat(fd).st_size < SIZE:
             os.ftruncate(fd, SIZE)
         self.map = mmap.mmap(fd, SIZE)
-        self.allocations: dict[str, int] = {}  # the allocations slots use: name -> number
-        self._names: dict[int, str] = {}  # number -> name, of those
-        self._uses: dict[int, int] = {}  # number -> slots using it (> 0)
-        self._spare: list[int] = []  # numbers no slot uses, below `_top`: handed out first
-        self._top = 0  # the highest number handed out
+        self.numbers = AllocationNumbers()  # of the allocations that slots use
         self._free: list[int] = []
         self.full = False  # the log could not take a record: resuming would miss some nodes
         # What a compaction keeps: every node, image directory and version in use (named
@@ -215,18 +212,15 @@ class SharedLedger(Ledger):
         for kind, _, number, data in self._records(active, used[active]):
             if kind == ALLOC:
                 names[number] = data.decode()  # the last record of a number names it
-        self._uses = {}
+        uses: Counter[int] = Counter()
         for index in range(slots):
             kind, _, _, alloc = SLOT.unpack_from(self.map, SLOTS_AT + index * SLOT.size)[1:5]
             if kind == HandleKind.FREE:
                 self._free.append(index)
             elif alloc:  # (without a record if the log was full: kept from reuse all the same)
-                self._uses[alloc] = self._uses.get(alloc, 0) + 1
+                uses[alloc] += 1
         self._free.reverse()
-        self._names = {number: names.get(number, "") for number in self._uses}
-        self.allocations = {name: number for number, name in self._names.items() if name}
-        self._top = max(self._uses, default=0)
-        self._spare = sorted(set(range(1, self._top)) - self._uses.keys(), reverse=True)
+        self.numbers = AllocationNumbers(uses, names)
         self._logged = set(contents.nodes)
 
     # -- writing ------------------------------------------------------------------------
@@ -272,7 +266,7 @@ class SharedLedger(Ledger):
             self._append(kind, flag, number, data)
             if kind == NODE:
                 logged.add(number)
-        for alloc, number in self.allocations.items():
+        for alloc, number in self.numbers.by_name.items():
             self._append(ALLOC, 0, number, alloc.encode())
         self._compacting = False
         if self.full:  # what is live does not fit: keep the old half, and stop adding
@@ -305,37 +299,16 @@ class SharedLedger(Ledger):
                 validated: bool) -> None:
         self._append(*version_record(prefix, name, identity, validated))
 
+    @property
+    def allocations(self) -> dict[str, int]:
+        """The allocations that slots use: name -> number."""
+        return self.numbers.by_name
+
     def _alloc_id(self, alloc: str) -> int:
         """The number of *alloc* for one more slot (0, no allocation, if the log has no room
         for its record: that handle is not restored after a crash)."""
-        number = self.allocations.get(alloc)
-        if number is None:
-            number = self._spare.pop() if self._spare else self._top + 1
-            if not self._append(ALLOC, 0, number, alloc.encode()):
-                if number <= self._top:
-                    self._spare.append(number)
-                return 0
-            self._top = max(self._top, number)
-            self.allocations[alloc] = number
-            self._names[number] = alloc
-            self._uses[number] = 1
-        else:
-            self._uses[number] += 1
-        return number
-
-    def _alloc_unused(self, number: int) -> None:
-        """One slot less uses allocation *number*: forgotten with the last."""
-        uses = self._uses.get(number)
-        if uses is None:
-            return  # 0: no allocation
-        if uses > 1:
-            self._uses[number] = uses - 1
-            return
-        del self._uses[number]
-        name = self._names.pop(number)
-        if name:
-            del self.allocations[name]
-        self._spare.append(number)
+        return self.numbers.take(alloc, lambda number: self._append(
+            ALLOC, 0, number, alloc.encode()))
 
     def opened(self, kind: HandleKind, ino: int, alloc: str = "", pid: int = 0, *,
                uid: int = 0, data_ino: int = 0) -> int:
@@ -367,7 +340,7 @@ class SharedLedger(Ledger):
         if index < self._slots and GEN.unpack_from(self.map, at)[0] == fh >> 32:
             old = NUMBER.unpack_from(self.map, at + ALLOC_AT)[0]
             struct.pack_into("=I", self.map, at + ALLOC_AT, self._alloc_id(alloc))
-            self._alloc_unused(old)
+            self.numbers.drop(old)
 
     def is_dead(self, fh: int) -> bool:
         index = fh & 0xFFFFFFFF
@@ -389,7 +362,7 @@ class SharedLedger(Ledger):
             # HandleKind.FREE, as a plain 0: an enum member is a slow look-up in Python 3.11.
             self.map[at + KIND_AT] = 0
             self._free.append(index)
-            self._alloc_unused(NUMBER.unpack_from(self.map, at + ALLOC_AT)[0])
+            self.numbers.drop(NUMBER.unpack_from(self.map, at + ALLOC_AT)[0])
 
     def close(self) -> None:
         self.map.close()
