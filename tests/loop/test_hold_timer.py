@@ -9,8 +9,9 @@ import pytest
 import trio
 import trio.testing
 
+from uenvfs.core.registry import Registry
 from uenvfs.core.settings import Settings
-from uenvfs.core.state import Image, Phase, Registry
+from uenvfs.core.state import Image, Phase
 from uenvfs.manager.hold_timer import HoldTimer
 
 

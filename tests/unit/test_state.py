@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from uenvfs.core.errors import RefcountInconsistency
+from uenvfs.core.registry import Registry
 from uenvfs.core.settings import Settings
 from uenvfs.core.state import (
     FORCE_UNMOUNTED,
@@ -17,7 +18,6 @@ from uenvfs.core.state import (
     IllegalTransition,
     Image,
     Phase,
-    Registry,
     Scanned,
     Use,
 )

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from uenvfs.core.registry import Registry
 from uenvfs.core.settings import Settings
-from uenvfs.core.state import Registry
 from uenvfs.core.status import (
     MountStatus,
     format_table,

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .state import Phase, Registry
+from .registry import Registry
+from .state import Phase
 
 STATUS_VERSION = 1
 

@@ -18,7 +18,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from ..core.errors import RefcountInconsistency
 from ..core.metrics import Metrics
 from ..core.owners import Owners
-from ..core.state import Image, Registry, Scanned, Use
+from ..core.registry import Registry
+from ..core.state import Image, Scanned, Use
 from .hold_timer import HoldTimer
 from .journal_writer import JournalWriter
 

@@ -8,7 +8,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ..core.state import Image, Registry
+from ..core.registry import Registry
+from ..core.state import Image
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ from typing import Any
 from ..core.model import Mount
 from ..core.names import valid_alloc, valid_name
 from ..core.owners import MAX_UID, Owners
+from ..core.registry import Registry
 from ..core.settings import Settings, SettingsRecord
-from ..core.state import Registry
 
 log = logging.getLogger(__name__)
 

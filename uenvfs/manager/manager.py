@@ -30,8 +30,9 @@ from ..core.interfaces import MountListener, NoListener
 from ..core.metrics import Metrics
 from ..core.model import InodePrefixes, Mount
 from ..core.owners import Owners
+from ..core.registry import Registry
 from ..core.settings import Settings
-from ..core.state import Phase, Registry
+from ..core.state import Phase
 from ..core.status import iso_time
 from ..image.catalog import Catalog
 from . import journal
