@@ -28,14 +28,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from .. import MOUNTPOINT
 from ..core.queries import request
 from ..image.uenv import ENV_JSON, REPOSITORY_IMAGE, Meta, MetaFormatError, parse_meta
 from . import exits, session, trees
 from .ask import ask
 from .exits import CliError, RunError
 from .lookup import meta_beside, read_meta
-from .run import place, placed, settle
+from .run import command_parser, place, placed, settle
 from .session import ImageSpec, Placement, SessionError
 from .trees import Tree
 
@@ -264,16 +263,7 @@ def _seconds(text: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`uenvfs attach ...` (*argv* without the program name)."""
-    parser = argparse.ArgumentParser(prog="uenvfs")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--mountpoint", default=MOUNTPOINT,
-                       help="where uenvfs is mounted (default %(default)s)")
-        return p
-
-    add_attach(add)
+    parser = command_parser(add_attach)
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # a usage error: 125, as for run

@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .attach import add_attach
     from .run import add_commands
 
-    add_commands(sub, lambda name, help_text: add(name, help_text, _unreachable))
+    add_commands(lambda name, help_text: add(name, help_text, _unreachable))
     add_attach(lambda name, help_text: add(name, help_text, _unreachable))
 
     for verb, kind in control.COMMANDS.items():

@@ -241,8 +241,7 @@ exit code (uenvfs execs it: no uenvfs process stays in between)"""
 VIEW_HELP = "views to apply (VIEW, or IMAGE:VIEW when several images have one of that name)"
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-                 add: Callable[[str, str], argparse.ArgumentParser]) -> None:
+def add_commands(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
     """The `run` and `start` subcommands; *add(name, help)* makes one (with --mountpoint)."""
     p = add("run", "run a command with images at the mount points they were built for")
     p.description, p.epilog = DESCRIPTION, EPILOG
@@ -259,7 +258,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--view", metavar="VIEW[,VIEW...]", help=VIEW_HELP)
 
 
-def _parser() -> argparse.ArgumentParser:
+Adder = Callable[[str, str], argparse.ArgumentParser]
+
+
+def command_parser(commands: Callable[[Adder], None]) -> argparse.ArgumentParser:
+    """A parser of `uenvfs COMMAND ...` for the subcommands that *commands* adds (each with
+    --mountpoint): what `run`, `start` and `attach` parse when started on their own."""
     parser = argparse.ArgumentParser(prog="uenvfs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -269,7 +273,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="where uenvfs is mounted (default %(default)s)")
         return p
 
-    add_commands(sub, add)
+    commands(add)
     return parser
 
 
@@ -282,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         at = words.index("--")
         words, command = words[:at], words[at + 1:]
     try:
-        args = _parser().parse_args(words)
+        args = command_parser(add_commands).parse_args(words)
     except SystemExit as exc:  # a usage error: 125, not a code the command could give
         return exits.RUN_FAILED if exc.code else exits.OK
     if command is not None:
