@@ -16,10 +16,11 @@ half-written at a crash is not read. A log record: kind (u8), flag (u8), length 
 number (u64), then `length` bytes.
 
 The log keeps an ALLOC record (number, name) for each allocation that a slot uses: once no slot
-uses a number, it is forgotten (compactions no longer copy its record) and handed out again
-for the next new name, in a new record: the last record of a number names it. So made-up
-names cannot fill the log, and the records of allocations in use are bounded by the handles
-(fuse/shares.py bounds the allocations of each uid).
+uses a number, it is forgotten (at the latest at the next compaction, which no longer copies
+its record: core/numbers.py) and handed out again for the next new name, in a new record: the
+last record of a number names it. So made-up names cannot fill the log, and the records of
+allocations in use are bounded by the handles (fuse/shares.py bounds the allocations of each
+uid).
 
 The next server may be of the version before or after this one (`uenvfs restart`): change
 this layout only with the format number in the header. Format 2 (this one) is format 1 with
@@ -71,6 +72,9 @@ INIT_AT = 512  # the INIT request (at most 512 bytes) sits here
 SLOTS = 1 << 20
 SLOT = struct.Struct("=IBBHIIQQ")  # gen, kind, flags, pad, alloc, uid or data ino, node, pid
 GEN = NUMBER = struct.Struct("=I")  # a slot's first field; its allocation number
+HEAD = struct.Struct("=IBBHI")  # a slot's fields up to its allocation number
+SLOT_SIZE = SLOT.size
+DATA = int(HandleKind.DATA)  # plain numbers: an enum member is a slow look-up in Python 3.11
 KIND_AT, FLAGS_AT, ALLOC_AT = 4, 5, 8  # offsets in a slot
 SLOTS_AT = HEADER_SIZE
 LOG_AT = SLOTS_AT + SLOTS * SLOT.size
@@ -91,7 +95,7 @@ class SharedLedger(Ledger):
         if os.fstat(fd).st_size < SIZE:
             os.ftruncate(fd, SIZE)
         self.map = mmap.mmap(fd, SIZE)
-        self.numbers = AllocationNumbers()  # of the allocations that slots use
+        self.numbers = AllocationNumbers(self._name_number)  # of the allocations slots use
         self._free: list[int] = []
         self.full = False  # the log could not take a record: resuming would miss some nodes
         # What a compaction keeps: every node, image directory and version in use (named
@@ -220,7 +224,7 @@ class SharedLedger(Ledger):
             elif alloc:  # (without a record if the log was full: kept from reuse all the same)
                 uses[alloc] += 1
         self._free.reverse()
-        self.numbers = AllocationNumbers(uses, names)
+        self.numbers = AllocationNumbers(self._name_number, uses, names)
         self._logged = set(contents.nodes)
 
     # -- writing ------------------------------------------------------------------------
@@ -266,6 +270,7 @@ class SharedLedger(Ledger):
             self._append(kind, flag, number, data)
             if kind == NODE:
                 logged.add(number)
+        self.numbers.forget_idle()
         for alloc, number in self.numbers.by_name.items():
             self._append(ALLOC, 0, number, alloc.encode())
         self._compacting = False
@@ -302,32 +307,32 @@ class SharedLedger(Ledger):
     @property
     def allocations(self) -> dict[str, int]:
         """The allocations that slots use: name -> number."""
-        return self.numbers.by_name
+        return self.numbers.live()
 
-    def _alloc_id(self, alloc: str) -> int:
-        """The number of *alloc* for one more slot (0, no allocation, if the log has no room
-        for its record: that handle is not restored after a crash)."""
-        return self.numbers.take(alloc, lambda number: self._append(
-            ALLOC, 0, number, alloc.encode()))
+    def _name_number(self, number: int, alloc: str) -> bool:
+        """Name allocation *number* in the log (False if it has no room: that number is not
+        given, and the handle is not restored after a crash)."""
+        return self._append(ALLOC, 0, number, alloc.encode())
 
     def opened(self, kind: HandleKind, ino: int, alloc: str = "", pid: int = 0, *,
                uid: int = 0, data_ino: int = 0) -> int:
-        if self._free:
-            index = self._free.pop()
+        free = self._free
+        if free:
+            index = free.pop()
         elif self._slots < SLOTS:
             index = self._slots
             self._slots += 1
             struct.pack_into("=Q", self.map, SLOTS_USED_AT, self._slots)
         else:
             raise OSError(24, "too many open handles")  # EMFILE
-        at = SLOTS_AT + index * SLOT.size
+        at = SLOTS_AT + index * SLOT_SIZE
         gen: int = (GEN.unpack_from(self.map, at)[0] + 1) & 0xFFFFFFFF  # it keeps its last one
-        if kind == HandleKind.DATA:
+        if kind == DATA:
             word, ino = data_ino, uid
         else:
             word = uid
         SLOT.pack_into(self.map, at, gen, kind, PENDING, 0,
-                       self._alloc_id(alloc) if alloc else 0, word, ino, pid)
+                       self.numbers.take(alloc) if alloc else 0, word, ino, pid)
         return gen << 32 | index
 
     def confirm(self, fh: int) -> None:
@@ -339,7 +344,7 @@ class SharedLedger(Ledger):
         at = SLOTS_AT + index * SLOT.size
         if index < self._slots and GEN.unpack_from(self.map, at)[0] == fh >> 32:
             old = NUMBER.unpack_from(self.map, at + ALLOC_AT)[0]
-            struct.pack_into("=I", self.map, at + ALLOC_AT, self._alloc_id(alloc))
+            struct.pack_into("=I", self.map, at + ALLOC_AT, self.numbers.take(alloc))
             self.numbers.drop(old)
 
     def is_dead(self, fh: int) -> bool:
@@ -356,13 +361,14 @@ class SharedLedger(Ledger):
 
     def released(self, fh: int) -> None:
         index = fh & 0xFFFFFFFF
-        at = SLOTS_AT + index * SLOT.size
-        if (index < self._slots and GEN.unpack_from(self.map, at)[0] == fh >> 32
-                and self.map[at + KIND_AT]):
-            # HandleKind.FREE, as a plain 0: an enum member is a slow look-up in Python 3.11.
-            self.map[at + KIND_AT] = 0
-            self._free.append(index)
-            self.numbers.drop(NUMBER.unpack_from(self.map, at + ALLOC_AT)[0])
+        if index < self._slots:
+            at = SLOTS_AT + index * SLOT_SIZE
+            gen, kind, _, _, number = HEAD.unpack_from(self.map, at)
+            if gen == fh >> 32 and kind:
+                self.map[at + KIND_AT] = 0  # FREE
+                self._free.append(index)
+                if number:
+                    self.numbers.drop(number)
 
     def close(self) -> None:
         self.map.close()

@@ -56,7 +56,7 @@ class FileRequests(Requests):
         uid = ctx.uid
         self.budget.take(alloc, uid)
         try:
-            self.shares.take(uid, alloc, held=False)
+            self.shares.take_file(uid, alloc)
         except BaseException:
             self.budget.give_back(alloc, uid)
             raise
@@ -71,7 +71,7 @@ class FileRequests(Requests):
         except BaseException:
             self.images.close(node.image, use)
             self.budget.give_back(alloc, uid)
-            self.shares.give_back(uid, alloc, held=False)
+            self.shares.give_back_file(uid, alloc)
             raise
         if mount.guarded:
             handle: FileHandle = GuardedFileHandle(node.image, use, uid, inode, fd,

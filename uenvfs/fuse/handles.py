@@ -147,7 +147,7 @@ class FileHandle(ImageHandle):
         images.close(self.image, self.use)
 
     def uncharge(self, shares: HandleShares) -> None:
-        shares.give_back(self.uid, self.owner, held=False)
+        shares.give_back_file(self.uid, self.owner)
 
     def kill(self) -> int | None:
         if self.dead:

@@ -85,6 +85,27 @@ class HandleShares:
             self.pinned[uid] = self.pinned.get(uid, 0) + size
             self.pinned_total += size
 
+    def take_file(self, uid: int, alloc: str) -> None:
+        """`take` for a file handle (it holds a descriptor: fuse/descriptors.py counts it),
+        quick when *uid* has handles counting for *alloc* already (every open of a job's)."""
+        allocs = self.allocations.get(uid)
+        if allocs is not None and alloc in allocs:
+            allocs[alloc] += 1
+        else:
+            self.take(uid, alloc, held=False)
+
+    def give_back_file(self, uid: int, alloc: str) -> None:
+        """`give_back` for a file handle (taken by `take_file`)."""
+        if alloc:
+            allocs = self.allocations[uid]
+            count = allocs[alloc] - 1
+            if count:
+                allocs[alloc] = count
+            else:
+                del allocs[alloc]
+                if not allocs:
+                    del self.allocations[uid]
+
     def give_back(self, uid: int, alloc: str = "", *, held: bool = True,
                   pinned: object = None) -> None:
         """A handle taken with these arguments is gone."""
@@ -95,15 +116,7 @@ class HandleShares:
             else:
                 del self.held[uid]
             self.held_total -= 1
-        if alloc:
-            allocs = self.allocations[uid]
-            count = allocs[alloc] - 1
-            if count:
-                allocs[alloc] = count
-            else:
-                del allocs[alloc]
-                if not allocs:
-                    del self.allocations[uid]
+        self.give_back_file(uid, alloc)
         if pinned is not None:
             key = (uid, id(pinned))
             pin = self.pins[key]
