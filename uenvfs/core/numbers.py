@@ -82,8 +82,3 @@ class AllocationNumbers:
     def live(self) -> dict[str, int]:
         """The allocations that slots use: name -> number."""
         return {name: number for name, number in self.by_name.items() if self._uses[number]}
-
-    def __len__(self) -> int:
-        """How many named allocations slots use."""
-        return len(self.by_name) - sum(1 for number in self.by_name.values()
-                                       if not self._uses[number])

@@ -316,9 +316,8 @@ class SharedLedger(Ledger):
 
     def opened(self, kind: HandleKind, ino: int, alloc: str = "", pid: int = 0, *,
                uid: int = 0, data_ino: int = 0) -> int:
-        free = self._free
-        if free:
-            index = free.pop()
+        if self._free:
+            index = self._free.pop()
         elif self._slots < SLOTS:
             index = self._slots
             self._slots += 1
@@ -361,14 +360,13 @@ class SharedLedger(Ledger):
 
     def released(self, fh: int) -> None:
         index = fh & 0xFFFFFFFF
+        at = SLOTS_AT + index * SLOT_SIZE
         if index < self._slots:
-            at = SLOTS_AT + index * SLOT_SIZE
             gen, kind, _, _, number = HEAD.unpack_from(self.map, at)
             if gen == fh >> 32 and kind:
                 self.map[at + KIND_AT] = 0  # FREE
                 self._free.append(index)
-                if number:
-                    self.numbers.drop(number)
+                self.numbers.drop(number)  # (0: none)
 
     def close(self) -> None:
         self.map.close()
