@@ -189,7 +189,9 @@ def test_stale_fuse_mount_of_a_killed_daemon_is_cleared(daemon: Daemon) -> None:
     daemon.image("one", {"f": "1"})
     daemon.start()
     daemon.kill()
-    assert errno_of(lambda: os.listdir(daemon.mountpoint)) == errno.ENOTCONN
+    # ENOTCONN; ECONNABORTED if the request was already queued when the connection ended.
+    assert errno_of(lambda: os.listdir(daemon.mountpoint)) in (errno.ENOTCONN,
+                                                                 errno.ECONNABORTED)
     daemon.expect("clearing a FUSE mount left at")
     daemon.expect("a stale mount sits at")
     daemon.start()
