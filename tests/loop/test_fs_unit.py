@@ -292,10 +292,14 @@ async def test_on_guarded_storage_an_image_stays_mounted_while_a_file_of_it_is_o
     async with serving(tmp_path, storage_guard="always") as (fs, parts):
         parts.settings.set_hold_time(0.05)
         image = await fs.lookup(ROOT, b"img", ctx)
+        # A use while names are looked up (a lookup is none, and on guarded storage it may
+        # wait for a thread, while the test's clock jumps past the hold time).
+        keep = await fs.opendir(image.st_ino, ctx)
         d = await fs.lookup(image.st_ino, b"dir", ctx)
         f = await fs.lookup(d.st_ino, b"file", ctx)
         monkeypatch.setattr("uenvfs.fuse.files.cache.open_cached", lambda path, flags: None)
         held = hold_up_worker_threads(fs, monkeypatch)
+        await fs.releasedir(keep)
         opened: list[pyfuse3.FileInfo] = []
 
         async def open_file() -> None:
