@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from uenvfs.core import ledger_layout
 from uenvfs.core.ledger import ALLOC
 from uenvfs.core.numbers import IDLE
 from uenvfs.core.shared_ledger import SharedLedger
@@ -272,8 +273,9 @@ def ledger_numbers(daemon: Daemon) -> set[int]:
             copy = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
             book = SharedLedger(copy)
             try:
-                _, _, active, used, _ = book._read_header()
-                return {number for kind, _, number, _ in book._records(active, used[active])
+                head = ledger_layout.header(book.map)
+                return {number for kind, _, number, _
+                        in ledger_layout.records(book.map, head.active, head.used[head.active])
                         if kind == ALLOC}
             finally:
                 book.close()

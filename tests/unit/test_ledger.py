@@ -8,10 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from uenvfs.core import ledger, shared_ledger
+from uenvfs.core import ledger, ledger_layout
 from uenvfs.core.ledger import HandleKind, Slot, image_dir_record, node_record
+from uenvfs.core.ledger_layout import LOG_AT, RECORD, SLOTS_AT
 from uenvfs.core.numbers import IDLE
-from uenvfs.core.shared_ledger import LOG_AT, RECORD, SLOTS_AT, SharedLedger
+from uenvfs.core.shared_ledger import SharedLedger
 
 INIT = b"I" * 104
 
@@ -122,7 +123,7 @@ def test_a_record_half_written_at_a_crash_is_not_read(written: SharedLedger) -> 
 
 def test_a_full_log_keeps_what_is_live(written: SharedLedger,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shared_ledger, "LOG", 4096)
+    monkeypatch.setattr(ledger_layout, "LOG", 4096)
     live = {(1 << 44) | i: b"live/%d" % i for i in range(5)}
     written.keep(lambda: [image_dir_record(1, "img"),
                           *(node_record(ino, rel, False) for ino, rel in live.items())])
@@ -141,7 +142,7 @@ def test_a_full_log_keeps_what_is_live(written: SharedLedger,
 def test_a_log_too_small_for_what_is_live_stops_growing(
     written: SharedLedger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shared_ledger, "LOG", 1024)
+    monkeypatch.setattr(ledger_layout, "LOG", 1024)
     written.keep(lambda: [node_record(i, b"x" * 50, False) for i in range(100)])
     for i in range(100):
         written.node(i, b"x" * 50, False)
@@ -194,9 +195,9 @@ def test_a_handle_whose_answer_may_be_lost_is_kept_only_if_its_opener_holds_it(
 
 def alloc_records(book: SharedLedger) -> list[tuple[int, str]]:
     """The allocation records of the active half of the log, in order."""
-    _, _, active, used, _ = book._read_header()
-    return [(number, data.decode()) for kind, _, number, data in book._records(active,
-                                                                               used[active])
+    head = ledger_layout.header(book.map)
+    return [(number, data.decode()) for kind, _, number, data
+            in ledger_layout.records(book.map, head.active, head.used[head.active])
             if kind == ledger.ALLOC]
 
 
@@ -218,7 +219,7 @@ def test_an_allocation_is_kept_only_while_a_handle_counts_for_it(written: Shared
 def test_a_compaction_copies_the_allocations_in_use_only(
     written: SharedLedger, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(shared_ledger, "LOG", 8192)
+    monkeypatch.setattr(ledger_layout, "LOG", 8192)
     keep = written.opened(HandleKind.DIR, 7, "job")
     for n in range(2000):
         held = written.opened(HandleKind.FILE, 8, f"made-up-{n:04d}")
@@ -245,7 +246,7 @@ def test_the_opener_uid_is_in_every_slot_and_a_format_1_ledger_is_carried_on(
     found = book.read()
     assert {s.fh: s.uid for s in found.handles} == {data: 0, root: 65534}
     book.resumed(found)
-    assert struct.unpack_from("=I", written.map, 8)[0] == shared_ledger.FORMAT == 2
+    assert struct.unpack_from("=I", written.map, 8)[0] == ledger_layout.FORMAT == 2
 
 
 def test_a_format_the_ledger_does_not_know_is_refused(written: SharedLedger) -> None:

@@ -1,19 +1,6 @@
 """The ledger in shared memory (a memfd), as the keeper holds it between servers; what the
-ledger is for: core/ledger.py.
-
-Layout of the memfd (sparse: only what is written takes memory)::
-
-    0         header: magic, format, INIT request, resumes, the log's active half and
-              used bytes, the handle slots in use
-    4 KiB     SLOTS handle slots of 32 bytes: a handle number is gen << 32 | slot
-    + 32 MiB  two halves of LOG bytes: records appended to the active half; when it fills
-              up, the live records are written to the other half, which becomes active
-
-A slot: gen (u32), kind (u8, `HandleKind`), flags (u8), pad (u16), allocation number (u32),
-the opener's uid or, for DATA, the file shown (u32), node id or, for DATA, the opener's uid
-(u64), the opener's pid (u64). A record is appended first and counted (`used`) after, so one
-half-written at a crash is not read. A log record: kind (u8), flag (u8), length (u16), a
-number (u64), then `length` bytes.
+ledger is for: core/ledger.py; the memfd's layout, and how a new server reads it:
+core/ledger_layout.py.
 
 The log keeps an ALLOC record (number, name) for each allocation that a slot uses: once no slot
 uses a number, it is forgotten (at the latest at the next compaction, which no longer copies
@@ -21,13 +8,6 @@ its record: core/numbers.py) and handed out again for the next new name, in a ne
 last record of a number names it. So made-up names cannot fill the log, and the records of
 allocations in use are bounded by the handles (fuse/shares.py bounds the allocations of each
 uid).
-
-The next server may be of the version before or after this one (`uenvfs restart`): change
-this layout only with the format number in the header. Format 2 (this one) is format 1 with
-numbers handed out again and the opener's uid in every slot; format 1 ledgers are read (their
-uids are 0: counted as root's) and carried on as format 2. A uenvfs that knows format 1 only
-refuses a format 2 ledger (`not a uenvfs ledger of format 1`; a restart to it fails and the
-server before serves on): going back to it takes a stop and start.
 """
 
 from __future__ import annotations
@@ -39,52 +19,51 @@ import os
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
+from . import ledger_layout as layout
 from .ledger import (
     ALLOC,
-    IDENTITY,
-    IMAGE_DIR,
     NODE,
-    VERSION,
     Contents,
     HandleKind,
     Ledger,
     LedgerError,
     LogRecord,
-    Slot,
     image_dir_record,
     node_record,
     version_record,
 )
+from .ledger_layout import (
+    ACTIVE_AT,
+    ALLOC_AT,
+    DATA,
+    DEAD,
+    FLAGS_AT,
+    FORMAT,
+    GEN,
+    HEAD,
+    HEADER,
+    HEADER_SIZE,
+    INIT_AT,
+    INITIALIZED_AT,
+    KIND_AT,
+    LOG_AT,
+    MAGIC,
+    NUMBER,
+    PENDING,
+    RECORD,
+    SIZE,
+    SLOT,
+    SLOT_SIZE,
+    SLOTS,
+    SLOTS_AT,
+    SLOTS_USED_AT,
+    USED_AT,
+)
 from .numbers import AllocationNumbers
 
 log = logging.getLogger(__name__)
-
-MAGIC = b"UENVLDG1"
-FORMAT = 2
-FORMATS = (1, 2)  # read
-HEADER = struct.Struct("=8sIIQBBxxxxxxQQQ")  # magic, format, init length, resumes,
-# active half, initialized, pad, used[0], used[1], slots in use (high-water)
-ACTIVE_AT, INITIALIZED_AT, USED_AT, SLOTS_USED_AT = 24, 25, 32, 48  # offsets
-HEADER_SIZE = 4096
-INIT_AT = 512  # the INIT request (at most 512 bytes) sits here
-SLOTS = 1 << 20
-SLOT = struct.Struct("=IBBHIIQQ")  # gen, kind, flags, pad, alloc, uid or data ino, node, pid
-GEN = NUMBER = struct.Struct("=I")  # a slot's first field; its allocation number
-HEAD = struct.Struct("=IBBHI")  # a slot's fields up to its allocation number
-SLOT_SIZE = SLOT.size
-DATA = int(HandleKind.DATA)  # plain numbers: an enum member is a slow look-up in Python 3.11
-KIND_AT, FLAGS_AT, ALLOC_AT = 4, 5, 8  # offsets in a slot
-SLOTS_AT = HEADER_SIZE
-LOG_AT = SLOTS_AT + SLOTS * SLOT.size
-LOG = 32 << 20  # about 600,000 nodes of paths 40 bytes long
-SIZE = LOG_AT + 2 * LOG
-RECORD = struct.Struct("=BBHQ")
-
-
-DEAD = 1  # flag: force-unmounted, answers EIO
-PENDING = 2  # flag: the answer that gives the handle to the kernel may not have reached it
 
 
 class SharedLedger(Ledger):
@@ -117,13 +96,6 @@ class SharedLedger(Ledger):
 
     # -- the header ---------------------------------------------------------------------
 
-    def _read_header(self) -> tuple[int, int, int, tuple[int, int], int]:
-        magic, fmt, init_length, resumes, active, _, used0, used1, slots = HEADER.unpack_from(
-            self.map, 0)
-        if magic != MAGIC or fmt not in FORMATS:
-            raise LedgerError(f"not a uenvfs ledger of format {' or '.join(map(str, FORMATS))}")
-        return init_length, resumes, active, (used0, used1), slots
-
     def _header(self, *, init_length: int, resumes: int, active: int,
                 used: tuple[int, int], slots: int) -> None:
         HEADER.pack_into(self.map, 0, MAGIC, FORMAT, init_length, resumes, active,
@@ -133,68 +105,12 @@ class SharedLedger(Ledger):
 
     def holders(self) -> Counter[tuple[HandleKind, int]]:
         """How many live handles (not dead) of each kind each uid holds, by the slots."""
-        held: Counter[tuple[HandleKind, int]] = Counter()
-        for index in range(self._read_header()[4]):
-            _, kind, flags, _, _, word, ino, _ = SLOT.unpack_from(self.map,
-                                                                 SLOTS_AT + index * SLOT.size)
-            if kind != HandleKind.FREE and not flags & DEAD:
-                held[HandleKind(kind), ino & 0xFFFFFFFF if kind == HandleKind.DATA else word] += 1
-        return held
+        return layout.holders(self.map)
 
     def read(self, spare: Callable[[HandleKind, int], bool] | None = None) -> Contents:
-        """Everything in the ledger. Raises `LedgerError` if it is not one.
-
-        *spare* (kind, uid): the live handles not to restore (a server that cannot afford
-        them): each is marked dead in the ledger (freed if pending: its opener may never have
-        got it) and counted in `Contents.spared` instead of read, so it costs no memory."""
-        init_length, resumes, active, used, slots = self._read_header()
-        contents = Contents(bytes(self.map[INIT_AT:INIT_AT + init_length]), resumes)
-        allocs: dict[int, str] = {}
-        for kind, flag, number, data in self._records(active, used[active]):
-            if kind == NODE:
-                contents.nodes[number] = (data, bool(flag))
-            elif kind == IMAGE_DIR:
-                contents.image_dirs[data.decode()] = number
-            elif kind == VERSION:
-                identity = IDENTITY.unpack_from(data)
-                name = data[IDENTITY.size:].decode()
-                contents.versions[number] = (name, identity, bool(flag))
-            elif kind == ALLOC:
-                allocs[number] = data.decode()
-        for index in range(slots):
-            gen, byte, flags, _, alloc, word, ino, pid = SLOT.unpack_from(
-                self.map, SLOTS_AT + index * SLOT.size)
-            if byte == HandleKind.FREE:
-                continue
-            try:
-                kind = HandleKind(byte)
-            except ValueError:
-                raise LedgerError(f"a handle of unknown kind {byte} in slot {index}") from None
-            if kind == HandleKind.DATA:  # the file shown, and the opener's uid
-                uid, data_ino, ino = ino & 0xFFFFFFFF, word, 0
-            else:
-                uid, data_ino = word, 0
-            if spare is not None and not flags & DEAD and spare(kind, uid):
-                at = SLOTS_AT + index * SLOT.size
-                if flags & PENDING:
-                    self.map[at + KIND_AT] = 0
-                else:
-                    self.map[at + FLAGS_AT] |= DEAD
-                contents.spared[kind, uid] += 1
-                continue
-            contents.handles.append(Slot(
-                gen << 32 | index, kind, bool(flags & DEAD), allocs.get(alloc, ""), ino, pid,
-                uid=uid, data_ino=data_ino, pending=bool(flags & PENDING)))
-        return contents
-
-    def _records(self, half: int, used: int) -> Iterator[tuple[int, int, int, bytes]]:
-        at = LOG_AT + half * LOG
-        end = at + used
-        while at + RECORD.size <= end:
-            kind, flag, length, number = RECORD.unpack_from(self.map, at)
-            at += RECORD.size
-            yield kind, flag, number, bytes(self.map[at:at + length])
-            at += length
+        """Everything in the ledger (`ledger_layout.read`: *spare* says which live handles
+        not to restore). Raises `LedgerError` if it is not one."""
+        return layout.read(self.map, spare)
 
     @property
     def initialized(self) -> bool:
@@ -208,12 +124,12 @@ class SharedLedger(Ledger):
     def resumed(self, contents: Contents) -> None:
         """A new server takes over this ledger, whose *contents* it `read`: count the resume
         and carry on with its handles and allocations."""
-        init_length, resumes, active, used, slots = self._read_header()
+        init_length, resumes, active, used, slots = layout.header(self.map)
         self._header(init_length=init_length, resumes=resumes + 1, active=active, used=used,
                      slots=slots)
         self._active, self._used, self._slots = active, used[active], slots
         names: dict[int, str] = {}
-        for kind, _, number, data in self._records(active, used[active]):
+        for kind, _, number, data in layout.records(self.map, active, used[active]):
             if kind == ALLOC:
                 names[number] = data.decode()  # the last record of a number names it
         uses: Counter[int] = Counter()
@@ -239,10 +155,10 @@ class SharedLedger(Ledger):
     def _append(self, kind: int, flag: int, number: int, data: bytes) -> bool:
         """Append a record; False if the log has no room for it (it is full)."""
         size = RECORD.size + len(data)
-        if self._used + size > LOG and (self._compacting or not self._compact()):
+        if self._used + size > layout.LOG and (self._compacting or not self._compact()):
             self.full = True
             return False
-        at = LOG_AT + self._active * LOG + self._used
+        at = LOG_AT + self._active * layout.LOG + self._used
         RECORD.pack_into(self.map, at, kind, flag, len(data), number)
         self.map[at + RECORD.size:at + size] = data
         self._used += size
@@ -275,16 +191,17 @@ class SharedLedger(Ledger):
             self._append(ALLOC, 0, number, alloc.encode())
         self._compacting = False
         if self.full:  # what is live does not fit: keep the old half, and stop adding
-            self._active, self._used = old, self._read_header()[3][old]
+            self._active, self._used = old, layout.header(self.map).used[old]
             log.error("the ledger's log is full: nodes looked up from now on cannot be "
                       "resumed after a crash")
             return False
         self._logged = logged
         self.map[ACTIVE_AT] = new  # the switch: one byte, after the new half is complete
-        self.map.madvise(mmap.MADV_REMOVE, LOG_AT + old * LOG, LOG)  # give the memory back
-        log.info("ledger: %d live bytes of %d compacted in %.3f s", self._used, LOG,
+        # Give the memory of the old half back.
+        self.map.madvise(mmap.MADV_REMOVE, LOG_AT + old * layout.LOG, layout.LOG)
+        log.info("ledger: %d live bytes of %d compacted in %.3f s", self._used, layout.LOG,
                  time.monotonic() - started)
-        if self._used > LOG * 3 // 4:
+        if self._used > layout.LOG * 3 // 4:
             self.full = True
             log.error("the ledger's log is full (%d bytes live): nodes looked up from now on "
                       "cannot be resumed after a crash", self._used)

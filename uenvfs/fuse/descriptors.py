@@ -18,7 +18,7 @@ import resource
 
 import pyfuse3
 
-from ..core.shared_ledger import SLOTS
+from ..core.ledger_layout import SLOTS
 
 log = logging.getLogger(__name__)
 
