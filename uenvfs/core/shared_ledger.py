@@ -34,6 +34,10 @@ from .ledger import (
     node_record,
     version_record,
 )
+
+# The layout by name: module globals are the quickest look-up on the handles' hot path. LOG
+# and the reading functions through `layout`, so that a test that shrinks LOG shrinks it for
+# both the writer and the reader.
 from .ledger_layout import (
     ACTIVE_AT,
     ALLOC_AT,
